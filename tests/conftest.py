@@ -1,0 +1,23 @@
+"""Session-wide fixtures. Tiny random reference checkpoints are built once per test
+session by the fixture modules in tests/refs/ (one per component)."""
+import pathlib
+
+import pytest
+import torch
+
+pytest_plugins = [
+    "tests.refs.clip",
+    "tests.refs.prior",
+    "tests.refs.unet",
+    "tests.refs.movq",
+]
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def reference_configs() -> pathlib.Path:
+    """Folder holding the real hub configs of the four Kandinsky 2.2 repos."""
+    return DATA

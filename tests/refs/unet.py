@@ -1,0 +1,1 @@
+"""Session fixtures for this component (filled by its author)."""
