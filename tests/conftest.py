@@ -10,6 +10,8 @@ pytest_plugins = [
     "tests.refs.prior",
     "tests.refs.unet",
     "tests.refs.movq",
+    "tests.refs.prior_pipeline",
+    "tests.refs.decoder_pipeline",
 ]
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -1,0 +1,24 @@
+"""kandinsky: a readable, from-scratch PyTorch implementation of Kandinsky 2.2.
+
+Components live in kandinsky.clip, kandinsky.prior, kandinsky.unet, kandinsky.movq;
+samplers in kandinsky.schedulers; pipelines in kandinsky.pipelines. Weights are
+read from Hugging Face checkpoint folders by the sibling package ``weights_convert``.
+"""
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PriorPipeline": "kandinsky.pipelines.prior",
+    "DecoderPipeline": "kandinsky.pipelines.decoder",
+    "Kandinsky": "kandinsky.pipelines.combined",
+}
+
+
+def __getattr__(name):  # lazy, so `import kandinsky` stays cheap
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kandinsky' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

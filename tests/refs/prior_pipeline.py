@@ -1,0 +1,1 @@
+"""Session fixtures for this pipeline (filled by its author)."""
