@@ -1,0 +1,170 @@
+"""The bridge between Hugging Face checkpoint folders and kandinsky's models.
+
+    build_model(config)              our nn.Module from a component's config.json dict
+    convert_state_dict(config, sd)   hub tensor names -> ours (pure renaming; works on meta)
+    load_component(folder)           a component folder (hub or kandinsky layout) -> loaded model
+    save_component(model, folder)    write a folder the reference library (or kandinsky) loads
+
+Renaming rules live as data, one table per component (weights_convert/<component>.py);
+this module knows nothing about sampling, the pipelines know nothing about weight names.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kandinsky.config import ConfigError
+from weights_convert.io import (
+    KANDINSKY_STEM,
+    WeightsError,
+    find_weight_files,
+    read_weights,
+    write_safetensors,
+)
+from weights_convert.naming import rename_all
+from weights_convert.registry import class_name, component_for, component_for_model
+
+__all__ = [
+    "ConfigError",
+    "WeightsError",
+    "build_model",
+    "convert_state_dict",
+    "load_component",
+    "save_component",
+    "read_config",
+]
+
+# Marks a folder written with layout="kandinsky" (our tensor names).
+LAYOUT_KEY = "_kandinsky_layout"
+
+
+def build_model(config: dict) -> nn.Module:
+    """Our model for a component's config.json dict (dispatch on its class name).
+
+    Works under ``with torch.device("meta"):``. Raises ConfigError for classes or
+    config values kandinsky does not implement, naming the key and value.
+    """
+    comp = component_for(config)
+    return comp.MODEL(comp.CONFIG.from_dict(config, source=f"{class_name(config)} config"))
+
+
+def convert_state_dict(config: dict, state_dict: dict, reverse: bool = False) -> dict:
+    """Rename a reference state dict to ours (``reverse=True``: ours to the reference's).
+
+    Pure renaming: the tensors themselves are the same objects (no copies), so this
+    works on meta tensors and memory-mapped ones alike. Keys the hub carries that hold
+    no weights (``DROP_KEYS`` of the component, e.g. old CLIP ``position_ids``) are dropped.
+    """
+    comp = component_for(config)
+    drop = set(getattr(comp, "DROP_KEYS", ()))
+    keys = [k for k in state_dict if k not in drop]
+    mapping = rename_all(keys, comp.TABLE, reverse=reverse)
+    return {mapping[k]: state_dict[k] for k in keys}
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise WeightsError(f"{folder}: no such component folder.")
+    if not path.is_file():
+        raise WeightsError(f"{folder}: no config.json; is this a component folder (unet/, movq/, prior/, ...)?")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object.")
+    return config
+
+
+def load_component(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    variant: str | None = None,
+) -> nn.Module:
+    """Load one component folder (``.../unet``, ``.../prior``, ``.../text_encoder``, ...).
+
+    Reads config.json, builds the model on the meta device, and assigns the tensors
+    of the weights file(s) — safetensors memory-mapped, ``.bin`` with weights_only,
+    fp16 variants, sharded ``*.index.json`` — so no second copy of the weights is held.
+    ``dtype=None`` gives float32 (like the reference libraries' default); pass
+    ``torch.float16`` / ``torch.bfloat16`` to keep half precision. The model is
+    returned in eval mode.
+    """
+    folder = Path(path)
+    config = read_config(folder)
+    comp = component_for(config)
+    with torch.device("meta"):
+        model = build_model(config)
+    ours = config.get(LAYOUT_KEY) == "kandinsky"
+    stems = (KANDINSKY_STEM,) if ours else (comp.HUB_WEIGHTS, "pytorch_model", "model")
+    files = find_weight_files(folder, tuple(dict.fromkeys(stems)), variant=variant)
+    raw = read_weights(files)
+    state = raw if ours else convert_state_dict(config, raw)
+    where = files[0] if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    check_state_dict(model, state, where)
+    dtype = dtype or torch.float32
+    state = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
+    }
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def check_state_dict(model: nn.Module, state: dict, where) -> None:
+    """Raise WeightsError listing missing, unexpected and misshapen tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if items:
+            shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+            problems.append(f"{len(items)} {label} tensor(s): {shown}")
+    if problems:
+        raise WeightsError(
+            f"{where}: the checkpoint does not match its config.json ({type(model).__name__}): "
+            + "; ".join(problems)
+            + ". Is config.json from the same checkpoint as the weights?"
+        )
+
+
+def save_component(
+    model: nn.Module,
+    folder: str | Path,
+    layout: str = "hub",
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``model`` as a component folder.
+
+    ``layout="hub"``: config.json + diffusion_pytorch_model.safetensors / model.safetensors
+    with the reference library's names (its ``from_pretrained`` loads the folder).
+    ``layout="kandinsky"``: config.json + kandinsky.safetensors with our names.
+    """
+    if layout not in ("hub", "kandinsky"):
+        raise ValueError(f"layout must be 'hub' or 'kandinsky', not {layout!r}")
+    comp = component_for_model(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    if layout == "hub":
+        state = convert_state_dict(config, state, reverse=True)
+        stem = comp.HUB_WEIGHTS
+    else:
+        config[LAYOUT_KEY] = "kandinsky"
+        stem = KANDINSKY_STEM
+    if dtype is not None and "torch_dtype" in config:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    write_safetensors(state, folder / f"{stem}.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -1,0 +1,211 @@
+"""Reading and writing weight files in every form the hub uses.
+
+* ``*.safetensors`` are memory-mapped: tensors are views into the file (copy-on-write
+  mapping), so loading a checkpoint does not hold a second copy of the weights.
+* ``*.bin`` are read with ``torch.load(weights_only=True, mmap=True)``.
+* fp16 variants (``model.fp16.safetensors``, ``diffusion_pytorch_model.fp16.bin``, ...)
+  and sharded checkpoints (``*.index.json`` + shards) are found automatically.
+
+Every problem is raised as :class:`WeightsError` naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, corrupt, or does not match the model."""
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+# The stem of the weight files for a layout: hub stems come from the component
+# module (HUB_WEIGHTS), transformers also used "pytorch_model" for .bin files.
+KANDINSKY_STEM = "kandinsky"
+
+
+# --------------------------------------------------------------------------- finding files
+def find_weight_files(folder: Path, stems: tuple[str, ...], variant: str | None = None) -> list[Path]:
+    """The weight files of a component folder, in order of preference.
+
+    Preference: plain safetensors, sharded safetensors, the variant's safetensors
+    (``.fp16.``), then the same for ``.bin``. With ``variant="fp16"`` the variant
+    comes first.
+    """
+    candidates: list[tuple[str, str]] = []  # (file name, kind)
+    for ext in ("safetensors", "bin"):
+        plain, variants = [], []
+        for stem in stems:
+            plain += [f"{stem}.{ext}", f"{stem}.{ext}.index.json"]
+            for v in ([variant] if variant else []) + ["fp16", "bf16"]:
+                variants += [f"{stem}.{v}.{ext}", f"{stem}.{ext}.index.{v}.json", f"{stem}.{v}.{ext}.index.json"]
+        candidates += (variants + plain) if variant else (plain + variants)
+    for name in dict.fromkeys(candidates):
+        path = folder / name
+        if path.is_file():
+            return _expand_index(path) if name.endswith(".json") else [path]
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise WeightsError(
+        f"{folder}: no weights file found (looked for {stems[0]}.safetensors, {stems[0]}.bin, "
+        f"fp16 variants and sharded *.index.json); the folder holds {present or 'nothing'}."
+    )
+
+
+def _expand_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index}: not a valid shard index ({e.__class__.__name__}: {e}).") from None
+    folder = index.parent.resolve()
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        path = (index.parent / name).resolve()
+        if folder not in path.parents:
+            raise WeightsError(
+                f"{index}: shard {name!r} points outside the checkpoint folder {folder}; refusing to read it."
+            )
+        if not path.is_file():
+            raise WeightsError(f"{index}: shard file {name!r} is missing from {folder}.")
+        shards.append(path)
+    return shards
+
+
+# --------------------------------------------------------------------------- reading
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Header dict and the byte offset where tensor data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise WeightsError(f"{path}: truncated or corrupt safetensors file ({size} bytes, no header).")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise WeightsError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes in a {size}-byte file).")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise WeightsError(f"{path}: corrupt safetensors file (header is not valid JSON).") from None
+    data_start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: corrupt safetensors header entry for {name!r}.") from None
+        if end - begin != numel * dtype.itemsize or data_start + end > size:
+            raise WeightsError(
+                f"{path}: truncated or corrupt safetensors file (tensor {name!r} ends at byte "
+                f"{data_start + end}, the file has {size})."
+            )
+    return header, data_start
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-mapped tensors of a safetensors file (views, no copy where aligned)."""
+    header, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    buf = torch.frombuffer(mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        raw = buf[data_start + begin : data_start + end]
+        if (data_start + begin) % dtype.itemsize:
+            raw = raw.clone()  # misaligned for this dtype: the one case that copies
+        out[name] = raw.view(dtype).view(info["shape"])
+    return out
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as e:
+        raise WeightsError(f"{path}: truncated or corrupt PyTorch weights file ({e.__class__.__name__}: {e}).") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: expected a dict of tensors, found {type(sd).__name__}.")
+    return sd
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        part = read_safetensors(path) if path.suffix == ".safetensors" else read_bin(path)
+        clash = out.keys() & part.keys()
+        if clash:
+            raise WeightsError(f"{path}: tensor {sorted(clash)[0]!r} also appears in another shard.")
+        out.update(part)
+    return out
+
+
+def header_shapes(files: list[Path]) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor without reading data (safetensors only)."""
+    for path in files:
+        header, _ = read_safetensors_header(path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                yield name, tuple(info["shape"])
+
+
+# --------------------------------------------------------------------------- writing
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file (the format is small enough to write by hand, one tensor at a time)."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    items = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.device.type == "meta":
+            raise WeightsError(f"cannot save {name!r}: it is on the meta device (never loaded).")
+        if t.dtype not in _ST_NAMES:
+            raise WeightsError(f"cannot save {name!r}: dtype {t.dtype} has no safetensors name.")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        items.append(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in items:
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
