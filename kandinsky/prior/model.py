@@ -1,0 +1,257 @@
+"""The Kandinsky 2.2 diffusion prior: text -> CLIP image embedding.
+
+A causal transformer (DALL-E 2 / unCLIP prior) that denoises a CLIP image
+embedding. Its input is one sequence of 81 tokens (Kandinsky 2.2 sizes):
+
+    77 projected CLIP text hidden states
+     1 projected CLIP text embedding
+     1 timestep embedding
+     1 projected noisy image embedding
+     1 learned "prd" token, whose final state is read out
+
+plus a learned positional embedding. Attention is causal and padded text tokens
+are masked. Both masks are additive -10000 and add up, as in the released
+model: this equals a boolean mask except where a query may see nothing (an
+all-padding prompt), where the additive form stays finite like the reference.
+
+The prd token's output, after a final LayerNorm, is projected back to the CLIP
+dimension: the model predicts the clean image embedding, in the normalised
+space; ``unnormalize`` maps it back with the checkpoint's ``clip_mean`` /
+``clip_std``.
+
+Sizes (Kandinsky 2.2): C = inner width = num_attention_heads * attention_head_dim
+= 32 x 64 = 2048, D = embedding_dim = 1280 (CLIP ViT-bigG/14 text hidden size and
+projection dim), 20 blocks; 1,026,225,920 parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kandinsky.attention import attention
+from kandinsky.config import ComponentConfig, ConfigError
+
+MASK_VALUE = -10000.0  # the additive mask value the prior was trained with
+N_EXTRA_TOKENS = 4  # after the text: text embedding, time, noisy image embedding, prd token
+
+
+@dataclasses.dataclass
+class PriorConfig(ComponentConfig):
+    """``prior/config.json`` of kandinsky-2-2-prior (diffusers PriorTransformer).
+
+    Defaults are the reference library's defaults. The optional sizes may be
+    null: time_embed_dim -> inner width, embedding_proj_dim and clip_embed_dim ->
+    embedding_dim.
+    """
+
+    CLASS_NAME = "PriorTransformer"
+    FIXED = {
+        "additional_embeddings": N_EXTRA_TOKENS,
+        "dropout": 0.0,
+        "time_embed_act_fn": "silu",
+        "norm_in_type": None,
+        "embedding_proj_norm_type": None,
+        "encoder_hid_proj_type": "linear",
+        "added_emb_type": "prd",
+    }
+    EXTRA_OUT = {"_class_name": "PriorTransformer"}
+
+    num_attention_heads: int = 32
+    attention_head_dim: int = 64
+    num_layers: int = 20
+    embedding_dim: int = 768  # D: image embedding and text hidden-state width
+    num_embeddings: int = 77  # text tokens
+    time_embed_dim: int | None = None  # hidden width of the time MLP
+    embedding_proj_dim: int | None = None  # width of the pooled text embedding
+    clip_embed_dim: int | None = None  # width of the predicted image embedding
+
+    # derived sizes
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def time_hidden_dim(self) -> int:
+        return self.time_embed_dim or self.inner_dim
+
+    @property
+    def text_embed_dim(self) -> int:
+        return self.embedding_proj_dim or self.embedding_dim
+
+    @property
+    def clip_dim(self) -> int:
+        return self.clip_embed_dim or self.embedding_dim
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_embeddings + N_EXTRA_TOKENS
+
+    def validate(self, source: str = "config.json") -> None:
+        for name in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim", "num_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{source}: {name}={value!r} must be a positive integer.")
+        for name in ("time_embed_dim", "embedding_proj_dim", "clip_embed_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{source}: {name}={value!r} must be null or a positive integer.")
+        if self.inner_dim % 2:
+            raise ConfigError(
+                f"{source}: num_attention_heads * attention_head_dim = {self.inner_dim} must be even "
+                "(sinusoidal timestep features come in cos/sin pairs)."
+            )
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal timestep features, [cos, sin] halves, max period 10000. (B,) -> (B, dim) fp32."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of the timestep -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.dim = dim
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, C)
+        x = timestep_features(t, self.dim).to(self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out projections."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, n_heads * head_dim)
+        self.k = nn.Linear(dim, n_heads * head_dim)
+        self.v = nn.Linear(dim, n_heads * head_dim)
+        self.out = nn.Linear(n_heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = (proj(x).view(B, L, self.n_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        y = attention(q, k, v, mask=mask)  # (B, heads, L, head_dim)
+        y = y.transpose(1, 2).reshape(B, L, -1)  # (B, L, heads * head_dim)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    """Linear -> GELU (exact erf form) -> Linear, 4x wide."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, n_heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+def attention_bias(text_mask: torch.Tensor, n_extra: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask: -10000 on padded text tokens plus -10000 above the diagonal.
+
+    text_mask (B, T), True / 1 = real token -> (B, 1, T + n_extra, T + n_extra).
+    The n_extra conditioning tokens after the text are never padded.
+    """
+    padding = (1 - text_mask.to(dtype)) * MASK_VALUE  # (B, T)
+    padding = F.pad(padding, (0, n_extra), value=0.0)  # (B, L)
+    L = padding.shape[1]
+    causal = torch.full((L, L), MASK_VALUE, dtype=dtype, device=padding.device).triu(1)  # (L, L)
+    return (padding[:, None, :] + causal)[:, None]  # (B, 1, L, L)
+
+
+class DiffusionPrior(nn.Module):
+    """Predicts the (normalised) clean CLIP image embedding from a noisy one and the text.
+
+    ``prior(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)``
+
+        hidden_states          (B, D)      noisy image embedding x_t
+        timestep               int, 0-d or (B,) tensor
+        proj_embedding         (B, D')     CLIP text embedding (pooled + projected)
+        encoder_hidden_states  (B, 77, D)  CLIP text last hidden state
+        attention_mask         (B, 77)     bool, True = real text token
+        -> (B, clip_dim) predicted x_0
+    """
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        C = config.inner_dim
+        self.time_embed = TimestepEmbedding(C, config.time_hidden_dim)
+        self.text_hidden_proj = nn.Linear(config.embedding_dim, C)
+        self.text_embed_proj = nn.Linear(config.text_embed_dim, C)
+        self.image_embed_proj = nn.Linear(config.embedding_dim, C)
+        self.prd_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.positional_embedding = nn.Parameter(torch.zeros(1, config.seq_len, C))
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(C, config.num_attention_heads, config.attention_head_dim) for _ in range(config.num_layers)]
+        )
+        self.norm_out = nn.LayerNorm(C)
+        self.proj_out = nn.Linear(C, config.clip_dim)
+        # statistics of the CLIP image-embedding space the prior works in
+        self.clip_mean = nn.Parameter(torch.zeros(1, config.clip_dim))
+        self.clip_std = nn.Parameter(torch.zeros(1, config.clip_dim))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | int,
+        proj_embedding: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        B = hidden_states.shape[0]
+        t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(B)  # (B,)
+
+        text_hidden = self.text_hidden_proj(encoder_hidden_states)  # (B, 77, C)
+        text_embed = self.text_embed_proj(proj_embedding)  # (B, C)
+        time_embed = self.time_embed(t)  # (B, C)
+        image_embed = self.image_embed_proj(hidden_states)  # (B, C)
+        prd = self.prd_token.expand(B, -1, -1)  # (B, 1, C)
+        x = torch.cat(
+            [text_hidden, text_embed[:, None], time_embed[:, None], image_embed[:, None], prd], dim=1
+        )  # (B, 81, C)
+        x = x + self.positional_embedding
+
+        mask = attention_bias(attention_mask, N_EXTRA_TOKENS, x.dtype)  # (B, 1, 81, 81)
+        for block in self.blocks:
+            x = block(x, mask)  # (B, 81, C)
+
+        x = self.norm_out(x[:, -1])  # (B, C): the prd token
+        return self.proj_out(x)  # (B, clip_dim)
+
+    def normalize(self, image_embed: torch.Tensor) -> torch.Tensor:
+        """CLIP image embedding -> the prior's normalised space."""
+        return (image_embed - self.clip_mean) / self.clip_std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The prior's normalised space -> CLIP image embedding (diffusers' post_process_latents)."""
+        return x * self.clip_std + self.clip_mean
