@@ -13,7 +13,9 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> to
     stay in a sane range.
     """
     g = torch.Generator().manual_seed(seed)
-    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+    # parameters and persistent buffers only: non-persistent buffers (causal masks,
+    # position ids) are part of the reference's computation, not of its weights
+    for name, p in module.state_dict(keep_vars=True).items():
         if not p.is_floating_point():
             continue
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
