@@ -1,0 +1,262 @@
+"""Images in and out of the decoder pipelines: conversion, masks, output formats.
+
+Input conventions (the same for every task):
+
+* ``PIL.Image``: any mode; it is converted to RGB with ``Image.convert("RGB")``,
+  which DROPS an alpha channel (transparent pixels keep whatever colour they
+  store) and repeats a grayscale channel.
+* ``numpy`` arrays: channels last, ``(H, W, 3)`` or ``(B, H, W, 3)``.
+* ``torch`` tensors: channels first, ``(3, H, W)`` or ``(B, 3, H, W)``.
+* Values: ``uint8`` arrays/tensors are read as 0..255; float arrays/tensors must
+  lie in [0, 1] (a [-1, 1] image is refused, not guessed).
+* Arrays and tensors must have exactly 3 channels: one channel (grayscale) or four
+  (RGBA, or latents) are REFUSED with an error saying how to convert, because an
+  array does not say what its channels mean. Control hints (depth maps) are the
+  exception: a one-channel hint is repeated to three channels.
+* Lists of any of the above are stacked into a batch.
+
+Masks (inpainting): white / 1 = repaint, black / 0 = keep.
+
+* ``PIL.Image`` masks are converted to ``"L"`` and read as 0..255.
+* ``numpy`` / ``torch`` masks: ``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``, bool,
+  integer or float, with values in [0, 1] (a 0/255 mask is refused with a hint).
+* Masks are binarised at 0.5, as in the reference.
+
+Resizing (only where the input size differs from the requested one): PIL images
+with PIL's bicubic filter (``reducing_gap=1``, as the reference), PIL masks with
+Lanczos (as the reference), arrays/tensors with antialiased bicubic (images) or
+nearest (masks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class ImageOutput:
+    """What every decoder task returns.
+
+    ``images`` is a list of PIL images (``output_type="pil"``), a float numpy array
+    (B, H, W, 3) in [0, 1] (``"np"``), the raw MoVQ decoder tensor (B, 3, H, W),
+    roughly in [-1, 1] (``"pt"``), or the final latents (B, 4, H/8, W/8) (``"latent"``).
+    """
+
+    images: Any
+
+
+# --------------------------------------------------------------------------- images in
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
+    """One numpy array (channels last) or tensor (channels first) -> (B, 3, H, W) float in [0, 1]."""
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.bool_ or x.dtype.kind not in "uif":
+            raise TypeError(f"{what}: numpy array of dtype {x.dtype} is not an image (use uint8 or float).")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if t.ndim == 2 and hint:
+            t = t[..., None]
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4:
+            raise ValueError(f"{what}: numpy images are (H, W, 3) or (B, H, W, 3); got shape {tuple(x.shape)}.")
+        t = t.permute(0, 3, 1, 2)  # (B, C, H, W)
+        layout = "(H, W, 3) or (B, H, W, 3) (numpy is channels last)"
+    elif isinstance(x, torch.Tensor):
+        t = x.detach()
+        if t.ndim == 2 and hint:
+            t = t[None]
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4:
+            raise ValueError(f"{what}: tensor images are (3, H, W) or (B, 3, H, W); got shape {tuple(x.shape)}.")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{what}: tensor of dtype {t.dtype} is not an image (use uint8 or float).")
+        layout = "(3, H, W) or (B, 3, H, W) (torch is channels first)"
+    else:
+        raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(x).__name__}.")
+
+    channels = t.shape[1]
+    if channels == 1 and hint:
+        t = t.expand(-1, 3, -1, -1)
+    elif channels == 1:
+        raise ValueError(
+            f"{what}: got 1 channel (grayscale); images must be RGB {layout}. "
+            "Repeat the channel three times (or pass a PIL image, which is converted to RGB)."
+        )
+    elif channels == 4:
+        raise ValueError(
+            f"{what}: got 4 channels (RGBA? latents?); images must be RGB {layout}. Alpha is not "
+            "supported for arrays: drop or composite it yourself (a PIL image is converted with "
+            "convert('RGB'), which drops alpha)."
+        )
+    elif channels != 3:
+        raise ValueError(f"{what}: expected 3 channels {layout}; got shape {tuple(x.shape)}.")
+
+    if not t.is_floating_point():
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{what}: integer images must be uint8 (0..255), got {t.dtype}.")
+        return t.float() / 255.0
+    t = t.float()
+    lo, hi = t.min().item(), t.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"{what}: float image values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]. "
+            "For a [-1, 1] image pass (x + 1) / 2; for 0..255 values use uint8 or divide by 255."
+        )
+    return t
+
+
+def _pil_to_tensor(img: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+    img = img.convert("RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), resample=PIL.Image.BICUBIC, reducing_gap=1)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+
+
+def _input_size(x, mask: bool = False) -> tuple[int, int]:
+    """(H, W) of one input item before any resizing."""
+    if isinstance(x, PIL.Image.Image):
+        return x.height, x.width
+    if isinstance(x, np.ndarray) and not mask and x.ndim >= 3:
+        return tuple(x.shape[-3:-1])  # channels last
+    return tuple(x.shape[-2:])
+
+
+def load_images(image, height: int, width: int, what: str = "image", hint: bool = False) -> torch.Tensor:
+    """PIL / numpy / torch image(s) -> float tensor (B, 3, height, width) in [0, 1].
+
+    ``hint=True`` (control hints) also accepts one-channel images and repeats them.
+    """
+    items = _as_list(image)
+    if not items:
+        raise ValueError(f"{what}: got an empty list.")
+    out = []
+    for i, item in enumerate(items):
+        name = what if len(items) == 1 else f"{what}[{i}]"
+        if isinstance(item, PIL.Image.Image):
+            out.append(_pil_to_tensor(item, height, width))
+            continue
+        t = _array_to_tensor(item, name, hint)  # (b, 3, h, w)
+        if t.shape[-2:] != (height, width):
+            t = F.interpolate(t, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+            t = t.clamp(0, 1)
+        out.append(t)
+    return torch.cat(out)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1], the MoVQ's input range."""
+    return images * 2.0 - 1.0
+
+
+# --------------------------------------------------------------------------- masks in
+def _mask_to_tensor(m, what: str) -> torch.Tensor:
+    """One numpy / torch mask -> (B, 1, h, w) float, values checked to lie in [0, 1]."""
+    if isinstance(m, np.ndarray):
+        if m.dtype.kind not in "buif":
+            raise TypeError(f"{what}: numpy mask of dtype {m.dtype} is not supported.")
+        t = torch.from_numpy(np.ascontiguousarray(m))
+    elif isinstance(m, torch.Tensor):
+        t = m.detach()
+    else:
+        raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(m).__name__}.")
+    shape = tuple(t.shape)
+    if t.ndim == 2:
+        t = t[None, None]
+    elif t.ndim == 3:
+        t = t[:, None]
+    elif t.ndim != 4 or t.shape[1] != 1:
+        raise ValueError(f"{what}: masks are (H, W), (B, H, W) or (B, 1, H, W); got shape {shape}.")
+    t = t.float()
+    lo, hi = t.min().item(), t.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"{what}: mask values must lie in [0, 1] (1 = repaint, 0 = keep), got [{lo:.3g}, {hi:.3g}]. "
+            "For a 0/255 mask divide by 255 (or pass a PIL image)."
+        )
+    return t
+
+
+def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch.Tensor:
+    """Mask(s) -> binary float tensor (B, 1, height, width): 1 = repaint, 0 = keep."""
+    items = _as_list(mask)
+    if not items:
+        raise ValueError(f"{what}: got an empty list.")
+    out = []
+    for i, item in enumerate(items):
+        name = what if len(items) == 1 else f"{what}[{i}]"
+        if isinstance(item, PIL.Image.Image):
+            item = item.convert("L")
+            if item.size != (width, height):
+                item = item.resize((width, height), resample=PIL.Image.LANCZOS)
+            t = torch.from_numpy(np.array(item))[None, None].float() / 255.0
+        else:
+            t = _mask_to_tensor(item, name)
+            if t.shape[-2:] != (height, width):
+                t = F.interpolate(t, size=(height, width), mode="nearest")
+        out.append(t)
+    return (torch.cat(out) >= 0.5).float()
+
+
+def check_same_size(image, mask) -> None:
+    """Refuse images and masks of different input sizes (call after loading both)."""
+    sizes_i = [_input_size(x) for x in _as_list(image)]
+    sizes_m = [_input_size(m, mask=True) for m in _as_list(mask)]
+    pairs = zip(sizes_i, sizes_m) if len(sizes_i) == len(sizes_m) else [(a, b) for a in sizes_i for b in sizes_m]
+    if any(a != b for a, b in pairs):
+        raise ValueError(
+            f"image and mask_image must have the same size (H, W); got image {sorted(sizes_i)} "
+            f"and mask_image {sorted(sizes_m)}."
+        )
+
+
+# --------------------------------------------------------------------------- inpainting mask
+# The reference (diffusers' prepare_mask) walks over every latent pixel and, for each
+# pixel to repaint, clears the keep-mask at six of its eight neighbours: up, down,
+# left, right and the two diagonal ones on the main diagonal, (-1, -1) and (+1, +1)
+# -- not (-1, +1) / (+1, -1). The same as one correlation with this kernel:
+_GROW_KERNEL = ((1.0, 1.0, 0.0),
+                (1.0, 0.0, 1.0),
+                (0.0, 1.0, 1.0))
+
+
+def grow_repaint_area(keep: torch.Tensor) -> torch.Tensor:
+    """Grow the area to repaint by one latent pixel, exactly as the reference.
+
+    keep: (B, 1, h, w), 1 = keep. A pixel whose value is not 1 is "to repaint"; each
+    of its neighbours in ``_GROW_KERNEL`` is set to 0. Other values are untouched.
+    """
+    repaint = (keep != 1).float()  # (B, 1, h, w)
+    kernel = torch.tensor(_GROW_KERNEL, device=keep.device).view(1, 1, 3, 3)
+    near_repaint = F.conv2d(repaint, kernel, padding=1) > 0
+    return keep.masked_fill(near_repaint, 0)
+
+
+# --------------------------------------------------------------------------- images out
+def to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(B, H, W, 3) floats in [0, 1] -> list of RGB PIL images."""
+    return [PIL.Image.fromarray(x) for x in (images * 255).round().astype("uint8")]
+
+
+def format_output(decoded: torch.Tensor, output_type: str):
+    """MoVQ output (B, 3, H, W) in ~[-1, 1] -> the requested ``output_type``."""
+    if output_type == "pt":
+        return decoded
+    images = (decoded * 0.5 + 0.5).clamp(0, 1)
+    images = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+    return images if output_type == "np" else to_pil(images)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}.")
