@@ -1,0 +1,431 @@
+"""MoVQ: the image autoencoder of Kandinsky 2.2 (MoVQGAN, arXiv:2209.09002).
+
+    image (B, 3, H, W)
+      -> Encoder -> quant_conv          continuous latents (B, 4, H/8, W/8)   [encode]
+      -> VectorQuantizer (optional)      snapped to the nearest codebook entry [quantize]
+      -> post_quant_conv -> Decoder      image (B, 3, H, W)                    [decode]
+
+The encoder is a plain convolutional VQGAN encoder. The decoder is "modulated":
+every normalisation in it is a SpatialNorm, a GroupNorm whose scale and shift are
+1x1 convs of the (nearest-upsampled) latents, so the latents steer every level of
+the decoder, not only its input.
+
+Kandinsky's diffusion model works on the continuous latents: the pipelines call
+``encode`` and ``decode(latents, force_not_quantize=True)``; the codebook is only
+used when ``force_not_quantize=False`` (or through ``quantize``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kandinsky.attention import attention
+from kandinsky.config import ComponentConfig, ConfigError
+
+EPS = 1e-6  # every GroupNorm of the autoencoder
+SPATIAL_NORM_GROUPS = 32  # SpatialNorm's GroupNorm always has 32 groups (norm_num_groups is the encoder's)
+
+
+@dataclasses.dataclass
+class MoVQConfig(ComponentConfig):
+    """Sizes of the autoencoder; field names are the diffusers ``VQModel`` config keys.
+
+    The defaults are Kandinsky 2.2's (67,832,495 parameters).
+    """
+
+    CLASS_NAME: ClassVar[str] = "VQModel"
+    FIXED: ClassVar[dict] = {
+        "act_fn": "silu",
+        "norm_type": "spatial",  # the decoder's norms are SpatialNorms
+        "mid_block_add_attention": True,
+        "lookup_from_codebook": False,  # decode() takes latents, not codebook indices
+        "force_upcast": False,
+    }
+    EXTRA_OUT: ClassVar[dict] = {"_class_name": "VQModel"}
+    # Keys whose diffusers default builds a network other than Kandinsky's: a config
+    # that omits them does not describe a MoVQ, so from_dict asks for them.
+    REQUIRED: ClassVar[tuple] = (
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "latent_channels",
+        "num_vq_embeddings",
+        "norm_type",
+    )
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",)
+    up_block_types: tuple = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3
+    block_out_channels: tuple = (128, 256, 256, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    num_vq_embeddings: int = 16384
+    norm_num_groups: int = 32
+    vq_embed_dim: int | None = 4  # None means latent_channels
+    sample_size: int = 32  # metadata only
+    scaling_factor: float = 0.18215  # metadata only: Kandinsky does not scale MoVQ latents
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config.json") -> "MoVQConfig":
+        missing = [key for key in cls.REQUIRED if key not in config]
+        if missing:
+            raise ConfigError(
+                f"{source}: missing {missing}; diffusers' VQModel defaults for these keys "
+                "describe a different network than Kandinsky 2.2's MoVQ."
+            )
+        return super().from_dict(config, source)
+
+    @property
+    def levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (self.levels - 1)
+
+    def validate(self, source: str = "config.json") -> None:
+        def bad(key, why):
+            raise ConfigError(f"{source}: {key}={getattr(self, key)!r} is not supported: {why}")
+
+        n = self.levels
+        if n < 1:
+            bad("block_out_channels", "need at least one level")
+        # Kandinsky's topology: attention only at the lowest resolution
+        down = ("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",)
+        up = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1)
+        if tuple(self.down_block_types) != down:
+            bad("down_block_types", f"with {n} levels (len(block_out_channels)) MoVQ uses {list(down)}")
+        if tuple(self.up_block_types) != up:
+            bad("up_block_types", f"with {n} levels (len(block_out_channels)) MoVQ uses {list(up)}")
+        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+                    "num_vq_embeddings", "norm_num_groups"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(key, "must be a positive integer")
+        for c in self.block_out_channels:
+            if not isinstance(c, int) or c < 1 or c % self.norm_num_groups or c % SPATIAL_NORM_GROUPS:
+                bad("block_out_channels", f"every width must be a multiple of norm_num_groups="
+                    f"{self.norm_num_groups} and of {SPATIAL_NORM_GROUPS} (the SpatialNorm groups)")
+        if self.vq_embed_dim not in (None, self.latent_channels):
+            # the decoder's SpatialNorms read the codebook vectors with latent_channels inputs
+            bad("vq_embed_dim", f"must equal latent_channels={self.latent_channels} (or be null)")
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=EPS)
+
+
+class SpatialNorm(nn.Module):
+    """GroupNorm of the features, scaled and shifted per pixel by the latents.
+
+    f: (B, C, h, w); zq: (B, latent_channels, H/8, W/8), nearest-upsampled to (h, w).
+    ``conv_y`` makes the scale and ``conv_b`` the shift (the paper's names).
+    """
+
+    def __init__(self, channels: int, zq_channels: int):
+        super().__init__()
+        self.norm_layer = group_norm(channels, SPATIAL_NORM_GROUPS)
+        self.conv_y = nn.Conv2d(zq_channels, channels, 1)
+        self.conv_b = nn.Conv2d(zq_channels, channels, 1)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")  # (B, zq_channels, h, w)
+        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block: x + conv(silu(norm(conv(silu(norm(x))))))."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # a 1x1 conv on the shortcut where the width changes
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.conv_shortcut(x) + h
+
+
+class SpatialResBlock(nn.Module):
+    """The decoder's ResBlock: both norms are SpatialNorms of the latents zq."""
+
+    def __init__(self, in_channels: int, out_channels: int, zq_channels: int):
+        super().__init__()
+        self.norm1 = SpatialNorm(in_channels, zq_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = SpatialNorm(out_channels, zq_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x, zq)))
+        h = self.conv2(F.silu(self.norm2(h, zq)))
+        return self.conv_shortcut(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = h.shape
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        q, k, v = (proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, H*W, C)
+        h = attention(q, k, v).squeeze(1)  # (B, H*W, C)
+        return self.to_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(self.norm(x))
+
+
+class SpatialAttentionBlock(AttentionBlock):
+    """The decoder's AttentionBlock: its norm is a SpatialNorm of the latents zq."""
+
+    def __init__(self, channels: int, zq_channels: int):
+        super().__init__(channels, SPATIAL_NORM_GROUPS)
+        self.norm = SpatialNorm(channels, zq_channels)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        return x + self.attend(self.norm(x, zq))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: pad right/bottom by one, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class EncoderLevel(nn.Module):
+    """ResBlocks at one resolution (each followed by attention at the lowest one), then downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_res: int, groups: int,
+                 with_attention: bool, with_downsample: bool):
+        super().__init__()
+        self.res = nn.ModuleList(
+            ResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_res)
+        )
+        self.attn = nn.ModuleList(
+            AttentionBlock(out_channels, groups) for _ in range(num_res if with_attention else 0)
+        )
+        self.downsample = Downsample(out_channels) if with_downsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for j, res in enumerate(self.res):
+            x = res(x)
+            if self.attn:
+                x = self.attn[j](x)
+        return self.downsample(x)
+
+
+class EncoderMid(nn.Module):
+    """ResBlock, attention, ResBlock at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.res1 = ResBlock(channels, channels, groups)
+        self.attn = AttentionBlock(channels, groups)
+        self.res2 = ResBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: MoVQConfig):
+        super().__init__()
+        ch = cfg.block_out_channels
+        g = cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
+                         with_attention=i == cfg.levels - 1, with_downsample=i < cfg.levels - 1)
+            for i in range(cfg.levels)
+        )
+        self.mid = EncoderMid(ch[-1], g)
+        self.norm_out = group_norm(ch[-1], g)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, ch[0], H, W)
+        for level in self.down:
+            h = level(h)  # (B, ch[-1], H/8, W/8) after the last
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_channels, H/8, W/8)
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+class VectorQuantizer(nn.Module):
+    """Snaps each latent pixel to its nearest codebook vector (Euclidean distance)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.codebook = nn.Embedding(num_embeddings, dim)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: (B, dim, h, w) -> (snapped (B, dim, h, w), indices (B, h, w))."""
+        B, C, h, w = z.shape
+        z = z.permute(0, 2, 3, 1)  # (B, h, w, dim)
+        flat = z.reshape(-1, C)  # (B*h*w, dim)
+        # torch.cdist and argmin (first index on ties), exactly as the reference computes them
+        indices = torch.cdist(flat, self.codebook.weight).argmin(dim=1)  # (B*h*w,)
+        zq = self.codebook(indices).view(z.shape)
+        zq = z + (zq - z).detach()  # straight-through gradient, as in training
+        return zq.permute(0, 3, 1, 2).contiguous(), indices.view(B, h, w)
+
+
+# ----------------------------------------------------------------------------- decoder
+
+
+class DecoderMid(nn.Module):
+    def __init__(self, channels: int, zq_channels: int):
+        super().__init__()
+        self.res1 = SpatialResBlock(channels, channels, zq_channels)
+        self.attn = SpatialAttentionBlock(channels, zq_channels)
+        self.res2 = SpatialResBlock(channels, channels, zq_channels)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x, zq), zq), zq)
+
+
+class DecoderLevel(nn.Module):
+    """ResBlocks at one resolution (each followed by attention at the lowest one), then upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_res: int, zq_channels: int,
+                 with_attention: bool, with_upsample: bool):
+        super().__init__()
+        self.res = nn.ModuleList(
+            SpatialResBlock(in_channels if j == 0 else out_channels, out_channels, zq_channels)
+            for j in range(num_res)
+        )
+        self.attn = nn.ModuleList(
+            SpatialAttentionBlock(out_channels, zq_channels) for _ in range(num_res if with_attention else 0)
+        )
+        self.upsample = Upsample(out_channels) if with_upsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        for j, res in enumerate(self.res):
+            x = res(x, zq)
+            if self.attn:
+                x = self.attn[j](x, zq)
+        return self.upsample(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: MoVQConfig):
+        super().__init__()
+        ch = tuple(reversed(cfg.block_out_channels))  # lowest resolution first
+        zc = cfg.latent_channels
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid = DecoderMid(ch[0], zc)
+        self.up = nn.ModuleList(
+            DecoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, zc,
+                         with_attention=i == 0, with_upsample=i < cfg.levels - 1)
+            for i in range(cfg.levels)
+        )
+        self.norm_out = SpatialNorm(ch[-1], zc)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """z: post-quant latents; zq: the latents that modulate every norm (both (B, 4, H/8, W/8))."""
+        h = self.mid(self.conv_in(z), zq)  # (B, ch[0], H/8, W/8)
+        for level in self.up:
+            h = level(h, zq)  # (B, ch[-1], H, W) after the last
+        return self.conv_out(F.silu(self.norm_out(h, zq)))  # (B, out_channels, H, W)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MoVQ(nn.Module):
+    """The Kandinsky 2.2 autoencoder (diffusers ``VQModel`` with ``norm_type="spatial"``)."""
+
+    def __init__(self, config: MoVQConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.quantizer = VectorQuantizer(config.num_vq_embeddings, config.latent_channels)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = Decoder(config)
+
+    def _check(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} must be (B, {channels}, H, W); got {tuple(x.shape)}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(
+                f"{what} height and width must be multiples of {multiple} (the downsampling factor); "
+                f"got {tuple(x.shape[2:])}"
+            )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W), H and W multiples of 8 -> continuous latents (B, 4, H/8, W/8), not quantized."""
+        self._check(images, self.config.in_channels, "images", self.config.downsampling_factor)
+        return self.quant_conv(self.encoder(images))
+
+    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents (B, 4, h, w) -> (nearest codebook vectors (B, 4, h, w), codebook indices (B, h, w))."""
+        self._check(latents, self.config.latent_channels, "latents")
+        return self.quantizer(latents)
+
+    def decode(self, latents: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+        """latents (B, 4, h, w) -> images (B, 3, 8h, 8w).
+
+        With force_not_quantize=False (the reference's default) the latents are first
+        snapped to the codebook; Kandinsky's pipelines pass True.
+        """
+        self._check(latents, self.config.latent_channels, "latents")
+        zq = latents if force_not_quantize else self.quantizer(latents)[0]
+        return self.decoder(self.post_quant_conv(zq), zq)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the codebook, as the reference's VQModel.forward."""
+        return self.decode(self.encode(images), force_not_quantize=False)
