@@ -1,0 +1,271 @@
+"""CLIP text and image towers (OpenCLIP ViT-bigG/14, the encoders of Kandinsky 2.2's prior).
+
+Both towers are the same pre-LayerNorm transformer (Radford et al. 2021, "Learning
+Transferable Visual Models From Natural Language Supervision"):
+
+    text:  token + position embeddings -> N x Block (causal) -> LayerNorm
+           -> hidden state at the end-of-text token -> text_projection
+    image: 14x14 patches -> [class token; patches] + position embeddings -> LayerNorm
+           -> N x Block -> LayerNorm of the class token -> visual_projection
+
+Module names (hook them by name): ``token_embedding``, ``position_embedding``,
+``patch_embedding``, ``class_embedding``, ``pre_norm``, ``blocks.{i}`` with
+``norm1 / attn.{q,k,v,out}_proj / norm2 / mlp.{fc1,fc2}``, ``final_norm``,
+``post_norm``, ``text_projection``, ``visual_projection``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from kandinsky.attention import attention
+from kandinsky.config import ComponentConfig, ConfigError
+
+# --------------------------------------------------------------------------- configs
+# Defaults are the reference library's (transformers' CLIPTextConfig / CLIPVisionConfig),
+# so a config.json that leaves a key out means the same network here as there.
+
+
+def _check_tower(cfg, source: str) -> None:
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{source}: {key}={value!r} must be a positive integer.")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(
+            f"{source}: hidden_size={cfg.hidden_size} is not a multiple of "
+            f"num_attention_heads={cfg.num_attention_heads}."
+        )
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ConfigError(
+            f"{source}: hidden_act={cfg.hidden_act!r} is not supported by kandinsky's CLIP "
+            f"(it implements {sorted(ACTIVATIONS)})."
+        )
+
+
+@dataclasses.dataclass
+class CLIPTextConfig(ComponentConfig):
+    """``text_encoder/config.json`` of a CLIPTextModelWithProjection."""
+
+    CLASS_NAME: ClassVar[str] = "CLIPTextModelWithProjection"
+    FIXED: ClassVar[dict] = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model"}
+    # bos/pad ids are the tokenizer's business (no padding_idx in the embedding);
+    # dropout does nothing at inference.
+    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id", "attention_dropout", "dropout"})
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # Picks the pooled position: 2 (legacy configs, Kandinsky 2.2's) means "the largest
+    # token id", anything else means "the first occurrence of this id" (transformers' rule).
+    eos_token_id: int = 49407
+
+    def validate(self, source: str = "config.json") -> None:
+        _check_tower(self, source)
+        for key in ("vocab_size", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{source}: {key}={value!r} must be a positive integer.")
+        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
+            raise ConfigError(f"{source}: eos_token_id={self.eos_token_id!r} must be a single integer.")
+
+
+@dataclasses.dataclass
+class CLIPVisionConfig(ComponentConfig):
+    """``image_encoder/config.json`` of a CLIPVisionModelWithProjection."""
+
+    CLASS_NAME: ClassVar[str] = "CLIPVisionModelWithProjection"
+    FIXED: ClassVar[dict] = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model"}
+    IGNORED: ClassVar[frozenset] = frozenset({"attention_dropout", "dropout"})
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def validate(self, source: str = "config.json") -> None:
+        _check_tower(self, source)
+        for key in ("num_channels", "image_size", "patch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(
+                    f"{source}: {key}={value!r} is not supported by kandinsky's CLIP (a positive integer; "
+                    "square images and patches only)."
+                )
+        if self.patch_size > self.image_size:
+            raise ConfigError(f"{source}: patch_size={self.patch_size} is larger than image_size={self.image_size}.")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# --------------------------------------------------------------------------- blocks
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# config.json `hidden_act` -> activation ("gelu" is the exact, erf-based GELU)
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate query / key / value projections."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        B, L, D = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, D/heads)
+        k = self.k_proj(x).view(B, L, self.heads, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.heads, -1).transpose(1, 2)
+        y = attention(q, k, v, mask=mask, causal=causal)  # (B, heads, L, D/heads)
+        y = y.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, act: str, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_width, act)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask, causal=causal)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+def _blocks(cfg) -> nn.ModuleList:
+    return nn.ModuleList(
+        Block(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+        for _ in range(cfg.num_hidden_layers)
+    )
+
+
+# --------------------------------------------------------------------------- text tower
+@dataclasses.dataclass
+class TextEncoderOutput:
+    text_embeds: torch.Tensor  # (B, projection_dim): projected state at the end-of-text token
+    last_hidden_state: torch.Tensor  # (B, L, hidden_size): every token after the final LayerNorm
+
+
+class TextEncoder(nn.Module):
+    """CLIP text tower with its projection (hub class CLIPTextModelWithProjection)."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, width)
+        self.blocks = _blocks(config)
+        self.final_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(width, config.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TextEncoderOutput:
+        """input_ids: (B, L) long; attention_mask: optional (B, L), 1/True = real token.
+
+        Without a mask every token sees itself and the tokens before it (causal);
+        with one, padded positions are also hidden from every query.
+        """
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"{L} tokens, but the text encoder has {self.config.max_position_embeddings} positions.")
+        x = self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, width)
+        mask = None if attention_mask is None else causal_padding_mask(attention_mask, L)  # (B, 1, L, L)
+        for block in self.blocks:
+            x = block(x, mask=mask, causal=mask is None)
+        x = self.final_norm(x)
+        pooled = x[torch.arange(B, device=x.device), self.end_of_text(input_ids)]  # (B, width)
+        return TextEncoderOutput(text_embeds=self.text_projection(pooled), last_hidden_state=x)
+
+    def end_of_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) index of the token whose state is pooled (transformers' rule)."""
+        if self.config.eos_token_id == 2:
+            # legacy configs (Kandinsky 2.2's): end-of-text is the largest id of the vocabulary
+            return input_ids.argmax(dim=-1)
+        return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # its first occurrence
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L) padding mask -> (B, 1, L, L) bool: query i may attend key j <= i that is a real token."""
+    if attention_mask.shape[-1] != length or attention_mask.ndim != 2:
+        raise ValueError(
+            f"attention_mask must have shape (B, {length}) like input_ids, got {tuple(attention_mask.shape)}."
+        )
+    positions = torch.arange(length, device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]  # (L, L): key j <= query i
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+# --------------------------------------------------------------------------- image tower
+class ImageEncoder(nn.Module):
+    """CLIP vision tower with its projection (hub class CLIPVisionModelWithProjection)."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        width, patch = config.hidden_size, config.patch_size
+        self.patch_embedding = nn.Conv2d(config.num_channels, width, patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.position_embedding = nn.Embedding(config.num_patches + 1, width)
+        self.pre_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.blocks = _blocks(config)
+        self.post_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.visual_projection = nn.Linear(width, config.projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (B, C, image_size, image_size), normalised -> image embeddings (B, projection_dim)."""
+        B, _, H, W = pixel_values.shape
+        size = self.config.image_size
+        if (H, W) != (size, size):
+            raise ValueError(f"the image encoder takes {size}x{size} images, got {H}x{W}.")
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, width, H/P, W/P)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, width)
+        cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, N+1, width)
+        x = self.pre_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        pooled = self.post_norm(x[:, 0])  # (B, width): the class token
+        return self.visual_projection(pooled)  # (B, projection_dim)
