@@ -165,6 +165,18 @@ def test_vision_zero_image_like_prior_pipeline(clip_vision_checkpoint):
         assert_close(ours(zero), ref(zero).image_embeds)
 
 
+@pytest.mark.parametrize("make, config", [(make_text_reference, TINY_TEXT_CONFIG), (make_vision_reference, TINY_VISION_CONFIG)])
+def test_old_checkpoints_position_ids_are_dropped(make, config):
+    """transformers < 4.31 saved `*.embeddings.position_ids` (a buffer, not a weight)."""
+    ref = make()
+    state = dict(ref.state_dict())
+    prefix = "text_model" if "text_model" in dict(ref.named_children()) else "vision_model"
+    state[f"{prefix}.embeddings.position_ids"] = torch.arange(77 if prefix == "text_model" else 17)[None]
+    ours = (TextEncoder(CLIPTextConfig.from_dict(config)) if prefix == "text_model"
+            else ImageEncoder(CLIPVisionConfig.from_dict(config)))
+    ours.load_state_dict(convert_state_dict(config, state), strict=True)
+
+
 # --------------------------------------------------------------------------- full size (meta)
 @pytest.mark.parametrize(
     "component, module, count",
