@@ -4,6 +4,7 @@ Forward-pass parity of each component is tested in its own test file; here we ch
 that load_component reads exactly the reference's tensors from every kind of folder
 and that what save_component writes loads back into the reference library.
 """
+import copy
 import json
 import shutil
 import struct
@@ -22,6 +23,7 @@ from weights_convert import (
     save_component,
 )
 from weights_convert.__main__ import main as cli_main
+from weights_convert.io import read_safetensors
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -31,7 +33,7 @@ TINY_MOVQ = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
     up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(16, 16, 32, 32),
+    block_out_channels=(32, 32, 64, 64),
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=8,
@@ -59,14 +61,22 @@ TINY_TEXT = dict(
 def _hub_forms(model, root, name):
     """Save a reference model in every file form the hub uses; returns {form: folder}."""
     forms = {}
+    is_diffusers = isinstance(model, diffusers.ModelMixin)
     for form, kwargs in {
         "safetensors": dict(),
-        "bin": dict(safe_serialization=False),
+        "bin": dict(safe_serialization=False) if is_diffusers else dict(),
         "fp16": dict(variant="fp16"),
         "sharded": dict(max_shard_size="20KB"),
     }.items():
         folder = root / f"{name}-{form}"
-        model.save_pretrained(folder, **kwargs)
+        if form == "fp16" and not is_diffusers:  # transformers writes the variant in the model's dtype
+            copy.deepcopy(model).half().save_pretrained(folder, **kwargs)
+        else:
+            model.save_pretrained(folder, **kwargs)
+        if form == "bin" and not is_diffusers:  # transformers 5 writes only safetensors
+            st = folder / "model.safetensors"
+            torch.save({k: v.clone() for k, v in read_safetensors(st).items()}, folder / "pytorch_model.bin")
+            st.unlink()
         forms[form] = folder
     return forms
 
@@ -305,3 +315,21 @@ def test_error_missing_shard(text_forms, tmp_path):
 def test_cli_reports_errors(tmp_path, capsys):
     assert cli_main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_legacy_attention_names_load(movq_forms, tmp_path):
+    """Old MoVQ files name attention projections query/key/value/proj_attn."""
+    from weights_convert.io import read_safetensors, write_safetensors
+
+    ref, forms = movq_forms
+    folder = _copy(forms["safetensors"], tmp_path)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    tensors = {}
+    for k, v in read_safetensors(path).items():
+        for new_name, old_name in old.items():
+            k = k.replace(new_name, old_name)
+        tensors[k] = v.clone()
+    assert any(".proj_attn." in k for k in tensors)
+    write_safetensors(tensors, path)
+    _assert_same_tensors(load_component(folder), _expected(ref, forms["safetensors"]))

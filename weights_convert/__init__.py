@@ -24,7 +24,7 @@ from weights_convert.io import (
     read_weights,
     write_safetensors,
 )
-from weights_convert.naming import rename_all
+from weights_convert.naming import rename, rename_all
 from weights_convert.registry import class_name, component_for, component_for_model
 
 __all__ = [
@@ -59,10 +59,14 @@ def convert_state_dict(config: dict, state_dict: dict, reverse: bool = False) ->
     no weights (``DROP_KEYS`` of the component, e.g. old CLIP ``position_ids``) are dropped.
     """
     comp = component_for(config)
-    drop = set(getattr(comp, "DROP_KEYS", ()))
-    keys = [k for k in state_dict if k not in drop]
-    mapping = rename_all(keys, comp.TABLE, reverse=reverse)
-    return {mapping[k]: state_dict[k] for k in keys}
+    if not reverse:
+        # older hub files use names the reference library renames on load (LEGACY_TABLE:
+        # old hub name -> current hub name) and extra keys that hold no weights (DROP_KEYS)
+        drop = set(getattr(comp, "DROP_KEYS", ()))
+        legacy = getattr(comp, "LEGACY_TABLE", ())
+        state_dict = {rename(k, legacy): v for k, v in state_dict.items() if k not in drop}
+    mapping = rename_all(state_dict, comp.TABLE, reverse=reverse)
+    return {mapping[k]: v for k, v in state_dict.items()}
 
 
 def read_config(folder: str | Path) -> dict:

@@ -46,3 +46,18 @@ TABLE = [
     ("decoder.up_blocks.{i}.upsamplers.0", "decoder.up.{i}.upsample"),
     ("decoder.conv_norm_out", "decoder.norm_out"),
 ]
+
+# Files saved before diffusers' attention refactor name the attention projections
+# query/key/value/proj_attn; the reference renames them on load, and so do we
+# (hub -> ours only; we always write the current names).
+_ATTENTION_SITES = (
+    "encoder.down_blocks.{i}.attentions.{j}",
+    "encoder.mid_block.attentions.{j}",
+    "decoder.mid_block.attentions.{j}",
+    "decoder.up_blocks.{i}.attentions.{j}",
+)
+LEGACY_TABLE = [
+    (f"{site}.{old}", f"{site}.{new}")
+    for site in _ATTENTION_SITES
+    for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+]
