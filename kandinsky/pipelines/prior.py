@@ -24,10 +24,8 @@ KandinskyV22PriorEmb2EmbPipeline (``emb2emb`` here).
 """
 from __future__ import annotations
 
-import json
 import numbers
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
