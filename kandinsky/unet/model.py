@@ -1,0 +1,324 @@
+"""The Kandinsky 2.2 decoder UNet: predicts the noise (and variance) of MoVQ latents,
+conditioned on the diffusion step and a CLIP image embedding.
+
+Topology (guided-diffusion style), with C = block_out_channels and L = layers_per_block:
+
+    conv_in                                           (B, in_channels, h, w) -> (B, C0, h, w)
+    down[0..3]  L ResBlocks per level (+ added-KV attention after each, levels 1-3),
+                then a down-sampling ResBlock (levels 0-2)                      -> (B, C3, h/8, w/8)
+    mid         ResBlock, attention, ResBlock
+    up[0..3]    L+1 ResBlocks per level, each fed the matching skip tensor of the
+                down path (+ attention, levels 0-2), then an up-sampling ResBlock (0-2)
+    norm_out, SiLU, conv_out                          -> (B, out_channels, h, w)
+
+Conditioning: emb = time_embed(sinusoid(t)) + image_embed(image_embeds) drives the
+ResBlocks' scale-shift; image_tokens(image_embeds) (32 tokens) are the extra keys and
+values of every attention layer. The ControlNet-depth variant (addition_embed_type
+"image_hint") also encodes a hint image to 4 channels at latent resolution and
+concatenates it to the input.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kandinsky.config import AnyOf, ComponentConfig, ConfigError
+from kandinsky.unet.blocks import (
+    HINT_CHANNELS,
+    AddedKVAttention,
+    HintEncoder,
+    ImageEmbedding,
+    ImageTokens,
+    ResBlock,
+    TimestepEmbedding,
+    timestep_embedding,
+)
+
+NUM_LEVELS = 4
+
+
+@dataclasses.dataclass
+class UNetConfig(ComponentConfig):
+    """Sizes of the decoder UNet; field names are the keys of the hub's unet/config.json."""
+
+    CLASS_NAME = "UNet2DConditionModel"
+    FIXED = {
+        "act_fn": "silu",
+        "addition_time_embed_dim": None,
+        "attention_type": "default",
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "class_embeddings_concat": False,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_norm": None,
+        "down_block_types": [
+            "ResnetDownsampleBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+        ],
+        "dropout": 0.0,
+        "encoder_hid_dim_type": "image_proj",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "mid_block_only_cross_attention": AnyOf(None, False),
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+        "num_attention_heads": None,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "projection_class_embeddings_input_dim": None,
+        "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False,
+        "resnet_time_scale_shift": "scale_shift",
+        "time_cond_proj_dim": None,
+        "time_embedding_act_fn": None,
+        "time_embedding_dim": None,
+        "time_embedding_type": "positional",
+        "timestep_post_act": None,
+        "up_block_types": [
+            "SimpleCrossAttnUpBlock2D",
+            "SimpleCrossAttnUpBlock2D",
+            "SimpleCrossAttnUpBlock2D",
+            "ResnetUpsampleBlock2D",
+        ],
+    }
+    # Keys the reference only reads for block types this UNet does not have: no effect here.
+    # EXTRA_OUT writes them back with the hub's values, so to_dict() reproduces the hub config.
+    _NO_OPS = {
+        "addition_embed_type_num_heads": 64,  # only for addition_embed_type "text"
+        "downsample_padding": 1,  # only for conv down-samplers
+        "dual_cross_attention": False,  # only for transformer cross-attention blocks
+        "transformer_layers_per_block": 1,
+        "upcast_attention": False,
+        "use_linear_projection": False,
+    }
+    # (newer diffusers also write reverse_transformer_layers_per_block: null; the hub configs lack it)
+    IGNORED = frozenset(_NO_OPS) | {"reverse_transformer_layers_per_block"}
+    EXTRA_OUT = {"_class_name": CLASS_NAME, **_NO_OPS}
+
+    in_channels: int = 4  # 4 (text2img/img2img), 9 (inpaint), 8 (ControlNet-depth: 4 + hint)
+    out_channels: int = 8  # predicted noise (4) and variance (4)
+    block_out_channels: tuple = (384, 768, 1152, 1536)
+    layers_per_block: int = 3
+    attention_head_dim: int = 64  # channels per head (diffusers' misnomer is right here)
+    cross_attention_dim: int = 768  # width of the image tokens
+    encoder_hid_dim: int = 1280  # width of the CLIP image embedding
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    addition_embed_type: str = "image"  # "image", or "image_hint" (ControlNet-depth)
+    sample_size: int = 64  # latent size the model was trained at; no effect on the network
+
+    def validate(self, source: str = "config.json") -> None:
+        def fail(key, why):
+            raise ConfigError(f"{source}: {key}={getattr(self, key)!r} is not supported: {why}.")
+
+        for key in ("in_channels", "out_channels", "layers_per_block", "attention_head_dim",
+                    "cross_attention_dim", "encoder_hid_dim", "norm_num_groups"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(key, "expected one positive integer (per-level lists are not implemented)")
+        if not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
+            fail("norm_eps", "expected a positive number")
+        channels = self.block_out_channels
+        if (not isinstance(channels, tuple) or len(channels) != NUM_LEVELS
+                or not all(isinstance(c, int) and c > 0 for c in channels)):
+            fail("block_out_channels", f"Kandinsky 2.2's UNet has {NUM_LEVELS} levels of positive widths")
+        if any(c % self.norm_num_groups for c in channels):
+            fail("norm_num_groups", f"it must divide every entry of block_out_channels {list(channels)}")
+        if channels[0] % 2:
+            fail("block_out_channels", "the first width (the timestep feature size) must be even")
+        if any(c % self.attention_head_dim for c in channels[1:]):
+            fail("attention_head_dim", f"it must divide the attention levels' widths {list(channels[1:])}")
+        if self.addition_embed_type not in ("image", "image_hint"):
+            fail("addition_embed_type", "Kandinsky 2.2 uses 'image' or 'image_hint' (ControlNet)")
+        if self.addition_embed_type == "image_hint" and self.in_channels <= HINT_CHANNELS:
+            fail("in_channels", f"with addition_embed_type 'image_hint' it counts the {HINT_CHANNELS} hint "
+                 "channels too, so it must exceed them")
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of the `sample` the caller passes (the hint's channels are added inside)."""
+        return self.in_channels - (HINT_CHANNELS if self.addition_embed_type == "image_hint" else 0)
+
+
+class DownLevel(nn.Module):
+    """One resolution of the encoder: `layers` ResBlocks (each followed by attention when
+    `attention`), then a down-sampling ResBlock unless it is the bottom level. Every
+    output is pushed on `skips` for the decoder."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, emb_dim: int, attention: bool, downsample: bool):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.res = nn.ModuleList(
+            ResBlock(in_ch if j == 0 else out_ch, out_ch, emb_dim, groups, eps) for j in range(cfg.layers_per_block)
+        )
+        self.attn = (
+            nn.ModuleList(
+                AddedKVAttention(out_ch, cfg.attention_head_dim, cfg.cross_attention_dim, groups)
+                for _ in range(cfg.layers_per_block)
+            )
+            if attention
+            else None
+        )
+        self.downsample = ResBlock(out_ch, out_ch, emb_dim, groups, eps, resample="down") if downsample else None
+
+    def forward(self, x, emb, tokens, skips: list):
+        for j, res in enumerate(self.res):
+            x = res(x, emb)
+            if self.attn is not None:
+                x = self.attn[j](x, tokens)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x, emb)  # (B, C, h/2, w/2)
+            skips.append(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResBlock, attention, ResBlock at the lowest resolution."""
+
+    def __init__(self, ch: int, cfg: UNetConfig, emb_dim: int):
+        super().__init__()
+        self.res_in = ResBlock(ch, ch, emb_dim, cfg.norm_num_groups, cfg.norm_eps)
+        self.attn = AddedKVAttention(ch, cfg.attention_head_dim, cfg.cross_attention_dim, cfg.norm_num_groups)
+        self.res_out = ResBlock(ch, ch, emb_dim, cfg.norm_num_groups, cfg.norm_eps)
+
+    def forward(self, x, emb, tokens):
+        return self.res_out(self.attn(self.res_in(x, emb), tokens), emb)
+
+
+class UpLevel(nn.Module):
+    """One resolution of the decoder: `layers + 1` ResBlocks, each fed the concatenation
+    of the running tensor and the next skip tensor popped from `skips` (+ attention when
+    `attention`), then an up-sampling ResBlock unless it is the top level."""
+
+    def __init__(self, in_ch: int, out_ch: int, skip_chs: list[int], cfg: UNetConfig, emb_dim: int,
+                 attention: bool, upsample: bool):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.res = nn.ModuleList(
+            ResBlock((in_ch if j == 0 else out_ch) + skip_ch, out_ch, emb_dim, groups, eps)
+            for j, skip_ch in enumerate(skip_chs)
+        )
+        self.attn = (
+            nn.ModuleList(
+                AddedKVAttention(out_ch, cfg.attention_head_dim, cfg.cross_attention_dim, groups)
+                for _ in skip_chs
+            )
+            if attention
+            else None
+        )
+        self.upsample = ResBlock(out_ch, out_ch, emb_dim, groups, eps, resample="up") if upsample else None
+
+    def forward(self, x, emb, tokens, skips: list):
+        for j, res in enumerate(self.res):
+            x = res(torch.cat([x, skips.pop()], dim=1), emb)
+            if self.attn is not None:
+                x = self.attn[j](x, tokens)
+        if self.upsample is not None:
+            x = self.upsample(x, emb)  # (B, C, 2h, 2w)
+        return x
+
+
+class UNet(nn.Module):
+    """Kandinsky 2.2 decoder UNet. Call as ``unet(sample, timestep, image_embeds, hint=None)``.
+
+    sample:       (B, in_channels, h, w) latents (for "image_hint": in_channels - 4 channels),
+                  h and w multiples of 8
+    timestep:     int / float / 0-d tensor, or a (B,) tensor
+    image_embeds: (B, encoder_hid_dim) CLIP image embedding
+    hint:         (B, 3, 8h, 8w) ControlNet hint image; required iff addition_embed_type is
+                  "image_hint", refused otherwise
+    returns       (B, out_channels, h, w)
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        C, L = config.block_out_channels, config.layers_per_block
+        emb_dim = 4 * C[0]
+
+        self.time_embed = TimestepEmbedding(C[0], emb_dim)
+        self.image_embed = ImageEmbedding(config.encoder_hid_dim, emb_dim)
+        self.image_tokens = ImageTokens(config.encoder_hid_dim, config.cross_attention_dim)
+        self.hint_encoder = HintEncoder() if config.addition_embed_type == "image_hint" else None
+
+        self.conv_in = nn.Conv2d(config.in_channels, C[0], 3, padding=1)
+        last = NUM_LEVELS - 1
+        self.down = nn.ModuleList(
+            DownLevel(C[max(i - 1, 0)], C[i], config, emb_dim, attention=i > 0, downsample=i < last)
+            for i in range(NUM_LEVELS)
+        )
+        self.mid = MidBlock(C[last], config, emb_dim)
+        # Channels of the skip tensors in the order the decoder pops them.
+        skip_chs = [C[0]] + [C[i] for i in range(NUM_LEVELS) for _ in range(L + (i < last))]
+        skip_chs = skip_chs[::-1]
+        up = []
+        for i in range(NUM_LEVELS):
+            level = last - i  # resolution level, bottom first
+            up.append(UpLevel(C[min(level + 1, last)], C[level], skip_chs[i * (L + 1) : (i + 1) * (L + 1)],
+                              config, emb_dim, attention=level > 0, upsample=level > 0))
+        self.up = nn.ModuleList(up)
+        self.norm_out = nn.GroupNorm(config.norm_num_groups, C[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(C[0], config.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def check_inputs(self, sample, image_embeds, hint) -> None:
+        cfg = self.config
+        if sample.ndim != 4 or sample.shape[1] != cfg.sample_channels:
+            extra = " (+4 hint channels added inside)" if cfg.addition_embed_type == "image_hint" else ""
+            raise ValueError(
+                f"sample must be (B, {cfg.sample_channels}, h, w){extra} for this UNet "
+                f"(in_channels={cfg.in_channels}), got {tuple(sample.shape)}"
+            )
+        B, _, h, w = sample.shape
+        factor = 2 ** (NUM_LEVELS - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"sample height and width must be multiples of {factor}, got {h}x{w}")
+        if image_embeds.shape != (B, cfg.encoder_hid_dim):
+            raise ValueError(
+                f"image_embeds must be (B, encoder_hid_dim) = ({B}, {cfg.encoder_hid_dim}), "
+                f"got {tuple(image_embeds.shape)}"
+            )
+        if cfg.addition_embed_type == "image_hint":
+            if hint is None:
+                raise ValueError("this ControlNet UNet (addition_embed_type 'image_hint') needs a `hint` image")
+            if tuple(hint.shape) != (B, 3, 8 * h, 8 * w):
+                raise ValueError(f"hint must be (B, 3, 8h, 8w) = ({B}, 3, {8 * h}, {8 * w}), got {tuple(hint.shape)}")
+        elif hint is not None:
+            raise ValueError(
+                "`hint` was given but this UNet has no hint encoder (addition_embed_type "
+                f"{cfg.addition_embed_type!r}); use the ControlNet-depth checkpoint"
+            )
+
+    def forward(self, sample: torch.Tensor, timestep, image_embeds: torch.Tensor,
+                hint: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(sample, image_embeds, hint)
+        image_embeds = image_embeds.to(sample.dtype)
+        t = timestep_embedding(timestep, sample.shape[0], self.config.block_out_channels[0], sample.device)
+        emb = self.time_embed(t.to(sample.dtype)) + self.image_embed(image_embeds)  # (B, 4*C0)
+        tokens = self.image_tokens(image_embeds)  # (B, 32, cross_attention_dim)
+        if self.hint_encoder is not None:
+            sample = torch.cat([sample, self.hint_encoder(hint.to(sample.dtype))], dim=1)  # (B, in_channels, h, w)
+
+        x = self.conv_in(sample)  # (B, C0, h, w)
+        skips = [x]
+        for level in self.down:
+            x = level(x, emb, tokens, skips)  # (B, C3, h/8, w/8) at the bottom
+        x = self.mid(x, emb, tokens)
+        for level in self.up:
+            x = level(x, emb, tokens, skips)  # (B, C0, h, w) at the top
+        return self.conv_out(F.silu(self.norm_out(x)))  # (B, out_channels, h, w)
