@@ -256,9 +256,10 @@ class UNet(nn.Module):
             for i in range(NUM_LEVELS)
         )
         self.mid = MidBlock(C[last], config, emb_dim)
-        # Channels of the skip tensors in the order the decoder pops them.
-        skip_chs = [C[0]] + [C[i] for i in range(NUM_LEVELS) for _ in range(L + (i < last))]
-        skip_chs = skip_chs[::-1]
+        # Channels of the skip tensors as the encoder pushes them (conv_in, then per level its L
+        # ResBlocks and its down-sampler), reversed: the order the decoder pops them, L + 1 per level.
+        pushed = [C[0]] + [C[i] for i in range(NUM_LEVELS) for _ in range(L + (i < last))]
+        skip_chs = pushed[::-1]
         up = []
         for i in range(NUM_LEVELS):
             level = last - i  # resolution level, bottom first
