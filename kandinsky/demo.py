@@ -1,0 +1,244 @@
+"""A tiny RANDOM-WEIGHT Kandinsky 2.2 checkpoint set, built on the fly, for offline demos.
+
+``build_demo_checkpoints(folder)`` writes the four hub repos in their exact layout
+(``prior/`` with text_encoder, image_encoder, tokenizer, scheduler, image_processor;
+``decoder/``, ``decoder-inpaint/``, ``controlnet-depth/`` with unet, movq, scheduler),
+using kandinsky's own models and ``weights_convert.save_component``. The weights are
+random: the pictures are noise. The point is that the whole chain runs, offline, in
+seconds, with the real code paths (tokenizer, configs, file formats, schedulers).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Real scheduler / processor configs of the hub repos (tests/data holds the originals).
+PRIOR_SCHEDULER = {
+    "_class_name": "UnCLIPScheduler",
+    "clip_sample": True,
+    "clip_sample_range": 10.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "sample",
+    "variance_type": "fixed_small_log",
+}
+DECODER_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+}
+EMBED = 32  # CLIP projection = prior embedding = UNet encoder_hid_dim
+IMAGE_SIZE = 32  # the tiny image tower's input (the real one is 224)
+
+TINY = {
+    "text_encoder": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "vocab_size": 514,  # 512 byte tokens + <|startoftext|> + <|endoftext|>
+        "hidden_size": EMBED,
+        "intermediate_size": 64,
+        "projection_dim": EMBED,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "eos_token_id": 2,
+    },
+    "image_encoder": {
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "model_type": "clip_vision_model",
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "projection_dim": EMBED,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_channels": 3,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    },
+    "prior": {
+        "_class_name": "PriorTransformer",
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 2,
+        "embedding_dim": EMBED,
+        "num_embeddings": 77,
+        "additional_embeddings": 4,
+        "dropout": 0.0,
+        "time_embed_act_fn": "silu",
+        "norm_in_type": None,
+        "embedding_proj_norm_type": None,
+        "encoder_hid_proj_type": "linear",
+        "added_emb_type": "prd",
+    },
+    "unet": {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": 4,
+        "out_channels": 8,
+        "block_out_channels": [32, 64, 64, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 16,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 32,
+        "encoder_hid_dim": EMBED,
+        "encoder_hid_dim_type": "image_proj",
+        "addition_embed_type": "image",
+        "down_block_types": [
+            "ResnetDownsampleBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+        ],
+        "up_block_types": [
+            "SimpleCrossAttnUpBlock2D",
+            "SimpleCrossAttnUpBlock2D",
+            "SimpleCrossAttnUpBlock2D",
+            "ResnetUpsampleBlock2D",
+        ],
+        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+        "resnet_time_scale_shift": "scale_shift",
+    },
+    "movq": {
+        "_class_name": "VQModel",
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "vq_embed_dim": 4,
+        "num_vq_embeddings": 64,
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "norm_type": "spatial",
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+    },
+}
+
+DECODER_REPOS = {
+    # folder name: (model_index class, unet overrides)
+    "decoder": ("KandinskyV22Pipeline", {}),
+    "decoder-inpaint": ("KandinskyV22InpaintPipeline", {"in_channels": 9}),
+    "controlnet-depth": ("KandinskyV22ControlnetPipeline", {"in_channels": 8, "addition_embed_type": "image_hint"}),
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters byte-level BPE uses for the 256 byte values."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer folder with a byte-level vocabulary and no merges (514 tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "unk_token": "<|endoftext|>",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "model_max_length": 77,
+                "tokenizer_class": "CLIPTokenizer",
+            },
+            indent=2,
+        )
+    )
+
+
+def _json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@torch.no_grad()
+def _random_component(config: dict, folder: Path, seed: int) -> None:
+    from weights_convert import build_model, save_component
+
+    torch.manual_seed(seed)
+    model = build_model(config)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.state_dict(keep_vars=True).items():
+        if p.is_floating_point():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.05 * noise if (p.ndim == 1 and name.endswith("weight")) else 0.05 * noise)
+    save_component(model, folder, layout="hub")
+
+
+def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write tiny random prior / decoder / decoder-inpaint / controlnet-depth folders under ``root``."""
+    root = Path(root)
+    prior = root / "prior"
+    _random_component(TINY["prior"], prior / "prior", seed)
+    _random_component(TINY["text_encoder"], prior / "text_encoder", seed + 1)
+    _random_component(TINY["image_encoder"], prior / "image_encoder", seed + 2)
+    write_tokenizer(prior / "tokenizer")
+    _json(prior / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
+    _json(
+        prior / "image_processor" / "preprocessor_config.json",
+        {
+            "crop_size": IMAGE_SIZE,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3,
+            "size": IMAGE_SIZE,
+        },
+    )
+    _json(
+        prior / "model_index.json",
+        {
+            "_class_name": "KandinskyV22PriorPipeline",
+            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+            "image_processor": ["transformers", "CLIPImageProcessor"],
+            "prior": ["diffusers", "PriorTransformer"],
+            "scheduler": ["diffusers", "UnCLIPScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+        },
+    )
+    folders = {"prior": prior}
+    for i, (name, (pipeline_class, overrides)) in enumerate(DECODER_REPOS.items()):
+        repo = root / name
+        _random_component({**TINY["unet"], **overrides}, repo / "unet", seed + 10 + i)
+        _random_component(TINY["movq"], repo / "movq", seed + 20)
+        _json(repo / "scheduler" / "scheduler_config.json", DECODER_SCHEDULER)
+        _json(
+            repo / "model_index.json",
+            {
+                "_class_name": pipeline_class,
+                "movq": ["diffusers", "VQModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+            },
+        )
+        (repo / "README.md").write_text(
+            f"---\nprior:\n- {prior}\ntags:\n- random-weights-demo\n---\n"
+            "# RANDOM WEIGHTS: a kandinsky demo checkpoint, not a trained model\n"
+        )
+        folders[name] = repo
+    return folders
