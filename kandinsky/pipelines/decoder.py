@@ -83,6 +83,10 @@ def checkpoint_kind(unet_config, latent_channels: int) -> str:
     )
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 class DecoderPipeline:
     """UNet + MoVQ + scheduler of one Kandinsky 2.2 decoder checkpoint.
 
@@ -391,8 +395,9 @@ class DecoderPipeline:
             return
         right = KIND_OF_TASK[task]
         raise ValueError(
-            f"{task}() needs a {right} checkpoint ({HUB_REPOS[right]}), but {self.source} is a {self.kind} "
-            f"checkpoint ({HUB_REPOS[self.kind]}), which can do: {', '.join(self.tasks)}."
+            f"{task}() needs {_a(right)} checkpoint (like {HUB_REPOS[right]}), but {self.source} is "
+            f"{_a(self.kind)} checkpoint (like {HUB_REPOS[self.kind]}), which can only do: {', '.join(self.tasks)}. "
+            f"Load the {right} checkpoint with DecoderPipeline.from_pretrained to run {task}()."
         )
 
     def _embeddings(self, image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt):

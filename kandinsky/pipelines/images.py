@@ -62,7 +62,7 @@ def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype == np.bool_ or x.dtype.kind not in "uif":
             raise TypeError(f"{what}: numpy array of dtype {x.dtype} is not an image (use uint8 or float).")
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        t = torch.from_numpy(np.array(x))  # a copy: the caller's array may be read-only
         if t.ndim == 2 and hint:
             t = t[..., None]
         if t.ndim == 3:
@@ -165,7 +165,7 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
     if isinstance(m, np.ndarray):
         if m.dtype.kind not in "buif":
             raise TypeError(f"{what}: numpy mask of dtype {m.dtype} is not supported.")
-        t = torch.from_numpy(np.ascontiguousarray(m))
+        t = torch.from_numpy(np.array(m))
     elif isinstance(m, torch.Tensor):
         t = m.detach()
     else:
