@@ -31,13 +31,13 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kandinsky.hub import resolve
 from kandinsky.pipelines.images import (
     ImageOutput,
     check_output_type,
@@ -48,6 +48,8 @@ from kandinsky.pipelines.images import (
     load_masks,
     normalize,
 )
+from kandinsky.schedulers import Scheduler, randn, scheduler_from_config
+from weights_convert import load_component
 
 # What each kind of checkpoint can do, and where it comes from.
 TASKS = {
@@ -121,12 +123,9 @@ class DecoderPipeline:
         from the same config (as the reference's ``DDIMScheduler.from_config``), or a
         ``kandinsky.schedulers.Scheduler`` instance.
         """
-        from kandinsky.hub import resolve
-        from kandinsky.schedulers import Scheduler, scheduler_from_config
-        from weights_convert import load_component
-
         root = resolve(folder, "decoder checkpoint")
-        missing = [sub for sub in ("unet", "movq", "scheduler") if not (root / sub).is_dir()]
+        needed = ("unet", "movq") + (() if isinstance(scheduler, Scheduler) else ("scheduler",))
+        missing = [sub for sub in needed if not (root / sub).is_dir()]
         if missing:
             index = root / "model_index.json"
             name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
@@ -487,8 +486,6 @@ class DecoderPipeline:
         return timesteps[(num_inference_steps - steps) * order:]
 
     def _initial_latents(self, batch, height, width, generator, latents) -> torch.Tensor:
-        from kandinsky.schedulers import randn
-
         shape = self._latent_shape(batch, height, width)
         if latents is None:
             latents = randn(shape, generator, self.device, self.dtype)
@@ -511,8 +508,6 @@ class DecoderPipeline:
 
     def _noised_image_latents(self, image, batch, num_images_per_prompt, height, width, t_start, generator):
         """MoVQ latents of ``image`` (one per embedding), noised to the first timestep."""
-        from kandinsky.schedulers import randn
-
         n = batch // num_images_per_prompt
         images = self._broadcast(load_images(image, height, width, "image"), n, "image")  # (n, 3, H, W)
         latents = self.movq.encode(normalize(images).to(self.device, self.dtype))  # (n, 4, h, w)
