@@ -71,17 +71,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_image(path: str):
+class InputError(ValueError):
+    """A bad command-line input (missing image file, unknown output format)."""
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _open_image(path: str, mode: str = "RGB"):
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise InputError(f"no such image file: {path!r}")
     try:
-        return Image.open(path).convert("RGB")
+        return Image.open(path).convert(mode)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read image {path!r}: {e}") from None
+        raise InputError(f"cannot read image {path!r}: {e}") from None
+
+
+def _read_inputs(args) -> dict:
+    """The task's images, read before any checkpoint is built or loaded (fail fast)."""
+    from PIL import Image
+
+    if Path(args.output).suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"cannot tell the image format of the output {args.output!r}: name it e.g. out.png")
+    if args.task in ("img2img", "inpaint", "variations"):
+        inputs = {"image": _open_image(args.image)}
+        if args.task == "inpaint":
+            inputs["mask"] = _open_image(args.mask, "L")
+        return inputs
+    if args.task == "controlnet":
+        return {"hint": _open_image(args.hint)}
+    if args.task == "interpolate":
+        items, weights = [], []
+        for item, weight in args.mix:
+            if Path(item).is_file() or Path(item).suffix.lower() in IMAGE_SUFFIXES:
+                items.append(_open_image(item))  # an image file (a missing one is an error, not a prompt)
+            else:
+                items.append(item)
+            try:
+                weights.append(float(weight))
+            except ValueError:
+                raise InputError(f"--mix {item!r} {weight!r}: the weight must be a number") from None
+        return {"items": items, "weights": weights}
+    return {}
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        inputs = _read_inputs(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     import torch
 
     from kandinsky.hub import DEFAULT_DECODER, DEFAULT_PRIOR
@@ -118,24 +161,18 @@ def main(argv=None) -> int:
         if args.task == "text2img":
             out = pipe.text2img(args.prompt, negative_prompt=args.negative, **prior_args, **shared)
         elif args.task == "img2img":
-            out = pipe.img2img(args.prompt, _open_image(args.image), negative_prompt=args.negative,
+            out = pipe.img2img(args.prompt, inputs["image"], negative_prompt=args.negative,
                                strength=args.strength, **prior_args, **shared)
         elif args.task == "inpaint":
-            from PIL import Image
-
-            mask = Image.open(args.mask).convert("L")
-            out = pipe.inpaint(args.prompt, _open_image(args.image), mask, negative_prompt=args.negative,
+            out = pipe.inpaint(args.prompt, inputs["image"], inputs["mask"], negative_prompt=args.negative,
                                **prior_args, **shared)
         elif args.task == "variations":
-            out = pipe.variations(_open_image(args.image), num_images_per_prompt=args.num_images, **shared)
+            out = pipe.variations(inputs["image"], num_images_per_prompt=args.num_images, **shared)
         elif args.task == "interpolate":
-            items, weights = [], []
-            for item, weight in args.mix:
-                items.append(_open_image(item) if Path(item).is_file() else item)
-                weights.append(float(weight))
-            out = pipe.interpolate(items, weights, **prior_args, **shared)
+            out = pipe.interpolate(inputs["items"], inputs["weights"], negative_prompt=args.negative or "",
+                                   **prior_args, **shared)
         else:  # controlnet
-            out = pipe.controlnet(args.prompt, _open_image(args.hint), negative_prompt=args.negative,
+            out = pipe.controlnet(args.prompt, inputs["hint"], negative_prompt=args.negative,
                                   **prior_args, **shared)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

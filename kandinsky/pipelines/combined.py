@@ -62,8 +62,9 @@ class Kandinsky:
         return self
 
     # ------------------------------------------------------------------ tasks
-    def _embeds(self, prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
+    def _embeds(self, task, prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
                 prior_guidance_scale, generator, prior_latents, progress):
+        self.decoder._check_task(task)  # a wrong checkpoint fails before the prior runs
         out = self.prior(
             prompt,
             negative_prompt=negative_prompt,
@@ -94,8 +95,9 @@ class Kandinsky:
         callback_on_step_end=None,
         progress: bool = True,
     ):
-        embeds, negative = self._embeds(prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
-                                        prior_guidance_scale, generator, prior_latents, progress)
+        embeds, negative = self._embeds("text2img", prompt, negative_prompt, num_images_per_prompt,
+                                        prior_num_inference_steps, prior_guidance_scale, generator,
+                                        prior_latents, progress)
         return self.decoder.text2img(
             embeds, negative, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generator, latents=latents, output_type=output_type,
@@ -121,8 +123,9 @@ class Kandinsky:
         callback_on_step_end=None,
         progress: bool = True,
     ):
-        embeds, negative = self._embeds(prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
-                                        prior_guidance_scale, generator, prior_latents, progress)
+        embeds, negative = self._embeds("img2img", prompt, negative_prompt, num_images_per_prompt,
+                                        prior_num_inference_steps, prior_guidance_scale, generator,
+                                        prior_latents, progress)
         return self.decoder.img2img(
             embeds, image, negative, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, strength=strength, generator=generator, output_type=output_type,
@@ -150,8 +153,9 @@ class Kandinsky:
         progress: bool = True,
     ):
         """Paint ``prompt`` where ``mask_image`` is white / 1; keep the black / 0 area."""
-        embeds, negative = self._embeds(prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
-                                        prior_guidance_scale, generator, prior_latents, progress)
+        embeds, negative = self._embeds("inpaint", prompt, negative_prompt, num_images_per_prompt,
+                                        prior_num_inference_steps, prior_guidance_scale, generator,
+                                        prior_latents, progress)
         return self.decoder.inpaint(
             embeds, image, mask_image, negative, height=height, width=width,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
@@ -178,8 +182,9 @@ class Kandinsky:
         progress: bool = True,
     ):
         """text2img following a depth ``hint`` (controlnet-depth checkpoint)."""
-        embeds, negative = self._embeds(prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
-                                        prior_guidance_scale, generator, prior_latents, progress)
+        embeds, negative = self._embeds("controlnet", prompt, negative_prompt, num_images_per_prompt,
+                                        prior_num_inference_steps, prior_guidance_scale, generator,
+                                        prior_latents, progress)
         return self.decoder.controlnet(
             embeds, negative, hint, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=generator, latents=latents, output_type=output_type,
@@ -201,7 +206,12 @@ class Kandinsky:
         progress: bool = True,
     ):
         """New pictures of what ``image`` shows: its CLIP image embedding decoded again
-        (no prior), guided away from the embedding of an all-zero image."""
+        (no prior), guided away from the embedding of an all-zero image.
+
+        ``image``: a PIL image or numpy array (CLIP-preprocessed here), a list of them, or a
+        torch tensor of CLIP ``pixel_values`` (already resized and normalised; see
+        ``PriorPipeline.encode_image``; unlike img2img's [0, 1] image tensors)."""
+        self.decoder._check_task("text2img")
         embeds = self.prior.encode_image(image)  # (B, D)
         negative = self.prior.zero_image_embeds(embeds.shape[0]).to(embeds)
         return self.decoder.text2img(
@@ -230,12 +240,14 @@ class Kandinsky:
         callback_on_step_end=None,
         progress: bool = True,
     ):
-        """A picture of the weighted mix of several prompts and images."""
+        """A picture of the weighted mix of several prompts and images (``PriorPipeline.interpolate``;
+        image items as in :meth:`variations`)."""
+        self.decoder._check_task("text2img")
         out = self.prior.interpolate(
             images_and_prompts, weights, num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=prior_num_inference_steps, generator=generator, latents=prior_latents,
             negative_prior_prompt=negative_prior_prompt, negative_prompt=negative_prompt,
-            guidance_scale=prior_guidance_scale,
+            guidance_scale=prior_guidance_scale, progress=progress,
         )
         return self.decoder.text2img(
             out.image_embeds, out.negative_image_embeds, height=height, width=width,
