@@ -333,3 +333,44 @@ def test_legacy_attention_names_load(movq_forms, tmp_path):
     assert any(".proj_attn." in k for k in tensors)
     write_safetensors(tensors, path)
     _assert_same_tensors(load_component(folder), _expected(ref, forms["safetensors"]))
+
+
+# ----------------------------------------------------------------------------- whole repos
+@pytest.mark.parametrize("repo", ["prior_pipeline_folder", "inpaint_pipeline_folder"])
+def test_cli_whole_repo_both_ways_and_pipelines_still_match(repo, request, tmp_path):
+    """A whole tiny hub repo -> kandinsky layout -> hub layout: the reference pipeline loads
+    the result and samples the same numbers; our pipeline runs from the kandinsky layout too."""
+    from kandinsky import DecoderPipeline, PriorPipeline
+
+    folder, ref = request.getfixturevalue(repo)
+    ours_dir, hub_dir = tmp_path / "ours", tmp_path / "hub"
+    assert cli_main([str(folder), str(ours_dir), "--to", "kandinsky"]) == 0
+    assert cli_main([str(ours_dir), str(hub_dir), "--to", "hub"]) == 0
+    components = [p.name for p in folder.iterdir() if (p / "config.json").is_file()]
+    assert components  # unet/movq or prior/text_encoder/image_encoder
+    for name in components:
+        assert (ours_dir / name / "kandinsky.safetensors").is_file(), name
+    back = type(ref).from_pretrained(hub_dir)
+    back.set_progress_bar_config(disable=True)
+
+    def run(pipe_like, ours: bool):
+        g = torch.Generator().manual_seed(3)
+        if repo == "prior_pipeline_folder":
+            if ours:
+                return pipe_like("a cat", num_inference_steps=3, generator=g, progress=False).image_embeds
+            return pipe_like("a cat", num_inference_steps=3, generator=g).image_embeds
+        emb = torch.randn(1, 32, generator=torch.Generator().manual_seed(4))
+        image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+        mask = torch.zeros(64, 64)
+        mask[16:48, 16:48] = 1
+        kw = dict(height=64, width=64, num_inference_steps=2, generator=g, output_type="pt")
+        if ours:
+            return pipe_like.inpaint(emb, image, mask, -emb, progress=False, **kw).images
+        return pipe_like(image_embeds=emb, image=image * 2 - 1, mask_image=mask[None].clone(),
+                         negative_image_embeds=-emb, **kw).images
+
+    with torch.no_grad():
+        expected = run(ref, ours=False)
+        assert_close(run(back, ours=False), expected, 1e-6)
+        cls = PriorPipeline if repo == "prior_pipeline_folder" else DecoderPipeline
+        assert_close(run(cls.from_pretrained(ours_dir), ours=True), expected, 1e-4)
