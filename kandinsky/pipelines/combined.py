@@ -64,7 +64,7 @@ class Kandinsky:
     # ------------------------------------------------------------------ tasks
     def _embeds(self, task, prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
                 prior_guidance_scale, generator, prior_latents, progress):
-        self.decoder._check_task(task)  # a wrong checkpoint fails before the prior runs
+        self.decoder.check_task(task)  # a wrong checkpoint fails before the prior runs
         out = self.prior(
             prompt,
             negative_prompt=negative_prompt,
@@ -211,7 +211,7 @@ class Kandinsky:
         ``image``: a PIL image or numpy array (CLIP-preprocessed here), a list of them, or a
         torch tensor of CLIP ``pixel_values`` (already resized and normalised; see
         ``PriorPipeline.encode_image``; unlike img2img's [0, 1] image tensors)."""
-        self.decoder._check_task("text2img")
+        self.decoder.check_task("text2img")
         embeds = self.prior.encode_image(image)  # (B, D)
         negative = self.prior.zero_image_embeds(embeds.shape[0]).to(embeds)
         return self.decoder.text2img(
@@ -242,7 +242,7 @@ class Kandinsky:
     ):
         """A picture of the weighted mix of several prompts and images (``PriorPipeline.interpolate``;
         image items as in :meth:`variations`)."""
-        self.decoder._check_task("text2img")
+        self.decoder.check_task("text2img")
         out = self.prior.interpolate(
             images_and_prompts, weights, num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=prior_num_inference_steps, generator=generator, latents=prior_latents,

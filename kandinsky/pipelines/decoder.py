@@ -185,7 +185,7 @@ class DecoderPipeline:
         ``callback_on_step_end(step, timestep, latents)`` runs after every step and may
         return replacement latents. Returns ImageOutput (see images.py for the formats).
         """
-        self._check_task("text2img")
+        self.check_task("text2img")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
         height, width = self._image_size(height, width)
@@ -217,7 +217,7 @@ class DecoderPipeline:
         ``strength`` in (0, 1]: the fraction of the ``num_inference_steps`` schedule run
         from the noised image (1 = from pure noise at the first timestep).
         """
-        self._check_task("img2img")
+        self.check_task("img2img")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
         height, width = self._image_size(height, width)
@@ -252,7 +252,7 @@ class DecoderPipeline:
         height x width); give one of each, or one per embedding. The area to repaint grows
         by one latent pixel (8 image pixels), as in the reference.
         """
-        self._check_task("inpaint")
+        self.check_task("inpaint")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
         height, width = self._image_size(height, width)
@@ -299,7 +299,7 @@ class DecoderPipeline:
         one channel is repeated to three; resized to height x width if needed. One hint,
         or one per embedding.
         """
-        self._check_task("controlnet")
+        self.check_task("controlnet")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
         height, width = self._image_size(height, width)
@@ -329,7 +329,7 @@ class DecoderPipeline:
         progress: bool = True,
     ) -> ImageOutput:
         """img2img guided by a ``hint`` image (see :meth:`img2img` and :meth:`controlnet`)."""
-        self._check_task("controlnet_img2img")
+        self.check_task("controlnet_img2img")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
         height, width = self._image_size(height, width)
@@ -389,7 +389,7 @@ class DecoderPipeline:
         return noise
 
     # ------------------------------------------------------------------ inputs
-    def _check_task(self, task: str) -> None:
+    def check_task(self, task: str) -> None:
         if task in self.tasks:
             return
         right = KIND_OF_TASK[task]
