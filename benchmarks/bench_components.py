@@ -416,8 +416,19 @@ def parse_args(argv=None):
     return args
 
 
+def quiet_reference_libraries() -> None:
+    """No progress bars or dtype-cast notices from diffusers / transformers in the report."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_reference_libraries()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     if args.threads:
