@@ -48,3 +48,18 @@ def test_usage_examples_run(tmp_path, monkeypatch):
     # a few of the documented results
     assert len(namespace["seen"]) == 4  # the callback ran once per decoder step
     assert namespace["lat"].shape[1] == 4 and namespace["arr"].shape[-1] == 3
+
+
+@pytest.mark.parametrize("doc", ["architecture.md", "components.md"])
+def test_reference_docs_examples_run(doc, monkeypatch):
+    """docs/architecture.md and docs/components.md build their own tiny models: run them as written."""
+    path = DOC.parent / doc
+    blocks = python_blocks(path.read_text())
+    assert blocks
+    monkeypatch.chdir(DOC.parent.parent)  # they read tests/data configs relative to the repo root
+    namespace: dict = {"__name__": doc}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"docs/{doc} python block {i}", "exec"), namespace)
+        except Exception as e:
+            pytest.fail(f"docs/{doc} python block {i} failed: {e!r}\n---\n{block}")
