@@ -219,3 +219,34 @@ def test_compiles_without_graph_breaks(prior_checkpoint):
     with torch.no_grad():
         for t in (7, torch.tensor(3), torch.tensor([1, 2, 3])):
             assert_close(compiled(hidden, t, proj, text, mask), reference(ref, hidden, t, proj, text, mask))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("short_mask", "attention_mask must be a"),
+        ("no_mask", "attention_mask must be a"),
+        ("hidden_width", "hidden_states"),
+        ("text_len", "encoder_hidden_states"),
+        ("proj_batch", "proj_embedding"),
+        ("timesteps", "timestep must be"),
+    ],
+)
+def test_input_errors_name_the_argument(bad, message):
+    prior = DiffusionPrior(PriorConfig.from_dict(PRIOR_TINY_CONFIG)).eval()
+    hidden, proj, text, mask = prior_inputs(batch=3)
+    t = torch.tensor(10)
+    if bad == "short_mask":
+        mask = mask[:, :74]
+    elif bad == "no_mask":
+        mask = None
+    elif bad == "hidden_width":
+        hidden = torch.randn(3, 8)
+    elif bad == "text_len":
+        text = text[:, :70]
+    elif bad == "proj_batch":
+        proj = proj[:2]
+    else:
+        t = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=message):
+        prior(hidden, t, proj, text, mask)

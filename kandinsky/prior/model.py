@@ -228,6 +228,7 @@ class DiffusionPrior(nn.Module):
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
+        self._check_inputs(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)
         B = hidden_states.shape[0]
         t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(B)  # (B,)
 
@@ -247,6 +248,29 @@ class DiffusionPrior(nn.Module):
 
         x = self.norm_out(x[:, -1])  # (B, C): the prd token
         return self.proj_out(x)  # (B, clip_dim)
+
+    def _check_inputs(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask):
+        """Clear errors for misshapen inputs (shapes only: no data-dependent checks)."""
+        cfg = self.config
+        T = cfg.num_embeddings
+        problems = []
+        if hidden_states.ndim != 2 or hidden_states.shape[1] != cfg.embedding_dim:
+            problems.append(f"hidden_states (noisy image embedding) must be (B, {cfg.embedding_dim}), "
+                            f"got {tuple(hidden_states.shape)}")
+        B = hidden_states.shape[0]
+        if tuple(proj_embedding.shape) != (B, cfg.text_embed_dim):
+            problems.append(f"proj_embedding (CLIP text embedding) must be ({B}, {cfg.text_embed_dim}), "
+                            f"got {tuple(proj_embedding.shape)}")
+        if tuple(encoder_hidden_states.shape) != (B, T, cfg.embedding_dim):
+            problems.append(f"encoder_hidden_states (CLIP last hidden state) must be ({B}, {T}, "
+                            f"{cfg.embedding_dim}), got {tuple(encoder_hidden_states.shape)}")
+        if attention_mask is None or tuple(attention_mask.shape) != (B, T):
+            shape = None if attention_mask is None else tuple(attention_mask.shape)
+            problems.append(f"attention_mask must be a ({B}, {T}) bool tensor (True = real token), got {shape}")
+        if isinstance(timestep, torch.Tensor) and timestep.numel() not in (1, B):
+            problems.append(f"timestep must be a number or hold 1 or {B} values, got shape {tuple(timestep.shape)}")
+        if problems:
+            raise ValueError("DiffusionPrior: " + "; ".join(problems) + ".")
 
     def normalize(self, image_embed: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding -> the prior's normalised space."""
