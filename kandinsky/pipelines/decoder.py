@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -83,6 +86,27 @@ def checkpoint_kind(unet_config, latent_channels: int) -> str:
         f"latent channels (expected {latent_channels}, {2 * latent_channels + 1} for inpainting, or "
         f"{latent_channels + 4} with 'image_hint')."
     )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of warnings.warn that names the user's line: the first frame (seen
+    from the function calling this one) outside kandinsky and torch's no_grad wrapper."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INTERNAL = (str(Path(__file__).resolve().parents[1]) + os.sep, str(Path(torch.utils.__file__).parent / "_contextlib"))
+
+
+def _check_generator(generator, batch: int) -> None:
+    """A list of generators draws one picture each: it needs exactly ``batch`` of them (or one)."""
+    if isinstance(generator, list) and len(generator) not in (1, batch):
+        raise ValueError(
+            f"got a list of {len(generator)} generators for {batch} pictures (image embeddings x "
+            f"num_images_per_prompt): pass one generator, or one per picture."
+        )
 
 
 def _a(word: str) -> str:
@@ -188,6 +212,7 @@ class DecoderPipeline:
         self.check_task("text2img")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
+        _check_generator(generator, batch)
         height, width = self._image_size(height, width)
         timesteps = self._timesteps(num_inference_steps)
         latents = self._initial_latents(batch, height, width, generator, latents)
@@ -220,6 +245,7 @@ class DecoderPipeline:
         self.check_task("img2img")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
+        _check_generator(generator, batch)
         height, width = self._image_size(height, width)
         timesteps = self._img2img_timesteps(num_inference_steps, strength)
         latents = self._noised_image_latents(image, batch, num_images_per_prompt, height, width,
@@ -255,6 +281,7 @@ class DecoderPipeline:
         self.check_task("inpaint")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
+        _check_generator(generator, batch)
         height, width = self._image_size(height, width)
         n = batch // num_images_per_prompt
 
@@ -302,6 +329,7 @@ class DecoderPipeline:
         self.check_task("controlnet")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
+        _check_generator(generator, batch)
         height, width = self._image_size(height, width)
         hint = self._hint(hint, batch, num_images_per_prompt, height, width)
         timesteps = self._timesteps(num_inference_steps)
@@ -332,6 +360,7 @@ class DecoderPipeline:
         self.check_task("controlnet_img2img")
         check_output_type(output_type)
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
+        _check_generator(generator, batch)
         height, width = self._image_size(height, width)
         hint = self._hint(hint, batch, num_images_per_prompt, height, width)
         timesteps = self._img2img_timesteps(num_inference_steps, strength)
@@ -456,7 +485,7 @@ class DecoderPipeline:
             warnings.warn(
                 f"height x width {height} x {width} rounded up to {rounded[0]} x {rounded[1]} (a multiple of "
                 f"{multiple}, as the reference does).",
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
         return rounded
 

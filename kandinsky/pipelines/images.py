@@ -4,11 +4,13 @@ Input conventions (the same for every task):
 
 * ``PIL.Image``: any mode; it is converted to RGB with ``Image.convert("RGB")``,
   which DROPS an alpha channel (transparent pixels keep whatever colour they
-  store) and repeats a grayscale channel.
+  store) and repeats a grayscale channel. High-bit-depth grayscale pictures
+  (modes ``I;16*`` and ``I``, e.g. a 16-bit depth PNG) are read as 0..65535 and
+  mode ``F`` as floats in [0, 1], instead of PIL's conversion, which clips at 255.
 * ``numpy`` arrays: channels last, ``(H, W, 3)`` or ``(B, H, W, 3)``.
 * ``torch`` tensors: channels first, ``(3, H, W)`` or ``(B, 3, H, W)``.
-* Values: ``uint8`` arrays/tensors are read as 0..255; float arrays/tensors must
-  lie in [0, 1] (a [-1, 1] image is refused, not guessed).
+* Values: ``uint8`` arrays/tensors are read as 0..255, ``uint16`` as 0..65535;
+  float arrays/tensors must lie in [0, 1] (a [-1, 1] image is refused, not guessed).
 * Arrays and tensors must have exactly 3 channels: one channel (grayscale) or four
   (RGBA, or latents) are REFUSED with an error saying how to convert, because an
   array does not say what its channels mean. Control hints (depth maps) are the
@@ -17,9 +19,11 @@ Input conventions (the same for every task):
 
 Masks (inpainting): white / 1 = repaint, black / 0 = keep.
 
-* ``PIL.Image`` masks are converted to ``"L"`` and read as 0..255.
+* ``PIL.Image`` masks are converted to ``"L"`` and read as 0..255 (16-bit ones as
+  0..65535, see above).
 * ``numpy`` / ``torch`` masks: ``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``, bool,
-  integer or float, with values in [0, 1] (a 0/255 mask is refused with a hint).
+  integer or float, with values in [0, 1] (a 0/255 mask is refused with a hint);
+  numpy masks may also be channels last, ``(H, W, 1)`` or ``(B, H, W, 1)``.
 * Masks are binarised at 0.5, as in the reference.
 
 Resizing (only where the input size differs from the requested one): PIL images
@@ -38,6 +42,10 @@ import torch
 import torch.nn.functional as F
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Integer image dtypes and their white value.
+_INTEGER_RANGE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+# PIL modes that convert("RGB") / convert("L") would clip at 255: one channel, more than 8 bits.
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 @dataclass
@@ -103,9 +111,9 @@ def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
         raise ValueError(f"{what}: expected 3 channels {layout}; got shape {tuple(x.shape)}.")
 
     if not t.is_floating_point():
-        if t.dtype != torch.uint8:
-            raise TypeError(f"{what}: integer images must be uint8 (0..255), got {t.dtype}.")
-        return t.float() / 255.0
+        if t.dtype not in _INTEGER_RANGE:
+            raise TypeError(f"{what}: integer images must be uint8 (0..255) or uint16 (0..65535), got {t.dtype}.")
+        return t.float() / _INTEGER_RANGE[t.dtype]
     t = t.float()
     lo, hi = t.min().item(), t.max().item()
     if lo < 0 or hi > 1:
@@ -114,6 +122,23 @@ def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
             "For a [-1, 1] image pass (x + 1) / 2; for 0..255 values use uint8 or divide by 255."
         )
     return t
+
+
+def _high_bit_depth(img: PIL.Image.Image, what: str) -> np.ndarray:
+    """A one-channel PIL picture of more than 8 bits -> float32 (H, W) in [0, 1].
+
+    ``I;16*`` and ``I`` (how PIL opens 16-bit PNGs) are read as 0..65535, ``F`` as [0, 1].
+    """
+    x = np.asarray(img).astype(np.float32)
+    if img.mode != "F":
+        x = x / 65535.0
+    if x.size and (x.min() < 0 or x.max() > 1):
+        full = "[0, 1]" if img.mode == "F" else "0..65535"
+        raise ValueError(
+            f"{what}: a PIL image of mode {img.mode!r} must hold values in {full}, got "
+            f"[{x.min():.3g}, {x.max():.3g}]{'' if img.mode == 'F' else ' / 65535'}; rescale it first."
+        )
+    return x
 
 
 def _pil_to_tensor(img: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
@@ -127,7 +152,7 @@ def _input_size(x, mask: bool = False) -> tuple[int, int]:
     """(H, W) of one input item before any resizing."""
     if isinstance(x, PIL.Image.Image):
         return x.height, x.width
-    if isinstance(x, np.ndarray) and not mask and x.ndim >= 3:
+    if isinstance(x, np.ndarray) and x.ndim >= 3 and (not mask or x.shape[-1] == 1):
         return tuple(x.shape[-3:-1])  # channels last
     return tuple(x.shape[-2:])
 
@@ -143,9 +168,11 @@ def load_images(image, height: int, width: int, what: str = "image", hint: bool 
     out = []
     for i, item in enumerate(items):
         name = what if len(items) == 1 else f"{what}[{i}]"
-        if isinstance(item, PIL.Image.Image):
+        if isinstance(item, PIL.Image.Image) and item.mode not in _HIGH_BIT_DEPTH:
             out.append(_pil_to_tensor(item, height, width))
             continue
+        if isinstance(item, PIL.Image.Image):  # grey, > 8 bits: repeated to RGB like PIL's "L"
+            item = np.repeat(_high_bit_depth(item, name)[..., None], 3, axis=-1)  # (H, W, 3)
         t = _array_to_tensor(item, name, hint)  # (b, 3, h, w)
         if t.shape[-2:] != (height, width):
             t = F.interpolate(t, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
@@ -165,6 +192,8 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
     if isinstance(m, np.ndarray):
         if m.dtype.kind not in "buif":
             raise TypeError(f"{what}: numpy mask of dtype {m.dtype} is not supported.")
+        if m.ndim in (3, 4) and m.shape[-1] == 1:  # channels last (H, W, 1) / (B, H, W, 1)
+            m = m[..., 0]
         t = torch.from_numpy(np.array(m))
     elif isinstance(m, torch.Tensor):
         t = m.detach()
@@ -195,6 +224,8 @@ def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch
     out = []
     for i, item in enumerate(items):
         name = what if len(items) == 1 else f"{what}[{i}]"
+        if isinstance(item, PIL.Image.Image) and item.mode in _HIGH_BIT_DEPTH:
+            item = _high_bit_depth(item, name)  # (H, W) in [0, 1]
         if isinstance(item, PIL.Image.Image):
             item = item.convert("L")
             if item.size != (width, height):
@@ -252,8 +283,8 @@ def format_output(decoded: torch.Tensor, output_type: str):
     """MoVQ output (B, 3, H, W) in ~[-1, 1] -> the requested ``output_type``."""
     if output_type == "pt":
         return decoded
-    images = (decoded * 0.5 + 0.5).clamp(0, 1)
-    images = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+    images = (decoded.float() * 0.5 + 0.5).clamp(0, 1)  # in float32 also for half-precision decoders
+    images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
     return images if output_type == "np" else to_pil(images)
 
 
