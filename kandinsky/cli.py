@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -27,47 +28,126 @@ DEMO_REPOS = {"inpaint": "decoder-inpaint", "controlnet": "controlnet-depth"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum (checked before anything is loaded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small (at least {minimum})")
+        return value
+
+    return parse
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+TASKS = {
+    # name: (one-line help, description, examples)
+    "text2img": (
+        "image from a prompt",
+        "Paint a picture of PROMPT: the prior turns the prompt into a CLIP image embedding, the decoder "
+        "paints it.",
+        ['kandinsky text2img "a red cat, 4k photo" -o cat.png',
+         'kandinsky text2img "a red cat" --negative "low quality" --num-images 2 --seed 1 -o cats.png',
+         'kandinsky text2img --demo "a red cat" -o demo.png     (offline, random weights)'],
+    ),
+    "img2img": (
+        "re-paint an image following a prompt",
+        "Re-paint --image following PROMPT: the picture is noised and the last STRENGTH share of the "
+        "decoder's steps denoise it (0.3 keeps much of it, 1.0 keeps almost nothing).",
+        ['kandinsky img2img "a red cat, oil painting" --image cat.png --strength 0.4 -o painted.png'],
+    ),
+    "inpaint": (
+        "paint a prompt into the white area of a mask",
+        "Repaint the white area of --mask in --image following PROMPT; black is kept. Uses the "
+        "decoder-inpaint checkpoint.",
+        ['kandinsky inpaint "a wizard hat" --image cat.png --mask mask.png -o hat.png'],
+    ),
+    "variations": (
+        "variations of an image",
+        "New pictures of what --image shows (its CLIP image embedding decoded again; no prompt).",
+        ["kandinsky variations --image cat.png --num-images 2 -o var.png"],
+    ),
+    "interpolate": (
+        "mix prompts and images",
+        "A picture of the weighted mix of prompts and images (--mix ITEM WEIGHT, repeated; an ITEM that "
+        "is an image file, or ends in an image extension, is an image).",
+        ['kandinsky interpolate --mix "a red cat" 0.3 --mix cat.png 0.4 --mix "a starry night" 0.3 -o mix.png'],
+    ),
+    "controlnet": (
+        "image from a prompt and a depth hint",
+        "Paint PROMPT following the depth map --hint (bright = near). Uses the controlnet-depth "
+        "checkpoint.",
+        ['kandinsky controlnet "a robot in a forest" --hint depth.png -o robot.png'],
+    ),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-o", "--output", default="out.png", help="output PNG (several images: out-0.png, out-1.png, ...)")
     common.add_argument("--prior", help="prior folder or hub id (default: kandinsky-community/kandinsky-2-2-prior)")
     common.add_argument("--decoder", help="decoder folder or hub id (default: the kandinsky-community repo for the task)")
     common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    common.add_argument("--steps", type=int, default=None, help="decoder steps (default 100; demo 20)")
-    common.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
-    common.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4)")
-    common.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4)")
+    common.add_argument("--steps", type=_at_least(1), default=None, help="decoder steps (default 100; demo 20)")
+    common.add_argument("--prior-steps", type=_at_least(2), default=25, help="prior steps, at least 2 (default 25)")
+    common.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4; <= 1: off)")
+    common.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4; <= 1: off)")
     common.add_argument("--negative", default=None, help="negative prompt")
-    common.add_argument("--width", type=int, default=None, help="image width (default 512; demo 256)")
-    common.add_argument("--height", type=int, default=None, help="image height (default 512; demo 256)")
-    common.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    common.add_argument("--width", type=_at_least(64), default=None,
+                        help="image width, a multiple of 64 (others are rounded up; default 512; demo 256)")
+    common.add_argument("--height", type=_at_least(64), default=None,
+                        help="image height, a multiple of 64 (others are rounded up; default 512; demo 256)")
+    common.add_argument("--num-images", type=_at_least(1), default=1, help="images per prompt (default 1)")
+    common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights and compute precision (default fp32; fp16 is for GPUs, slow on a CPU)")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    common.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm", help="decoder sampler")
+    common.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm",
+                        help="decoder sampler (default ddpm, as the checkpoint; ddim needs fewer steps)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--demo", action="store_true",
                         help="build tiny RANDOM-weight checkpoints on the fly and run offline (the image is noise)")
 
-    parser = argparse.ArgumentParser(prog="kandinsky", description="Kandinsky 2.2 image generation.")
+    parser = argparse.ArgumentParser(
+        prog="kandinsky", description="Kandinsky 2.2 image generation. `kandinsky TASK --help` for a task's options.",
+    )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    p = tasks.add_parser("text2img", parents=[common], help="image from a prompt")
-    p.add_argument("prompt")
-    p = tasks.add_parser("img2img", parents=[common], help="re-paint an image following a prompt")
-    p.add_argument("prompt")
-    p.add_argument("--image", required=True)
-    p.add_argument("--strength", type=float, default=0.3)
-    p = tasks.add_parser("inpaint", parents=[common], help="paint a prompt into the white area of a mask")
-    p.add_argument("prompt")
-    p.add_argument("--image", required=True)
-    p.add_argument("--mask", required=True, help="white = repaint, black = keep")
-    p = tasks.add_parser("variations", parents=[common], help="variations of an image")
-    p.add_argument("--image", required=True)
-    p = tasks.add_parser("interpolate", parents=[common], help="mix prompts and images")
-    p.add_argument("--mix", nargs=2, action="append", metavar=("PROMPT_OR_IMAGE", "WEIGHT"), required=True,
-                   help="a prompt or an image file, and its weight (repeat)")
-    p = tasks.add_parser("controlnet", parents=[common], help="image from a prompt and a depth hint")
-    p.add_argument("prompt")
-    p.add_argument("--hint", required=True, help="depth map image")
+    sub = {}
+    for name, (short, description, examples) in TASKS.items():
+        sub[name] = tasks.add_parser(
+            name, parents=[common], help=short, description=textwrap.fill(description, 79),
+            epilog="examples:\n" + "\n".join("  " + e for e in examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    image_help = "input picture (PNG, JPEG, ...)"
+    inputs = {name: parser_.add_argument_group(f"{name} inputs") for name, parser_ in sub.items()}
+    inputs["text2img"].add_argument("prompt", help="what to paint")
+    inputs["img2img"].add_argument("prompt", help="what to paint")
+    inputs["img2img"].add_argument("--image", required=True, help=image_help + ", resized to width x height")
+    inputs["img2img"].add_argument("--strength", type=_strength, default=0.3,
+                                   help="how much to change the picture, in (0, 1] (default 0.3)")
+    inputs["inpaint"].add_argument("prompt", help="what to paint in the masked area")
+    inputs["inpaint"].add_argument("--image", required=True, help=image_help + ", resized to width x height")
+    inputs["inpaint"].add_argument("--mask", required=True,
+                                   help="mask picture of the same size: white = repaint, black = keep")
+    inputs["variations"].add_argument("--image", required=True, help=image_help)
+    inputs["interpolate"].add_argument("--mix", nargs=2, action="append", metavar=("PROMPT_OR_IMAGE", "WEIGHT"),
+                                       required=True, help="a prompt or an image file, and its weight (repeat)")
+    inputs["controlnet"].add_argument("prompt", help="what to paint")
+    inputs["controlnet"].add_argument("--hint", required=True, help="depth map picture (grey, bright = near; "
+                                      "8- or 16-bit), resized to width x height")
     return parser
 
 
@@ -78,13 +158,17 @@ class InputError(ValueError):
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _open_image(path: str, mode: str = "RGB"):
-    from PIL import Image
+def _open_image(path: str):
+    """The picture as stored (any mode: the pipelines convert it as the Python API does),
+    turned upright by its EXIF orientation as image viewers show it."""
+    from PIL import Image, ImageOps
 
     if not Path(path).is_file():
         raise InputError(f"no such image file: {path!r}")
     try:
-        return Image.open(path).convert(mode)
+        image = Image.open(path)
+        image.load()
+        return ImageOps.exif_transpose(image)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read image {path!r}: {e}") from None
 
@@ -98,7 +182,7 @@ def _read_inputs(args) -> dict:
     if args.task in ("img2img", "inpaint", "variations"):
         inputs = {"image": _open_image(args.image)}
         if args.task == "inpaint":
-            inputs["mask"] = _open_image(args.mask, "L")
+            inputs["mask"] = _open_image(args.mask)
         return inputs
     if args.task == "controlnet":
         return {"hint": _open_image(args.hint)}
@@ -117,6 +201,24 @@ def _read_inputs(args) -> dict:
     return {}
 
 
+def _device(name: str | None):
+    """--device as a torch.device; one this machine does not have is an input error."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(device.type)
+    if backend is not None and not backend.is_available():
+        raise InputError(f"--device {name!r}: this machine (or this torch build) has no {device.type} device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name!r}: there are {torch.cuda.device_count()} cuda device(s)")
+    return device
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -130,11 +232,15 @@ def main(argv=None) -> int:
     from kandinsky.hub import DEFAULT_DECODER, DEFAULT_PRIOR
     from kandinsky.pipelines.combined import Kandinsky
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = _device(args.device)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dtype = getattr(torch, DTYPES[args.dtype])
-    steps = args.steps or (20 if args.demo else 100)
-    width = args.width or (256 if args.demo else 512)
-    height = args.height or (256 if args.demo else 512)
+    steps = args.steps if args.steps is not None else (20 if args.demo else 100)
+    width = args.width if args.width is not None else (256 if args.demo else 512)
+    height = args.height if args.height is not None else (256 if args.demo else 512)
 
     tmp = None
     if args.demo:
