@@ -70,10 +70,19 @@ def convert_state_dict(config: dict, state_dict: dict, reverse: bool = False) ->
 
 
 def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
+    folder = Path(folder)
+    path = folder / "config.json"
+    if folder.is_file():
+        raise WeightsError(f"{folder}: is a file; pass the component folder that holds it ({folder.parent}).")
+    if not folder.is_dir():
         raise WeightsError(f"{folder}: no such component folder.")
     if not path.is_file():
+        parts = sorted(p.name + "/" for p in folder.iterdir() if (p / "config.json").is_file())
+        if parts:
+            raise WeightsError(
+                f"{folder}: no config.json; this looks like a whole checkpoint, load one of its "
+                f"component folders: {', '.join(parts)} (e.g. {folder / parts[0]})."
+            )
         raise WeightsError(f"{folder}: no config.json; is this a component folder (unet/, movq/, prior/, ...)?")
     try:
         config = json.loads(path.read_text())
@@ -99,6 +108,7 @@ def load_component(
     ``torch.float16`` / ``torch.bfloat16`` to keep half precision. The model is
     returned in eval mode.
     """
+    check_dtype(dtype)
     folder = Path(path)
     config = read_config(folder)
     comp = component_for(config)
@@ -117,6 +127,15 @@ def load_component(
     }
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def check_dtype(dtype) -> None:
+    """Refuse what ``Tensor.to`` would fail on deep inside (or silently truncate to integers)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.float16, torch.bfloat16) "
+            f"or None, not {dtype!r}."
+        )
 
 
 def check_state_dict(model: nn.Module, state: dict, where) -> None:
@@ -156,6 +175,7 @@ def save_component(
     """
     if layout not in ("hub", "kandinsky"):
         raise ValueError(f"layout must be 'hub' or 'kandinsky', not {layout!r}")
+    check_dtype(dtype)
     comp = component_for_model(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,8 @@ _ST_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -49,18 +51,26 @@ KANDINSKY_STEM = "kandinsky"
 def find_weight_files(folder: Path, stems: tuple[str, ...], variant: str | None = None) -> list[Path]:
     """The weight files of a component folder, in order of preference.
 
-    Preference: plain safetensors, sharded safetensors, the variant's safetensors
-    (``.fp16.``), then the same for ``.bin``. With ``variant="fp16"`` the variant
-    comes first.
+    Full precision first, whatever the format: plain safetensors, sharded safetensors,
+    plain ``.bin``, sharded ``.bin``; then the half-precision variants (``.fp16.`` /
+    ``.bf16.``, single or sharded; diffusers and transformers name a variant's shard
+    index ``<stem>.safetensors.index.fp16.json``), safetensors before ``.bin``. So a
+    folder holding an fp32 ``.bin`` and only an fp16 safetensors loads the unrounded
+    weights. With ``variant="fp16"`` that variant's files come first.
     """
-    candidates: list[tuple[str, str]] = []  # (file name, kind)
-    for ext in ("safetensors", "bin"):
-        plain, variants = [], []
-        for stem in stems:
-            plain += [f"{stem}.{ext}", f"{stem}.{ext}.index.json"]
-            for v in ([variant] if variant else []) + ["fp16", "bf16"]:
-                variants += [f"{stem}.{v}.{ext}", f"{stem}.{ext}.index.{v}.json", f"{stem}.{v}.{ext}.index.json"]
-        candidates += (variants + plain) if variant else (plain + variants)
+    def names(v: str | None) -> list[str]:
+        out = []
+        for ext in ("safetensors", "bin"):
+            for stem in stems:
+                if v is None:
+                    out += [f"{stem}.{ext}", f"{stem}.{ext}.index.json"]
+                else:
+                    out += [f"{stem}.{v}.{ext}", f"{stem}.{ext}.index.{v}.json", f"{stem}.{v}.{ext}.index.json"]
+        return out
+
+    half = [v for v in ("fp16", "bf16") if v != variant]
+    order = ([variant] if variant else []) + [None] + half
+    candidates = [name for v in order for name in names(v)]
     for name in dict.fromkeys(candidates):
         path = folder / name
         if path.is_file():
@@ -110,6 +120,11 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in _ST_DTYPES:
+            raise WeightsError(
+                f"{path}: tensor {name!r} is stored as {info['dtype']}, a dtype kandinsky cannot read "
+                f"(it reads {', '.join(_ST_DTYPES)})."
+            )
         try:
             begin, end = info["data_offsets"]
             dtype = _ST_DTYPES[info["dtype"]]
@@ -127,20 +142,28 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors of a safetensors file (views, no copy where aligned)."""
+    """Memory-mapped tensors of a safetensors file (no copy where aligned).
+
+    Each tensor gets its own storage, a window of the one copy-on-write mapping: saving,
+    pickling or sending one tensor to another process carries its own bytes, not the
+    whole file's.
+    """
     header, data_start = read_safetensors_header(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
-    buf = torch.frombuffer(mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype = _ST_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
-        raw = buf[data_start + begin : data_start + end]
-        if (data_start + begin) % dtype.itemsize:
+        start, nbytes = data_start + begin, end - begin
+        if nbytes == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start)
+        if start % dtype.itemsize:
             raw = raw.clone()  # misaligned for this dtype: the one case that copies
         out[name] = raw.view(dtype).view(info["shape"])
     return out

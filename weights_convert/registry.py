@@ -29,7 +29,13 @@ def class_name(config: dict) -> str:
     arch = config.get("architectures") or []
     if arch:
         return arch[0]
-    raise ConfigError("config has neither `_class_name` (diffusers) nor `architectures` (transformers)")
+    hint = f" (its model_type is {config['model_type']!r})" if "model_type" in config else ""
+    raise ConfigError(
+        "config has neither `_class_name` (diffusers) nor `architectures` (transformers), so the model "
+        f"class is unknown{hint}; add the class, e.g. \"architectures\": [\"CLIPTextModelWithProjection\"] "
+        "or \"_class_name\": \"UNet2DConditionModel\" (kandinsky builds "
+        f"{', '.join(sorted(_MODULES))})."
+    )
 
 
 def component_for(config: dict) -> ModuleType:

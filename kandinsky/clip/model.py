@@ -51,10 +51,15 @@ class CLIPTextConfig(ComponentConfig):
     """``text_encoder/config.json`` of a CLIPTextModelWithProjection."""
 
     CLASS_NAME: ClassVar[str] = "CLIPTextModelWithProjection"
-    FIXED: ClassVar[dict] = {"architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model"}
+    # attention_dropout: the reference drops attention weights in train mode; we implement none
+    FIXED: ClassVar[dict] = {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "attention_dropout": 0.0,
+    }
     # bos/pad ids are the tokenizer's business (no padding_idx in the embedding);
-    # dropout does nothing at inference.
-    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id", "attention_dropout", "dropout"})
+    # `dropout` is read by no CLIP layer of the reference.
+    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id", "dropout"})
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -84,8 +89,12 @@ class CLIPVisionConfig(ComponentConfig):
     """``image_encoder/config.json`` of a CLIPVisionModelWithProjection."""
 
     CLASS_NAME: ClassVar[str] = "CLIPVisionModelWithProjection"
-    FIXED: ClassVar[dict] = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model"}
-    IGNORED: ClassVar[frozenset] = frozenset({"attention_dropout", "dropout"})
+    FIXED: ClassVar[dict] = {
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "model_type": "clip_vision_model",
+        "attention_dropout": 0.0,
+    }
+    IGNORED: ClassVar[frozenset] = frozenset({"dropout"})
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -208,9 +217,8 @@ class TextEncoder(nn.Module):
         Without a mask every token sees itself and the tokens before it (causal);
         with one, padded positions are also hidden from every query.
         """
+        self._check_inputs(input_ids, attention_mask)
         B, L = input_ids.shape
-        if L > self.config.max_position_embeddings:
-            raise ValueError(f"{L} tokens, but the text encoder has {self.config.max_position_embeddings} positions.")
         x = self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, width)
         mask = None if attention_mask is None else causal_padding_mask(attention_mask, L)  # (B, 1, L, L)
         for block in self.blocks:
@@ -218,6 +226,31 @@ class TextEncoder(nn.Module):
         x = self.final_norm(x)
         pooled = x[torch.arange(B, device=x.device), self.end_of_text(input_ids)]  # (B, width)
         return TextEncoderOutput(text_embeds=self.text_projection(pooled), last_hidden_state=x)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.token_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    def _check_inputs(self, input_ids, attention_mask) -> None:
+        """Clear errors for wrong types, shapes and devices (token ids are not range-checked:
+        that would read the data; an id >= vocab_size fails in the embedding)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be an integer tensor of token ids (kandinsky.clip.Tokenizer), got {got}.")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{input_ids.shape[1]} tokens, but the text encoder has {self.config.max_position_embeddings} positions."
+            )
+        for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if x is not None and x.device != self.device:
+                raise ValueError(f"{name} is on {x.device} but the text encoder is on {self.device}; "
+                                 f"pass {name}.to(text_encoder.device).")
 
     def end_of_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,) index of the token whose state is pooled (transformers' rule)."""
@@ -256,11 +289,9 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (B, C, image_size, image_size), normalised -> image embeddings (B, projection_dim)."""
-        B, _, H, W = pixel_values.shape
-        size = self.config.image_size
-        if (H, W) != (size, size):
-            raise ValueError(f"the image encoder takes {size}x{size} images, got {H}x{W}.")
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, width, H/P, W/P)
+        self._check_inputs(pixel_values)
+        B = pixel_values.shape[0]
+        x = self.patch_embedding(pixel_values.to(self.dtype))  # (B, width, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, N, width)
         cls = self.class_embedding.expand(B, 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, N+1, width)
@@ -269,3 +300,32 @@ class ImageEncoder(nn.Module):
             x = block(x)
         pooled = self.post_norm(x[:, 0])  # (B, width): the class token
         return self.visual_projection(pooled)  # (B, projection_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def _check_inputs(self, pixel_values) -> None:
+        """Clear errors for wrong types, shapes and devices. Floating pixels of another dtype are
+        cast to the weights' (as transformers does); integer pixels are refused: they are raw
+        images that need ImagePreprocessor (resize, crop, CLIP mean / std)."""
+        cfg = self.config
+        shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise TypeError(
+                f"pixel_values must be a float tensor of CLIP-normalised pixels, got {got}; "
+                "make it from images with kandinsky.clip.ImagePreprocessor."
+            )
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != shape:
+            raise ValueError(
+                f"the image encoder takes pixel_values of shape (B, {shape[0]}, {shape[1]}, {shape[2]}), got "
+                f"{tuple(pixel_values.shape)}; ImagePreprocessor resizes and crops images to that."
+            )
+        if pixel_values.device != self.device:
+            raise ValueError(f"pixel_values is on {pixel_values.device} but the image encoder is on {self.device}; "
+                             "pass pixel_values.to(image_encoder.device).")

@@ -251,17 +251,20 @@ class EncoderLevel(nn.Module):
         self.res = nn.ModuleList(
             ResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_res)
         )
-        self.attn = nn.ModuleList(
-            AttentionBlock(out_channels, groups) for _ in range(num_res if with_attention else 0)
+        # absent parts are None (no module, no name), as in the UNet
+        self.attn = (
+            nn.ModuleList(AttentionBlock(out_channels, groups) for _ in range(num_res)) if with_attention else None
         )
-        self.downsample = Downsample(out_channels) if with_downsample else nn.Identity()
+        self.downsample = Downsample(out_channels) if with_downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(self.res):
             x = res(x)
-            if self.attn:
+            if self.attn is not None:
                 x = self.attn[j](x)
-        return self.downsample(x)
+        if self.downsample is not None:
+            x = self.downsample(x)  # (B, C, H/2, W/2)
+        return x
 
 
 class EncoderMid(nn.Module):
@@ -346,17 +349,21 @@ class DecoderLevel(nn.Module):
             SpatialResBlock(in_channels if j == 0 else out_channels, out_channels, zq_channels)
             for j in range(num_res)
         )
-        self.attn = nn.ModuleList(
-            SpatialAttentionBlock(out_channels, zq_channels) for _ in range(num_res if with_attention else 0)
+        self.attn = (
+            nn.ModuleList(SpatialAttentionBlock(out_channels, zq_channels) for _ in range(num_res))
+            if with_attention
+            else None
         )
-        self.upsample = Upsample(out_channels) if with_upsample else nn.Identity()
+        self.upsample = Upsample(out_channels) if with_upsample else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(self.res):
             x = res(x, zq)
-            if self.attn:
+            if self.attn is not None:
                 x = self.attn[j](x, zq)
-        return self.upsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)  # (B, C, 2H, 2W)
+        return x
 
 
 class Decoder(nn.Module):
@@ -397,13 +404,34 @@ class MoVQ(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.quant_conv.weight.device
+
     def _check(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
+        """Clear errors for the input mistakes torch would report deep inside a conv (shapes,
+        dtypes and devices only: nothing data-dependent, so it compiles away)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(f"{what} must be (B, {channels}, H, W); got {tuple(x.shape)}")
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(
                 f"{what} height and width must be multiples of {multiple} (the downsampling factor); "
                 f"got {tuple(x.shape[2:])}"
+            )
+        if not x.is_floating_point():
+            fix = " (images in [-1, 1]: convert uint8 ones with x / 127.5 - 1)" if what == "images" else ""
+            raise TypeError(f"{what} must be a floating-point tensor{fix}; got {x.dtype}")
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        if x.device != self.device or (x.dtype != self.dtype and not autocast):
+            raise TypeError(
+                f"{what} are {x.dtype} on {x.device} but the MoVQ weights are {self.dtype} on {self.device}; "
+                f"pass {what}.to(movq.device, movq.dtype)"
             )
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -250,9 +250,13 @@ class DiffusionPrior(nn.Module):
         return self.proj_out(x)  # (B, clip_dim)
 
     def _check_inputs(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask):
-        """Clear errors for misshapen inputs (shapes only: no data-dependent checks)."""
+        """Clear errors for misshapen inputs and wrong dtypes / devices (no data-dependent checks)."""
         cfg = self.config
         T = cfg.num_embeddings
+        for name, x in (("hidden_states", hidden_states), ("proj_embedding", proj_embedding),
+                        ("encoder_hidden_states", encoder_hidden_states)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"DiffusionPrior: {name} must be a torch.Tensor, got {type(x).__name__}.")
         problems = []
         if hidden_states.ndim != 2 or hidden_states.shape[1] != cfg.embedding_dim:
             problems.append(f"hidden_states (noisy image embedding) must be (B, {cfg.embedding_dim}), "
@@ -271,6 +275,26 @@ class DiffusionPrior(nn.Module):
             problems.append(f"timestep must be a number or hold 1 or {B} values, got shape {tuple(timestep.shape)}")
         if problems:
             raise ValueError("DiffusionPrior: " + "; ".join(problems) + ".")
+        # dtypes and devices: the three embeddings must match the weights (torch's own error
+        # names no argument); the mask only has to be on the same device
+        w = self.proj_out.weight
+        autocast = w.device.type != "meta" and torch.is_autocast_enabled(w.device.type)
+        for name, x in (("hidden_states", hidden_states), ("proj_embedding", proj_embedding),
+                        ("encoder_hidden_states", encoder_hidden_states), ("attention_mask", attention_mask)):
+            if x.device != w.device:
+                raise ValueError(f"DiffusionPrior: {name} is on {x.device} but the prior is on {w.device}; "
+                                 f"pass {name}.to(prior.device).")
+            if name != "attention_mask" and x.dtype != w.dtype and not autocast:
+                raise TypeError(f"DiffusionPrior: {name} is {x.dtype} but the prior's weights are {w.dtype}; "
+                                f"pass {name}.to(prior.dtype).")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
 
     def normalize(self, image_embed: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding -> the prior's normalised space."""

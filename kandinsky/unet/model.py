@@ -278,7 +278,23 @@ class UNet(nn.Module):
         return self.conv_in.weight.device
 
     def check_inputs(self, sample, image_embeds, hint) -> None:
+        """Clear errors for the input mistakes torch would report deep inside a layer (shapes,
+        dtypes and devices only: nothing data-dependent, so it compiles away)."""
         cfg = self.config
+        for name, x in (("sample", sample), ("image_embeds", image_embeds), ("hint", hint)):
+            if x is None and name == "hint":
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                fix = " in [0, 1] (convert a uint8 image with x / 255)" if name == "hint" else ""
+                raise TypeError(f"{name} must be a floating-point tensor{fix}, got {x.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"{name} is on {x.device} but the UNet is on {self.device}; pass {name}.to(unet.device)")
+        # image_embeds and hint are cast to the sample's dtype; the sample must match the weights
+        autocast = sample.device.type != "meta" and torch.is_autocast_enabled(sample.device.type)
+        if sample.dtype != self.dtype and not autocast:
+            raise TypeError(f"sample is {sample.dtype} but the UNet weights are {self.dtype}; pass sample.to(unet.dtype)")
         if sample.ndim != 4 or sample.shape[1] != cfg.sample_channels:
             extra = " (+4 hint channels added inside)" if cfg.addition_embed_type == "image_hint" else ""
             raise ValueError(
