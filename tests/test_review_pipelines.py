@@ -464,3 +464,112 @@ def test_uint8_0_255_mask_refused_with_hint(inpainter):
     with pytest.raises(ValueError, match="0/255 mask divide by 255"):
         ours.inpaint(e, rgb(0), (repaint_mask(0) * 255).astype(np.uint8), n, **SIZE, num_inference_steps=1,
                      progress=False)
+
+
+# --------------------------------------------------------------------------- bfloat16
+BF16_TOL = 0.08  # measured 0.03-0.04 on these checkpoints; a real bug gives O(1)
+
+
+def test_bfloat16_chain_and_to(prior_pipeline_folder, decoder_pipeline_folder):
+    """The whole chain loaded in bf16 runs on the CPU and stays close to the fp32 reference;
+    ``.to(dtype=bf16)`` on an fp32 pipeline gives exactly the bf16-loaded result."""
+    from diffusers import KandinskyV22CombinedPipeline
+
+    from kandinsky.pipelines.combined import Kandinsky
+
+    (prior_folder, prior_ref), (decoder_folder, decoder_ref) = prior_pipeline_folder, decoder_pipeline_folder
+    ref = quiet(KandinskyV22CombinedPipeline(
+        unet=decoder_ref.unet, scheduler=decoder_ref.scheduler, movq=decoder_ref.movq,
+        prior_prior=prior_ref.prior, prior_image_encoder=prior_ref.image_encoder,
+        prior_text_encoder=prior_ref.text_encoder, prior_tokenizer=prior_ref.tokenizer,
+        prior_scheduler=prior_ref.scheduler, prior_image_processor=prior_ref.image_processor,
+    ))
+    kw = dict(negative_prompt="a dog", **SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+    half = Kandinsky.from_pretrained(decoder_folder, prior=prior_folder, dtype=torch.bfloat16)
+    assert half.prior.dtype == half.decoder.dtype == torch.bfloat16
+    got = half.text2img("a red cat", generator=gen(26), output_type="pt", progress=False, **kw).images
+    assert got.dtype == torch.bfloat16
+    exp = ref("a red cat", generator=gen(26), output_type="pt", **kw).images
+    assert rel_err(got.float(), exp) < BF16_TOL
+    arr = half.text2img("a red cat", generator=gen(26), output_type="np", progress=False, **kw).images
+    assert arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+
+    moved = Kandinsky.from_pretrained(decoder_folder, prior=prior_folder).to(dtype=torch.bfloat16)
+    assert moved.prior.dtype == moved.decoder.dtype == torch.bfloat16
+    again = moved.text2img("a red cat", generator=gen(26), output_type="pt", progress=False, **kw).images
+    assert torch.equal(again, got)
+
+
+def test_bfloat16_decoder_tasks(inpainter, controlnet, inpaint_pipeline_folder, controlnet_pipeline_folder):
+    e, n = embeds(1, seed=27)
+    image, mask = rgb(27), repaint_mask(27)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
+    half = DecoderPipeline.from_pretrained(inpaint_pipeline_folder[0], dtype=torch.bfloat16)
+    got = half.inpaint(e, image, mask, n, generator=gen(27), output_type="pt", progress=False, **kw).images
+    exp = inpainter[1](image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n,
+                       generator=gen(27), output_type="pt", **kw).images
+    assert rel_err(got.float(), exp) < BF16_TOL
+
+    hint = torch.rand(1, 3, 64, 64, generator=gen(28))
+    half = DecoderPipeline.from_pretrained(controlnet_pipeline_folder[0], dtype=torch.bfloat16)
+    got = half.controlnet(e, n, hint, generator=gen(28), output_type="pt", progress=False, **kw).images
+    exp = controlnet[1](image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(28), output_type="pt",
+                        **kw).images
+    assert rel_err(got.float(), exp) < BF16_TOL
+    ref = img2img_ref(controlnet[1], "KandinskyV22ControlnetImg2ImgPipeline")
+    got = half.controlnet_img2img(e, image, n, hint, strength=0.5, generator=gen(29), output_type="np",
+                                  progress=False, **{**kw, "num_inference_steps": 4}).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, strength=0.5, generator=gen(29),
+              output_type="np", **{**kw, "num_inference_steps": 4}).images
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < BF16_TOL
+
+
+# --------------------------------------------------------------------------- one picture per prompt
+def test_one_picture_per_prompt_with_several_images_per_prompt(prior_pipeline_folder, decoder_pipeline_folder,
+                                                              controlnet_pipeline_folder):
+    """Kandinsky with B prompts, B pictures (or hints) and num_images_per_prompt = n: each picture
+    serves its prompt's n images, as the reference prior and decoder chained by hand with every
+    picture repeated n times (the reference's combined pipeline fails on this)."""
+    from kandinsky.pipelines.combined import Kandinsky
+
+    prior_folder, prior_ref = prior_pipeline_folder
+    prompts, pictures = ["a red cat", "a blue dog"], [rgb(30), rgb(31)]
+    kw = dict(**SIZE, num_inference_steps=2, num_images_per_prompt=2)
+
+    folder, ref = decoder_pipeline_folder
+    ref = img2img_ref(ref)
+    ours = Kandinsky.from_pretrained(folder, prior=prior_folder)
+    got = ours.img2img(prompts, pictures, strength=1.0, prior_num_inference_steps=2, generator=gen(32),
+                       output_type="latent", progress=False, **kw).images
+    g = gen(32)
+    e, n = prior_ref(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=g, return_dict=False)
+    repeated = [pictures[0], pictures[0], pictures[1], pictures[1]]
+    exp = ref(image_embeds=e, image=repeated, negative_image_embeds=n, strength=1.0, generator=g,
+              output_type="latent", **SIZE, num_inference_steps=2).images
+    assert got.shape == (4, 4, 8, 8)
+    assert rel_err(got, exp) < TOL
+
+    folder, ref = controlnet_pipeline_folder
+    ours = Kandinsky.from_pretrained(folder, prior=prior_folder)
+    hints = torch.rand(2, 3, 64, 64, generator=gen(33))
+    got = ours.controlnet(prompts, hints, prior_num_inference_steps=2, generator=gen(34), output_type="pt",
+                          progress=False, **kw).images
+    g = gen(34)
+    e, n = prior_ref(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=g, return_dict=False)
+    exp = ref(image_embeds=e, negative_image_embeds=n, hint=hints.repeat_interleave(2, dim=0), generator=g,
+              output_type="pt", **SIZE, num_inference_steps=2).images
+    assert rel_err(got, exp) < TOL
+
+
+def test_inpaint_one_picture_per_prompt(inpainter):
+    """Two pictures and masks for four embeddings (two prompts x 2): each pair serves two."""
+    ours, _ = inpainter
+    e, n = embeds(4, seed=35)
+    pictures, masks = [rgb(35), rgb(36)], [repaint_mask(35), repaint_mask(36)[::-1].copy()]
+    kw = dict(**SIZE, num_inference_steps=2, output_type="latent", progress=False)
+    got = ours.inpaint(e, pictures, masks, n, generator=gen(37), **kw).images
+    exp = ours.inpaint(e, [pictures[0]] * 2 + [pictures[1]] * 2, [masks[0]] * 2 + [masks[1]] * 2, n,
+                       generator=gen(37), **kw).images
+    assert torch.equal(got, exp)
+    with pytest.raises(ValueError, match="3 images for 4 image embeddings"):
+        ours.inpaint(e, pictures + [rgb(38)], masks[0], n, **kw)

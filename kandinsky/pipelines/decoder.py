@@ -237,7 +237,7 @@ class DecoderPipeline:
         callback_on_step_end: StepCallback | None = None,
         progress: bool = True,
     ) -> ImageOutput:
-        """Re-imagine ``image`` (one, or one per embedding; resized to height x width).
+        """Re-imagine ``image`` (one, one per embedding or one per prompt; resized to height x width).
 
         ``strength`` in (0, 1]: the fraction of the ``num_inference_steps`` schedule run
         from the noised image (1 = from pure noise at the first timestep).
@@ -275,8 +275,8 @@ class DecoderPipeline:
         """Repaint the white / 1 area of ``mask_image`` in ``image``; black / 0 is kept.
 
         ``image`` and ``mask_image`` must have the same size (they are resized to
-        height x width); give one of each, or one per embedding. The area to repaint grows
-        by one latent pixel (8 image pixels), as in the reference.
+        height x width); give one of each, one per embedding or one per prompt. The area to
+        repaint grows by one latent pixel (8 image pixels), as in the reference.
         """
         self.check_task("inpaint")
         check_output_type(output_type)
@@ -324,7 +324,7 @@ class DecoderPipeline:
 
         ``hint``: (B, 3, H, W) or (3, H, W) tensor in [0, 1], a PIL image or numpy array;
         one channel is repeated to three; resized to height x width if needed. One hint,
-        or one per embedding.
+        one per embedding or one per prompt.
         """
         self.check_task("controlnet")
         check_output_type(output_type)
@@ -528,12 +528,18 @@ class DecoderPipeline:
 
     @staticmethod
     def _broadcast(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
-        """One item for every prompt, or exactly one per prompt."""
-        if x.shape[0] == n:
+        """k items for n embeddings, k dividing n: item i serves the i-th group of n / k
+        consecutive embeddings (k = 1: one for all; k = n: one each; k = number of prompts:
+        one per prompt, as PriorPipeline orders its embeddings prompt by prompt)."""
+        k = x.shape[0]
+        if k == n:
             return x
-        if x.shape[0] == 1:
-            return x.expand(n, *x.shape[1:])
-        raise ValueError(f"got {x.shape[0]} {name}s for {n} image embedding(s): pass one, or one per embedding.")
+        if n % k == 0:
+            return x.repeat_interleave(n // k, dim=0)  # (n, ...)
+        raise ValueError(
+            f"got {k} {name}s for {n} image embeddings: pass one, one per embedding, or one per prompt "
+            f"(a number that divides {n}; each then serves {n} / k consecutive embeddings)."
+        )
 
     def _noised_image_latents(self, image, batch, num_images_per_prompt, height, width, t_start, generator):
         """MoVQ latents of ``image`` (one per embedding), noised to the first timestep."""
