@@ -530,3 +530,58 @@ def test_module_tree_is_the_documented_one(models):
             for (n, t), (_, allowed) in zip(present, expected):
                 assert t in allowed, f"{path}.{n}: {t} not in documented {allowed}"
     assert seen == set(doc), f"documented but never built: {set(doc) - seen}"
+
+
+# ============================================================================ memory format
+@pytest.mark.parametrize("name", ["unet", "movq"])
+def test_channels_last_matches_reference(tiny, name):
+    """``model.to(memory_format=torch.channels_last)`` (the documented fix for slow NCHW half
+    convolutions on CPU) computes the same numbers, with channels-last inputs or not."""
+    ref, folder = tiny[name]
+    ours = load_component(folder).to(memory_format=torch.channels_last)
+    assert ours.conv_out.weight.is_contiguous(memory_format=torch.channels_last) if name == "unet" else \
+        ours.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    x = _inputs(seed=3)
+    cl = {k: v.to(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.ndim == 4 else v
+          for k, v in x.items()}
+    with torch.no_grad():
+        want = _run(name, ref, x, ours=False)
+        assert_close(_run(name, ours, cl, ours=True), want)
+        assert_close(_run(name, ours, x, ours=True), want)
+
+
+# ============================================================================ configs
+@pytest.mark.parametrize("config", [TINY_TEXT_CONFIG, TINY_VISION_CONFIG])
+def test_clip_attention_dropout_is_refused(config):
+    """The reference drops attention weights in train mode when attention_dropout > 0; we
+    implement no dropout, so such a config is refused instead of silently trained without."""
+    assert build_model(dict(config, attention_dropout=0.0, dropout=0.3))  # `dropout`: read by no CLIP layer
+    with pytest.raises(ConfigError, match=r"attention_dropout=0.1.*0.0"):
+        build_model(dict(config, attention_dropout=0.1))
+
+
+def test_config_without_class_names_the_fix():
+    config = {k: v for k, v in TINY_TEXT_CONFIG.items() if k != "architectures"}
+    with pytest.raises(ConfigError, match=r"'clip_text_model'.*add the class.*CLIPTextModelWithProjection"):
+        build_model(config)
+
+
+def test_gradient_checkpointing_the_pure_blocks_keeps_gradients(tiny):
+    """docs/architecture.md (fine-tuning): checkpointing ResBlocks / attention blocks changes
+    no gradient (compared with the reference's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from kandinsky.unet.blocks import AddedKVAttention, ResBlock
+
+    ref, folder = tiny["unet"]
+    ours = load_component(folder).train().requires_grad_(True)
+    for module in ours.modules():
+        if isinstance(module, (ResBlock, AddedKVAttention)):
+            module.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(module.forward)
+    ref = copy.deepcopy(ref).train().requires_grad_(True)
+    x = _inputs(seed=4)
+    _run("unet", ours, x, ours=True).square().mean().backward()
+    _run("unet", ref, x, ours=False).square().mean().backward()
+    ref_grads = convert_state_dict(read_config(folder), {k: p.grad for k, p in ref.named_parameters()})
+    for k in ("down.1.res.0.conv1.weight", "up.0.attn.0.to_q.weight", "time_embed.linear_1.weight"):
+        assert rel_err(ours.get_parameter(k).grad, ref_grads[k]) < 1e-4, k
