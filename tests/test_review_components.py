@@ -585,3 +585,22 @@ def test_gradient_checkpointing_the_pure_blocks_keeps_gradients(tiny):
     ref_grads = convert_state_dict(read_config(folder), {k: p.grad for k, p in ref.named_parameters()})
     for k in ("down.1.res.0.conv1.weight", "up.0.attn.0.to_q.weight", "time_embed.linear_1.weight"):
         assert rel_err(ours.get_parameter(k).grad, ref_grads[k]) < 1e-4, k
+
+
+def test_dtype_auto_is_transformers_default(text_ref, movq_ref, tmp_path):
+    """``dtype="auto"``: what transformers 5's from_pretrained does by default (the config's
+    dtype, else the stored one), for both libraries' folders; an fp16 file then loads as fp16
+    without a copy (windows of the mapping)."""
+    import transformers
+
+    for name, model in (("fp32", text_ref), ("fp16", copy.deepcopy(text_ref).half())):
+        folder = _saved(model, tmp_path / f"text-{name}")
+        reference = transformers.CLIPTextModelWithProjection.from_pretrained(folder)  # dtype "auto"
+        ours = load_component(folder, dtype="auto")
+        assert ours.dtype == reference.dtype == model.dtype
+        _same_tensors(ours, _expected_state(reference, folder))
+    folder = _saved(copy.deepcopy(movq_ref).half(), tmp_path / "movq-fp16", variant="fp16")
+    ours = load_component(folder, dtype="auto")
+    assert {p.dtype for p in ours.parameters()} == {torch.float16}
+    ptrs = sorted(p.data_ptr() for p in ours.parameters())
+    assert ptrs[-1] - ptrs[0] < (folder / "diffusion_pytorch_model.fp16.safetensors").stat().st_size

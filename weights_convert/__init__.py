@@ -95,7 +95,7 @@ def read_config(folder: str | Path) -> dict:
 
 def load_component(
     path: str | Path,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     variant: str | None = None,
 ) -> nn.Module:
@@ -104,11 +104,12 @@ def load_component(
     Reads config.json, builds the model on the meta device, and assigns the tensors
     of the weights file(s) — safetensors memory-mapped, ``.bin`` with weights_only,
     fp16 variants, sharded ``*.index.json`` — so no second copy of the weights is held.
-    ``dtype=None`` gives float32 (like the reference libraries' default); pass
-    ``torch.float16`` / ``torch.bfloat16`` to keep half precision. The model is
-    returned in eval mode.
+    ``dtype=None`` gives float32 (diffusers' default; every component alike); pass
+    ``torch.float16`` / ``torch.bfloat16`` for half precision, or ``"auto"`` for the dtype
+    the file stores (transformers 5's default: an fp16 file loads as fp16, without a copy).
+    The model is returned in eval mode with ``requires_grad_(False)``.
     """
-    check_dtype(dtype)
+    check_dtype(dtype, auto=True)
     folder = Path(path)
     config = read_config(folder)
     comp = component_for(config)
@@ -121,6 +122,8 @@ def load_component(
     state = raw if ours else convert_state_dict(config, raw)
     where = files[0] if len(files) == 1 else f"{folder} ({len(files)} shards)"
     check_state_dict(model, state, where)
+    if dtype == "auto":
+        dtype = auto_dtype(config, raw)
     dtype = dtype or torch.float32
     state = {
         k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
@@ -129,12 +132,25 @@ def load_component(
     return model.eval().requires_grad_(False)
 
 
-def check_dtype(dtype) -> None:
+def auto_dtype(config: dict, state: dict) -> torch.dtype:
+    """transformers' ``dtype="auto"``: the config's ``dtype`` / ``torch_dtype`` if it names a
+    floating dtype, else the dtype of the first floating tensor stored."""
+    for key in ("dtype", "torch_dtype"):
+        named = getattr(torch, str(config.get(key)), None)
+        if isinstance(named, torch.dtype) and named.is_floating_point:
+            return named
+    return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+
+
+def check_dtype(dtype, auto: bool = False) -> None:
     """Refuse what ``Tensor.to`` would fail on deep inside (or silently truncate to integers)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+    if dtype is None or (auto and dtype == "auto"):
+        return
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        also = ', "auto"' if auto else ""
         raise ValueError(
-            f"dtype must be a floating-point torch.dtype (torch.float32, torch.float16, torch.bfloat16) "
-            f"or None, not {dtype!r}."
+            f"dtype must be a floating-point torch.dtype (torch.float32, torch.float16, torch.bfloat16)"
+            f"{also} or None, not {dtype!r}."
         )
 
 
