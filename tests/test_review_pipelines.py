@@ -573,3 +573,30 @@ def test_inpaint_one_picture_per_prompt(inpainter):
     assert torch.equal(got, exp)
     with pytest.raises(ValueError, match="3 images for 4 image embeddings"):
         ours.inpaint(e, pictures + [rgb(38)], masks[0], n, **kw)
+
+
+# --------------------------------------------------------------------------- argument kinds
+def test_numpy_scalar_arguments(decoder):
+    """Sizes, counts and scales computed with numpy (np.int64, np.float32) work like Python numbers."""
+    ours, ref = decoder
+    ref = img2img_ref(ref)
+    e, n = embeds(1, seed=39)
+    image = rgb(39)
+    got = ours.img2img(e, image, n, height=np.int64(64), width=np.int64(64), num_inference_steps=np.int64(4),
+                       guidance_scale=np.float32(3.0), strength=np.float32(0.5), num_images_per_prompt=np.int64(2),
+                       generator=gen(39), output_type="latent", progress=False).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, **SIZE, num_inference_steps=4, guidance_scale=3.0,
+              strength=0.5, num_images_per_prompt=2, generator=gen(39), output_type="latent").images
+    assert rel_err(got, exp) < TOL
+
+
+def test_diffusers_style_callback_explained(decoder):
+    """A callback written for diffusers ((pipe, step, t, kwargs) -> dict) fails with a message
+    saying what ours expects, not with an AttributeError deep in the loop."""
+    ours, _ = decoder
+    e, n = embeds(1)
+    kw = dict(**SIZE, num_inference_steps=1, progress=False, output_type="latent")
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(step, timestep, latents\)"):
+        ours.text2img(e, n, callback_on_step_end=lambda step, t, latents: {"latents": latents}, **kw)
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(step, timestep, latents\)"):
+        ours.text2img(e, n, callback_on_step_end=lambda pipe, step, t, kwargs: None, **kw)

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -100,6 +102,16 @@ def _caller_stacklevel() -> int:
 _INTERNAL = (str(Path(__file__).resolve().parents[1]) + os.sep, str(Path(torch.utils.__file__).parent / "_contextlib"))
 
 
+def _is_int(value) -> bool:
+    """Python or numpy integers (not bools)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    """Python or numpy real numbers (not bools)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_generator(generator, batch: int) -> None:
     """A list of generators draws one picture each: it needs exactly ``batch`` of them (or one)."""
     if isinstance(generator, list) and len(generator) not in (1, batch):
@@ -107,6 +119,25 @@ def _check_generator(generator, batch: int) -> None:
             f"got a list of {len(generator)} generators for {batch} pictures (image embeddings x "
             f"num_images_per_prompt): pass one generator, or one per picture."
         )
+
+
+_CALLBACK_SIGNATURE = (
+    "callback_on_step_end(step, timestep, latents) must return None or a latents tensor (diffusers' "
+    "(pipe, step, timestep, callback_kwargs) -> dict form is not used here)"
+)
+
+
+def _call_back(callback, step: int, timestep: torch.Tensor, latents: torch.Tensor):
+    """Run the user's step callback; its result: None, or replacement latents."""
+    try:
+        out = callback(step, timestep, latents)
+    except TypeError as e:
+        if e.__traceback__.tb_next is None:  # raised by the call itself: the wrong arguments
+            raise TypeError(f"{_CALLBACK_SIGNATURE}; calling it failed: {e}") from e
+        raise
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"{_CALLBACK_SIGNATURE}; it returned a {type(out).__name__}.")
+    return out
 
 
 def _a(word: str) -> str:
@@ -393,7 +424,7 @@ class DecoderPipeline:
             if inpaint is not None:
                 latents = inpaint.blend(latents, self.scheduler, timesteps, i)
             if callback_on_step_end is not None:
-                replaced = callback_on_step_end(i, t, latents)
+                replaced = _call_back(callback_on_step_end, i, t, latents)
                 if replaced is not None:
                     if replaced.shape != latents.shape:
                         raise ValueError(f"callback_on_step_end returned latents of shape {tuple(replaced.shape)}, "
@@ -430,12 +461,11 @@ class DecoderPipeline:
 
     def _embeddings(self, image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt):
         """-> (embeddings for the UNet: [negative; positive] (2B, D) with guidance, else (B, D); B)."""
-        if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) \
-                or num_images_per_prompt < 1:
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
-        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) \
-                or not math.isfinite(guidance_scale):
+        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}.")
+        num_images_per_prompt, guidance_scale = int(num_images_per_prompt), float(guidance_scale)
         dim = self.unet.config.encoder_hid_dim
         positive = self._embedding_tensor(image_embeds, "image_embeds", dim)
         guided = guidance_scale > 1
@@ -476,10 +506,11 @@ class DecoderPipeline:
         """Round (height, width) up to a multiple of movq_scale_factor**2 (64), warning if changed."""
         multiple = self.movq_scale_factor**2
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not _is_int(value):
                 raise TypeError(f"{name} must be an integer number of pixels, got {value!r}.")
             if value < multiple:
                 raise ValueError(f"{name}={value} is too small: sizes must be at least {multiple} pixels.")
+        height, width = int(height), int(width)
         rounded = (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
         if rounded != (height, width):
             warnings.warn(
@@ -494,17 +525,17 @@ class DecoderPipeline:
         return (batch, self.latent_channels, height // f, width // f)
 
     def _timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) \
-                or num_inference_steps < 1:
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(int(num_inference_steps), device=self.device)
         return self.scheduler.timesteps
 
     def _img2img_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The last ``int(num_inference_steps * strength)`` timesteps of the schedule."""
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
+        if not _is_real(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
         timesteps = self._timesteps(num_inference_steps)
+        num_inference_steps, strength = int(num_inference_steps), float(strength)
         steps = min(int(num_inference_steps * strength), num_inference_steps)
         if steps < 1:
             raise ValueError(
