@@ -419,6 +419,20 @@ def test_image_modes(decoder, controlnet):
         assert rel_err(got, exp) < TOL, mode
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_hint_modes(controlnet, mode):
+    """PIL hints of any mode are converted to RGB: the reference's result for that RGB tensor."""
+    ours, ref = controlnet
+    e, n = embeds(1, seed=22)
+    picture = rgb(22).convert(mode)
+    rgb_hint = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
+    got = ours.controlnet(e, n, picture, generator=gen(23), output_type="pt", progress=False, **kw).images
+    exp = ref(image_embeds=e, negative_image_embeds=n, hint=rgb_hint, generator=gen(23), output_type="pt",
+              **kw).images
+    assert rel_err(got, exp) < TOL
+
+
 def test_sixteen_bit_depth_hint(controlnet, tmp_path):
     """A 16-bit depth PNG (PIL mode I;16) is read as 0..65535, not clipped at 255."""
     ours, ref = controlnet
@@ -435,7 +449,7 @@ def test_sixteen_bit_depth_hint(controlnet, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bool_tensor", "bool_numpy", "uint8_01", "HW1_numpy", "1HW_tensor", "B1HW",
-                                  "pil_1", "pil_rgb"])
+                                  "pil_1", "pil_rgb", "pil_P"])
 def test_mask_kinds(inpainter, kind):
     ours, ref = inpainter
     e, n = embeds(1, seed=21)
@@ -449,6 +463,7 @@ def test_mask_kinds(inpainter, kind):
         "B1HW": torch.from_numpy(mask)[None, None],
         "pil_1": PIL.Image.fromarray(mask > 0.5),
         "pil_rgb": PIL.Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB"),
+        "pil_P": PIL.Image.fromarray((mask * 255).astype(np.uint8)).convert("P"),
     }
     kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
     got = ours.inpaint(e, image, masks[kind], n, generator=gen(25), output_type="latent", progress=False,
