@@ -24,7 +24,9 @@ Deviations from the reference, on purpose: every image of an inpainting batch is
 blended with its own image and mask (the reference blends all with the first);
 img2img / controlnet_img2img resize to (height, width) (the reference swaps them), and
 round sizes like text2img; ``output_type="pt"`` is the raw decoder output for every task
-(the reference's img2img variants map it to [0, 1]); inputs are checked (see images.py).
+(the reference's img2img variants map it to [0, 1]); ``num_images_per_prompt > 1`` works
+without guidance (the reference does not repeat the embeddings then); an image, mask or hint
+may serve a group of consecutive embeddings (one per prompt); inputs are checked (see images.py).
 """
 from __future__ import annotations
 
