@@ -604,3 +604,32 @@ def test_dtype_auto_is_transformers_default(text_ref, movq_ref, tmp_path):
     assert {p.dtype for p in ours.parameters()} == {torch.float16}
     ptrs = sorted(p.data_ptr() for p in ours.parameters())
     assert ptrs[-1] - ptrs[0] < (folder / "diffusion_pytorch_model.fp16.safetensors").stat().st_size
+
+
+def test_every_key_the_reference_configs_write_is_known(tmp_path):
+    """The reference classes' configs with default arguments, written in full (diffusers'
+    save_config; transformers' to_json_string(use_diff=False)): every key is known. Configs that
+    are not Kandinsky's network are refused for a value, never for an unknown key."""
+    import diffusers
+    import transformers
+
+    written = {}
+    for cls in (diffusers.UNet2DConditionModel, diffusers.VQModel, diffusers.PriorTransformer):
+        with torch.device("meta"):
+            cls().save_config(tmp_path / cls.__name__)
+        written[cls.__name__] = json.loads((tmp_path / cls.__name__ / "config.json").read_text())
+    for config_cls, arch in ((transformers.CLIPTextConfig, "CLIPTextModelWithProjection"),
+                             (transformers.CLIPVisionConfig, "CLIPVisionModelWithProjection")):
+        config = config_cls()
+        config.architectures = [arch]
+        written[arch] = json.loads(config.to_json_string(use_diff=False))
+    refused = {}
+    for name, config in written.items():
+        try:
+            with torch.device("meta"):
+                build_model(config)
+        except ConfigError as e:
+            assert "unknown key" not in str(e), str(e)
+            refused[name] = str(e)
+    assert set(refused) == {"UNet2DConditionModel", "VQModel"}  # defaults: SD-style UNet, plain VQ-GAN
+    assert "down_block_types" in refused["UNet2DConditionModel"] and "norm_type='group'" in refused["VQModel"]

@@ -46,6 +46,25 @@ def _check_tower(cfg, source: str) -> None:
         )
 
 
+# Generic keys of transformers' PretrainedConfig that a full config.json may hold (transformers
+# 5 writes the first three with `to_json_file(use_diff=False)`; transformers 4 wrote them all):
+# classification, generation and encoder-decoder settings no CLIP tower reads.
+GENERIC_KEYS = frozenset({
+    "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+    "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "cross_attention_hidden_size",
+    "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+    "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id", "forced_eos_token_id",
+    "is_decoder", "length_penalty", "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups",
+    "num_beams", "num_labels", "num_return_sequences", "output_scores", "prefix", "remove_invalid_values",
+    "repetition_penalty", "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params",
+    "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k",
+    "top_p", "torchscript", "typical_p", "use_bfloat16",
+    # transformers 4 pruned these heads at init; the tensors' shapes then differ from the
+    # config's and load_component refuses them as misshapen (transformers 5 dropped the key)
+    "pruned_heads",
+})
+
+
 @dataclasses.dataclass
 class CLIPTextConfig(ComponentConfig):
     """``text_encoder/config.json`` of a CLIPTextModelWithProjection."""
@@ -59,7 +78,7 @@ class CLIPTextConfig(ComponentConfig):
     }
     # bos/pad ids are the tokenizer's business (no padding_idx in the embedding);
     # `dropout` is read by no CLIP layer of the reference.
-    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id", "dropout"})
+    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id", "dropout"}) | GENERIC_KEYS
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -94,7 +113,7 @@ class CLIPVisionConfig(ComponentConfig):
         "model_type": "clip_vision_model",
         "attention_dropout": 0.0,
     }
-    IGNORED: ClassVar[frozenset] = frozenset({"dropout"})
+    IGNORED: ClassVar[frozenset] = frozenset({"dropout"}) | GENERIC_KEYS
 
     hidden_size: int = 768
     intermediate_size: int = 3072
