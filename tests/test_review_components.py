@@ -423,6 +423,8 @@ INPUT_MISTAKES = {
     "prior 1-d embedding": ("prior", lambda m: m(torch.randn(16), 1, *_prior_args()[2:]), ValueError,
                             r"hidden_states \(noisy image embedding\) must be \(B, 16\)"),
     "prior no mask": ("prior", lambda m: m(*_prior_args()[:4], None), ValueError, "attention_mask must be"),
+    "prior mask list": ("prior", lambda m: m(*_prior_args()[:4], [[True] * 77] * 2), TypeError,
+                        "attention_mask must be a torch.Tensor"),
     "prior numpy": ("prior", lambda m: m(torch.randn(2, 16).numpy(), 1, *_prior_args()[2:]), TypeError,
                     "hidden_states must be a torch.Tensor"),
     # CLIP

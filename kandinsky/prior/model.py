@@ -254,8 +254,8 @@ class DiffusionPrior(nn.Module):
         cfg = self.config
         T = cfg.num_embeddings
         for name, x in (("hidden_states", hidden_states), ("proj_embedding", proj_embedding),
-                        ("encoder_hidden_states", encoder_hidden_states)):
-            if not isinstance(x, torch.Tensor):
+                        ("encoder_hidden_states", encoder_hidden_states), ("attention_mask", attention_mask)):
+            if not isinstance(x, torch.Tensor) and not (name == "attention_mask" and x is None):
                 raise TypeError(f"DiffusionPrior: {name} must be a torch.Tensor, got {type(x).__name__}.")
         problems = []
         if hidden_states.ndim != 2 or hidden_states.shape[1] != cfg.embedding_dim:
