@@ -27,10 +27,10 @@ def resolve(name_or_path: str | Path, what: str = "checkpoint") -> Path:
     if not _REPO_ID.match(text) or text.startswith((".", "/")):
         raise CheckpointNotFound(f"{what} {text!r}: no such folder (and not a hub id like 'org/name').")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.txt", "*.md", "*.safetensors", "*.model"],
-                                      ignore_patterns=["*.fp16.*", "*.bin"]))
+        files = list_repo_files(text)
+        return Path(snapshot_download(text, allow_patterns=files_to_download(files)))
     except Exception as e:  # offline, unknown repo, no huggingface_hub ...
         raise CheckpointNotFound(
             f"{what} {text!r} is not a local folder and could not be downloaded from the hub "
@@ -38,6 +38,32 @@ def resolve(name_or_path: str | Path, what: str = "checkpoint") -> Path:
             f"`huggingface-cli download {text} --local-dir ./{text.split('/')[-1]}`, "
             f"and pass that folder instead."
         ) from None
+
+
+_WEIGHTS = re.compile(r"\.(safetensors|bin)(\.index(\.\w+)?\.json)?$")
+
+
+def _weight_rank(name: str) -> int:
+    """Which weight files of a folder to fetch: the loader's preference order
+    (full-precision safetensors, half-precision safetensors, full .bin, half .bin)."""
+    half = bool(re.search(r"\.(fp16|bf16)[.-]|\.index\.(fp16|bf16)\.json$", name))
+    return (0 if ".safetensors" in name else 2) + half
+
+
+def files_to_download(files: list[str]) -> list[str]:
+    """The files of a hub repo a kandinsky pipeline needs: configs, tokenizer files, the
+    model card, and for each component folder only the weight files it will load (a repo
+    often holds the same weights as .safetensors, .bin and fp16 variants)."""
+    keep, weights = [], {}
+    for name in files:
+        if _WEIGHTS.search(name):
+            weights.setdefault(name.rsplit("/", 1)[0] if "/" in name else "", []).append(name)
+        elif name.endswith((".json", ".txt", ".md", ".model")):
+            keep.append(name)
+    for names in weights.values():
+        best = min(map(_weight_rank, names))
+        keep += [n for n in names if _weight_rank(n) == best]
+    return sorted(keep)
 
 
 def prior_from_model_card(decoder_folder: str | Path) -> str | None:

@@ -35,3 +35,30 @@ def test_prior_from_model_card(tmp_path, front, expected):
 
 def test_no_card(tmp_path):
     assert prior_from_model_card(tmp_path) is None
+
+
+def test_files_to_download_takes_one_weight_form_per_folder():
+    from kandinsky.hub import files_to_download
+
+    repo = [
+        "README.md", "model_index.json", "scheduler/scheduler_config.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "movq/config.json", "movq/diffusion_pytorch_model.bin", "movq/diffusion_pytorch_model.fp16.bin",
+        "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/pytorch_model.bin",
+        "image_encoder/config.json", "image_encoder/model-00001-of-00002.safetensors",
+        "image_encoder/model-00002-of-00002.safetensors", "image_encoder/model.safetensors.index.json",
+        "image_encoder/model.safetensors.index.fp16.json", "image_encoder/model.fp16-00001-of-00001.safetensors",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", ".gitattributes", "sample.png",
+    ]
+    got = files_to_download(repo)
+    assert "unet/diffusion_pytorch_model.safetensors" in got
+    assert not any(n.startswith("unet/") and (n.endswith(".bin") or ".fp16." in n) for n in got)
+    assert "movq/diffusion_pytorch_model.bin" in got and "movq/diffusion_pytorch_model.fp16.bin" not in got
+    assert "text_encoder/model.fp16.safetensors" in got and "text_encoder/pytorch_model.bin" not in got
+    assert {"image_encoder/model-00001-of-00002.safetensors", "image_encoder/model-00002-of-00002.safetensors",
+            "image_encoder/model.safetensors.index.json"} <= set(got)
+    assert "image_encoder/model.safetensors.index.fp16.json" not in got
+    assert "image_encoder/model.fp16-00001-of-00001.safetensors" not in got
+    assert {"README.md", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet/config.json"} <= set(got)
+    assert "sample.png" not in got and ".gitattributes" not in got
