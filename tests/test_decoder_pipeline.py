@@ -39,22 +39,7 @@ def repaint_mask(height: int = 64, width: int = 64, seed: int = 0) -> np.ndarray
     return m
 
 
-@pytest.fixture(scope="module")
-def decoder(decoder_pipeline_folder):
-    folder, ref = decoder_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
-
-
-@pytest.fixture(scope="module")
-def inpainter(inpaint_pipeline_folder):
-    folder, ref = inpaint_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
-
-
-@pytest.fixture(scope="module")
-def controlnet(controlnet_pipeline_folder):
-    folder, ref = controlnet_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
+# fixtures `decoder`, `inpainter`, `controlnet`: (our DecoderPipeline, reference) in tests/refs/decoder_pipeline.py
 
 
 # --------------------------------------------------------------------------- text2img

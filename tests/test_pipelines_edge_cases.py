@@ -55,22 +55,7 @@ def quiet(pipe):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def decoder(decoder_pipeline_folder):
-    folder, ref = decoder_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
-
-
-@pytest.fixture(scope="module")
-def inpainter(inpaint_pipeline_folder):
-    folder, ref = inpaint_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
-
-
-@pytest.fixture(scope="module")
-def controlnet(controlnet_pipeline_folder):
-    folder, ref = controlnet_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
+# fixtures `decoder`, `inpainter`, `controlnet`: (our DecoderPipeline, reference) in tests/refs/decoder_pipeline.py
 
 
 def with_ddim(ref):

@@ -114,3 +114,28 @@ def controlnet_pipeline_folder(tmp_path_factory, _decoder_reference_movq):
     (B, 3, H, W) in [0, 1])."""
     return _saved_pipeline(tmp_path_factory, "KandinskyV22ControlnetPipeline", "controlnet", 22,
                            _decoder_reference_movq, "controlnet_pipeline")
+
+
+# Ours loaded from those folders, paired with the reference: (DecoderPipeline, reference pipeline).
+@pytest.fixture(scope="session")
+def decoder(decoder_pipeline_folder):
+    from kandinsky.pipelines.decoder import DecoderPipeline
+
+    folder, ref = decoder_pipeline_folder
+    return DecoderPipeline.from_pretrained(folder), ref
+
+
+@pytest.fixture(scope="session")
+def inpainter(inpaint_pipeline_folder):
+    from kandinsky.pipelines.decoder import DecoderPipeline
+
+    folder, ref = inpaint_pipeline_folder
+    return DecoderPipeline.from_pretrained(folder), ref
+
+
+@pytest.fixture(scope="session")
+def controlnet(controlnet_pipeline_folder):
+    from kandinsky.pipelines.decoder import DecoderPipeline
+
+    folder, ref = controlnet_pipeline_folder
+    return DecoderPipeline.from_pretrained(folder), ref
