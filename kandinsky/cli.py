@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kandinsky", description="Kandinsky 2.2 image generation. `kandinsky TASK --help` for a task's options.",
+        epilog="other commands (`kandinsky COMMAND --help`):\n"
+        + "\n".join(f"  {name:<11} {help_}" for name, (help_, _) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
     sub = {}
@@ -219,7 +222,27 @@ def _device(name: str | None):
     return device
 
 
+# Commands that live in their own modules, each with ``main(argv) -> int``: `kandinsky NAME ...`
+# runs ``module.main(rest_of_argv)``. (help line, module)
+COMMANDS = {
+    "train": ("train a prior, decoder or inpainting UNet (full or LoRA)", "kandinsky.training.cli"),
+    "train-demo": ("reproduce the shipped tiny demo model from scratch", "kandinsky.data.train_demo"),
+    "eval": ("evaluate the tiny shapes model (accuracy per attribute)", "kandinsky.data.evaluate"),
+    "batch": ("generate many prompts (resumable, torchrun-aware)", "kandinsky.batch"),
+    "inspect": ("module tree, parameter counts and output shapes", "kandinsky.research.inspect"),
+    "attention": ("attention maps as pictures", "kandinsky.research.viz"),
+    "score": ("CLIP similarity of images and prompts", "kandinsky.research.embeddings"),
+    "mix": ("embedding arithmetic and slerp, decoded", "kandinsky.research.embeddings_cli"),
+}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        module = importlib.import_module(COMMANDS[argv[0]][1])
+        return module.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         inputs = _read_inputs(args)

@@ -55,6 +55,7 @@ from kandinsky.pipelines.images import (
     load_masks,
     normalize,
 )
+from kandinsky.sampling.state import BRANCHES_GUIDED, BRANCHES_SINGLE, model_call
 from kandinsky.schedulers import Scheduler, randn, scheduler_from_config
 from weights_convert import load_component
 
@@ -420,7 +421,8 @@ class DecoderPipeline:
             x = torch.cat([latents, latents]) if guided else latents  # (2B or B, 4, h, w)
             if model_input_extra is not None:
                 x = torch.cat([x, model_input_extra], dim=1)  # (., 9, h, w): latents, masked image, keep
-            model_output = self.unet(x, t, embeds, hint=hint)  # (., 8, h, w)
+            with model_call("decoder", i, t, BRANCHES_GUIDED if guided else BRANCHES_SINGLE):
+                model_output = self.unet(x, t, embeds, hint=hint)  # (., 8, h, w)
             noise_pred = self._guide(model_output, guidance_scale)  # (B, 4 or 8, h, w)
             latents = self.scheduler.step(noise_pred, t, latents, generator=generator)
             if inpaint is not None:

@@ -36,6 +36,7 @@ from kandinsky.clip.preprocess import ImagePreprocessor
 from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.config import ConfigError
 from kandinsky.hub import resolve
+from kandinsky.sampling.state import BRANCHES_GUIDED, BRANCHES_SINGLE, model_call
 from kandinsky.schedulers import Scheduler, randn
 from weights_convert import load_component
 
@@ -251,7 +252,8 @@ class PriorPipeline:
         guided = guidance_scale > 1
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="prior")):
             x = torch.cat([latents] * 2) if guided else latents  # (2N or N, D)
-            pred = self.prior(x, t, text_embeds, text_hidden, text_mask)  # predicted x_0
+            with model_call("prior", i, t, BRANCHES_GUIDED if guided else BRANCHES_SINGLE):
+                pred = self.prior(x, t, text_embeds, text_hidden, text_mask)  # predicted x_0
             if guided:
                 pred_uncond, pred_text = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)

@@ -1,0 +1,1 @@
+"""The sampling core: noise schedules, samplers (pure functions), denoisers, step state."""
