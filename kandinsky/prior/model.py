@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -139,12 +140,21 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(dim, n_heads * head_dim)
         self.out = nn.Linear(n_heads * head_dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple | None = None) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C). ``past``: keys and values (B, heads, P, head_dim) of P earlier
+        tokens (the prior's cached prefix) that x's queries also attend to; mask is then (., L, P + L)."""
         B, L, _ = x.shape
         q, k, v = (proj(x).view(B, L, self.n_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, heads, P + L, head_dim)
         y = attention(q, k, v, mask=mask)  # (B, heads, L, head_dim)
         y = y.transpose(1, 2).reshape(B, L, -1)  # (B, L, heads * head_dim)
         return self.out(y)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of x (B, L, C), each (B, heads, L, head_dim): what a prefix cache keeps."""
+        B, L, _ = x.shape
+        return tuple(proj(x).view(B, L, self.n_heads, -1).transpose(1, 2) for proj in (self.k, self.v))
 
 
 class MLP(nn.Module):
@@ -169,8 +179,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, past)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -229,23 +239,56 @@ class DiffusionPrior(nn.Module):
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
         self._check_inputs(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)
-        B = hidden_states.shape[0]
-        t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(B)  # (B,)
-
-        text_hidden = self.text_hidden_proj(encoder_hidden_states)  # (B, 77, C)
-        text_embed = self.text_embed_proj(proj_embedding)  # (B, C)
-        time_embed = self.time_embed(t)  # (B, C)
-        image_embed = self.image_embed_proj(hidden_states)  # (B, C)
-        prd = self.prd_token.expand(B, -1, -1)  # (B, 1, C)
-        x = torch.cat(
-            [text_hidden, text_embed[:, None], time_embed[:, None], image_embed[:, None], prd], dim=1
-        )  # (B, 81, C)
-        x = x + self.positional_embedding
-
+        prefix = self._prefix_tokens(proj_embedding, encoder_hidden_states)  # (B, 78, C)
+        x = torch.cat([prefix, self._step_tokens(hidden_states, timestep)], dim=1)  # (B, 81, C)
         mask = attention_bias(attention_mask, N_EXTRA_TOKENS, x.dtype)  # (B, 1, 81, 81)
         for block in self.blocks:
             x = block(x, mask)  # (B, 81, C)
+        x = self.norm_out(x[:, -1])  # (B, C): the prd token
+        return self.proj_out(x)  # (B, clip_dim)
 
+    # The sequence is [77 text hidden states, text embedding | time, noisy image embedding, prd].
+    # Attention is causal, so the first 78 tokens (the prefix) never see the last 3: their keys
+    # and values are the same at every sampling step. ``prefix`` computes them once;
+    # ``forward_cached`` then runs only the 3 step tokens against them (same result as forward).
+
+    def _prefix_tokens(self, proj_embedding, encoder_hidden_states) -> torch.Tensor:
+        text_hidden = self.text_hidden_proj(encoder_hidden_states)  # (B, 77, C)
+        text_embed = self.text_embed_proj(proj_embedding)  # (B, C)
+        x = torch.cat([text_hidden, text_embed[:, None]], dim=1)  # (B, 78, C)
+        return x + self.positional_embedding[:, : x.shape[1]]
+
+    def _step_tokens(self, hidden_states, timestep) -> torch.Tensor:
+        B = hidden_states.shape[0]
+        t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(B)  # (B,)
+        time_embed = self.time_embed(t)  # (B, C)
+        image_embed = self.image_embed_proj(hidden_states)  # (B, C)
+        prd = self.prd_token.expand(B, -1, -1)  # (B, 1, C)
+        x = torch.cat([time_embed[:, None], image_embed[:, None], prd], dim=1)  # (B, 3, C)
+        return x + self.positional_embedding[:, -3:]
+
+    def prefix(self, proj_embedding, encoder_hidden_states, attention_mask) -> "PriorPrefix":
+        """The keys and values of the 78 constant tokens in every block, for :meth:`forward_cached`."""
+        B = proj_embedding.shape[0]
+        dummy = torch.zeros(B, self.config.embedding_dim, device=proj_embedding.device, dtype=proj_embedding.dtype)
+        self._check_inputs(dummy, 0, proj_embedding, encoder_hidden_states, attention_mask)
+        x = self._prefix_tokens(proj_embedding, encoder_hidden_states)  # (B, 78, C)
+        P = x.shape[1]
+        mask = attention_bias(attention_mask, N_EXTRA_TOKENS, x.dtype)  # (B, 1, 81, 81)
+        past = []
+        for block in self.blocks:
+            past.append(block.attn.keys_values(block.norm1(x)))  # 2 x (B, heads, 78, head_dim)
+            x = block(x, mask[:, :, :P, :P])  # (B, 78, C)
+        return PriorPrefix(past, mask[:, :, P:, :])  # the step tokens' rows of the mask: (B, 1, 3, 81)
+
+    def forward_cached(self, hidden_states: torch.Tensor, timestep, prefix: "PriorPrefix") -> torch.Tensor:
+        """Same as ``forward`` with the text conditioning given as a :meth:`prefix`. (B, D) -> (B, clip_dim)"""
+        if hidden_states.shape[0] != prefix.batch_size:
+            raise ValueError(f"DiffusionPrior.forward_cached: hidden_states has {hidden_states.shape[0]} rows but "
+                             f"the prefix was computed for {prefix.batch_size}.")
+        x = self._step_tokens(hidden_states, timestep)  # (B, 3, C)
+        for block, past in zip(self.blocks, prefix.keys_values):
+            x = block(x, prefix.mask, past)  # (B, 3, C)
         x = self.norm_out(x[:, -1])  # (B, C): the prd token
         return self.proj_out(x)  # (B, clip_dim)
 
@@ -303,3 +346,20 @@ class DiffusionPrior(nn.Module):
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """The prior's normalised space -> CLIP image embedding (diffusers' post_process_latents)."""
         return x * self.clip_std + self.clip_mean
+
+
+@dataclass
+class PriorPrefix:
+    """Per block, the keys and values (B, heads, 78, head_dim) of the prior's constant tokens,
+    and the mask rows (B, 1, 3, 81) of the 3 tokens that change with the step."""
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def select(self, index: torch.Tensor) -> "PriorPrefix":
+        """The rows ``index`` (e.g. each prompt repeated per image, [uncond; cond])."""
+        return PriorPrefix([(k[index], v[index]) for k, v in self.keys_values], self.mask[index])
