@@ -10,6 +10,9 @@ _LAZY = {
     "PriorPipeline": "kandinsky.pipelines.prior",
     "DecoderPipeline": "kandinsky.pipelines.decoder",
     "Kandinsky": "kandinsky.pipelines.combined",
+    "capture": "kandinsky.research.capture",
+    "intervene": "kandinsky.research.capture",
+    "module_names": "kandinsky.research.capture",
 }
 
 

@@ -15,10 +15,26 @@ maps, or to change precision:
 
 Model files import ``attention`` by name; it looks the backend up at call time, so
 swapping the backend here reaches all of them.
+
+Per-layer hooks (what ``kandinsky.capture(..., attention=True)`` and the attention edits of
+``kandinsky.intervene`` use): :func:`hook_layer` wraps ONE attention module so that, while
+that module runs, :func:`attention` passes its q, k, v through the layer's hooks:
+
+    def record(q, k, v, mask, causal, compute):      # compute(q, k, v, mask, causal) -> out
+        probs = attention_probs(q, k, v, mask, causal)  # (B, heads, Lq, Lk), explicit
+        return compute(q, k, v, mask, causal)         # the layer's output, unchanged
+
+    with hook_layer(unet.mid.attn, record):
+        unet(sample, t, image_embeds)
+
+Every other layer keeps calling the backend directly. With no hook installed the only
+extra work of a call is reading one module global (None), which torch.compile folds
+into a guard, so ``torch.compile(model, fullgraph=True)`` traces the plain backend.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -54,6 +70,8 @@ def attention(
     mask: bool (True = may attend) or additive float, broadcastable to (B, heads, Lq, Lk).
     The scale is 1/sqrt(d).
     """
+    if _active is not None:  # a hooked layer is running (see hook_layer)
+        return _run_hooks(_active, q, k, v, mask, causal)
     return _backend(q, k, v, mask=mask, causal=causal)
 
 
@@ -73,3 +91,75 @@ def use_backend(fn: AttentionFn):
         yield
     finally:
         set_backend(previous)
+
+
+# ----------------------------------------------------------------------------- per-layer hooks
+# A layer hook: fn(q, k, v, mask, causal, compute) -> out, where compute(q, k, v, mask, causal)
+# runs the remaining hooks and then the backend. It may observe (record probabilities), change
+# the inputs (drop keys, scale values) or change the output (ablate heads).
+LayerHook = Callable[..., torch.Tensor]
+
+_active: list[LayerHook] | None = None  # the hooks of the attention layer running now, else None
+_hooks: dict[int, list[LayerHook]] = {}  # id(module) -> its hooks, outermost first
+
+
+def _run_hooks(hooks: list[LayerHook], q, k, v, mask, causal) -> torch.Tensor:
+    def call(i: int):
+        if i == len(hooks):
+            return lambda q, k, v, mask, causal: _backend(q, k, v, mask=mask, causal=causal)
+        return lambda q, k, v, mask, causal: hooks[i](q, k, v, mask, causal, call(i + 1))
+
+    return call(0)(q, k, v, mask, causal)
+
+
+@contextlib.contextmanager
+def hook_layer(module: torch.nn.Module, fn: LayerHook):
+    """While the block runs, every :func:`attention` call made by ``module`` (an attention
+    layer: it must call :func:`attention` directly, not through child layers) goes through
+    ``fn(q, k, v, mask, causal, compute)``. Several hooks on one module nest (first
+    installed = outermost). Nothing is left installed after the block."""
+    hooks = _hooks.setdefault(id(module), [])
+    hooks.append(fn)
+    handles = []
+    if len(hooks) == 1:  # the module's pre/post hooks switch its list on and off
+
+        def enter(mod, args):
+            global _active
+            _active = _hooks[id(mod)]
+
+        def leave(mod, args, output):
+            global _active
+            _active = None
+
+        handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+        _handles[id(module)] = handles
+    try:
+        yield
+    finally:
+        hooks.remove(fn)
+        if not hooks:
+            del _hooks[id(module)]
+            for h in _handles.pop(id(module)):
+                h.remove()
+
+
+_handles: dict[int, list] = {}
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """The attention probabilities softmax(q k^T / sqrt(d) + mask), computed explicitly in
+    float32: (B, heads, Lq, Lk), each row sums to 1. Same mask conventions as :func:`attention`."""
+    q, k = q.float(), k.float()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, heads, Lq, Lk)
+    if causal:
+        Lq, Lk = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return scores.softmax(dim=-1)

@@ -1,0 +1,547 @@
+"""Read and edit any intermediate tensor by module name, per sampler step and guidance branch.
+
+    with kandinsky.capture(pipe, "unet.mid", steps=[0, 9]) as rec:
+        pipe.text2img(embeds, negative, num_inference_steps=10)
+    rec["unet.mid", 9, "cond"]          # (1, C, h/8, w/8): the conditional half at step 9
+
+    with kandinsky.intervene(pipe, "unet.mid", lambda x, ctx: x + d):
+        pipe.text2img(...)              # every step, both branches, edited
+
+Names are those of ``named_modules()``; in a pipeline they are prefixed with the component
+(``unet.``, ``movq.``, ``prior.``, ``text_encoder.``, ``image_encoder.``). The step and the
+guidance branches come from :func:`kandinsky.sampling.state.current_call`, which the
+pipelines set around every model forward: with ``("uncond", "cond")`` the first half of the
+batch is the unconditional pass, and records / edits are split accordingly.
+
+Everything is plain PyTorch forward hooks on the matched modules, installed when the
+``with`` block starts and removed when it ends: outside the block the models carry no hooks.
+Attention probabilities and attention edits go through :func:`kandinsky.attention.hook_layer`,
+which reroutes the single :func:`~kandinsky.attention.attention` call of the chosen layers only.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from kandinsky import attention as attn
+from kandinsky.sampling.state import current_call
+
+# Pipeline attribute -> the components it holds, as (name prefix, attribute path).
+PIPELINE_COMPONENTS = {
+    "PriorPipeline": [("prior", "prior"), ("text_encoder", "text_encoder"), ("image_encoder", "image_encoder")],
+    "DecoderPipeline": [("unet", "unet"), ("movq", "movq")],
+    "Kandinsky": [("prior", "prior.prior"), ("text_encoder", "prior.text_encoder"),
+                  ("image_encoder", "prior.image_encoder"), ("unet", "decoder.unet"), ("movq", "decoder.movq")],
+}
+
+REDUCTIONS = {
+    "mean": lambda t: t.mean(dim=0, keepdim=True),  # over the batch: (B, ...) -> (1, ...)
+    "mean_heads": lambda t: t.mean(dim=1),  # attention (B, heads, Lq, Lk) -> (B, Lq, Lk)
+}
+
+
+# ----------------------------------------------------------------------------- names
+def components(target) -> list[tuple[str, nn.Module]]:
+    """[(name prefix, model)] of a model ("" prefix) or a pipeline (component prefixes)."""
+    if isinstance(target, nn.Module):
+        return [("", target)]
+    table = PIPELINE_COMPONENTS.get(type(target).__name__)
+    if table is None:
+        raise TypeError(
+            f"target must be a torch model (nn.Module) or a pipeline ({', '.join(PIPELINE_COMPONENTS)}), "
+            f"got {type(target).__name__}"
+        )
+    out = []
+    for prefix, path in table:
+        obj = target
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            out.append((prefix, obj))
+    return out
+
+
+def named_modules(target) -> dict[str, nn.Module]:
+    """Every module of ``target`` by name (pipelines: component-prefixed, the component itself included)."""
+    names = {}
+    for prefix, model in components(target):
+        for name, module in model.named_modules():
+            full = ".".join(p for p in (prefix, name) if p)
+            if full:
+                names[full] = module
+    return names
+
+
+def match(target, patterns, *, only: Callable[[nn.Module], bool] | None = None,
+          what: str = "module") -> dict[str, nn.Module]:
+    """The modules whose names match any glob in ``patterns`` (``*`` also crosses dots).
+    A pattern that matches nothing is an error naming it."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"patterns must be a glob string or a list of them (e.g. 'unet.mid', 'unet.up.*.attn.*'), "
+                        f"got {patterns!r}")
+    modules = {n: m for n, m in named_modules(target).items() if only is None or only(m)}
+    found = {}
+    for pattern in patterns:
+        hits = {n: m for n, m in modules.items() if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            close = [n for n in modules if fnmatch.fnmatchcase(n, pattern.split(".")[0] + "*")][:8]
+            raise ValueError(
+                f"pattern {pattern!r} matches no {what} of this {type(target).__name__}"
+                + (f"; names near it: {', '.join(close)}" if close else "")
+                + "; list them with kandinsky.module_names(target)"
+            )
+        found.update(hits)
+    return found
+
+
+# ----------------------------------------------------------------------------- steps, branches
+def step_filter(steps) -> Callable[[int | None], bool]:
+    """steps: None (all, and calls outside a sampling run), an int, an iterable, a range or a slice."""
+    if steps is None:
+        return lambda step: True
+    if isinstance(steps, slice):
+        start, stop, stride = steps.start or 0, steps.stop, steps.step or 1
+        return lambda s: s is not None and s >= start and (stop is None or s < stop) and (s - start) % stride == 0
+    if isinstance(steps, int):
+        steps = [steps]
+    try:
+        wanted = frozenset(int(s) for s in steps)
+    except (TypeError, ValueError):
+        raise TypeError(f"steps must be an int, a list, a range or a slice of step indices, got {steps!r}") from None
+    return lambda s: s in wanted
+
+
+def branch_filter(branch) -> Callable[[str | None], bool]:
+    if branch is None:
+        return lambda b: True
+    wanted = {branch} if isinstance(branch, str) else set(branch)
+    unknown = wanted - {"uncond", "cond"}
+    if unknown:
+        raise ValueError(f"branch must be 'uncond', 'cond' or a list of them, got {branch!r}")
+    return lambda b: b in wanted
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an edit function is told about the call it edits."""
+
+    name: str  # the module's (prefixed) name
+    step: int | None  # sampler step index; None outside a sampling run
+    timestep: float | None
+    branch: str | None  # "uncond" / "cond" inside a sampling run, None outside
+    stage: str | None = None  # "prior" / "decoder"
+
+
+def _calls(name: str):
+    """[(Context, slice of the batch)] for the call in progress: one per guidance branch."""
+    call = current_call()
+    if call is None:
+        return [(Context(name, None, None, None), None)]
+    n = len(call.branches)
+    return [(Context(name, call.step, call.timestep, b, call.stage), (i, n)) for i, b in enumerate(call.branches)]
+
+
+def _chunk(x, part):
+    """The part (i, n) of a batched output along dim 0 (tensors inside tuples / dataclasses too)."""
+    if part is None:
+        return x
+    i, n = part
+    return _map(lambda t: t.chunk(n, dim=0)[i], x)
+
+
+def _map(fn, x):
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map(fn, y) for y in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _map(fn, getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
+
+
+# ----------------------------------------------------------------------------- the record
+class Record:
+    """Tensors recorded by :func:`capture`, keyed by (name, step, branch).
+
+    ``rec[name]``, ``rec[name, step]`` and ``rec[name, step, branch]`` return the one tensor
+    recorded there (outside a sampling run step and branch are None); ``rec.stack(name,
+    branch="cond")`` stacks the steps (S, ...); ``rec.calls(key)`` lists repeated calls.
+    ``rec.meta[name]`` says how an attention record's keys are laid out.
+    """
+
+    def __init__(self):
+        self.data: dict[tuple, list] = {}
+        self.meta: dict[str, dict] = {}
+
+    def add(self, name, step, branch, value) -> None:
+        self.data.setdefault((name, step, branch), []).append(value)
+
+    def keys(self) -> list[tuple]:
+        return list(self.data)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({k[0] for k in self.data})
+
+    def steps(self, name: str | None = None) -> list:
+        return sorted({k[1] for k in self.data if name in (None, k[0]) and k[1] is not None})
+
+    def _select(self, key) -> list[tuple]:
+        key = key if isinstance(key, tuple) else (key,)
+        if not 1 <= len(key) <= 3:
+            raise KeyError(f"index a record with name, (name, step) or (name, step, branch), got {key!r}")
+        hits = [k for k in self.data if k[: len(key)] == key]
+        if not hits:
+            raise KeyError(f"nothing recorded for {key!r}; recorded: {self._summary()}")
+        return hits
+
+    def calls(self, key) -> list:
+        """Every value recorded under ``key`` (one per call; several when a model ran twice at one step)."""
+        return [v for k in self._select(key) for v in self.data[k]]
+
+    def __getitem__(self, key):
+        hits = self._select(key)
+        if len(hits) > 1:
+            raise KeyError(
+                f"{key!r} holds {len(hits)} records ({', '.join(map(repr, hits[:6]))}...); "
+                "index with (name, step, branch)"
+            )
+        values = self.data[hits[0]]
+        if len(values) > 1:
+            raise KeyError(f"{hits[0]!r} was recorded {len(values)} times; use rec.calls({hits[0]!r})")
+        return values[0]
+
+    def __contains__(self, key) -> bool:
+        try:
+            return bool(self._select(key))
+        except KeyError:
+            return False
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.data.values())
+
+    def stack(self, name: str, branch: str | None = None) -> torch.Tensor:
+        """The records of ``name`` over the steps, in step order: (S, ...) (one branch)."""
+        keys = sorted((k for k in self.data if k[0] == name and k[2] == branch and k[1] is not None),
+                      key=lambda k: k[1])
+        if not keys:
+            raise KeyError(f"nothing recorded for {name!r} in branch {branch!r}; recorded: {self._summary()}")
+        return torch.stack([self.data[k][-1] for k in keys])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the recorded tensors (their storages, counted once)."""
+        seen, total = set(), 0
+        for values in self.data.values():
+            for v in values:
+                for t in _tensors(v):
+                    s = t.untyped_storage()
+                    if s.data_ptr() not in seen:
+                        seen.add(s.data_ptr())
+                        total += s.nbytes()
+        return total
+
+    def _summary(self) -> str:
+        names = self.names
+        return f"{len(names)} names ({', '.join(names[:5])}{'...' if len(names) > 5 else ''}), steps {self.steps()}"
+
+    def __repr__(self) -> str:
+        return f"Record({len(self)} tensors: {self._summary()})"
+
+
+def _tensors(x):
+    out = []
+    _map(out.append, x)
+    return out
+
+
+def _shrink(reduce, to, dtype):
+    """The function applied to each recorded tensor: detach, reduce, move / cast."""
+    if isinstance(reduce, str):
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be one of {sorted(REDUCTIONS)} or a function, got {reduce!r}")
+        reduce = REDUCTIONS[reduce]
+    elif reduce is not None and not callable(reduce):
+        raise TypeError(f"reduce must be one of {sorted(REDUCTIONS)} or a function tensor -> tensor, got {reduce!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16), got {dtype!r}")
+    to = torch.device(to) if to is not None else None
+
+    def shrink(t: torch.Tensor, partial: bool) -> torch.Tensor:
+        t = t.detach()
+        if reduce is not None:
+            t = reduce(t)
+        elif partial:  # a branch's half: keep a copy, not a view that pins the whole batch
+            t = t.clone()
+        return t.to(device=to, dtype=dtype) if (to is not None or dtype is not None) else t
+
+    return shrink
+
+
+# ----------------------------------------------------------------------------- attention layers
+def attention_layout(module: nn.Module) -> dict | None:
+    """For an attention layer, what its keys are ({} when plain self-attention); None otherwise."""
+    from kandinsky.clip.model import Attention as ClipAttention
+    from kandinsky.movq.model import AttentionBlock
+    from kandinsky.prior.model import SelfAttention
+    from kandinsky.unet.blocks import NUM_IMAGE_TOKENS, AddedKVAttention
+
+    if isinstance(module, AddedKVAttention):
+        return {"kind": "added_kv", "image_tokens": NUM_IMAGE_TOKENS}  # keys [0, 32) are the image tokens
+    if isinstance(module, SelfAttention):
+        # queries / keys: 77 text tokens, text embedding, time, noisy image embedding, prd (the output)
+        return {"kind": "prior", "text_tokens": 77, "prd_token": -1}
+    if isinstance(module, (ClipAttention, AttentionBlock)):
+        return {"kind": "self"}
+    return None
+
+
+def is_attention(module: nn.Module) -> bool:
+    return attention_layout(module) is not None
+
+
+# ----------------------------------------------------------------------------- capture
+@contextlib.contextmanager
+def capture(target, patterns, *, steps=None, branch=None, attention: bool = False, reduce=None, to=None,
+            dtype=None):
+    """Record the outputs of the modules matching ``patterns`` (globs over module names).
+
+    target     a model, or a PriorPipeline / DecoderPipeline / Kandinsky (names prefixed
+               with the component: "unet.mid", "prior.blocks.3", "movq.decoder.up.0", ...)
+    steps      only these sampler steps (int, list, range or slice); None = every call
+    branch     "cond" / "uncond": only that half of a guided batch; None = both
+    attention  record the attention probabilities (B, heads, Lq, Lk) of the matched attention
+               layers instead of their outputs (only attention layers are matched then)
+    reduce     "mean" (over the batch, keeps dim 0 as 1), "mean_heads" (attention: over heads)
+               or a function tensor -> tensor, applied as it records
+    to, dtype  move / cast each record as it is taken (e.g. to="cpu", dtype=torch.float16)
+
+    Yields a :class:`Record`, filled as the block runs; the hooks are gone after it.
+    """
+    keep_step, keep_branch = step_filter(steps), branch_filter(branch)
+    shrink = _shrink(reduce, to, dtype)
+    rec = Record()
+    only = is_attention if attention else None
+    modules = match(target, patterns, only=only, what="attention layer" if attention else "module")
+
+    def store(name, value, part):
+        for ctx, p in _calls(name):
+            if keep_step(ctx.step) and keep_branch(ctx.branch):
+                rec.add(name, ctx.step, ctx.branch, _map(lambda t: shrink(t, p is not None), _chunk(value, p)))
+
+    with contextlib.ExitStack() as stack:
+        for name, module in modules.items():
+            if attention:
+                rec.meta[name] = attention_layout(module)
+                stack.enter_context(attn.hook_layer(module, _probability_recorder(name, store)))
+            else:
+                handle = module.register_forward_hook(lambda mod, args, out, name=name: store(name, out, None))
+                stack.callback(handle.remove)
+        yield rec
+
+
+def _probability_recorder(name, store):
+    def record(q, k, v, mask, causal, compute):
+        with torch.no_grad():
+            store(name, attn.attention_probs(q, k, v, mask, causal), None)
+        return compute(q, k, v, mask, causal)
+
+    return record
+
+
+# ----------------------------------------------------------------------------- intervene
+class AttentionEdit:
+    """An edit made inside an attention layer (on q, k, v or the per-head output) rather than
+    on a module's output. ``fn(q, k, v, mask, causal, compute, rows)`` where ``rows`` is a
+    (B,) bool tensor of the batch rows to edit (the chosen branches) or None for all."""
+
+    def __init__(self, fn, needs: str | None = None, what: str = "attention edit"):
+        self.fn, self.needs, self.what = fn, needs, what
+
+
+def _rows(name, keep_step, keep_branch, batch: int, device) -> torch.Tensor | None | bool:
+    """Which rows of the batch to edit at the call in progress: None = all, False = none."""
+    calls = _calls(name)
+    chosen = [keep_step(c.step) and keep_branch(c.branch) for c, _ in calls]
+    if all(chosen):
+        return None
+    if not any(chosen):
+        return False
+    n = len(calls)
+    return torch.tensor(chosen, device=device).repeat_interleave(batch // n)  # (B,)
+
+
+@contextlib.contextmanager
+def intervene(target, pattern, fn, *, steps=None, branch=None):
+    """Replace the output of the modules matching ``pattern`` by ``fn(output, ctx)``.
+
+    ``ctx`` is a :class:`Context` (name, step, timestep, branch, stage). In a guided sampling
+    run ``fn`` sees each branch's half of the batch separately (ctx.branch "uncond" / "cond").
+    ``steps`` (int, list, range, slice) and ``branch`` limit where the edit applies; elsewhere
+    the output is untouched. ``fn`` may also be an :class:`AttentionEdit` (``ablate_heads``,
+    ``drop_image_tokens``, ``scale_image_tokens``): then it acts inside the matched attention
+    layers. An ``fn`` that returns its input leaves the output bit-identical.
+    """
+    keep_step, keep_branch = step_filter(steps), branch_filter(branch)
+    if isinstance(fn, AttentionEdit):
+        cm = _intervene_attention(target, pattern, fn, keep_step, keep_branch)
+    elif callable(fn):
+        cm = _intervene_outputs(target, pattern, fn, keep_step, keep_branch)
+    else:
+        raise TypeError(f"fn must be a function fn(output, ctx) -> output or an AttentionEdit, got {fn!r}")
+    with cm:
+        yield
+
+
+@contextlib.contextmanager
+def _intervene_outputs(target, pattern, fn, keep_step, keep_branch):
+    def edit(name, output):
+        calls = _calls(name)
+        parts, changed = [], False
+        for ctx, part in calls:
+            chunk = _chunk(output, part)
+            new = fn(chunk, ctx) if keep_step(ctx.step) and keep_branch(ctx.branch) else chunk
+            changed |= new is not chunk
+            parts.append(new)
+        if not changed:
+            return None  # the module's own output, untouched
+        if len(parts) == 1:
+            return parts[0]
+        if not all(isinstance(p, torch.Tensor) for p in parts):
+            raise TypeError(f"intervene on {name!r}: per-branch edits need a tensor output, got {type(output).__name__}")
+        return torch.cat(parts, dim=0)
+
+    with contextlib.ExitStack() as stack:
+        for name, module in match(target, pattern).items():
+            handle = module.register_forward_hook(lambda mod, args, out, name=name: edit(name, out))
+            stack.callback(handle.remove)
+        yield
+
+
+@contextlib.contextmanager
+def _intervene_attention(target, pattern, edit: AttentionEdit, keep_step, keep_branch):
+    modules = match(target, pattern, only=is_attention, what="attention layer")
+    for name, module in modules.items():
+        if edit.needs and attention_layout(module)["kind"] != edit.needs:
+            raise ValueError(f"{edit.what} needs {edit.needs} attention layers (the UNet's), but {name!r} is "
+                             f"{type(module).__name__}; match e.g. 'unet.*attn*'")
+
+    def layer_hook(name):
+        def hook(q, k, v, mask, causal, compute):
+            rows = _rows(name, keep_step, keep_branch, q.shape[0], q.device)
+            if rows is False:
+                return compute(q, k, v, mask, causal)
+            return edit.fn(q, k, v, mask, causal, compute, rows)
+
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name, module in modules.items():
+            stack.enter_context(attn.hook_layer(module, layer_hook(name)))
+        yield
+
+
+# ----------------------------------------------------------------------------- ready-made edits
+def _row_mask(rows, batch: int, device) -> torch.Tensor:
+    return torch.ones(batch, dtype=torch.bool, device=device) if rows is None else rows
+
+
+def ablate_heads(heads) -> AttentionEdit:
+    """Zero the outputs of these attention heads (indices) before the output projection."""
+    heads = [heads] if isinstance(heads, int) else list(heads)
+
+    def fn(q, k, v, mask, causal, compute, rows):
+        out = compute(q, k, v, mask, causal)  # (B, heads, Lq, d)
+        H = out.shape[1]
+        if any(not -H <= h < H for h in heads):
+            raise ValueError(f"ablate_heads: head indices {heads} out of range for a layer with {H} heads")
+        keep = torch.ones(out.shape[0], H, 1, 1, dtype=out.dtype, device=out.device)
+        sel = _row_mask(rows, out.shape[0], out.device)
+        keep[sel.nonzero()[:, 0][:, None], torch.tensor(heads)[None, :]] = 0
+        return out * keep
+
+    return AttentionEdit(fn, what="ablate_heads")
+
+
+def scale_image_tokens(scale: float) -> AttentionEdit:
+    """Multiply what the 32 image tokens contribute to a UNet attention layer by ``scale``
+    (their values scaled; the attention weights are not renormalised, as prompt-to-prompt's
+    reweighting). scale=0 removes their contribution but keeps their share of the softmax."""
+
+    def fn(q, k, v, mask, causal, compute, rows):
+        from kandinsky.unet.blocks import NUM_IMAGE_TOKENS
+
+        factor = torch.ones(v.shape[0], 1, v.shape[2], 1, dtype=v.dtype, device=v.device)  # (B, 1, Lk, 1)
+        sel = _row_mask(rows, v.shape[0], v.device)
+        factor[sel, :, :NUM_IMAGE_TOKENS] = scale
+        return compute(q, k, v * factor, mask, causal)
+
+    return AttentionEdit(fn, needs="added_kv", what="scale_image_tokens")
+
+
+def drop_image_tokens() -> AttentionEdit:
+    """Hide the 32 image tokens from a UNet attention layer: the pixels attend to each other only."""
+
+    def fn(q, k, v, mask, causal, compute, rows):
+        from kandinsky.unet.blocks import NUM_IMAGE_TOKENS
+
+        allowed = torch.ones(k.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=k.device)  # (B, 1, 1, Lk)
+        sel = _row_mask(rows, k.shape[0], k.device)
+        allowed[sel, :, :, :NUM_IMAGE_TOKENS] = False
+        if mask is not None:
+            allowed = allowed & mask if mask.dtype == torch.bool else torch.where(allowed, mask, float("-inf"))
+        return compute(q, k, v, allowed, causal)
+
+    return AttentionEdit(fn, needs="added_kv", what="drop_image_tokens")
+
+
+def add_direction(direction: torch.Tensor, scale: float = 1.0):
+    """fn(x, ctx) = x + scale * direction (broadcast), e.g. an "h-space" direction of the UNet's
+    mid-block output (Asyrp): direction (C, h, w) or (C, 1, 1) for ``unet.mid``'s (B, C, h, w)."""
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"direction must be a tensor, got {type(direction).__name__}")
+
+    def fn(x, ctx):
+        return x + scale * direction.to(device=x.device, dtype=x.dtype)
+
+    return fn
+
+
+def patch_from(record: Record):
+    """Activation patching: fn(x, ctx) = the tensor ``record`` holds for (ctx.name, ctx.step,
+    ctx.branch), recorded by :func:`capture` on the same modules in another run (no reduce)."""
+
+    def fn(x, ctx):
+        key = (ctx.name, ctx.step, ctx.branch)
+        y = record[key]
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"patch_from: the record at {key} is {got} but the module outputs {tuple(x.shape)}; "
+                             "record it with capture(...) without reduce, with the same batch")
+        return y.to(device=x.device, dtype=x.dtype)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- names and shapes
+def module_names(target, pattern: str = "*", size=(512, 512), batch: int = 1) -> dict[str, tuple | None]:
+    """{name: output shape} of the modules matching ``pattern``, for images of ``size``
+    ((width, height) or "WxH"), computed on the meta device (no memory, no weights touched).
+    A module the example forward does not reach (e.g. the hint encoder of a text2img UNet)
+    has shape None; a module with several outputs has a tuple of shapes."""
+    from kandinsky.research.inspect import output_shapes
+
+    names = match(target, pattern)
+    shapes = {}
+    for prefix, model in components(target):
+        for name, shape in output_shapes(model, size, batch).items():
+            shapes[".".join(p for p in (prefix, name) if p)] = shape
+    return {n: shapes.get(n) for n in names}

@@ -1,0 +1,227 @@
+"""``kandinsky inspect COMPONENT``: the module tree with parameter counts and the output shape
+of every block at a given image size, computed on the meta device (no weights, no memory).
+
+    kandinsky inspect unet --size 768x768 --depth 2
+    kandinsky inspect prior
+    kandinsky inspect movq --checkpoint ./my-decoder          # a checkpoint or component folder
+
+The real hub configs of the four Kandinsky 2.2 checkpoints ship in ``kandinsky/configs``, so
+this works offline. ``output_shapes(model, size)`` is what :func:`kandinsky.module_names` uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# COMPONENT -> (shipped checkpoint, component folder)
+COMPONENTS = {
+    "text_encoder": ("kandinsky-2-2-prior", "text_encoder"),
+    "image_encoder": ("kandinsky-2-2-prior", "image_encoder"),
+    "prior": ("kandinsky-2-2-prior", "prior"),
+    "unet": ("kandinsky-2-2-decoder", "unet"),
+    "unet-inpaint": ("kandinsky-2-2-decoder-inpaint", "unet"),
+    "unet-controlnet": ("kandinsky-2-2-controlnet-depth", "unet"),
+    "movq": ("kandinsky-2-2-decoder", "movq"),
+}
+
+
+# ----------------------------------------------------------------------------- models on meta
+def meta_model(config: dict) -> nn.Module:
+    """Our model for a component config.json dict, on the meta device."""
+    from weights_convert import build_model
+
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def shipped_config(component: str) -> dict:
+    checkpoint, folder = COMPONENTS[component]
+    return json.loads((CONFIGS / checkpoint / folder / "config.json").read_text())
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    if all(p.device.type == "meta" for p in model.parameters()):
+        return model
+    with torch.device("meta"):
+        return type(model)(model.config)
+
+
+def parse_size(size) -> tuple[int, int]:
+    """(width, height) from "WxH", an int (square) or a (W, H) pair."""
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        try:
+            w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        except ValueError:
+            raise ValueError(f"size must be WIDTHxHEIGHT like 512x512, got {size!r}") from None
+    elif isinstance(size, int):
+        w = h = size
+    else:
+        try:
+            w, h = (int(s) for s in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"size must be (width, height), 'WxH' or an int, got {size!r}") from None
+    if w <= 0 or h <= 0 or w % 64 or h % 64:
+        raise ValueError(f"size {w}x{h}: width and height must be positive multiples of 64 "
+                         "(the MoVQ factor 8 times the UNet's 3 halvings)")
+    return w, h
+
+
+def example_call(model: nn.Module, size, batch: int = 1):
+    """Call ``model`` (on meta) on inputs of the right shapes for images of ``size``."""
+    from kandinsky.clip.model import ImageEncoder, TextEncoder
+    from kandinsky.movq.model import MoVQ
+    from kandinsky.prior.model import DiffusionPrior
+    from kandinsky.unet.model import UNet
+
+    cfg, B, meta = model.config, batch, dict(device="meta")
+    w, h = parse_size(size)
+    if isinstance(model, UNet):
+        hint = torch.empty(B, 3, h, w, **meta) if cfg.addition_embed_type == "image_hint" else None
+        return model(torch.empty(B, cfg.sample_channels, h // 8, w // 8, **meta), torch.tensor(999, **meta),
+                     torch.empty(B, cfg.encoder_hid_dim, **meta), hint=hint)
+    if isinstance(model, MoVQ):
+        return model(torch.empty(B, cfg.in_channels, h, w, **meta))  # encode, quantize, decode
+    if isinstance(model, DiffusionPrior):
+        T = cfg.num_embeddings
+        return model(torch.empty(B, cfg.embedding_dim, **meta), torch.tensor(999, **meta),
+                     torch.empty(B, cfg.text_embed_dim, **meta), torch.empty(B, T, cfg.embedding_dim, **meta),
+                     torch.ones(B, T, dtype=torch.bool, **meta))
+    if isinstance(model, TextEncoder):
+        return model(torch.zeros(B, cfg.max_position_embeddings, dtype=torch.long, **meta))
+    if isinstance(model, ImageEncoder):
+        return model(torch.empty(B, cfg.num_channels, cfg.image_size, cfg.image_size, **meta))
+    raise TypeError(f"no example inputs for {type(model).__name__}; expected a kandinsky component")
+
+
+def _shape(x):
+    from kandinsky.research.capture import _tensors
+
+    shapes = [tuple(t.shape) for t in _tensors(x)]
+    return shapes[0] if len(shapes) == 1 else (tuple(shapes) or None)
+
+
+def output_shapes(model: nn.Module, size=(512, 512), batch: int = 1) -> dict[str, tuple | None]:
+    """{name: output shape} of every module of ``model`` ("" = the model) for images of ``size``."""
+    model = _on_meta(model)
+    shapes: dict[str, tuple | None] = {name: None for name, _ in model.named_modules()}
+    handles = [m.register_forward_hook(lambda mod, a, out, name=name: shapes.__setitem__(name, _shape(out)))
+               for name, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            example_call(model, size, batch)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return shapes
+
+
+# ----------------------------------------------------------------------------- the tree
+@dataclass
+class Row:
+    name: str  # "" for the model itself
+    kind: str  # class name
+    params: int  # parameters of the module and everything under it
+    shape: tuple | None  # output shape at the size asked; None when not called
+
+
+def tree(model: nn.Module, size=(512, 512), depth: int | None = 2, batch: int = 1) -> list[Row]:
+    """One Row per module up to ``depth`` dots deep (None: all), in definition order."""
+    shapes = output_shapes(model, size, batch)
+    rows = []
+    for name, module in _on_meta(model).named_modules():
+        if depth is not None and name and name.count(".") >= depth:
+            continue
+        rows.append(Row(name, type(module).__name__, sum(p.numel() for p in module.parameters()), shapes[name]))
+    return rows
+
+
+def _fmt_shape(shape) -> str:
+    if shape is None:
+        return "-"
+    if shape and isinstance(shape[0], tuple):
+        return ", ".join(_fmt_shape(s) for s in shape)
+    return "(" + ", ".join(["B"] + [str(s) for s in shape[1:]]) + ")"
+
+
+def _label(r: Row) -> str:
+    return "  " * (r.name.count(".") + bool(r.name)) + (r.name.split(".")[-1] or "(model)")
+
+
+def format_text(rows: list[Row]) -> str:
+    width = max(len(_label(r)) for r in rows) + 2
+    kinds = max(len(r.kind) for r in rows) + 2
+    lines = [f"{'module':<{width}}{'class':<{kinds}}{'parameters':>15}  output"]
+    for r in rows:
+        label = _label(r)
+        lines.append(f"{label:<{width}}{r.kind:<{kinds}}{r.params:>15,}  {_fmt_shape(r.shape)}")
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[Row]) -> str:
+    """The table docs/architecture.md carries (full names, so it can be searched)."""
+    lines = ["| module | class | parameters | output |", "| --- | --- | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| `{r.name or '(model)'}` | {r.kind} | {r.params:,} | {_fmt_shape(r.shape)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _config_for(component: str, checkpoint: str | None) -> tuple[dict, str]:
+    if checkpoint is None:
+        c, f = COMPONENTS[component]
+        return shipped_config(component), f"shipped config {c}/{f}"
+    folder = Path(checkpoint)
+    if not folder.exists() and (CONFIGS / checkpoint).is_dir():  # a shipped checkpoint by name
+        folder = CONFIGS / checkpoint
+    sub = COMPONENTS[component][1]
+    for candidate in (folder / sub, folder):
+        if (candidate / "config.json").is_file():
+            return json.loads((candidate / "config.json").read_text()), str(candidate)
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: no {sub}/config.json or config.json there; pass a "
+                            f"checkpoint folder holding {sub}/ or the component folder itself")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kandinsky inspect",
+        description="Module tree, parameter counts and output shapes of a component, on the meta device "
+                    "(real configs shipped with kandinsky, or --checkpoint).",
+        epilog="examples:\n  kandinsky inspect unet --size 768x768\n  kandinsky inspect prior --depth 1\n"
+               "  kandinsky inspect movq --checkpoint ./kandinsky-2-2-decoder --format markdown",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("component", choices=list(COMPONENTS), metavar="COMPONENT",
+                        help="one of: " + ", ".join(COMPONENTS))
+    parser.add_argument("--size", default="512x512", help="image size WIDTHxHEIGHT (default 512x512)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder (or component folder) whose config.json to read")
+    parser.add_argument("--depth", type=int, default=2, help="levels of the tree to show (default 2; 0 = all)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the shapes (default 1)")
+    parser.add_argument("--format", choices=["text", "markdown"], default="text")
+    args = parser.parse_args(argv)
+    try:
+        parse_size(args.size)
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        config, source = _config_for(args.component, args.checkpoint)
+        model = meta_model(config)
+        rows = tree(model, args.size, args.depth or None, args.batch)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fmt = format_markdown if args.format == "markdown" else format_text
+    print(f"# {args.component} ({type(model).__name__}) from {source}, images {args.size}\n")
+    print(fmt(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
