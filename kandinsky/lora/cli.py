@@ -1,0 +1,65 @@
+"""``--lora FILE[:SCALE]`` for the command-line tasks: parse the argument, load the files."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from kandinsky.lora.files import load_lora
+from kandinsky.lora.layers import LoRAError
+
+HELP = ("LoRA file (or folder) to apply, optionally with its strength: --lora style.safetensors:0.8 "
+        "(default 1.0); repeat for several")
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """"style.safetensors:0.8" -> ("style.safetensors", 0.8); "style.safetensors" -> (..., 1.0).
+
+    The scale is what follows the last ':' when it is a number, so paths holding ':' still work.
+    """
+    if not isinstance(arg, str) or not arg.strip():
+        raise LoRAError(f"--lora: expected FILE[:SCALE], e.g. style.safetensors:0.8, got {arg!r}.")
+    path, sep, tail = arg.rpartition(":")
+    if not sep or Path(arg).exists():
+        return arg, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise LoRAError(f"--lora {arg}: {tail!r} after the last ':' is not a number; expected FILE[:SCALE], "
+                        "e.g. style.safetensors:0.8.") from None
+    if not math.isfinite(scale):
+        raise LoRAError(f"--lora {arg}: the scale must be a finite number, not {tail!r}.")
+    if not path:
+        raise LoRAError(f"--lora {arg}: no file before ':'; expected FILE[:SCALE].")
+    return path, scale
+
+
+def apply_lora_args(pipeline, args) -> list[str]:
+    """Load every ``--lora`` argument into ``pipeline``; returns the adapter names.
+
+    Errors (missing file, wrong format, a LoRA for another model) are LoRAError (a ValueError)
+    whose message starts with the argument, ready for ``error: ...``.
+    """
+    names = []
+    for arg in args or ():
+        path, scale = parse_lora_arg(arg)
+        if not Path(path).exists():
+            raise LoRAError(f"--lora {arg}: {path}: no such file or folder.")
+        taken = set(names)
+        try:
+            name = load_lora(pipeline, path, scale=scale,
+                             name=_unique(Path(path), taken) if taken else None)
+        except LoRAError as e:
+            raise LoRAError(f"--lora {arg}: {e}") from None
+        names.append(name)
+    return names
+
+
+def _unique(path: Path, taken: set[str]) -> str:
+    """Adapter name for a file: its stem, numbered if another --lora already used it."""
+    from kandinsky.lora.files import default_name
+
+    base = default_name(path if path.is_file() else path / "adapter_model.safetensors")
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
