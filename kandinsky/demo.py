@@ -236,8 +236,9 @@ def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
                 "unet": ["diffusers", "UNet2DConditionModel"],
             },
         )
+        # the prior as a path relative to this card's folder: the set works wherever it is used from
         (repo / "README.md").write_text(
-            f"---\nprior:\n- {prior}\ntags:\n- random-weights-demo\n---\n"
+            f"---\nprior:\n- ../{prior.name}\ntags:\n- random-weights-demo\n---\n"
             "# RANDOM WEIGHTS: a kandinsky demo checkpoint, not a trained model\n"
         )
         folders[name] = repo

@@ -11,6 +11,7 @@ this module knows nothing about sampling, the pipelines know nothing about weigh
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from kandinsky.config import ConfigError
 from weights_convert.io import (
     KANDINSKY_STEM,
     WeightsError,
+    WeightsNotFoundError,
     find_weight_files,
     read_weights,
     write_safetensors,
@@ -30,6 +32,7 @@ from weights_convert.registry import class_name, component_for, component_for_mo
 __all__ = [
     "ConfigError",
     "WeightsError",
+    "WeightsNotFoundError",
     "build_model",
     "convert_state_dict",
     "load_component",
@@ -39,6 +42,8 @@ __all__ = [
 
 # Marks a folder written with layout="kandinsky" (our tensor names).
 LAYOUT_KEY = "_kandinsky_layout"
+# Weight files and shard indexes in any form the loader reads.
+_WEIGHT_FILE = re.compile(r"\.(safetensors|bin)$|\.(safetensors|bin)\.index(\.[\w-]+)?\.json$")
 
 
 def build_model(config: dict) -> nn.Module:
@@ -70,20 +75,24 @@ def convert_state_dict(config: dict, state_dict: dict, reverse: bool = False) ->
 
 
 def read_config(folder: str | Path) -> dict:
+    """A component folder's config.json as a dict. A missing folder or config.json raises
+    WeightsNotFoundError (a FileNotFoundError); a file given for the folder, WeightsError."""
     folder = Path(folder)
     path = folder / "config.json"
     if folder.is_file():
         raise WeightsError(f"{folder}: is a file; pass the component folder that holds it ({folder.parent}).")
     if not folder.is_dir():
-        raise WeightsError(f"{folder}: no such component folder.")
+        raise WeightsNotFoundError(f"{folder}: no such component folder.")
     if not path.is_file():
         parts = sorted(p.name + "/" for p in folder.iterdir() if (p / "config.json").is_file())
         if parts:
-            raise WeightsError(
+            raise WeightsNotFoundError(
                 f"{folder}: no config.json; this looks like a whole checkpoint, load one of its "
                 f"component folders: {', '.join(parts)} (e.g. {folder / parts[0]})."
             )
-        raise WeightsError(f"{folder}: no config.json; is this a component folder (unet/, movq/, prior/, ...)?")
+        raise WeightsNotFoundError(
+            f"{folder}: no config.json; is this a component folder (unet/, movq/, prior/, ...)?"
+        )
     try:
         config = json.loads(path.read_text())
     except ValueError as e:
@@ -106,7 +115,11 @@ def load_component(
     fp16 variants, sharded ``*.index.json`` — so no second copy of the weights is held.
     ``dtype=None`` gives float32 (diffusers' default; every component alike); pass
     ``torch.float16`` / ``torch.bfloat16`` for half precision, or ``"auto"`` for the dtype
-    the file stores (transformers 5's default: an fp16 file loads as fp16, without a copy).
+    the file stores (transformers 5's default: an fp16 file loads as fp16, without a copy),
+    or ``"keep"`` for each tensor exactly as stored (a file mixing dtypes stays mixed: what
+    ``python -m weights_convert`` uses by default). ``variant="fp16"`` (or ``"bf16"``, ...)
+    loads only that variant's files and raises WeightsNotFoundError when there are none, as
+    diffusers does. Problems with the files raise WeightsError, an ``OSError``.
     The model is returned in eval mode with ``requires_grad_(False)``.
     """
     check_dtype(dtype, auto=True)
@@ -126,7 +139,8 @@ def load_component(
         dtype = auto_dtype(config, raw)
     dtype = dtype or torch.float32
     state = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype != "keep" else v.dtype)
+        for k, v in state.items()
     }
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -144,10 +158,10 @@ def auto_dtype(config: dict, state: dict) -> torch.dtype:
 
 def check_dtype(dtype, auto: bool = False) -> None:
     """Refuse what ``Tensor.to`` would fail on deep inside (or silently truncate to integers)."""
-    if dtype is None or (auto and dtype == "auto"):
+    if dtype is None or (auto and dtype in ("auto", "keep")):
         return
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        also = ', "auto"' if auto else ""
+        also = ', "auto", "keep"' if auto else ""
         raise ValueError(
             f"dtype must be a floating-point torch.dtype (torch.float32, torch.float16, torch.bfloat16)"
             f"{also} or None, not {dtype!r}."
@@ -188,12 +202,16 @@ def save_component(
     ``layout="hub"``: config.json + diffusion_pytorch_model.safetensors / model.safetensors
     with the reference library's names (its ``from_pretrained`` loads the folder).
     ``layout="kandinsky"``: config.json + kandinsky.safetensors with our names.
+    A folder that already holds other weight files (the other layout, a ``.bin``, a variant)
+    is refused with FileExistsError: a loader would read one or the other.
     """
     if layout not in ("hub", "kandinsky"):
         raise ValueError(f"layout must be 'hub' or 'kandinsky', not {layout!r}")
     check_dtype(dtype)
     comp = component_for_model(model)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: is a file; pass the folder to write the component into.")
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
@@ -205,6 +223,13 @@ def save_component(
         stem = KANDINSKY_STEM
     if dtype is not None and "torch_dtype" in config:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    write_safetensors(state, folder / f"{stem}.safetensors")
+    target = folder / f"{stem}.safetensors"
+    others = sorted(p.name for p in folder.iterdir() if p != target and _WEIGHT_FILE.search(p.name))
+    if others:
+        raise FileExistsError(
+            f"{folder} already holds weight files {others}: {target.name} would sit beside them and "
+            f"a loader would read one or the other. Save into a new or empty folder, or delete them first."
+        )
+    write_safetensors(state, target)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

@@ -1,28 +1,37 @@
 """Convert a whole checkpoint folder between the hub layout and kandinsky's.
 
-    python -m weights_convert SRC DST [--dtype fp16|bf16|fp32] [--to kandinsky|hub]
+    python -m weights_convert SRC DST [--to kandinsky|hub] [--dtype keep|fp32|fp16|bf16] [--overwrite]
 
 SRC is a repo folder (kandinsky-2-2-prior, -decoder, -decoder-inpaint, -controlnet-depth)
 or a single component folder. Every subfolder whose config.json names a model class
 kandinsky knows is loaded and written again in the requested layout (one component
 at a time, so memory holds one model); everything else (model_index.json, scheduler/,
 tokenizer/, image_processor/, README.md) is copied as is.
+
+DST must not exist, or be an empty folder; ``--overwrite`` replaces a DST that holds files.
+The conversion is written into a temporary folder beside DST (``.DST.partial-*``) and moved
+into place only when complete: a failure or Ctrl-C leaves nothing behind, and an existing DST
+is untouched until the new one is ready. ``--dtype keep`` (the default) writes every tensor in
+the dtype it is stored in (an fp16 checkpoint stays fp16); fp32 / fp16 / bf16 cast the
+floating-point tensors. Errors: ``error: ...`` on stderr, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import torch
 
 from kandinsky.config import ConfigError
-from weights_convert import WeightsError, load_component, save_component
+from weights_convert import WeightsError, WeightsNotFoundError, load_component, save_component
 from weights_convert.registry import _MODULES, class_name
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"keep": "keep", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _is_component(folder: Path) -> bool:
@@ -35,45 +44,119 @@ def _is_component(folder: Path) -> bool:
         return False
 
 
-def convert_folder(src: Path, dst: Path, layout: str, dtype: torch.dtype | None, log=print) -> list[str]:
-    """Convert every component below ``src`` into ``dst``; returns the converted names."""
-    src, dst = Path(src), Path(dst)
+def plan(src: Path) -> tuple[list[Path], list[Path]]:
+    """(component folders to convert, other files and folders to copy) of SRC; writes nothing."""
+    if src.is_file():
+        raise WeightsError(f"SRC {src}: is a file; pass the checkpoint folder (or component folder) that holds it.")
     if not src.is_dir():
-        raise WeightsError(f"{src}: no such folder.")
-    if dst.resolve() == src.resolve():
+        raise WeightsNotFoundError(f"SRC {src}: no such folder.")
+    if _is_component(src):
+        return [src], []
+    items = sorted(src.iterdir())
+    components = [p for p in items if p.is_dir() and _is_component(p)]
+    if not components:
+        raise WeightsError(f"SRC {src}: found no component folder (a config.json naming {sorted(_MODULES)}).")
+    return components, [p for p in items if p not in components]
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, a DST that cannot or must not be replaced."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
         raise WeightsError("SRC and DST must be different folders.")
-    converted = []
-    folders = [src] if _is_component(src) else sorted(p for p in src.iterdir() if p.is_dir())
-    dst.mkdir(parents=True, exist_ok=True)
-    if not _is_component(src):
-        for item in src.iterdir():
-            if item.is_file():
-                shutil.copy2(item, dst / item.name)
-    for folder in folders:
-        out = dst if folder == src else dst / folder.name
-        if _is_component(folder):
-            model = load_component(folder, dtype=dtype)
-            save_component(model, out, layout=layout, dtype=dtype)
-            del model
-            converted.append(folder.name)
-            log(f"converted {folder.name} -> {out} ({layout})")
+    if s in d.parents:
+        raise WeightsError(f"DST {dst} lies inside SRC {src}: choose a folder outside it.")
+    if d in s.parents:
+        raise WeightsError(f"SRC {src} lies inside DST {dst}: replacing DST would delete SRC; choose another DST.")
+    if dst.exists() and not dst.is_dir():
+        raise WeightsError(f"DST {dst}: is a file; pass the path of a folder to create.")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        shown = sorted(p.name for p in dst.iterdir())
+        raise WeightsError(
+            f"DST {dst} is not empty (holds {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}); "
+            f"pass --overwrite to replace it, or choose a new folder."
+        )
+    parent = next(p for p in d.parents if p.exists())  # where the first new folder is made
+    if not parent.is_dir():
+        raise WeightsError(f"DST {dst}: {parent} is a file, so no folder can be created in it.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WeightsError(f"DST {dst}: cannot write into {parent} (permission denied).")
+    if dst.is_dir() and any(dst.iterdir()) and not os.access(dst, os.W_OK | os.X_OK):
+        raise WeightsError(f"DST {dst}: cannot replace it, its contents are read-only (permission denied).")
+
+
+def convert_into(components: list[Path], others: list[Path], src: Path, out: Path, layout: str, dtype, log) -> None:
+    """Write the conversion of SRC into the (new, empty) folder ``out``."""
+    for folder in components:
+        target = out if folder == src else out / folder.name
+        model = load_component(folder, dtype=dtype)  # "keep": each tensor as stored
+        save_component(model, target, layout=layout, dtype=None if dtype == "keep" else dtype)
+        del model
+        log(f"converted {folder.name} ({layout}, dtype {'as stored' if dtype == 'keep' else dtype})")
+    for item in others:
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
         else:
-            shutil.copytree(folder, out, dirs_exist_ok=True)
-    if not converted:
-        raise WeightsError(f"{src}: found no component folder (a config.json naming {sorted(_MODULES)}).")
-    return converted
+            shutil.copy2(item, out / item.name)
+
+
+def publish(tmp: Path, dst: Path) -> None:
+    """Move the finished ``tmp`` folder to ``dst``; an existing dst is replaced only once tmp is in place."""
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        print(f"warning: could not remove the previous {dst} (left at {old})", file=sys.stderr)
+
+
+def convert_folder(
+    src: Path, dst: Path, layout: str, dtype="keep", overwrite: bool = False, log=print
+) -> list[str]:
+    """Convert every component below ``src`` into ``dst``; returns the converted names.
+
+    Everything is checked before anything is written; the result appears at ``dst`` only
+    when complete (see the module docstring)."""
+    src, dst = Path(src), Path(dst)
+    components, others = plan(src)
+    check_destination(src, dst, overwrite)
+    created = next((p for p in reversed(dst.parents) if not p.exists()), None)  # topmost missing parent
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        convert_into(components, others, src, tmp, layout, dtype, log)
+        publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    log(f"wrote {dst}")
+    return [folder.name for folder in components]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="checkpoint folder (or one component folder)")
-    parser.add_argument("dst", type=Path, help="output folder")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: float32)")
+    parser.add_argument("dst", type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--to", choices=("kandinsky", "hub"), default="kandinsky", help="layout to write")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="keep",
+        help="keep: every tensor in the dtype it is stored in (default); fp32/fp16/bf16: cast floating tensors",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it holds files (default: refuse)")
     args = parser.parse_args(argv)
     try:
-        convert_folder(args.src, args.dst, args.to, DTYPES.get(args.dtype))
-    except (WeightsError, ConfigError) as e:
+        convert_folder(args.src, args.dst, args.to, DTYPES[args.dtype], overwrite=args.overwrite)
+    except (OSError, ValueError) as e:  # WeightsError is an OSError, ConfigError a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

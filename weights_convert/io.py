@@ -6,7 +6,9 @@
 * fp16 variants (``model.fp16.safetensors``, ``diffusion_pytorch_model.fp16.bin``, ...)
   and sharded checkpoints (``*.index.json`` + shards) are found automatically.
 
-Every problem is raised as :class:`WeightsError` naming the file and what is wrong.
+Every problem is raised as :class:`WeightsError` (an ``OSError``, as in transformers and
+diffusers) naming the file and what is wrong; a missing file or folder as
+:class:`WeightsNotFoundError`, which is also a ``FileNotFoundError``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -22,8 +25,12 @@ from typing import Iterator
 import torch
 
 
-class WeightsError(RuntimeError):
-    """A weights file is missing, corrupt, or does not match the model."""
+class WeightsError(OSError):
+    """A checkpoint file is missing, corrupt, or does not match the model (``except OSError`` catches it)."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """A component folder, its config.json, a weights file or a shard is missing."""
 
 
 _ST_DTYPES = {
@@ -51,13 +58,18 @@ KANDINSKY_STEM = "kandinsky"
 def find_weight_files(folder: Path, stems: tuple[str, ...], variant: str | None = None) -> list[Path]:
     """The weight files of a component folder, in order of preference.
 
-    Full precision first, whatever the format: plain safetensors, sharded safetensors,
-    plain ``.bin``, sharded ``.bin``; then the half-precision variants (``.fp16.`` /
-    ``.bf16.``, single or sharded; diffusers and transformers name a variant's shard
-    index ``<stem>.safetensors.index.fp16.json``), safetensors before ``.bin``. So a
-    folder holding an fp32 ``.bin`` and only an fp16 safetensors loads the unrounded
-    weights. With ``variant="fp16"`` that variant's files come first.
+    ``variant=None``: full precision first, whatever the format: plain safetensors, sharded
+    safetensors, plain ``.bin``, sharded ``.bin``; then the half-precision variants (``.fp16.`` /
+    ``.bf16.``, single or sharded; diffusers and transformers name a variant's shard index
+    ``<stem>.safetensors.index.fp16.json``), safetensors before ``.bin``. So a folder holding an
+    fp32 ``.bin`` and only an fp16 safetensors loads the unrounded weights.
+    ``variant="fp16"`` (any variant name): that variant's files only; a folder without them
+    raises :class:`WeightsNotFoundError`, as diffusers and transformers do (never a silent
+    fallback to other weights).
     """
+    if variant is not None and not (isinstance(variant, str) and re.fullmatch(r"[\w-]+", variant)):
+        raise ValueError(f"variant must be None or a variant name like 'fp16' or 'bf16', not {variant!r}.")
+
     def names(v: str | None) -> list[str]:
         out = []
         for ext in ("safetensors", "bin"):
@@ -68,15 +80,20 @@ def find_weight_files(folder: Path, stems: tuple[str, ...], variant: str | None 
                     out += [f"{stem}.{v}.{ext}", f"{stem}.{ext}.index.{v}.json", f"{stem}.{v}.{ext}.index.json"]
         return out
 
-    half = [v for v in ("fp16", "bf16") if v != variant]
-    order = ([variant] if variant else []) + [None] + half
+    order = [variant] if variant else [None, "fp16", "bf16"]
     candidates = [name for v in order for name in names(v)]
     for name in dict.fromkeys(candidates):
         path = folder / name
         if path.is_file():
             return _expand_index(path) if name.endswith(".json") else [path]
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise WeightsError(
+    if variant:
+        raise WeightsNotFoundError(
+            f"{folder}: no {variant!r} variant (looked for {stems[0]}.{variant}.safetensors, "
+            f"{stems[0]}.{variant}.bin and their shard indexes); the folder holds {present or 'nothing'}. "
+            f"Pass variant=None to load the weights it has (dtype= casts them)."
+        )
+    raise WeightsNotFoundError(
         f"{folder}: no weights file found (looked for {stems[0]}.safetensors, {stems[0]}.bin, "
         f"fp16 variants and sharded *.index.json); the folder holds {present or 'nothing'}."
     )
@@ -96,7 +113,7 @@ def _expand_index(index: Path) -> list[Path]:
                 f"{index}: shard {name!r} points outside the checkpoint folder {folder}; refusing to read it."
             )
         if not path.is_file():
-            raise WeightsError(f"{index}: shard file {name!r} is missing from {folder}.")
+            raise WeightsNotFoundError(f"{index}: shard file {name!r} is missing from {folder}.")
         shards.append(path)
     return shards
 
