@@ -37,3 +37,9 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> None:
     err = rel_err(ours, ref)
     assert err < tol, f"relative error {err:.3e} >= {tol:.0e}"
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """A raw decoder output in ~[-1, 1] -> [0, 1], what our ``output_type="pt"`` returns (the reference's
+    text2img, inpaint and controlnet pipelines return the raw tensor for "pt": test_pt_output_range)."""
+    return (x * 0.5 + 0.5).clamp(0, 1)

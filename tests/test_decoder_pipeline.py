@@ -9,7 +9,7 @@ import torch
 
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.images import grow_repaint_area
-from tests.helpers import rel_err
+from tests.helpers import unit, rel_err
 from tests.refs.decoder_pipeline import EMBED_DIM
 
 TOL = 1e-4
@@ -48,7 +48,7 @@ def test_text2img_guided(decoder):
     e, n = embeds(1)
     kw = dict(height=64, width=64, num_inference_steps=STEPS, guidance_scale=4.0, num_images_per_prompt=2)
     out = ours.text2img(e, n, generator=gen(1), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, generator=gen(1), output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, generator=gen(1), output_type="pt", **kw).images)
     assert out.shape == (2, 3, 64, 64)
     assert rel_err(out, exp) < TOL
 
@@ -58,7 +58,7 @@ def test_text2img_unguided_non_square(decoder):
     e, n = embeds(1, seed=1)
     kw = dict(height=64, width=128, num_inference_steps=STEPS, guidance_scale=1.0)
     out = ours.text2img(e, n, generator=gen(2), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, generator=gen(2), output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, generator=gen(2), output_type="pt", **kw).images)
     assert out.shape == (1, 3, 64, 128)
     assert rel_err(out, exp) < TOL
     # guidance off needs no negative embedding
@@ -76,7 +76,7 @@ def test_text2img_ddim(decoder_pipeline_folder):
     e, n = embeds(1, seed=2)
     kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=4.0)
     out = ours.text2img(e, n, generator=gen(3), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, generator=gen(3), output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, generator=gen(3), output_type="pt", **kw).images)
     assert rel_err(out, exp) < TOL
 
 
@@ -87,9 +87,10 @@ def test_text2img_given_latents_and_callback(decoder):
     latents = torch.randn(1, 4, 8, 8, generator=gen(4))
     seen = []
 
-    def ours_cb(step, t, x):
-        seen.append((step, int(t)))
-        return x * 0.5
+    def ours_cb(state):
+        seen.append((state.step, int(state.timestep)))
+        assert state.stage == "decoder" and state.x0.shape == state.x.shape
+        return state.x * 0.5
 
     def ref_cb(pipe, step, t, kwargs):
         return {"latents": kwargs["latents"] * 0.5}
@@ -124,11 +125,25 @@ def test_output_types(decoder):
 
     pt = run("pt")
     assert isinstance(pt, torch.Tensor) and pt.shape == (2, 3, 64, 128)
-    assert rel_err((pt * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(exp_np)) < TOL
+    assert 0 <= pt.min() and pt.max() <= 1  # [0, 1], as diffusers' img2img / inpaint and torchvision
+    assert rel_err(pt.permute(0, 2, 3, 1), torch.from_numpy(exp_np)) < TOL
 
     latent = run("latent")
     assert latent.shape == (2, 4, 8, 16)
-    assert rel_err(ours.movq.decode(latent, force_not_quantize=True), pt) < 1e-6
+    assert rel_err(unit(ours.movq.decode(latent, force_not_quantize=True)), pt) < 1e-6
+
+
+def test_pt_output_range(decoder):
+    """Deviation: the reference's text2img returns the raw decoder tensor (~[-1, 1]) for "pt" while
+    its img2img returns [0, 1]; ours is (B, 3, H, W) in [0, 1] for every task."""
+    ours, ref = decoder
+    e, n = embeds(1, seed=4)
+    kw = dict(height=64, width=64, num_inference_steps=1, guidance_scale=1.0)
+    raw = ref(image_embeds=e, negative_image_embeds=n, generator=gen(6), output_type="pt", **kw).images
+    got = ours.text2img(e, n, generator=gen(6), output_type="pt", progress=False, **kw).images
+    assert raw.min() < 0  # the reference's "pt" is not an image in [0, 1]
+    assert 0 <= got.min() and got.max() <= 1
+    assert rel_err(got, unit(raw)) < TOL
 
 
 def test_progress_bar(decoder, capsys):
@@ -195,8 +210,8 @@ def test_inpaint(inpainter, mask_kind):
     kw = dict(height=64, width=64, num_inference_steps=3, guidance_scale=4.0, num_images_per_prompt=2)
     out = ours.inpaint(e, image, mask, n, generator=gen(10), output_type="pt", progress=False, **kw).images
     ref_mask = mask.copy()  # the reference binarises numpy masks in place
-    exp = ref(image_embeds=e, image=image, mask_image=ref_mask, negative_image_embeds=n, generator=gen(10),
-              output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, image=image, mask_image=ref_mask, negative_image_embeds=n, generator=gen(10),
+              output_type="pt", **kw).images)
     assert out.shape == (2, 3, 64, 64)
     assert rel_err(out, exp) < TOL
 
@@ -261,12 +276,12 @@ def test_controlnet(controlnet):
     hint = torch.rand(1, 3, 64, 64, generator=gen(15))
     kw = dict(height=64, width=64, num_inference_steps=STEPS, guidance_scale=4.0, num_images_per_prompt=2)
     out = ours.controlnet(e, n, hint, generator=gen(16), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(16), output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(16), output_type="pt", **kw).images)
     assert rel_err(out, exp) < TOL
     # a one-channel depth map is repeated to three channels
     out = ours.controlnet(e, n, hint[0, :1], generator=gen(16), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, hint=hint[:, :1].expand(-1, 3, -1, -1), generator=gen(16),
-              output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hint[:, :1].expand(-1, 3, -1, -1), generator=gen(16),
+              output_type="pt", **kw).images)
     assert rel_err(out, exp) < TOL
 
 

@@ -12,7 +12,7 @@ import torch
 
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
-from tests.helpers import rel_err
+from tests.helpers import unit, rel_err
 from tests.refs.decoder_pipeline import EMBED_DIM
 
 TOL = 1e-4
@@ -96,8 +96,8 @@ def test_ddim_inpaint(inpaint_pipeline_folder):
     image, mask = rgb(2), repaint_mask(2)
     kw = dict(**SIZE, num_inference_steps=3, guidance_scale=4.0)
     got = ours.inpaint(e, image, mask, n, generator=gen(2), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n, generator=gen(2),
-              output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n, generator=gen(2),
+              output_type="pt", **kw).images)
     assert rel_err(got, exp) < TOL
 
 
@@ -123,8 +123,8 @@ def test_controlnet_given_latents(controlnet):
     kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
     got = ours.controlnet(e, n, hint, latents=latents, generator=gen(4), output_type="pt", progress=False,
                           **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, hint=hint, latents=latents, generator=gen(4),
-              output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hint, latents=latents, generator=gen(4),
+              output_type="pt", **kw).images)
     assert rel_err(got, exp) < TOL
 
 
@@ -196,7 +196,7 @@ def test_text2img_guidance_at_most_one(decoder, scale):
     e, n = embeds(2, seed=9)
     kw = dict(**SIZE, num_inference_steps=2, guidance_scale=scale)
     got = ours.text2img(e, n, generator=gen(9), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, generator=gen(9), output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, generator=gen(9), output_type="pt", **kw).images)
     assert got.shape == (2, 3, 64, 64)
     assert rel_err(got, exp) < TOL
 
@@ -219,8 +219,8 @@ def test_inpaint_callback_replacing_latents(inpainter):
     e, n = embeds(1, seed=11)
     image, mask = rgb(11), repaint_mask(11)
 
-    def ours_cb(step, t, x):
-        return x * 0.5 + 0.1
+    def ours_cb(state):
+        return state.x * 0.5 + 0.1
 
     def ref_cb(pipe, step, t, kwargs):
         return {"latents": kwargs["latents"] * 0.5 + 0.1}
@@ -242,7 +242,7 @@ def test_img2img_callback_replacing_latents(decoder):
     image = rgb(12)
     kw = dict(**SIZE, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
     got = ours.img2img(e, image, n, generator=gen(12), output_type="latent", progress=False,
-                       callback_on_step_end=lambda i, t, x: -x, **kw).images
+                       callback_on_step_end=lambda state: -state.x, **kw).images
     exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(12), output_type="latent",
               callback_on_step_end=lambda p, i, t, k: {"latents": -k["latents"]}, **kw).images
     assert rel_err(got, exp) < TOL
@@ -291,8 +291,8 @@ def test_unguided_images_per_prompt(decoder, inpainter):
         ref(image_embeds=e, negative_image_embeds=n, num_images_per_prompt=2, generator=gen(15), **kw)
     got = ours.text2img(e, n, num_images_per_prompt=2, generator=gen(15), output_type="pt", progress=False,
                         **kw).images
-    exp = ref(image_embeds=e.repeat(2, 1), negative_image_embeds=n.repeat(2, 1), generator=gen(15),
-              output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e.repeat(2, 1), negative_image_embeds=n.repeat(2, 1), generator=gen(15),
+              output_type="pt", **kw).images)
     assert rel_err(got, exp) < TOL
 
     ours, ref = inpainter
@@ -413,8 +413,8 @@ def test_hint_modes(controlnet, mode):
     rgb_hint = torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
     kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
     got = ours.controlnet(e, n, picture, generator=gen(23), output_type="pt", progress=False, **kw).images
-    exp = ref(image_embeds=e, negative_image_embeds=n, hint=rgb_hint, generator=gen(23), output_type="pt",
-              **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=rgb_hint, generator=gen(23), output_type="pt",
+              **kw).images)
     assert rel_err(got, exp) < TOL
 
 
@@ -427,7 +427,7 @@ def test_sixteen_bit_depth_hint(controlnet, tmp_path):
     picture = PIL.Image.open(tmp_path / "depth.png")
     hint = torch.from_numpy(depth.astype(np.float32) / 65535)[None, None].expand(1, 3, 64, 64)
     kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
-    exp = ref(image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(24), output_type="pt", **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(24), output_type="pt", **kw).images)
     for given in (picture, depth, torch.from_numpy(depth)):  # PIL I;16, uint16 numpy / torch
         got = ours.controlnet(e, n, given, generator=gen(24), output_type="pt", progress=False, **kw).images
         assert rel_err(got, exp) < TOL, type(given)
@@ -489,7 +489,7 @@ def test_bfloat16_chain_and_to(prior_pipeline_folder, decoder_pipeline_folder):
     assert half.prior.dtype == half.decoder.dtype == torch.bfloat16
     got = half.text2img("a red cat", generator=gen(26), output_type="pt", progress=False, **kw).images
     assert got.dtype == torch.bfloat16
-    exp = ref("a red cat", generator=gen(26), output_type="pt", **kw).images
+    exp = unit(ref("a red cat", generator=gen(26), output_type="pt", **kw).images)
     assert rel_err(got.float(), exp) < BF16_TOL
     arr = half.text2img("a red cat", generator=gen(26), output_type="np", progress=False, **kw).images
     assert arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
@@ -556,8 +556,8 @@ def test_one_picture_per_prompt_with_several_images_per_prompt(prior_pipeline_fo
                           progress=False, **kw).images
     g = gen(34)
     e, n = prior_ref(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=g, return_dict=False)
-    exp = ref(image_embeds=e, negative_image_embeds=n, hint=hints.repeat_interleave(2, dim=0), generator=g,
-              output_type="pt", **SIZE, num_inference_steps=2).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hints.repeat_interleave(2, dim=0), generator=g,
+              output_type="pt", **SIZE, num_inference_steps=2).images)
     assert rel_err(got, exp) < TOL
 
 
@@ -596,7 +596,9 @@ def test_diffusers_style_callback_explained(decoder):
     ours, _ = decoder
     e, n = embeds(1)
     kw = dict(**SIZE, num_inference_steps=1, progress=False, output_type="latent")
-    with pytest.raises(TypeError, match=r"callback_on_step_end\(step, timestep, latents\)"):
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(state\) receives one kandinsky.sampling.StepState"):
         ours.text2img(e, n, callback_on_step_end=lambda step, t, latents: {"latents": latents}, **kw)
-    with pytest.raises(TypeError, match=r"callback_on_step_end\(step, timestep, latents\)"):
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(state\) receives one kandinsky.sampling.StepState"):
         ours.text2img(e, n, callback_on_step_end=lambda pipe, step, t, kwargs: None, **kw)
+    with pytest.raises(TypeError, match=r"returned a dict"):
+        ours.text2img(e, n, callback_on_step_end=lambda state: {"latents": state.x}, **kw)

@@ -7,39 +7,41 @@ One class for the three decoder checkpoints (subfolders ``unet``, ``movq``, ``sc
     kandinsky-2-2-decoder-inpaint  (in 9)         inpaint
     kandinsky-2-2-controlnet-depth (image_hint)   controlnet, controlnet_img2img
 
-Every task runs the same loop (the reference pipelines' ``pipeline_kandinsky2_2*.py``):
+Every task runs the same core (kandinsky.sampling):
 
-    latents x_T ~ N(0, 1)            (img2img: the image's MoVQ latents noised to t_start)
-    for t in timesteps:
-        eps_uncond, eps_cond = unet([x_t, x_t], t, [negative_embeds, image_embeds])[:, :4]
-        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        x_t = scheduler.step(eps, t, x_t)
-        (inpaint: x_t = keep * image_latents noised to the next t + (1 - keep) * x_t)
+    plan = make_plan(sampler, schedule, num_inference_steps)   (img2img: its last `strength` share)
+    x = noise * plan.init_noise_sigma                           (img2img: the image's latents noised)
+    denoiser(x, t) = guided eps from unet([x, x], t, [negative_embeds, image_embeds])[:, :4]
+    x_0 = sample(sampler, denoiser, x, plan, callback)          (inpaint: the kept area blended back
+                                                                  after every step, as a callback)
     image = movq.decode(x_0)
 
-The UNet's 4 variance channels are dropped (the decoder's DDPM/DDIM use a fixed
-variance); ``guidance_scale <= 1`` runs the positive embedding alone.
+The tasks and their inputs are declared once in tasks.py; ``guidance_scale <= 1`` runs the
+positive embedding alone.
 
 Deviations from the reference, on purpose: every image of an inpainting batch is
 blended with its own image and mask (the reference blends all with the first);
-img2img / controlnet_img2img resize to (height, width) (the reference swaps them), and
-round sizes like text2img; ``output_type="pt"`` is the raw decoder output for every task
-(the reference's img2img variants map it to [0, 1]); ``num_images_per_prompt > 1`` works
+img2img / controlnet_img2img resize to (height, width) (the reference swaps them); sizes
+that are not a multiple of the model's stride are generated at the next multiple and resized
+to the size asked; image tasks default to the input picture's size; ``output_type="pt"`` is
+(B, 3, H, W) in [0, 1] for every task (the reference's text2img returns [-1, 1]); ``num_images_per_prompt > 1`` works
 without guidance (the reference does not repeat the embeddings then); an image, mask or hint
 may serve a group of consecutive embeddings (one per prompt); inputs are checked (see images.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -51,28 +53,33 @@ from kandinsky.pipelines.images import (
     check_same_size,
     format_output,
     grow_repaint_area,
+    input_size,
     load_images,
     load_masks,
     normalize,
 )
-from kandinsky.sampling.state import BRANCHES_GUIDED, BRANCHES_SINGLE, model_call
+from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
+from kandinsky.sampling import samplers
+from kandinsky.sampling.denoisers import DecoderDenoiser
+from kandinsky.sampling.trajectory import Trajectory
 from kandinsky.schedulers import Scheduler, randn, scheduler_from_config
 from weights_convert import load_component
 
-# What each kind of checkpoint can do, and where it comes from.
-TASKS = {
-    "decoder": ("text2img", "img2img"),
-    "inpaint": ("inpaint",),
-    "controlnet": ("controlnet", "controlnet_img2img"),
-}
-HUB_REPOS = {
-    "decoder": "kandinsky-community/kandinsky-2-2-decoder",
-    "inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
-    "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth",
-}
-KIND_OF_TASK = {task: kind for kind, tasks in TASKS.items() for task in tasks}
+# Kept for code that imported them from here: the tables live in tasks.py.
+TASKS = TASKS_OF_CHECKPOINT
+HUB_REPOS = CHECKPOINTS
+KIND_OF_TASK = {name: t.checkpoint for name, t in DECODER_TASKS.items()}
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+# A diffusers scheduler object given as ``scheduler=``: its class -> our sampler name.
+DIFFUSERS_SCHEDULERS = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+}
 
 
 def checkpoint_kind(unet_config, latent_channels: int) -> str:
@@ -124,23 +131,32 @@ def _check_generator(generator, batch: int) -> None:
         )
 
 
-_CALLBACK_SIGNATURE = (
-    "callback_on_step_end(step, timestep, latents) must return None or a latents tensor (diffusers' "
-    "(pipe, step, timestep, callback_kwargs) -> dict form is not used here)"
-)
+def sampler_name(scheduler, schedule: Scheduler) -> str:
+    """A sampler name from a name or a diffusers scheduler object (checked against this checkpoint)."""
+    if isinstance(scheduler, str):
+        name = samplers.get_sampler(scheduler).name
+        if name not in samplers.sampler_names("decoder"):
+            raise ValueError(f"{scheduler!r} is the prior's sampler; the decoder takes one of: "
+                             f"{', '.join(samplers.sampler_names())}.")
+        return name
+    config = getattr(scheduler, "config", None)
+    class_name = type(scheduler).__name__
+    if config is None or class_name not in DIFFUSERS_SCHEDULERS:
+        raise TypeError(
+            f"scheduler must be a sampler name ({', '.join(samplers.sampler_names())}), got "
+            f"{class_name}{'' if config is None else ' (a diffusers scheduler this decoder cannot run)'}."
+        )
+    ours = schedule.config
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
+        if key in config and getattr(ours, key, None) is not None and config[key] != getattr(ours, key):
+            raise ValueError(f"the {class_name} given has {key}={config[key]!r} but this checkpoint was trained "
+                             f"with {getattr(ours, key)!r}; pass the sampler's name instead, e.g. "
+                             f"scheduler={DIFFUSERS_SCHEDULERS[class_name]!r}.")
+    name = DIFFUSERS_SCHEDULERS[class_name]
+    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+        name = "dpmpp_2m_karras"
+    return name
 
-
-def _call_back(callback, step: int, timestep: torch.Tensor, latents: torch.Tensor):
-    """Run the user's step callback; its result: None, or replacement latents."""
-    try:
-        out = callback(step, timestep, latents)
-    except TypeError as e:
-        if e.__traceback__.tb_next is None:  # raised by the call itself: the wrong arguments
-            raise TypeError(f"{_CALLBACK_SIGNATURE}; calling it failed: {e}") from e
-        raise
-    if out is not None and not isinstance(out, torch.Tensor):
-        raise TypeError(f"{_CALLBACK_SIGNATURE}; it returned a {type(out).__name__}.")
-    return out
 
 
 def _a(word: str) -> str:
@@ -155,15 +171,45 @@ class DecoderPipeline:
     checkpoint to load instead.
     """
 
-    def __init__(self, unet, movq, scheduler, source: str = "this checkpoint"):
-        self.unet, self.movq, self.scheduler = unet, movq, scheduler
+    def __init__(self, unet, movq, scheduler, source: str = "this checkpoint", sampler: str | None = None):
+        self.unet, self.movq = unet, movq
         self.source = source
         self.latent_channels = movq.config.latent_channels
         self.kind = checkpoint_kind(unet.config, self.latent_channels)
-        self.tasks = TASKS[self.kind]
-        # MoVQ downsampling; sizes round up to a multiple of its square (the reference's
-        # downscale_height_and_width): 64 pixels = 8 latent pixels = the UNet's 3 halvings.
+        self.tasks = TASKS_OF_CHECKPOINT[self.kind]
+        # MoVQ downsampling and the UNet's halvings: sizes are generated at a multiple of both.
         self.movq_scale_factor = 2 ** (len(movq.config.block_out_channels) - 1)
+        self.size_multiple = self.movq_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.set_scheduler(scheduler if sampler is None else sampler, schedule=scheduler)
+
+    # ------------------------------------------------------------------ the sampler
+    def set_scheduler(self, scheduler, schedule=None) -> None:
+        """Choose the decoder's sampler: a name (``ddpm``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_karras``,
+        ``unipc``, ``euler``, ``euler_a``, ``heun``; case-insensitive), one of our schedules
+        (kandinsky.schedulers: DDPM / DDIM), or a diffusers scheduler object (its class picks the
+        sampler; its betas must be the checkpoint's). The noise schedule stays the checkpoint's."""
+        if schedule is not None and isinstance(schedule, Scheduler):
+            self._schedule = schedule
+        if isinstance(scheduler, Scheduler):
+            if scheduler.KIND == "unclip":
+                raise ValueError("the UnCLIP scheduler is the prior's (it predicts x_0 with a cosine schedule); "
+                                 f"the decoder takes one of: {', '.join(samplers.sampler_names())}.")
+            self._schedule, self.sampler = scheduler, scheduler.KIND
+        else:
+            self.sampler = sampler_name(scheduler if scheduler is not None else self._schedule.KIND, self._schedule)
+        self._schedules = {self._schedule.KIND: self._schedule}
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The noise schedule the current sampler runs on (DDPM tables; DDIM for ``ddim``)."""
+        return self._schedule_for(self.sampler)
+
+    def _schedule_for(self, sampler: str) -> Scheduler:
+        kind = "ddim" if sampler == "ddim" else "ddpm"
+        if kind not in self._schedules:
+            config = self._schedule.config.to_dict()
+            self._schedules[kind] = scheduler_from_config(config, kind=kind, source=f"{self.source} scheduler")
+        return self._schedules[kind]
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -172,17 +218,17 @@ class DecoderPipeline:
         folder,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-        scheduler: str | None = None,
+        scheduler=None,
     ) -> "DecoderPipeline":
         """Load a decoder, decoder-inpaint or controlnet-depth checkpoint folder (or hub id).
 
-        ``dtype`` (default float32) and ``device`` apply to the UNet and MoVQ.
-        ``scheduler``: None for the folder's scheduler (DDPM), ``"ddim"`` for DDIM built
-        from the same config (as the reference's ``DDIMScheduler.from_config``), or a
-        ``kandinsky.schedulers.Scheduler`` instance.
+        ``dtype`` (default float32) and ``device`` apply to the UNet and MoVQ. ``scheduler``:
+        None (the checkpoint's DDPM) or a sampler name (see :meth:`set_scheduler`), a
+        ``kandinsky.schedulers.Scheduler`` or a diffusers scheduler object.
         """
         root = resolve(folder, "decoder checkpoint")
-        needed = ("unet", "movq") + (() if isinstance(scheduler, Scheduler) else ("scheduler",))
+        ours = isinstance(scheduler, Scheduler)
+        needed = ("unet", "movq") + (() if ours else ("scheduler",))
         missing = [sub for sub in needed if not (root / sub).is_dir()]
         if missing:
             index = root / "model_index.json"
@@ -190,17 +236,21 @@ class DecoderPipeline:
             what = f" (model_index.json says {name})" if name else ""
             raise ValueError(
                 f"{root}{what} is not a Kandinsky 2.2 decoder folder: no {', '.join(missing)} subfolder(s). "
-                f"Decoder checkpoints are e.g. {', '.join(HUB_REPOS.values())}."
+                f"Decoder checkpoints are e.g. {', '.join(CHECKPOINTS.values())}."
             )
-        if isinstance(scheduler, Scheduler):
-            sched = scheduler
+        if ours:
+            schedule = scheduler
         else:
             config_file = root / "scheduler" / "scheduler_config.json"
-            sched = scheduler_from_config(json.loads(config_file.read_text()), kind=scheduler,
-                                          source=str(config_file))
+            schedule = scheduler_from_config(json.loads(config_file.read_text()), source=str(config_file))
+            if schedule.KIND == "unclip":
+                raise ValueError(f"{config_file} is an UnCLIPScheduler config: that is a prior checkpoint's, "
+                                 "not a decoder's.")
+        # names are checked before the weights are read
+        sampler = None if scheduler is None or ours else sampler_name(scheduler, schedule)
         unet = load_component(root / "unet", dtype=dtype, device=device)
         movq = load_component(root / "movq", dtype=dtype, device=device)
-        return cls(unet, movq, sched, source=str(root))
+        return cls(unet, movq, schedule, source=str(root), sampler=sampler)
 
     @property
     def device(self) -> torch.device:
@@ -211,246 +261,95 @@ class DecoderPipeline:
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "DecoderPipeline":
+        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), the diffusers idiom
+            device, dtype = None, device
         self.unet.to(device=device, dtype=dtype)
         self.movq.to(device=device, dtype=dtype)
         return self
 
     def __repr__(self) -> str:
-        return f"DecoderPipeline(kind={self.kind!r}, tasks={self.tasks}, source={self.source!r})"
+        return f"DecoderPipeline(kind={self.kind!r}, tasks={self.tasks}, sampler={self.sampler!r}, source={self.source!r})"
 
     # ------------------------------------------------------------------ tasks
-    @torch.no_grad()
-    def text2img(
-        self,
-        image_embeds,
-        negative_image_embeds,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        num_images_per_prompt: int = 1,
-        generator=None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end: StepCallback | None = None,
-        progress: bool = True,
-    ) -> ImageOutput:
-        """Images from CLIP image embeddings (B, D) (e.g. PriorPipeline's output).
+    # Each method is one line: the task's inputs are declared in tasks.DECODER_TASKS, the
+    # options every task takes in tasks.DECODER_OPTIONS (documented in docs/usage.md).
 
-        ``negative_image_embeds`` (B, D) steer away (classifier-free guidance, used when
-        ``guidance_scale > 1``; may be None otherwise). ``latents``: optional starting
-        noise (B * num_images_per_prompt, 4, height/8, width/8).
-        ``callback_on_step_end(step, timestep, latents)`` runs after every step and may
-        return replacement latents. Returns ImageOutput (see images.py for the formats).
-        """
-        self.check_task("text2img")
-        check_output_type(output_type)
-        embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
-        _check_generator(generator, batch)
-        height, width = self._image_size(height, width)
-        timesteps = self._timesteps(num_inference_steps)
-        latents = self._initial_latents(batch, height, width, generator, latents)
-        latents = self._denoise(latents, timesteps, embeds, guidance_scale, generator,
-                                callback_on_step_end=callback_on_step_end, progress=progress)
-        return self._output(latents, output_type)
+    def text2img(self, image_embeds, negative_image_embeds=None, **options) -> ImageOutput:
+        """Images from CLIP image embeddings (B, D) (e.g. PriorPipeline's output), guided away from
+        ``negative_image_embeds`` (B, D) when ``guidance_scale > 1``."""
+        return self.run("text2img", image_embeds, negative_image_embeds, **options)
+
+    def img2img(self, image_embeds, image, negative_image_embeds=None, strength: float = 0.3, **options):
+        """Re-imagine ``image``: the last ``strength`` share of the schedule is run from the image's
+        noised latents (1 = from almost pure noise)."""
+        return self.run("img2img", image_embeds, negative_image_embeds, image=image, strength=strength, **options)
+
+    def inpaint(self, image_embeds, image, mask_image, negative_image_embeds=None, **options):
+        """Repaint the white / 1 area of ``mask_image`` in ``image``; black / 0 is kept. The area
+        to repaint grows by one latent pixel, as in the reference (see images.load_masks for the
+        mask rules)."""
+        return self.run("inpaint", image_embeds, negative_image_embeds, image=image, mask_image=mask_image,
+                        **options)
+
+    def controlnet(self, image_embeds, negative_image_embeds=None, hint=None, **options):
+        """text2img guided by ``hint`` (a depth map for the controlnet-depth checkpoint): a (B, 3, H, W)
+        or (3, H, W) tensor in [0, 1], a PIL image or a numpy array; one channel is repeated."""
+        return self.run("controlnet", image_embeds, negative_image_embeds, hint=hint, **options)
+
+    def controlnet_img2img(self, image_embeds, image, negative_image_embeds=None, hint=None,
+                           strength: float = 0.3, **options):
+        """img2img guided by a ``hint`` (see :meth:`img2img` and :meth:`controlnet`)."""
+        return self.run("controlnet_img2img", image_embeds, negative_image_embeds, image=image, hint=hint,
+                        strength=strength, **options)
 
     @torch.no_grad()
-    def img2img(
-        self,
-        image_embeds,
-        image,
-        negative_image_embeds,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        strength: float = 0.3,
-        num_images_per_prompt: int = 1,
-        generator=None,
-        output_type: str = "pil",
-        callback_on_step_end: StepCallback | None = None,
-        progress: bool = True,
-    ) -> ImageOutput:
-        """Re-imagine ``image`` (one, one per embedding or one per prompt; resized to height x width).
+    def run(self, task: str, image_embeds, negative_image_embeds=None, **kwargs) -> ImageOutput:
+        """Run decoder task ``task`` (a key of tasks.DECODER_TASKS) with its inputs and options."""
+        spec = DECODER_TASKS.get(task)
+        if spec is None:
+            raise ValueError(f"unknown decoder task {task!r}: one of {', '.join(DECODER_TASKS)}.")
+        self.check_task(task)
+        inputs = {name: kwargs.pop(name, None) for name in spec.inputs}
+        opts = _options(task, spec, kwargs)
+        check_output_type(opts["output_type"])
+        for name in spec.inputs:
+            if inputs[name] is None and name != "strength":
+                raise TypeError(f"{task}() needs `{name}`.")
+        sampler = self.sampler if opts["scheduler"] is None else sampler_name(opts["scheduler"], self._schedule)
 
-        ``strength`` in (0, 1]: the fraction of the ``num_inference_steps`` schedule run
-        from the noised image (1 = from pure noise at the first timestep).
-        """
-        self.check_task("img2img")
-        check_output_type(output_type)
-        embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
-        _check_generator(generator, batch)
-        height, width = self._image_size(height, width)
-        timesteps = self._img2img_timesteps(num_inference_steps, strength)
-        latents = self._noised_image_latents(image, batch, num_images_per_prompt, height, width,
-                                             timesteps[:1], generator)
-        latents = self._denoise(latents, timesteps, embeds, guidance_scale, generator,
-                                callback_on_step_end=callback_on_step_end, progress=progress)
-        return self._output(latents, output_type)
+        n_img = opts["num_images_per_prompt"]
+        embeds, batch = self._embeddings(image_embeds, negative_image_embeds, opts["guidance_scale"], n_img)
+        _check_generator(opts["generator"], batch)
+        size = self._sizes(opts["height"], opts["width"], inputs.get("image", inputs.get("hint")))
+        height, width = size.generate
+        plan = self._plan(sampler, opts["num_inference_steps"], spec, inputs.get("strength"))
+        generator = opts["generator"]
 
-    @torch.no_grad()
-    def inpaint(
-        self,
-        image_embeds,
-        image,
-        mask_image,
-        negative_image_embeds,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        num_images_per_prompt: int = 1,
-        generator=None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end: StepCallback | None = None,
-        progress: bool = True,
-    ) -> ImageOutput:
-        """Repaint the white / 1 area of ``mask_image`` in ``image``; black / 0 is kept.
+        hint = inpaint = blend = None
+        if "hint" in spec.inputs:
+            hint = self._hint(inputs["hint"], batch, n_img, height, width)
+        if spec.start == "image":
+            latents = self._noised_image_latents(inputs["image"], batch, n_img, height, width, plan, generator)
+        else:
+            latents = self._initial_latents(batch, height, width, generator, opts["latents"], plan)
+        if task == "inpaint":
+            image_latents, keep = self._inpaint_inputs(inputs["image"], inputs["mask_image"], batch, n_img,
+                                                       height, width)
+            inpaint = torch.cat([image_latents * keep, keep], dim=1)  # (B, 5, h, w)
+            blend = _InpaintBlend(image_latents, keep, noise=latents.clone(), plan=plan)
 
-        ``image`` and ``mask_image`` must have the same size (they are resized to
-        height x width); give one of each, one per embedding or one per prompt. The area to
-        repaint grows by one latent pixel (8 image pixels), as in the reference.
-        """
-        self.check_task("inpaint")
-        check_output_type(output_type)
-        embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
-        _check_generator(generator, batch)
-        height, width = self._image_size(height, width)
-        n = batch // num_images_per_prompt
-
-        images = self._broadcast(load_images(image, height, width, "image"), n, "image")  # (n, 3, H, W)
-        repaint = self._broadcast(load_masks(mask_image, height, width), n, "mask_image")  # (n, 1, H, W)
-        check_same_size(image, mask_image)
-        image_latents = self.movq.encode(normalize(images).to(self.device, self.dtype))  # (n, 4, h, w)
-        keep = 1 - repaint.to(self.device, self.dtype)
-        keep = F.interpolate(keep, image_latents.shape[-2:], mode="nearest")  # (n, 1, h, w)
-        keep = grow_repaint_area(keep)
-        image_latents = image_latents.repeat_interleave(num_images_per_prompt, dim=0)  # (batch, 4, h, w)
-        keep = keep.repeat_interleave(num_images_per_prompt, dim=0)  # (batch, 1, h, w)
-
-        timesteps = self._timesteps(num_inference_steps)
-        latents = self._initial_latents(batch, height, width, generator, latents)
-        inpaint = _InpaintState(image_latents, keep, noise=latents.clone())
-        latents = self._denoise(latents, timesteps, embeds, guidance_scale, generator, inpaint=inpaint,
-                                callback_on_step_end=callback_on_step_end, progress=progress)
-        latents = keep * image_latents + (1 - keep) * latents
-        return self._output(latents, output_type)
-
-    @torch.no_grad()
-    def controlnet(
-        self,
-        image_embeds,
-        negative_image_embeds,
-        hint,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        num_images_per_prompt: int = 1,
-        generator=None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end: StepCallback | None = None,
-        progress: bool = True,
-    ) -> ImageOutput:
-        """text2img guided by a ``hint`` image (a depth map for the controlnet-depth checkpoint).
-
-        ``hint``: (B, 3, H, W) or (3, H, W) tensor in [0, 1], a PIL image or numpy array;
-        one channel is repeated to three; resized to height x width if needed. One hint,
-        one per embedding or one per prompt.
-        """
-        self.check_task("controlnet")
-        check_output_type(output_type)
-        embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
-        _check_generator(generator, batch)
-        height, width = self._image_size(height, width)
-        hint = self._hint(hint, batch, num_images_per_prompt, height, width)
-        timesteps = self._timesteps(num_inference_steps)
-        latents = self._initial_latents(batch, height, width, generator, latents)
-        latents = self._denoise(latents, timesteps, embeds, guidance_scale, generator, hint=hint,
-                                callback_on_step_end=callback_on_step_end, progress=progress)
-        return self._output(latents, output_type)
-
-    @torch.no_grad()
-    def controlnet_img2img(
-        self,
-        image_embeds,
-        image,
-        negative_image_embeds,
-        hint,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        strength: float = 0.3,
-        num_images_per_prompt: int = 1,
-        generator=None,
-        output_type: str = "pil",
-        callback_on_step_end: StepCallback | None = None,
-        progress: bool = True,
-    ) -> ImageOutput:
-        """img2img guided by a ``hint`` image (see :meth:`img2img` and :meth:`controlnet`)."""
-        self.check_task("controlnet_img2img")
-        check_output_type(output_type)
-        embeds, batch = self._embeddings(image_embeds, negative_image_embeds, guidance_scale, num_images_per_prompt)
-        _check_generator(generator, batch)
-        height, width = self._image_size(height, width)
-        hint = self._hint(hint, batch, num_images_per_prompt, height, width)
-        timesteps = self._img2img_timesteps(num_inference_steps, strength)
-        latents = self._noised_image_latents(image, batch, num_images_per_prompt, height, width,
-                                             timesteps[:1], generator)
-        latents = self._denoise(latents, timesteps, embeds, guidance_scale, generator, hint=hint,
-                                callback_on_step_end=callback_on_step_end, progress=progress)
-        return self._output(latents, output_type)
-
-    # ------------------------------------------------------------------ the sampling loop
-    def _denoise(self, latents, timesteps, embeds, guidance_scale, generator, hint=None, inpaint=None,
-                 callback_on_step_end=None, progress=True) -> torch.Tensor:
-        """Run the scheduler over ``timesteps`` from ``latents`` (B, 4, h, w)."""
-        guided = guidance_scale > 1
-        if hint is not None and guided:
-            hint = torch.cat([hint, hint])  # (2B, 3, H, W), like the embeddings [negative, positive]
-        model_input_extra = None
-        if inpaint is not None:
-            model_input_extra = torch.cat([inpaint.image_latents * inpaint.keep, inpaint.keep], dim=1)
-            if guided:
-                model_input_extra = torch.cat([model_input_extra, model_input_extra])  # (2B, 5, h, w)
-
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="decoder")):
-            x = torch.cat([latents, latents]) if guided else latents  # (2B or B, 4, h, w)
-            if model_input_extra is not None:
-                x = torch.cat([x, model_input_extra], dim=1)  # (., 9, h, w): latents, masked image, keep
-            with model_call("decoder", i, t, BRANCHES_GUIDED if guided else BRANCHES_SINGLE):
-                model_output = self.unet(x, t, embeds, hint=hint)  # (., 8, h, w)
-            noise_pred = self._guide(model_output, guidance_scale)  # (B, 4 or 8, h, w)
-            latents = self.scheduler.step(noise_pred, t, latents, generator=generator)
-            if inpaint is not None:
-                latents = inpaint.blend(latents, self.scheduler, timesteps, i)
-            if callback_on_step_end is not None:
-                replaced = _call_back(callback_on_step_end, i, t, latents)
-                if replaced is not None:
-                    if replaced.shape != latents.shape:
-                        raise ValueError(f"callback_on_step_end returned latents of shape {tuple(replaced.shape)}, "
-                                         f"expected {tuple(latents.shape)}.")
-                    latents = replaced.to(latents.device, latents.dtype)
-        return latents
-
-    def _guide(self, model_output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guidance on the noise channels (the batch is [negative, positive]).
-
-        The variance channels are passed on (those of the positive half) only to a scheduler
-        with a learned variance; the decoder's DDPM/DDIM (fixed variance) get the noise alone.
-        """
-        noise, variance = model_output.split(self.latent_channels, dim=1)  # (., 4, h, w) each
-        if guidance_scale > 1:
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            variance = variance.chunk(2)[1]
-        variance_type = getattr(self.scheduler.config, "variance_type", None)
-        if variance_type in ("learned", "learned_range"):
-            return torch.cat([noise, variance], dim=1)
-        return noise
+        denoiser = DecoderDenoiser(self.unet, embeds, opts["guidance_scale"], self.latent_channels,
+                                   inpaint=inpaint, hint=hint)
+        recorder = Trajectory() if opts["return_trajectory"] else None
+        callback = _callbacks(blend, recorder, opts["callback_on_step_end"])
+        with _progress(plan, opts["progress"], "decoder") as bar:
+            latents = samplers.sample(sampler, _ticking(denoiser, bar), latents, plan, generator=generator,
+                                      callback=callback)
+        if task == "inpaint":
+            latents = keep * image_latents + (1 - keep) * latents  # the kept area exactly as encoded
+        out = self._output(latents, opts["output_type"], size)
+        out.trajectory = recorder
+        return out
 
     # ------------------------------------------------------------------ inputs
     def check_task(self, task: str) -> None:
@@ -506,60 +405,64 @@ class DecoderPipeline:
             raise TypeError(f"{name} must be a float tensor, got {x.dtype}.")
         return x
 
-    def _image_size(self, height, width) -> tuple[int, int]:
-        """Round (height, width) up to a multiple of movq_scale_factor**2 (64), warning if changed."""
-        multiple = self.movq_scale_factor**2
+    def _sizes(self, height, width, picture=None) -> "Sizes":
+        """The size asked (default: the input picture's, else 512) and the size generated: the next
+        multiple of ``size_multiple`` (64 for Kandinsky 2.2). Multiples are generated as asked."""
+        if (height is None or width is None) and picture is not None:
+            first = picture[0] if isinstance(picture, (list, tuple)) and picture else picture
+            h, w = input_size(first)
+            height = h if height is None else height
+            width = w if width is None else width
+        height = 512 if height is None else height
+        width = 512 if width is None else width
+        multiple = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if not _is_int(value):
                 raise TypeError(f"{name} must be an integer number of pixels, got {value!r}.")
-            if value < multiple:
-                raise ValueError(f"{name}={value} is too small: sizes must be at least {multiple} pixels.")
+            if value < 1:
+                raise ValueError(f"{name}={value} must be a positive number of pixels.")
         height, width = int(height), int(width)
-        rounded = (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
-        if rounded != (height, width):
-            warnings.warn(
-                f"height x width {height} x {width} rounded up to {rounded[0]} x {rounded[1]} (a multiple of "
-                f"{multiple}, as the reference does).",
-                stacklevel=_caller_stacklevel(),
-            )
-        return rounded
+        generate = (math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple)
+        return Sizes(asked=(height, width), generate=generate)
 
     def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         f = self.movq_scale_factor
         return (batch, self.latent_channels, height // f, width // f)
 
-    def _timesteps(self, num_inference_steps: int) -> torch.Tensor:
+    def _plan(self, sampler: str, num_inference_steps, spec, strength) -> samplers.Plan:
+        """The sampler's plan; for image-start tasks its last ``int(num_inference_steps * strength)`` steps."""
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
-        self.scheduler.set_timesteps(int(num_inference_steps), device=self.device)
-        return self.scheduler.timesteps
+        steps = int(num_inference_steps)
+        if spec.start == "image":
+            if strength is None:
+                strength = 0.3
+            if not _is_real(strength) or not 0 < strength <= 1:
+                raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
+            kept = min(int(steps * float(strength)), steps)
+            if kept < 1:
+                raise ValueError(
+                    f"strength={strength} x num_inference_steps={steps} leaves no denoising step "
+                    f"(int({steps * strength:g}) = 0); raise one of them."
+                )
+        plan = samplers.make_plan(sampler, self._schedule_for(sampler), steps)
+        return plan.tail(kept) if spec.start == "image" else plan
 
-    def _img2img_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
-        """The last ``int(num_inference_steps * strength)`` timesteps of the schedule."""
-        if not _is_real(strength) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
-        timesteps = self._timesteps(num_inference_steps)
-        num_inference_steps, strength = int(num_inference_steps), float(strength)
-        steps = min(int(num_inference_steps * strength), num_inference_steps)
-        if steps < 1:
-            raise ValueError(
-                f"strength={strength} x num_inference_steps={num_inference_steps} leaves no denoising step "
-                f"(int({num_inference_steps * strength:g}) = 0); raise one of them."
-            )
-        order = getattr(self.scheduler, "order", 1)
-        return timesteps[(num_inference_steps - steps) * order:]
-
-    def _initial_latents(self, batch, height, width, generator, latents) -> torch.Tensor:
+    def _initial_latents(self, batch, height, width, generator, latents, plan) -> torch.Tensor:
         shape = self._latent_shape(batch, height, width)
         if latents is None:
             latents = randn(shape, generator, self.device, self.dtype)
+        elif not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch tensor {shape}, got {type(latents).__name__}.")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (batch x num_images_per_prompt, "
                              f"{self.latent_channels}, height/{self.movq_scale_factor}, "
                              f"width/{self.movq_scale_factor}); got {tuple(latents.shape)}.")
         else:
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents hold NaN or inf values: pass finite starting noise.")
             latents = latents.to(self.device, self.dtype)
-        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        return latents * plan.init_noise_sigma
 
     @staticmethod
     def _broadcast(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -576,38 +479,127 @@ class DecoderPipeline:
             f"(a number that divides {n}; each then serves {n} / k consecutive embeddings)."
         )
 
-    def _noised_image_latents(self, image, batch, num_images_per_prompt, height, width, t_start, generator):
-        """MoVQ latents of ``image`` (one per embedding), noised to the first timestep."""
-        n = batch // num_images_per_prompt
-        images = self._broadcast(load_images(image, height, width, "image"), n, "image")  # (n, 3, H, W)
-        latents = self.movq.encode(normalize(images).to(self.device, self.dtype))  # (n, 4, h, w)
+    def _encode(self, image, n: int, height: int, width: int, what: str = "image") -> torch.Tensor:
+        """MoVQ latents (n, 4, h, w) of one image per embedding group."""
+        images = self._broadcast(load_images(image, height, width, what), n, what)  # (n, 3, H, W)
+        return self.movq.encode(normalize(images).to(self.device, self.dtype))  # (n, 4, h, w)
+
+    def _noised_image_latents(self, image, batch, num_images_per_prompt, height, width, plan, generator):
+        """MoVQ latents of ``image`` (one per embedding), noised to the plan's first step."""
+        latents = self._encode(image, batch // num_images_per_prompt, height, width)
         latents = latents.repeat_interleave(num_images_per_prompt, dim=0)  # (batch, 4, h, w)
         noise = randn(latents.shape, generator, self.device, self.dtype)
-        return self.scheduler.add_noise(latents, noise, t_start.repeat(batch))
+        return plan.add_noise(latents, noise)
+
+    def _inpaint_inputs(self, image, mask_image, batch, num_images_per_prompt, height, width):
+        """-> image latents (batch, 4, h, w) and keep mask (batch, 1, h, w) (1 = keep)."""
+        n = batch // num_images_per_prompt
+        image_latents = self._encode(image, n, height, width)  # (n, 4, h, w)
+        repaint = self._broadcast(load_masks(mask_image, height, width), n, "mask_image")  # (n, 1, H, W)
+        check_same_size(image, mask_image)
+        keep = 1 - repaint.to(self.device, self.dtype)
+        keep = F.interpolate(keep, image_latents.shape[-2:], mode="nearest")  # (n, 1, h, w)
+        keep = grow_repaint_area(keep)
+        return (image_latents.repeat_interleave(num_images_per_prompt, dim=0),
+                keep.repeat_interleave(num_images_per_prompt, dim=0))
 
     def _hint(self, hint, batch, num_images_per_prompt, height, width) -> torch.Tensor:
         n = batch // num_images_per_prompt
         hint = self._broadcast(load_images(hint, height, width, "hint", hint=True), n, "hint")  # (n, 3, H, W)
         return hint.repeat_interleave(num_images_per_prompt, dim=0).to(self.device, self.dtype)
 
-    def _output(self, latents: torch.Tensor, output_type: str) -> ImageOutput:
+    def _output(self, latents: torch.Tensor, output_type: str, size: "Sizes") -> ImageOutput:
         if output_type == "latent":
             return ImageOutput(images=latents)
-        decoded = self.movq.decode(latents, force_not_quantize=True)  # (B, 3, H, W)
+        decoded = self.movq.decode(latents, force_not_quantize=True)  # (B, 3, H, W) in ~[-1, 1]
+        if size.asked != size.generate:  # back to the size asked (bicubic, antialiased)
+            decoded = F.interpolate(decoded.float(), size=size.asked, mode="bicubic", antialias=True,
+                                    align_corners=False).to(decoded.dtype)
         return ImageOutput(images=format_output(decoded, output_type))
 
 
-class _InpaintState:
-    """What the inpainting loop blends in after every step, per image of the batch."""
+@dataclass(frozen=True)
+class Sizes:
+    asked: tuple[int, int]  # (height, width) returned
+    generate: tuple[int, int]  # (height, width) generated: a multiple of the model's stride
 
-    def __init__(self, image_latents: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor):
-        self.image_latents = image_latents  # (B, 4, h, w)
-        self.keep = keep  # (B, 1, h, w), 1 = keep
-        self.noise = noise  # (B, 4, h, w): the initial noise
 
-    def blend(self, latents, scheduler, timesteps, i: int) -> torch.Tensor:
-        """Keep the known area: the image latents noised to the next timestep (clean after the last)."""
-        known = self.image_latents
-        if i < len(timesteps) - 1:
-            known = scheduler.add_noise(known, self.noise, timesteps[i + 1 : i + 2])
-        return self.keep * known + (1 - self.keep) * latents
+def _options(task: str, spec, given: dict) -> dict:
+    """The task's options: DECODER_OPTIONS' defaults updated with ``given`` (unknown names refused)."""
+    allowed = dict(DECODER_OPTIONS)
+    if spec.start == "image":
+        del allowed["latents"]  # image tasks start from the image
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"{task}() got unexpected argument(s) {', '.join(unknown)}; it takes: "
+                        f"{', '.join(spec.inputs + tuple(allowed))}.")
+    return {**allowed, **given}
+
+
+class _InpaintBlend:
+    """After every step, the kept area is the image latents noised to where the sampler now is
+    (clean after the last step); each image of the batch with its own mask."""
+
+    def __init__(self, image_latents, keep, noise, plan):
+        self.image_latents, self.keep, self.noise, self.plan = image_latents, keep, noise, plan
+
+    def __call__(self, state):
+        known = self.plan.add_noise(self.image_latents, self.noise, self.plan.begin + state.step + 1)
+        return self.keep * known + (1 - self.keep) * state.x
+
+
+def _callbacks(*callbacks):
+    """One step callback running ``callbacks`` in order, each seeing the x the previous returned."""
+    callbacks = [c for c in callbacks if c is not None]
+    if not callbacks:
+        return None
+
+    def run(state):
+        for callback in callbacks:
+            out = _call_back(callback, state)
+            if out is not None:
+                state.x = out
+        return state.x
+
+    return run
+
+
+_CALLBACK_SIGNATURE = (
+    "callback_on_step_end(state) receives one kandinsky.sampling.StepState (stage, step, timestep, x, x0, "
+    "model_output, uncond, cond, sigma) and returns None or a replacement x (diffusers' (pipe, step, "
+    "timestep, kwargs) form and the old (step, timestep, latents) form are not used)"
+)
+
+
+def _call_back(callback, state):
+    try:
+        out = callback(state)
+    except TypeError as e:
+        if e.__traceback__.tb_next is None:  # raised by the call itself: the wrong arguments
+            raise TypeError(f"{_CALLBACK_SIGNATURE}; calling it failed: {e}") from e
+        raise
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"{_CALLBACK_SIGNATURE}; it returned a {type(out).__name__}.")
+    if out is not None and out.shape != state.x.shape:
+        raise ValueError(f"callback_on_step_end returned x of shape {tuple(out.shape)}, expected "
+                         f"{tuple(state.x.shape)}.")
+    return None if out is None else out.to(state.x.device, state.x.dtype)
+
+
+@contextlib.contextmanager
+def _progress(plan, enabled: bool, desc: str):
+    with tqdm(total=plan.num_steps - plan.begin, disable=not enabled, desc=desc) as bar:
+        yield bar
+
+
+class _ticking:
+    """The denoiser, ticking the progress bar once per sampler step."""
+
+    def __init__(self, denoiser, bar):
+        self.denoiser, self.bar, self.stage, self.last = denoiser, bar, denoiser.stage, None
+
+    def __call__(self, x, t, step):
+        if step != self.last:
+            self.bar.update(1)
+            self.last = step
+        return self.denoiser(x, t, step)

@@ -54,7 +54,7 @@ class ImageOutput:
 
     ``images`` is a list of PIL images (``output_type="pil"``), a float numpy array
     (B, H, W, 3) in [0, 1] (``"np"``), the raw MoVQ decoder tensor (B, 3, H, W),
-    roughly in [-1, 1] (``"pt"``), or the final latents (B, 4, H/8, W/8) (``"latent"``).
+    in [0, 1] (``"pt"``), or the final latents (B, 4, H/8, W/8) (``"latent"``).
     """
 
     images: Any
@@ -155,6 +155,9 @@ def _input_size(x, mask: bool = False) -> tuple[int, int]:
     if isinstance(x, np.ndarray) and x.ndim >= 3 and (not mask or x.shape[-1] == 1):
         return tuple(x.shape[-3:-1])  # channels last
     return tuple(x.shape[-2:])
+
+
+input_size = _input_size
 
 
 def load_images(image, height: int, width: int, what: str = "image", hint: bool = False) -> torch.Tensor:
@@ -281,8 +284,8 @@ def to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
 
 def format_output(decoded: torch.Tensor, output_type: str):
     """MoVQ output (B, 3, H, W) in ~[-1, 1] -> the requested ``output_type``."""
-    if output_type == "pt":
-        return decoded
+    if output_type == "pt":  # (B, 3, H, W) in [0, 1], as diffusers' pipelines and torchvision expect
+        return (decoded * 0.5 + 0.5).clamp(0, 1)
     images = (decoded.float() * 0.5 + 0.5).clamp(0, 1)  # in float32 also for half-precision decoders
     images = images.cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
     return images if output_type == "np" else to_pil(images)
