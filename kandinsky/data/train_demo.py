@@ -1,0 +1,627 @@
+"""Train the tiny demo Kandinsky on procedural shapes: ``kandinsky train-demo --out DIR``.
+
+Every component of the real chain, at toy widths, trained from scratch on
+``kandinsky.data.shapes`` (64 x 64 pictures, captions of the shapes grammar):
+
+    stage     trains                                   on
+    clip      text + image towers, contrastive (InfoNCE) (caption, picture) pairs
+    movq      MoVQ autoencoder: L1 + MSE reconstruction,  pictures
+              codebook + commitment, latents kept ~N(0, 1)
+    prior     diffusion prior, x0-prediction, cosine     (caption, CLIP image embedding)
+    decoder   UNet, eps-prediction on MoVQ latents,      (MoVQ latents, CLIP image embedding)
+              linear betas
+    inpaint   9-channel UNet (started from the decoder), (latents, masked latents, mask, embedding)
+              random rectangles to repaint
+
+Captions are dropped to "" (prior) and image embeddings to the zero-image embedding
+(decoders) 10% of the time, so classifier-free guidance works as the pipelines use it.
+The result is written in the hub layout (``prior/``, ``decoder/``, ``decoder-inpaint/``,
+fp16 safetensors) with a word-level BPE tokenizer that covers the grammar.
+
+Each stage trains for its share of ``--minutes`` (or ``--steps`` steps, for tests) and
+saves a checkpoint in ``DIR/stages/<stage>.pt`` as it goes; a stage whose checkpoint is
+marked done is loaded instead of retrained, so an interrupted run resumes.
+
+    kandinsky train-demo --out demo-weights --minutes 60
+    kandinsky train-demo --out demo-weights --stages clip prior     # retrain some stages
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kandinsky.data import shapes
+
+IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
+EMBED = 64  # CLIP projection = prior embedding = UNet encoder_hid_dim
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+CONTEXT = 16  # text tokens (the real CLIP has 77): the longest caption is 11 words + 2 specials
+
+CONFIGS = {
+    "text_encoder": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "vocab_size": None,  # set from the tokenizer
+        "hidden_size": EMBED,
+        "intermediate_size": 128,
+        "projection_dim": EMBED,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": CONTEXT,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "eos_token_id": 2,  # legacy rule: the pooled token is the largest id (<|endoftext|>)
+    },
+    "image_encoder": {
+        "architectures": ["CLIPVisionModelWithProjection"],
+        "model_type": "clip_vision_model",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "projection_dim": EMBED,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_channels": 3,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+    },
+    "prior": {
+        "_class_name": "PriorTransformer",
+        "num_attention_heads": 2,
+        "attention_head_dim": 32,
+        "num_layers": 4,
+        "embedding_dim": EMBED,
+        "num_embeddings": CONTEXT,
+        "additional_embeddings": 4,
+        "dropout": 0.0,
+        "time_embed_act_fn": "silu",
+        "norm_in_type": None,
+        "embedding_proj_norm_type": None,
+        "encoder_hid_proj_type": "linear",
+        "added_emb_type": "prd",
+    },
+    "unet": {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": 4,
+        "out_channels": 8,
+        "block_out_channels": [32, 64, 64, 96],
+        "layers_per_block": 1,
+        "attention_head_dim": 32,
+        "norm_num_groups": 16,
+        "cross_attention_dim": 64,
+        "encoder_hid_dim": EMBED,
+        "encoder_hid_dim_type": "image_proj",
+        "addition_embed_type": "image",
+        "sample_size": IMAGE_SIZE // 8,
+        "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+        "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+        "resnet_time_scale_shift": "scale_shift",
+    },
+    "movq": {
+        "_class_name": "VQModel",
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "vq_embed_dim": 4,
+        "num_vq_embeddings": 256,
+        "block_out_channels": [32, 32, 64, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "norm_type": "spatial",
+        "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+    },
+}
+INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
+
+# stage: (share of --minutes, batch size, learning rate)
+STAGES = {
+    "clip": (0.10, 128, 2e-3),
+    "movq": (0.25, 16, 1e-3),
+    "prior": (0.15, 128, 5e-4),
+    "decoder": (0.35, 64, 5e-4),
+    "inpaint": (0.15, 64, 3e-4),
+}
+DATA_SIZE = 16384  # pictures whose latents and embeddings the prior and decoders train on
+DROP_CONDITION = 0.1  # classifier-free guidance dropout
+EMA_DECAY = 0.999
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that make every word one token (most frequent pair first, ties by name)."""
+    pieces = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words]
+    merges = []
+    while any(len(p) > 1 for p in pieces):
+        pairs = Counter((p[i], p[i + 1]) for p in pieces for i in range(len(p) - 1))
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = []
+        for p in pieces:
+            out, i = [], 0
+            while i < len(p):
+                if i + 1 < len(p) and (p[i], p[i + 1]) == best:
+                    out.append(p[i] + p[i + 1])
+                    i += 2
+                else:
+                    out.append(p[i])
+                    i += 1
+            merged.append(tuple(out))
+        pieces = merged
+    return merges
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A CLIP tokenizer folder: byte tokens, the grammar's words as merges, specials last. -> vocab size."""
+    from kandinsky.demo import _bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    merges = learn_merges(shapes.VOCABULARY)
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + list(SPECIAL_TOKENS)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    write_json(folder / "tokenizer_config.json", {
+        "unk_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": CONTEXT,
+        "tokenizer_class": "CLIPTokenizer",
+    })
+    return len(vocab)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def batch(seed: int, start: int, n: int, p_part: float = 0.5):
+    """Examples start .. start+n of data set ``seed`` -> (pictures (n, 3, 64, 64) in [-1, 1], captions)."""
+    examples = [shapes.example(seed, i, IMAGE_SIZE, p_part) for i in range(start, start + n)]
+    pixels = np.stack([np.asarray(ex.image) for ex in examples])  # (n, 64, 64, 3) uint8
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 64, 64)
+    return images, [ex.text for ex in examples]
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] pictures -> the image tower's pixel_values (what the image processor gives at 64 px)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
+def alphas_cumprod(schedule: str, T: int = 1000) -> torch.Tensor:
+    """alpha_bar_t of the decoder's linear betas (0.00085..0.012) or the prior's squaredcos_cap_v2."""
+    if schedule == "linear":
+        betas = torch.linspace(0.00085, 0.012, T, dtype=torch.float32)
+    else:
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def noised(x0: torch.Tensor, alpha_bar: torch.Tensor, generator=None):
+    """x_t = sqrt(ab) x0 + sqrt(1 - ab) eps at random t -> (x_t, t, eps)."""
+    t = torch.randint(0, len(alpha_bar), (x0.shape[0],), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    ab = alpha_bar[t].view(-1, *[1] * (x0.ndim - 1))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, eps
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+class Clock:
+    """Progress of a stage: by steps (tests) or by wall-clock seconds (runs)."""
+
+    def __init__(self, steps: int | None, seconds: float):
+        self.steps, self.seconds, self.start, self.step = steps, seconds, time.time(), 0
+
+    def fraction(self) -> float:
+        if self.steps is not None:
+            return self.step / self.steps
+        return (time.time() - self.start) / self.seconds
+
+    def running(self) -> bool:
+        return self.fraction() < 1
+
+
+def cosine_lr(optimizer, base: float, fraction: float, warmup: float = 0.03) -> None:
+    lr = base * min(1.0, fraction / warmup) if fraction < warmup else base * 0.5 * (1 + math.cos(math.pi * min(fraction, 1)))
+    for group in optimizer.param_groups:
+        group["lr"] = max(lr, base * 0.02)
+
+
+def train(stage: str, params, loss_fn, clock: Clock, log, save, ema_models=()) -> None:
+    """Adam(W) steps of loss_fn(step) until the clock runs out; EMA of ema_models; save() every 2 min."""
+    _, _, lr = STAGES[stage]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    emas = [(model, copy.deepcopy(model).requires_grad_(False)) for model in ema_models]
+    last_save, running = time.time(), None
+    while clock.running():
+        cosine_lr(optimizer, lr, clock.fraction())
+        loss, parts = loss_fn(clock.step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(EMA_DECAY, (1 + clock.step) / (10 + clock.step))
+        for model, ema in emas:
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), ema.parameters()):
+                    q.lerp_(p, 1 - decay)
+        clock.step += 1
+        running = parts if running is None else {k: 0.98 * running[k] + 0.02 * v for k, v in parts.items()}
+        if clock.step % 50 == 0 or not clock.running():
+            log(f"{stage} step {clock.step} ({clock.fraction():.0%}) " + " ".join(f"{k} {v:.4f}" for k, v in running.items()))
+        if time.time() - last_save > 120 or not clock.running():
+            save([ema for _, ema in emas] or None)
+            last_save = time.time()
+    for model, ema in emas:  # the EMA weights are the result
+        model.load_state_dict(ema.state_dict())
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def build(name: str, **overrides):
+    from weights_convert import build_model
+
+    return build_model({**CONFIGS[name], **overrides})
+
+
+def train_clip(models, clock, log, save, seed):
+    text, image, tokenizer = models["text_encoder"], models["image_encoder"], models["tokenizer"]
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    n = STAGES["clip"][1]
+
+    def loss_fn(step):
+        images, captions = batch(seed, step * n, n, p_part=0.8)
+        ids, mask = tokenizer(captions)
+        t = F.normalize(text(ids, mask).text_embeds, dim=-1)  # (n, D)
+        i = F.normalize(image(clip_pixels(images)), dim=-1)  # (n, D)
+        logits = logit_scale.clamp(max=math.log(100)).exp() * t @ i.T  # (n, n)
+        # captions that say the same thing are all right answers
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        accuracy = (logits.argmax(1) == torch.arange(n)).float().mean()
+        return loss, {"loss": loss.item(), "acc": accuracy.item()}
+
+    params = list(text.parameters()) + list(image.parameters()) + [logit_scale]
+    train("clip", params, loss_fn, clock, log, lambda _: save(["text_encoder", "image_encoder"]))
+
+
+def train_movq(models, clock, log, save, seed):
+    movq = models["movq"]
+    n = STAGES["movq"][1]
+
+    def loss_fn(step):
+        images, _ = batch(seed + 1, step * n, n)
+        z = movq.encode(images)  # (n, 4, 8, 8)
+        codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 8, 8, 4) nearest codebook vectors
+        codes = codes.permute(0, 3, 1, 2)
+        codebook = F.mse_loss(codes, z.detach())
+        commitment = F.mse_loss(z, codes.detach())
+        # the decoder UNet's noise is N(0, 1): keep each latent channel near mean 0, std 1
+        scale = z.mean((0, 2, 3)).pow(2).mean() + (z.std((0, 2, 3)) - 1).pow(2).mean()
+        quantized = step % 2 == 1  # decode the codebook vectors half the time, the raw latents (as the pipelines do) else
+        zq = z + (codes - z).detach() if quantized else z
+        recon = movq.decoder(movq.post_quant_conv(zq), zq)
+        l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
+        loss = l1 + l2 + codebook + 0.25 * commitment + 0.1 * scale
+        return loss, {"l1": l1.item(), "mse": l2.item(), "vq": codebook.item(), "scale": scale.item()}
+
+    train("movq", list(movq.parameters()), loss_fn, clock, log, lambda _: save(["movq"]))
+
+
+@torch.no_grad()
+def encode_data(models, seed, size, log) -> dict:
+    """Latents, CLIP image embeddings and captions of ``size`` pictures (what the prior and decoders see)."""
+    latents, embeds, captions = [], [], []
+    for start in range(0, size, 256):
+        images, texts = batch(seed + 2, start, min(256, size - start))
+        latents.append(models["movq"].encode(images))
+        embeds.append(models["image_encoder"](clip_pixels(images)))
+        captions += texts
+    log(f"encoded {size} pictures")
+    zero = models["image_encoder"](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))  # (1, D): the negative embedding
+    return {"latents": torch.cat(latents), "embeds": torch.cat(embeds), "captions": captions, "zero": zero}
+
+
+def cached_data(models, path: Path, seed: int, size: int, log) -> dict:
+    """encode_data, kept in ``path`` (stages running in parallel processes share it); remade when
+    the clip or movq checkpoint is newer."""
+    sources = [path.parent / "clip.pt", path.parent / "movq.pt"]
+    fresh = path.exists() and all(path.stat().st_mtime > s.stat().st_mtime for s in sources if s.exists())
+    if fresh:
+        data = torch.load(path, weights_only=True)
+        if len(data["captions"]) == size:
+            return data
+    data = encode_data(models, seed, size, log)
+    torch.save(data, path)
+    return data
+
+
+def drop(embeds: torch.Tensor, zero: torch.Tensor, generator) -> torch.Tensor:
+    keep = torch.rand(embeds.shape[0], 1, generator=generator) >= DROP_CONDITION
+    return torch.where(keep, embeds, zero)
+
+
+def train_prior(models, data, clock, log, save, seed):
+    prior, text, tokenizer = models["prior"], models["text_encoder"], models["tokenizer"]
+    with torch.no_grad():
+        prior.clip_mean.copy_(data["embeds"].mean(0, keepdim=True))
+        prior.clip_std.copy_(data["embeds"].std(0, keepdim=True))
+    alpha_bar = alphas_cumprod("squaredcos_cap_v2")
+    g = torch.Generator().manual_seed(seed)
+    n = STAGES["prior"][1]
+
+    def loss_fn(step):
+        rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
+        captions = [data["captions"][i] if torch.rand(1, generator=g) >= DROP_CONDITION else "" for i in rows]
+        ids, mask = tokenizer(captions)
+        with torch.no_grad():
+            out = text(ids, mask)
+        x0 = prior.normalize(data["embeds"][rows])  # (n, D)
+        xt, t, _ = noised(x0, alpha_bar, g)
+        pred = prior(xt, t, out.text_embeds, out.last_hidden_state, mask)
+        loss = F.mse_loss(pred, x0)
+        return loss, {"mse": loss.item()}
+
+    params = [p for name, p in prior.named_parameters() if name not in ("clip_mean", "clip_std")]
+    train("prior", params, loss_fn, clock, log, lambda ema: save(["prior"], ema), ema_models=[prior])
+
+
+def train_unet(stage, models, data, clock, log, save, seed):
+    unet = models["inpaint" if stage == "inpaint" else "unet"]
+    alpha_bar = alphas_cumprod("linear")
+    g = torch.Generator().manual_seed(seed)
+    n = STAGES[stage][1]
+
+    def loss_fn(step):
+        rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
+        x0 = data["latents"][rows]  # (n, 4, 8, 8)
+        embeds = drop(data["embeds"][rows], data["zero"], g)
+        xt, t, eps = noised(x0, alpha_bar, g)
+        if stage == "inpaint":
+            keep = random_keep_masks(n, x0.shape[-1], g)  # (n, 1, 8, 8)
+            xt = torch.cat([xt, x0 * keep, keep], dim=1)  # (n, 9, 8, 8)
+        pred = unet(xt, t, embeds)[:, :4]  # (n, 4, 8, 8): the noise half
+        loss = F.mse_loss(pred, eps)
+        return loss, {"mse": loss.item()}
+
+    train(stage, list(unet.parameters()), loss_fn, clock, log,
+          lambda ema: save(["inpaint" if stage == "inpaint" else "unet"], ema), ema_models=[unet])
+
+
+def random_keep_masks(n: int, size: int, generator) -> torch.Tensor:
+    """(n, 1, size, size): 1 = keep; a random rectangle is 0 (repaint); 10% repaint all."""
+    keep = torch.ones(n, 1, size, size)
+    for k in range(n):
+        if torch.rand(1, generator=generator) < 0.1:
+            keep[k] = 0
+            continue
+        h, w = torch.randint(2, size + 1, (2,), generator=generator).tolist()
+        y = torch.randint(0, size - h + 1, (1,), generator=generator).item()
+        x = torch.randint(0, size - w + 1, (1,), generator=generator).item()
+        keep[k, :, y:y + h, x:x + w] = 0
+    return keep
+
+
+@torch.no_grad()
+def inpaint_from_decoder(unet, inpaint) -> None:
+    """Start the 9-channel UNet from the decoder: same weights, the extra input channels at zero."""
+    state = unet.state_dict()
+    for name, value in inpaint.state_dict().items():
+        if value.shape == state[name].shape:
+            value.copy_(state[name])
+        else:  # conv_in: (C0, 9, 3, 3) <- (C0, 4, 3, 3)
+            value.zero_()
+            value[:, : state[name].shape[1]] = state[name]
+
+
+# ----------------------------------------------------------------------------- writing the repos
+
+
+def write_repos(models, root: Path) -> dict[str, Path]:
+    """The hub folders: prior/ (prior, towers, tokenizer, scheduler, image processor), decoder/, decoder-inpaint/."""
+    from kandinsky.demo import DECODER_SCHEDULER, PRIOR_SCHEDULER
+    from weights_convert import save_component
+
+    fp16 = torch.float16
+    prior = root / "prior"
+    for name in ("prior", "text_encoder", "image_encoder"):
+        save_component(models[name], prior / name, dtype=fp16)
+    write_tokenizer(prior / "tokenizer")
+    write_json(prior / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
+    write_json(prior / "image_processor" / "preprocessor_config.json", {
+        "crop_size": IMAGE_SIZE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "resample": 3, "size": IMAGE_SIZE,
+    })
+    write_json(prior / "model_index.json", {
+        "_class_name": "KandinskyV22PriorPipeline",
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+        "prior": ["diffusers", "PriorTransformer"],
+        "scheduler": ["diffusers", "UnCLIPScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    })
+    folders = {"prior": prior}
+    for repo_name, unet_name, pipeline in (("decoder", "unet", "KandinskyV22Pipeline"),
+                                           ("decoder-inpaint", "inpaint", "KandinskyV22InpaintPipeline")):
+        repo = root / repo_name
+        save_component(models[unet_name], repo / "unet", dtype=fp16)
+        save_component(models["movq"], repo / "movq", dtype=fp16)
+        write_json(repo / "scheduler" / "scheduler_config.json", DECODER_SCHEDULER)
+        write_json(repo / "model_index.json", {
+            "_class_name": pipeline,
+            "movq": ["diffusers", "VQModel"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+        })
+        folders[repo_name] = repo
+    (root / "README.md").write_text(
+        "# Tiny Kandinsky 2.2 trained on procedural shapes\n\n"
+        "Pictures 64 x 64 of one circle, square or triangle on a plain background; prompts of the grammar\n"
+        "'a [small|large] <colour> <shape> [position] [on a <colour> background]'. Reproduce with\n"
+        "`kandinsky train-demo --out DIR`; measure with `kandinsky eval shapes`.\n"
+    )
+    return folders
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_models(tokenizer_dir: Path) -> dict:
+    from kandinsky.clip.tokenizer import Tokenizer
+
+    vocab_size = write_tokenizer(tokenizer_dir)
+    models = {
+        "tokenizer": Tokenizer.from_folder(tokenizer_dir),
+        "text_encoder": build("text_encoder", vocab_size=vocab_size),
+        "image_encoder": build("image_encoder"),
+        "movq": build("movq"),
+        "prior": build("prior"),
+        "unet": build("unet"),
+        "inpaint": build("unet", in_channels=INPAINT_CHANNELS),
+    }
+    return models
+
+
+def run(out: Path, minutes: float, steps: int | None, stages: list[str], seed: int, log,
+        data_size: int = DATA_SIZE, resume: bool = False) -> dict[str, Path]:
+    """Train ``stages`` (sharing ``minutes`` by their STAGES shares), load the others from
+    ``out/stages/``, and write the hub folders when every stage is trained."""
+    torch.manual_seed(seed)
+    work = out / "stages"
+    work.mkdir(parents=True, exist_ok=True)
+    models = build_models(work / "tokenizer")
+    done = {}
+
+    def checkpoint_path(stage):
+        return work / f"{stage}.pt"
+
+    def saver(stage):
+        def save(names, emas=None, final=False):
+            state = {name: (emas[k] if emas else models[name]).state_dict() for k, name in enumerate(names)}
+            torch.save({"state": state, "done": final}, checkpoint_path(stage))
+        return save
+
+    def load(stage) -> bool:
+        path = checkpoint_path(stage)
+        if not path.exists():
+            return False
+        ckpt = torch.load(path, weights_only=True)
+        for name, state in ckpt["state"].items():
+            models[name].load_state_dict(state)
+        log(f"{stage}: loaded {path} ({'done' if ckpt['done'] else 'unfinished'})")
+        return True
+
+    data, missing = None, []
+    for stage in STAGES:
+        if stage not in stages:
+            if not load(stage):
+                missing.append(stage)
+            continue
+        needs = [m for m in ("clip", "movq") if m in missing] if stage in ("prior", "decoder", "inpaint") else []
+        if needs:
+            raise FileNotFoundError(f"stage {stage!r} needs the trained {needs} ({work}/<stage>.pt is missing): "
+                                    f"add them to --stages.")
+        if stage in ("prior", "decoder", "inpaint") and data is None:
+            data = cached_data(models, work / "data.pt", seed, data_size, log)
+        if resume and load(stage):
+            pass
+        elif stage == "inpaint" and "decoder" not in missing:
+            inpaint_from_decoder(models["unet"], models["inpaint"])
+        share = STAGES[stage][0] / sum(STAGES[name][0] for name in stages)
+        clock = Clock(steps, minutes * 60 * share)
+        save = saver(stage)
+        log(f"{stage}: training ({steps} steps)" if steps else f"{stage}: training {minutes * share:.1f} min")
+        if stage == "clip":
+            train_clip(models, clock, log, save, seed)
+            save(["text_encoder", "image_encoder"], final=True)
+        elif stage == "movq":
+            train_movq(models, clock, log, save, seed)
+            save(["movq"], final=True)
+        elif stage == "prior":
+            train_prior(models, data, clock, log, save, seed)
+            save(["prior"], final=True)
+        elif stage == "decoder":
+            train_unet("decoder", models, data, clock, log, save, seed)
+            save(["unet"], final=True)
+        else:
+            train_unet("inpaint", models, data, clock, log, save, seed)
+            save(["inpaint"], final=True)
+    if missing:
+        log(f"not writing the repos: stages {missing} are not trained yet")
+        return {}
+    return write_repos(models, out)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="kandinsky train-demo",
+        description="Train the tiny demo Kandinsky (CLIP towers, MoVQ, prior, decoder, inpainting UNet) "
+        "on procedural shapes and write it in the hub layout.",
+    )
+    parser.add_argument("--out", required=True, help="folder for the checkpoints (prior/, decoder/, decoder-inpaint/)")
+    parser.add_argument("--minutes", type=float, default=60.0, help="total training time, shared by the stages (default 60)")
+    parser.add_argument("--steps", type=int, default=None, help="train each stage this many steps instead (tests)")
+    parser.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
+                        help="stages to (re)train; the others are loaded from OUT/stages/ (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-size", type=int, default=DATA_SIZE,
+                        help=f"pictures the prior and decoders train on (default {DATA_SIZE})")
+    parser.add_argument("--write-only", action="store_true",
+                        help="train nothing: write the hub folders from the checkpoints in OUT/stages/")
+    parser.add_argument("--resume", action="store_true",
+                        help="start each trained stage from its checkpoint in OUT/stages/ (train it longer)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.minutes <= 0 or (args.steps is not None and args.steps < 1):
+        print("error: --minutes must be > 0 and --steps >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+
+    def log(message):
+        print(f"[{time.time() - start:7.1f}s] {message}", flush=True)
+
+    stages = [] if args.write_only else args.stages or list(STAGES)
+    folders = run(Path(args.out), args.minutes, args.steps, stages, args.seed, log,
+                  args.data_size, args.resume)
+    log("wrote " + ", ".join(str(f) for f in folders.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
