@@ -58,6 +58,7 @@ from kandinsky.pipelines.images import (
     load_masks,
     normalize,
 )
+from kandinsky.pipelines.stepping import callbacks as _callbacks, progress as _progress, ticking as _ticking
 from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser
@@ -546,60 +547,3 @@ class _InpaintBlend:
     def __call__(self, state):
         known = self.plan.add_noise(self.image_latents, self.noise, self.plan.begin + state.step + 1)
         return self.keep * known + (1 - self.keep) * state.x
-
-
-def _callbacks(*callbacks):
-    """One step callback running ``callbacks`` in order, each seeing the x the previous returned."""
-    callbacks = [c for c in callbacks if c is not None]
-    if not callbacks:
-        return None
-
-    def run(state):
-        for callback in callbacks:
-            out = _call_back(callback, state)
-            if out is not None:
-                state.x = out
-        return state.x
-
-    return run
-
-
-_CALLBACK_SIGNATURE = (
-    "callback_on_step_end(state) receives one kandinsky.sampling.StepState (stage, step, timestep, x, x0, "
-    "model_output, uncond, cond, sigma) and returns None or a replacement x (diffusers' (pipe, step, "
-    "timestep, kwargs) form and the old (step, timestep, latents) form are not used)"
-)
-
-
-def _call_back(callback, state):
-    try:
-        out = callback(state)
-    except TypeError as e:
-        if e.__traceback__.tb_next is None:  # raised by the call itself: the wrong arguments
-            raise TypeError(f"{_CALLBACK_SIGNATURE}; calling it failed: {e}") from e
-        raise
-    if out is not None and not isinstance(out, torch.Tensor):
-        raise TypeError(f"{_CALLBACK_SIGNATURE}; it returned a {type(out).__name__}.")
-    if out is not None and out.shape != state.x.shape:
-        raise ValueError(f"callback_on_step_end returned x of shape {tuple(out.shape)}, expected "
-                         f"{tuple(state.x.shape)}.")
-    return None if out is None else out.to(state.x.device, state.x.dtype)
-
-
-@contextlib.contextmanager
-def _progress(plan, enabled: bool, desc: str):
-    with tqdm(total=plan.num_steps - plan.begin, disable=not enabled, desc=desc) as bar:
-        yield bar
-
-
-class _ticking:
-    """The denoiser, ticking the progress bar once per sampler step."""
-
-    def __init__(self, denoiser, bar):
-        self.denoiser, self.bar, self.stage, self.last = denoiser, bar, denoiser.stage, None
-
-    def __call__(self, x, t, step):
-        if step != self.last:
-            self.bar.update(1)
-            self.last = step
-        return self.denoiser(x, t, step)

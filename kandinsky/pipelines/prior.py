@@ -30,13 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from tqdm.auto import tqdm
 
 from kandinsky.clip.preprocess import ImagePreprocessor
 from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.config import ConfigError
 from kandinsky.hub import resolve
-from kandinsky.sampling.state import BRANCHES_GUIDED, BRANCHES_SINGLE, model_call
+from kandinsky.pipelines.stepping import callbacks as _callbacks, progress as _progress, ticking as _ticking
+from kandinsky.sampling import samplers
+from kandinsky.sampling.denoisers import PriorDenoiser
+from kandinsky.sampling.trajectory import Trajectory
 from kandinsky.schedulers import Scheduler, randn
 from weights_convert import load_component
 
@@ -49,6 +51,7 @@ class PriorOutput:
 
     image_embeds: torch.Tensor  # (B * num_images_per_prompt, D)
     negative_image_embeds: torch.Tensor  # (B * num_images_per_prompt, D)
+    trajectory: object = None  # a Trajectory when asked for (return_trajectory=True)
 
     def __iter__(self):
         return iter((self.image_embeds, self.negative_image_embeds))
@@ -167,6 +170,8 @@ class PriorPipeline:
         return self.prior.config.clip_dim
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "PriorPipeline":
+        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), the diffusers idiom
+            device, dtype = None, device
         for model in (self.prior, self.text_encoder, self.image_encoder):
             model.to(device=device, dtype=dtype)
         return self
@@ -231,34 +236,26 @@ class PriorPipeline:
 
     # -- sampling ---------------------------------------------------------------------
     def _conditioning(self, rows: list[str], uncond_rows: list[str], n: int, guided: bool):
-        """Text conditioning of the prior's batch: each row repeated n times; with guidance
-        the unconditional rows come first, [uncond; cond] (2N rows). Each distinct string is
-        encoded once."""
+        """Text conditioning of the prior's batch: each row repeated n times; with guidance the
+        unconditional rows come first, [uncond; cond] (2N rows). Each distinct string is encoded
+        once: -> (text_embeds, hidden states, mask) of the distinct strings, and the row index."""
         texts = list(dict.fromkeys(rows + (uncond_rows if guided else [])))
         encoded = self.encode_text(texts)
 
-        def take(prompts: list[str]):
-            index = torch.tensor([texts.index(p) for p in prompts], device=self.device).repeat_interleave(n)
-            return [x[index] for x in encoded]
+        def index(prompts: list[str]) -> torch.Tensor:
+            return torch.tensor([texts.index(p) for p in prompts], device=self.device).repeat_interleave(n)
 
-        cond = take(rows)
-        if guided:
-            cond = [torch.cat([u, c]) for u, c in zip(take(uncond_rows), cond)]
-        return cond  # text_embeds (N', D), hidden (N', 77, D), mask (N', 77)
+        rows_index = torch.cat([index(uncond_rows), index(rows)]) if guided else index(rows)
+        return encoded, rows_index
 
-    def _denoise(self, latents, timesteps, conditioning, guidance_scale: float, generator, progress: bool):
-        """The reverse diffusion x_t -> x_0 over ``timesteps``, then back to CLIP space. (N, D) -> (N, D)"""
-        text_embeds, text_hidden, text_mask = conditioning
-        guided = guidance_scale > 1
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="prior")):
-            x = torch.cat([latents] * 2) if guided else latents  # (2N or N, D)
-            with model_call("prior", i, t, BRANCHES_GUIDED if guided else BRANCHES_SINGLE):
-                pred = self.prior(x, t, text_embeds, text_hidden, text_mask)  # predicted x_0
-            if guided:
-                pred_uncond, pred_text = pred.chunk(2)
-                pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
-            prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            latents = self.scheduler.step(pred, t, latents, generator=generator, prev_timestep=prev_t)
+    def _denoise(self, latents, plan, conditioning, guidance_scale: float, generator, progress: bool,
+                 callback=None, cache: bool = True):
+        """The reverse diffusion x_t -> x_0 over ``plan``, then back to CLIP space. (N, D) -> (N, D)"""
+        encoded, rows = conditioning
+        denoiser = PriorDenoiser(self.prior, encoded, rows, guidance_scale, cache=cache)
+        with _progress(plan, progress, "prior") as bar:
+            latents = samplers.sample("unclip", _ticking(denoiser, bar), latents, plan, generator=generator,
+                                      callback=callback)
         return self.prior.unnormalize(latents)
 
     def _split(self, embeds: torch.Tensor, negatives) -> PriorOutput:
@@ -278,6 +275,9 @@ class PriorPipeline:
         latents: torch.Tensor | None = None,
         guidance_scale: float = 4.0,
         progress: bool = True,
+        callback_on_step_end=None,
+        return_trajectory: bool = False,
+        cache: bool = True,
     ) -> PriorOutput:
         """Sample CLIP image embeddings for ``prompt``.
 
@@ -285,6 +285,10 @@ class PriorPipeline:
         ordered prompt by prompt. Guidance is on when ``guidance_scale > 1``. ``latents``: the
         starting noise x_T, (B n, D), or (2 B n, D) with a negative prompt (see the module doc).
         A list of generators needs one generator per row of that batch.
+        ``callback_on_step_end(state)`` gets a StepState after every step (x and x0 in the prior's
+        normalised space) and may return a replacement x; ``return_trajectory=True`` puts the
+        per-step x and x0 in ``out.trajectory``. ``cache=False`` recomputes the 78 constant text
+        tokens at every step (same result, slower).
         """
         prompts = _prompt_list(prompt)
         negatives = _negative_list(negative_prompt, len(prompts))
@@ -298,10 +302,14 @@ class PriorPipeline:
         _check_generator(generator, N)
         conditioning = self._conditioning(rows, uncond_rows, n, guidance_scale > 1)
 
-        self.scheduler.set_timesteps(steps, device=self.device)
-        latents = self._initial_latents(latents, N, generator, conditioning[0].dtype)  # (N, D)
-        embeds = self._denoise(latents, self.scheduler.timesteps, conditioning, guidance_scale, generator, progress)
-        return self._split(embeds, negatives)
+        plan = samplers.make_plan("unclip", self.scheduler, steps)
+        latents = self._initial_latents(latents, N, generator, conditioning[0][0].dtype)  # (N, D)
+        recorder = Trajectory() if return_trajectory else None
+        callback = _callbacks(recorder, callback_on_step_end)
+        embeds = self._denoise(latents, plan, conditioning, guidance_scale, generator, progress, callback, cache)
+        out = self._split(embeds, negatives)
+        out.trajectory = recorder
+        return out
 
     def _initial_latents(self, latents, batch_size: int, generator, dtype) -> torch.Tensor:
         shape = (batch_size, self.prior.config.embedding_dim)
@@ -430,18 +438,17 @@ class PriorPipeline:
         N = len(rows) * n
         _check_generator(generator, N)
         conditioning = self._conditioning(rows, uncond_rows, n, guidance_scale > 1)
-        dtype = conditioning[0].dtype
+        dtype = conditioning[0][0].dtype
 
         image_embeds = self._image_embeds(image, len(prompts))  # (B, D)
         if negatives is not None:
             image_embeds = torch.cat([image_embeds] * 2)  # the negative rows start from the image too
         image_embeds = image_embeds.repeat_interleave(n, dim=0).to(device=self.device, dtype=dtype)  # (N, D)
 
-        self.scheduler.set_timesteps(steps, device=self.device)
-        timesteps = self.scheduler.timesteps[steps - kept :]
+        plan = samplers.make_plan("unclip", self.scheduler, steps).tail(kept)
         noise = randn(image_embeds.shape, generator, self.device, dtype)
-        latents = self.scheduler.add_noise(image_embeds, noise, timesteps[:1].repeat(N))  # x_t at the first kept step
-        embeds = self._denoise(latents, timesteps, conditioning, guidance_scale, generator, progress)
+        latents = plan.add_noise(image_embeds, noise)  # x_t at the first kept step
+        embeds = self._denoise(latents, plan, conditioning, guidance_scale, generator, progress)
         return self._split(embeds, negatives)
 
     def _image_embeds(self, image, batch_size: int) -> torch.Tensor:
