@@ -465,7 +465,7 @@ def ablate_heads(heads) -> AttentionEdit:
             raise ValueError(f"ablate_heads: head indices {heads} out of range for a layer with {H} heads")
         keep = torch.ones(out.shape[0], H, 1, 1, dtype=out.dtype, device=out.device)
         sel = _row_mask(rows, out.shape[0], out.device)
-        keep[sel.nonzero()[:, 0][:, None], torch.tensor(heads)[None, :]] = 0
+        keep[sel.nonzero()[:, 0][:, None], torch.tensor(heads, dtype=torch.long)[None, :]] = 0
         return out * keep
 
     return AttentionEdit(fn, what="ablate_heads")
