@@ -292,7 +292,7 @@ def squeeze_1x1(t: torch.Tensor) -> torch.Tensor:
 
 def default_name(weights: Path) -> str:
     stem = weights.parent.name if weights.name in WEIGHT_NAMES else weights.stem
-    return re.sub(r"\W", "_", stem) or "lora"
+    return re.sub(r"[^\w-]", "_", stem) or "lora"
 
 
 @torch.no_grad()
