@@ -110,8 +110,9 @@ def random_scene(rng: np.random.Generator, **fixed: str) -> Scene:
         raise ValueError(f"random_scene: unknown attributes {sorted(unknown)}; expected some of {ATTRIBUTES}.")
     colours = list(COLOURS)
     shape = fixed.get("shape") or SHAPES[rng.integers(len(SHAPES))]
-    colour = fixed.get("colour") or colours[rng.integers(len(colours))]
     background = fixed.get("background")
+    choices = [c for c in colours if c != background]
+    colour = fixed.get("colour") or choices[rng.integers(len(choices))]
     if background is None:
         others = [c for c in colours if c != colour]
         background = others[rng.integers(len(others))]

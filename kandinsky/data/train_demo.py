@@ -136,6 +136,7 @@ STAGES = {
     "decoder": (0.35, 64, 5e-4),
     "inpaint": (0.15, 64, 3e-4),
 }
+MOVQ_CROP = 32  # the autoencoder trains on crops of this side (4x cheaper steps than whole pictures)
 DATA_SIZE = 16384  # pictures whose latents and embeddings the prior and decoders train on
 DROP_CONDITION = 0.1  # classifier-free guidance dropout
 EMA_DECAY = 0.999
@@ -313,13 +314,22 @@ def train_clip(models, clock, log, save, seed):
     train("clip", params, loss_fn, clock, log, lambda _: save(["text_encoder", "image_encoder"]))
 
 
+def crop(images: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """One random size x size crop per picture, on the 8-pixel latent grid."""
+    g = torch.Generator().manual_seed(seed)
+    cells = (images.shape[-1] - size) // 8 + 1
+    y, x = (torch.randint(0, cells, (images.shape[0],), generator=g) * 8 for _ in range(2))
+    return torch.stack([im[:, i:i + size, j:j + size] for im, i, j in zip(images, y.tolist(), x.tolist())])
+
+
 def train_movq(models, clock, log, save, seed):
     movq = models["movq"]
     n = STAGES["movq"][1]
 
     def loss_fn(step):
         images, _ = batch(seed + 1, step * n, n)
-        z = movq.encode(images)  # (n, 4, 8, 8)
+        images = crop(images, MOVQ_CROP, step)  # (n, 3, 32, 32): flat colours and edges are local
+        z = movq.encode(images)  # (n, 4, 4, 4)
         codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 8, 8, 4) nearest codebook vectors
         codes = codes.permute(0, 3, 1, 2)
         codebook = F.mse_loss(codes, z.detach())
@@ -327,7 +337,7 @@ def train_movq(models, clock, log, save, seed):
         # the decoder UNet's noise is N(0, 1): keep each latent channel near mean 0, std 1
         scale = z.mean((0, 2, 3)).pow(2).mean() + (z.std((0, 2, 3)) - 1).pow(2).mean()
         quantized = step % 2 == 1  # decode the codebook vectors half the time, the raw latents (as the pipelines do) else
-        zq = z + (codes - z).detach() if quantized else z
+        zq = z + (codes - z).detach() if quantized else z  # (n, 4, 4, 4)
         recon = movq.decoder(movq.post_quant_conv(zq), zq)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
         loss = l1 + l2 + codebook + 0.25 * commitment + 0.1 * scale

@@ -1,0 +1,299 @@
+"""``kandinsky eval shapes``: how well does a checkpoint draw what the shapes grammar says?
+
+    kandinsky eval shapes --prior P --decoder D [--inpaint I] [--n 64] [--seed 0] [--steps 20]
+                          [--sampler ddpm] [--sweep] [--demo]
+
+Four measurements, each on items drawn at random from the seed (not a hand-picked list):
+
+  text2img    random prompts of the grammar -> prior -> decoder -> analyse(picture); for each
+              attribute the prompt states: accuracy, and a confusion table (stated x found)
+  retrieval   the CLIP towers: for n pictures and their full captions, is the nearest
+              picture of each caption one that fits it (text -> image top-1), and back
+  inpaint     a small shape on one side; the opposite side masked and prompted with another
+              small shape: the masked area's dominant colour is the prompted one, and the
+              picture outside the mask keeps its colours
+  variations  a picture's CLIP embedding decoded again: same shape, colours, size, position
+
+``--sweep`` adds a table of text2img accuracy (mean over attributes) against steps for every
+sampler. The functions (``text2img_report`` etc.) return plain dicts, so tests call them too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+
+from kandinsky.data import shapes
+from kandinsky.data.analyse import analyse, judge
+
+SWEEP_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc", "euler")
+SWEEP_STEPS = (5, 10, 20, 50)
+IMAGE_SIZE = 64
+VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
+          "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
+
+
+def random_prompts(n: int, seed: int) -> list[tuple[str, dict[str, str]]]:
+    rng = np.random.default_rng([seed, 11])
+    return [shapes.random_prompt(rng) for _ in range(n)]
+
+
+def score(pictures, stated: list[dict[str, str]]) -> dict:
+    """Analyse pictures against the stated attributes -> {"accuracy": {attr: x}, "confusion": ..., "n": {attr: k}}."""
+    right, total = Counter(), Counter()
+    confusion = defaultdict(Counter)  # attr -> Counter((stated, found))
+    for picture, wanted in zip(pictures, stated):
+        found = analyse(picture)
+        for name, ok in judge(found, wanted).items():
+            right[name] += ok
+            total[name] += 1
+            confusion[name][(wanted[name], getattr(found, name))] += 1
+    accuracy = {name: right[name] / total[name] for name in shapes.ATTRIBUTES if total[name]}
+    return {"accuracy": accuracy, "n": dict(total), "confusion": {k: dict(v) for k, v in confusion.items()}}
+
+
+def embed_prompts(prior, prompts: list[str], seed: int, prior_steps: int, prior_guidance: float, batch: int):
+    """Prior embeddings (and the negative ones) of the prompts, in batches, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    embeds, negatives = [], []
+    for start in range(0, len(prompts), batch):
+        out = prior(prompts[start:start + batch], num_inference_steps=prior_steps, guidance_scale=prior_guidance,
+                    generator=g, progress=False)
+        embeds.append(out.image_embeds)
+        negatives.append(out.negative_image_embeds)
+    return torch.cat(embeds), torch.cat(negatives)
+
+
+def decode(decoder, embeds, negatives, seed: int, steps: int, sampler: str | None, guidance: float, batch: int,
+           task: str = "text2img", **inputs):
+    g = torch.Generator().manual_seed(seed)
+    pictures = []
+    for start in range(0, len(embeds), batch):
+        part = {k: v[start:start + batch] for k, v in inputs.items()}
+        out = decoder.run(task, embeds[start:start + batch], negatives[start:start + batch], height=IMAGE_SIZE,
+                          width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                          scheduler=sampler, progress=False, **part)
+        pictures += list(out.images)
+    return pictures
+
+
+def text2img_report(prior, decoder, n=64, seed=0, steps=20, sampler=None, guidance=4.0, prior_steps=25,
+                    prior_guidance=4.0, batch=16, embeddings=None) -> dict:
+    """Accuracy of prior + decoder on n random prompts of the grammar."""
+    items = random_prompts(n, seed)
+    prompts = [text for text, _ in items]
+    if embeddings is None:
+        embeddings = embed_prompts(prior, prompts, seed, prior_steps, prior_guidance, batch)
+    pictures = decode(decoder, *embeddings, seed, steps, sampler, guidance, batch)
+    report = score(pictures, [stated for _, stated in items])
+    report.update(prompts=prompts, pictures=pictures)
+    return report
+
+
+@torch.no_grad()
+def retrieval_report(prior, n=64, seed=0) -> dict:
+    """CLIP towers: top-1 text -> image and image -> text among n pictures with full captions.
+
+    A retrieved item counts as right when its caption is the query's (equal captions are
+    interchangeable)."""
+    examples = [shapes.example(seed, i, IMAGE_SIZE, p_part=1.0) for i in range(n)]
+    captions = [ex.text for ex in examples]
+    text = prior.encode_text(captions)[0]  # (n, D)
+    image = prior.encode_image([ex.image for ex in examples])  # (n, D)
+    sim = torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).T
+    same = np.array([[a == b for b in captions] for a in captions])
+    t2i = same[np.arange(n), sim.argmax(1).numpy()].mean()
+    i2t = same[sim.argmax(0).numpy(), np.arange(n)].mean()
+    return {"text_to_image": float(t2i), "image_to_text": float(i2t), "n": n}
+
+
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+
+
+def inpaint_cases(n: int, seed: int):
+    """(picture, mask, prompt, stated) with a small shape on one side and the opposite side to repaint."""
+    rng = np.random.default_rng([seed, 13])
+    cases = []
+    for _ in range(n):
+        keep_side = list(OPPOSITE)[rng.integers(4)]
+        scene = shapes.random_scene(rng, size="small", position=keep_side)
+        new = shapes.random_scene(rng, size="small", position=OPPOSITE[keep_side], background=scene.background)
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # 255 = repaint
+        x0, y0, x1, y1 = _box(new.position)
+        mask[y0:y1, x0:x1] = 255
+        prompt = shapes.caption(new, ("size", "position", "background"))
+        cases.append((shapes.render(scene, IMAGE_SIZE), mask, prompt, new))
+    return cases
+
+
+def _box(position: str) -> tuple[int, int, int, int]:
+    """The repainted half (x0, y0, x1, y1) of the picture for a shape at ``position``."""
+    half = IMAGE_SIZE // 2
+    return {"left": (0, 0, half, IMAGE_SIZE), "right": (half, 0, IMAGE_SIZE, IMAGE_SIZE),
+            "top": (0, 0, IMAGE_SIZE, half), "bottom": (0, half, IMAGE_SIZE, IMAGE_SIZE)}[position]
+
+
+def inpaint_report(prior, inpainter, n=32, seed=0, steps=20, sampler=None, guidance=4.0, prior_steps=25,
+                   prior_guidance=4.0, batch=16) -> dict:
+    """Prompted colour inside the mask; unchanged colours outside it (the mask grown by 8 px)."""
+    from kandinsky.data.analyse import NAMES, palette_indices, to_array
+
+    cases = inpaint_cases(n, seed)
+    embeds, negatives = embed_prompts(prior, [c[2] for c in cases], seed, prior_steps, prior_guidance, batch)
+    pictures = decode(inpainter, embeds, negatives, seed, steps, sampler, guidance, batch, task="inpaint",
+                      image=[c[0] for c in cases], mask_image=[c[1] for c in cases])
+    colour_ok, kept = [], []
+    for (original, mask, _, new), picture in zip(cases, pictures):
+        inside = mask > 0
+        index = palette_indices(to_array(picture))
+        background = NAMES.index(new.background)
+        shape_pixels = index[inside][index[inside] != background]
+        colour_ok.append(len(shape_pixels) > 0 and NAMES[np.bincount(shape_pixels).argmax()] == new.colour)
+        grown = np.zeros_like(inside)
+        ys, xs = np.nonzero(inside)
+        grown[max(ys.min() - 8, 0):ys.max() + 9, max(xs.min() - 8, 0):xs.max() + 9] = True
+        kept.append(float((index[~grown] == palette_indices(to_array(original))[~grown]).mean()))
+    return {"colour": float(np.mean(colour_ok)), "kept": float(np.mean(kept)), "n": n, "pictures": pictures}
+
+
+def variations_report(prior, decoder, n=32, seed=0, steps=20, sampler=None, guidance=4.0, batch=16) -> dict:
+    """A picture's CLIP image embedding decoded: does the result show the same thing?"""
+    examples = [shapes.example(seed + 1, i, IMAGE_SIZE) for i in range(n)]
+    with torch.no_grad():
+        embeds = prior.encode_image([ex.image for ex in examples])
+    negatives = prior.zero_image_embeds(len(examples))
+    pictures = decode(decoder, embeds, negatives, seed, steps, sampler, guidance, batch)
+    report = score(pictures, [ex.scene.attributes() for ex in examples])
+    report["pictures"] = pictures
+    return report
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def format_accuracy(title: str, report: dict) -> str:
+    accuracy = report["accuracy"]
+    cells = "  ".join(f"{name} {accuracy[name]:6.1%} (n={report['n'][name]})" for name in accuracy)
+    return f"{title}: {cells}"
+
+
+def format_confusion(name: str, confusion: dict) -> str:
+    """Rows: stated value; columns: what the analyser found ('-' = no shape)."""
+    values = list(VALUES[name])
+    columns = values + ["-"]
+    width = max(len(v) for v in columns) + 1
+    lines = [f"  {name}: stated \\ found", " " * (width + 2) + "".join(f"{c:>{width}}" for c in columns)]
+    for stated in values:
+        counts = [confusion.get((stated, found if found != "-" else None), 0) for found in columns]
+        if sum(counts):
+            lines.append(f"  {stated:>{width}}" + "".join(f"{c:>{width}}" for c in counts))
+    return "\n".join(lines)
+
+
+def save_grid(pictures, path, columns=8) -> None:
+    import PIL.Image
+
+    rows = (len(pictures) + columns - 1) // columns
+    grid = PIL.Image.new("RGB", (columns * IMAGE_SIZE, rows * IMAGE_SIZE), (128, 128, 128))
+    for k, picture in enumerate(pictures):
+        grid.paste(picture, ((k % columns) * IMAGE_SIZE, (k // columns) * IMAGE_SIZE))
+    grid.save(path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="kandinsky eval shapes",
+        description="Measure a checkpoint on the procedural shapes grammar (kandinsky.data.shapes): "
+        "per-attribute accuracy and confusion tables of text2img, CLIP retrieval, inpainting, variations.",
+    )
+    parser.add_argument("what", choices=["shapes"], help="the evaluation to run (shapes)")
+    parser.add_argument("--prior", help="prior checkpoint folder (hub layout)")
+    parser.add_argument("--decoder", help="decoder checkpoint folder")
+    parser.add_argument("--inpaint", help="decoder-inpaint checkpoint folder (adds the inpainting evaluation)")
+    parser.add_argument("--demo", action="store_true", help="evaluate the shipped demo weights")
+    parser.add_argument("--n", type=int, default=64, help="prompts / pictures per evaluation (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="decoder steps (default 20)")
+    parser.add_argument("--prior-steps", type=int, default=25)
+    parser.add_argument("--sampler", default=None, help="decoder sampler (default: the checkpoint's)")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--prior-guidance", type=float, default=4.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"also accuracy vs steps {SWEEP_STEPS} for samplers {', '.join(SWEEP_SAMPLERS)}")
+    parser.add_argument("--save", default=None, help="write the generated pictures as PNG grids with this prefix")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    for name in ("n", "steps", "prior_steps", "batch"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if args.demo:
+        from kandinsky.data import demo_folders
+
+        folders = demo_folders()
+        args.prior, args.decoder = args.prior or str(folders["prior"]), args.decoder or str(folders["decoder"])
+        args.inpaint = args.inpaint or str(folders["inpaint"])
+    if not args.prior or not args.decoder:
+        print("error: give --prior and --decoder checkpoint folders (or --demo for the shipped weights)",
+              file=sys.stderr)
+        return 2
+    from kandinsky.pipelines.decoder import DecoderPipeline
+    from kandinsky.pipelines.prior import PriorPipeline
+
+    prior = PriorPipeline.from_pretrained(args.prior)
+    decoder = DecoderPipeline.from_pretrained(args.decoder)
+    common = dict(seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, batch=args.batch)
+    prior_options = dict(prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
+
+    report = text2img_report(prior, decoder, n=args.n, **common, **prior_options)
+    print(format_accuracy(f"text2img ({args.n} random prompts, {args.steps} steps)", report))
+    for name in shapes.ATTRIBUTES:
+        if name in report["confusion"]:
+            print(format_confusion(name, report["confusion"][name]))
+    if args.save:
+        save_grid(report["pictures"], f"{args.save}text2img.png")
+
+    retrieval = retrieval_report(prior, n=args.n, seed=args.seed)
+    print(f"CLIP retrieval ({args.n} pictures, full captions): text->image {retrieval['text_to_image']:.1%}  "
+          f"image->text {retrieval['image_to_text']:.1%}")
+
+    variations = variations_report(prior, decoder, n=args.n, **common)
+    print(format_accuracy("variations (picture -> CLIP embedding -> decoder)", variations))
+    if args.save:
+        save_grid(variations["pictures"], f"{args.save}variations.png")
+
+    if args.inpaint:
+        inpainter = DecoderPipeline.from_pretrained(args.inpaint)
+        inpaint = inpaint_report(prior, inpainter, n=args.n, **common, **prior_options)
+        print(f"inpaint ({args.n} cases): prompted colour in the masked half {inpaint['colour']:.1%}, "
+              f"pixels kept outside it {inpaint['kept']:.1%}")
+        if args.save:
+            save_grid(inpaint["pictures"], f"{args.save}inpaint.png")
+
+    if args.sweep:
+        embeddings = embed_prompts(prior, report["prompts"], args.seed, args.prior_steps, args.prior_guidance,
+                                   args.batch)
+        print("text2img mean accuracy over the stated attributes, by sampler and steps:")
+        print(f"  {'sampler':<10}" + "".join(f"{s:>8}" for s in SWEEP_STEPS))
+        for sampler in SWEEP_SAMPLERS:
+            row = []
+            for steps in SWEEP_STEPS:
+                r = text2img_report(prior, decoder, n=args.n, seed=args.seed, steps=steps, sampler=sampler,
+                                    guidance=args.guidance, batch=args.batch, embeddings=embeddings)
+                row.append(np.mean(list(r["accuracy"].values())))
+            print(f"  {sampler:<10}" + "".join(f"{a:8.1%}" for a in row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
