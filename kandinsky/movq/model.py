@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from kandinsky.attention import attention
 from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.movq.tiling import resolve_tile, tiled_decode, tiled_encode
 
 EPS = 1e-6  # every GroupNorm of the autoencoder
 SPATIAL_NORM_GROUPS = 32  # SpatialNorm's GroupNorm always has 32 groups (norm_num_groups is the encoder's)
@@ -296,10 +297,19 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.stem(x))  # (B, latent_channels, H/8, W/8)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution part: conv_in and every level but the last (convolutions only,
+        so it can run tile by tile). (B, 3, H, W) -> (B, ch[-2], H/8, W/8)."""
         h = self.conv_in(x)  # (B, ch[0], H, W)
-        for level in self.down:
-            h = level(h)  # (B, ch[-1], H/8, W/8) after the last
-        h = self.mid(h)
+        for level in self.down[:-1]:
+            h = level(h)  # halves H and W
+        return h
+
+    def trunk(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part: the last level (with attention), mid block, output conv."""
+        h = self.mid(self.down[-1](h))  # (B, ch[-1], H/8, W/8)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_channels, H/8, W/8)
 
 
@@ -357,13 +367,17 @@ class DecoderLevel(nn.Module):
         self.upsample = Upsample(out_channels) if with_upsample else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        return self.upsampled(self.blocks(x, zq))
+
+    def blocks(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(self.res):
             x = res(x, zq)
             if self.attn is not None:
                 x = self.attn[j](x, zq)
-        if self.upsample is not None:
-            x = self.upsample(x)  # (B, C, 2H, 2W)
         return x
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.upsample is None else self.upsample(x)  # (B, C, 2H, 2W)
 
 
 class Decoder(nn.Module):
@@ -383,8 +397,18 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         """z: post-quant latents; zq: the latents that modulate every norm (both (B, 4, H/8, W/8))."""
-        h = self.mid(self.conv_in(z), zq)  # (B, ch[0], H/8, W/8)
-        for level in self.up:
+        return self.head(self.trunk(z, zq), zq)  # (B, out_channels, H, W)
+
+    def trunk(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part: conv_in, mid block, the first level's blocks (with
+        attention). (B, 4, H/8, W/8) -> (B, ch[0], H/8, W/8)."""
+        return self.up[0].blocks(self.mid(self.conv_in(z), zq), zq)
+
+    def head(self, h: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """The upsampling part (convolutions and norms only, so it can run tile by tile):
+        (B, ch[0], H/8, W/8) -> (B, out_channels, H, W)."""
+        h = self.up[0].upsampled(h)
+        for level in self.up[1:]:
             h = level(h, zq)  # (B, ch[-1], H, W) after the last
         return self.conv_out(F.silu(self.norm_out(h, zq)))  # (B, out_channels, H, W)
 
@@ -434,9 +458,17 @@ class MoVQ(nn.Module):
                 f"pass {what}.to(movq.device, movq.dtype)"
             )
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), H and W multiples of 8 -> continuous latents (B, 4, H/8, W/8), not quantized."""
-        self._check(images, self.config.in_channels, "images", self.config.downsampling_factor)
+    def encode(self, images: torch.Tensor, tile: bool | int | None = None) -> torch.Tensor:
+        """images (B, 3, H, W), H and W multiples of 8 -> continuous latents (B, 4, H/8, W/8), not quantized.
+
+        tile: None tiles images of more than 1024 x 1024 pixels, True always, False never, an
+        int sets the tile side in pixels (see kandinsky.movq.tiling).
+        """
+        f = self.config.downsampling_factor
+        self._check(images, self.config.in_channels, "images", f)
+        size = resolve_tile(tile, images.shape[2], images.shape[3], f)
+        if size is not None:
+            return tiled_encode(self, images, size)
         return self.quant_conv(self.encoder(images))
 
     def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,13 +476,20 @@ class MoVQ(nn.Module):
         self._check(latents, self.config.latent_channels, "latents")
         return self.quantizer(latents)
 
-    def decode(self, latents: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, force_not_quantize: bool = False,
+               tile: bool | int | None = None) -> torch.Tensor:
         """latents (B, 4, h, w) -> images (B, 3, 8h, 8w).
 
         With force_not_quantize=False (the reference's default) the latents are first
-        snapped to the codebook; Kandinsky's pipelines pass True.
+        snapped to the codebook; Kandinsky's pipelines pass True. tile: None tiles images of
+        more than 1024 x 1024 pixels, True always, False never, an int sets the tile side in
+        pixels (see kandinsky.movq.tiling).
         """
         self._check(latents, self.config.latent_channels, "latents")
+        f = self.config.downsampling_factor
+        size = resolve_tile(tile, latents.shape[2] * f, latents.shape[3] * f, f)
+        if size is not None:
+            return tiled_decode(self, latents, size, force_not_quantize=force_not_quantize)
         zq = latents if force_not_quantize else self.quantizer(latents)[0]
         return self.decoder(self.post_quant_conv(zq), zq)
 

@@ -1,0 +1,260 @@
+"""Tiled MoVQ decoding and encoding: large images in bounded memory.
+
+Where the memory goes: the decoder's last levels run 128-256 channels at full image
+resolution (at 2048 x 2048 one such activation is 2 GiB in fp32, and a ResBlock holds
+several), while its latent-resolution part is small (512 channels at 256 x 256: 128 MiB).
+So each model is split at the latent resolution (``Decoder.trunk`` / ``Decoder.head``,
+``Encoder.stem`` / ``Encoder.trunk``):
+
+    decode:  latents -> trunk (whole image: conv_in, mid block, the attention level)
+                     -> head  (tile by tile: the upsampling levels, at most tile x tile pixels)
+    encode:  images  -> stem  (tile by tile: the full-resolution levels)
+                     -> trunk (whole image: the attention level, mid block, conv_out)
+
+The attention (which sees every latent pixel) therefore stays global and exact. Tiles
+overlap by ``overlap`` pixels and are blended with weights that are 0 in the outer third
+of the overlap (where a tile's zero padding shows), rise linearly across its middle third
+and are 1 inside, so every pixel is a convex mix of the tiles that see it best.
+
+The one approximation: the GroupNorms (SpatialNorms in the decoder) inside a tile
+normalise with that tile's statistics instead of the whole image's. Blending hides the
+seams; the remaining difference from untiled decoding is measured in
+``benchmarks/bench_tiling.py`` (and bounded on tiny models in tests/test_tiling.py).
+
+Tiling is automatic above ``AUTO_TILE_PIXELS`` (more pixels than 1024 x 1024 per image)
+and overridable per call: ``movq.decode(z, tile=False)`` never tiles, ``tile=True`` tiles
+with ``DEFAULT_TILE``, ``tile=640`` tiles with 640-pixel tiles.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_TILE = 512  # image pixels per tile side
+AUTO_TILE_PIXELS = 1024 * 1024  # tile=None tiles images with more pixels than this
+DEFAULT_PASSES = 2  # 1: tile-local GroupNorm statistics; 2+: whole-image statistics from the pass before
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def resolve_tile(tile, height: int, width: int, factor: int, what: str = "tile") -> int | None:
+    """The tile side in image pixels for an image of ``height`` x ``width``, or None (untiled).
+
+    tile: None (automatic: DEFAULT_TILE above AUTO_TILE_PIXELS), True, False, or an int
+    (pixels, a multiple of the downsampling factor ``factor``).
+    """
+    if tile is None:
+        tile = height * width > AUTO_TILE_PIXELS
+    if tile is False:
+        return None
+    if tile is True:
+        tile = DEFAULT_TILE
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 4 * factor or tile % factor:
+        raise ValueError(
+            f"{what} must be None (automatic), True, False or a tile side in pixels that is a "
+            f"multiple of {factor} and at least {4 * factor}; got {tile!r}"
+        )
+    if factor == 1 or (tile >= height and tile >= width):
+        return None  # one tile covers the image (or there is no full-resolution part to tile)
+    return tile
+
+
+def default_overlap(tile: int, factor: int) -> int:
+    """A quarter of the tile, rounded down to the downsampling factor."""
+    return max(factor, tile // 4 // factor * factor)
+
+
+def check_overlap(overlap: int, tile: int, factor: int) -> None:
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0 or overlap % factor \
+            or overlap >= tile // 2 + 1:
+        raise ValueError(
+            f"overlap must be a number of pixels that is a multiple of {factor}, at least 0 and at "
+            f"most half the tile ({tile}); got {overlap!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of side ``tile`` covering ``[0, size)``, overlapping by at least
+    ``overlap``; the last tile ends at ``size``."""
+    if tile >= size:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def ramp(length: int, start: int, size: int, overlap: int) -> torch.Tensor:
+    """1-D blending weight of a tile covering ``[start, start + length)`` of ``[0, size)``.
+
+    0 over the outer third of the overlap on a side that borders another tile, linear
+    across the middle third, 1 elsewhere (and on the image's own borders).
+    """
+    w = torch.ones(length)
+    if overlap == 0:
+        return w
+    margin = overlap // 3
+    width = max(overlap - 2 * margin, 1)
+    rise = ((torch.arange(length) - margin + 0.5) / width).clamp(0, 1)  # 0 ... 1 from the start
+    if start > 0:
+        w = torch.minimum(w, rise)
+    if start + length < size:
+        w = torch.minimum(w, rise.flip(0))
+    return w
+
+
+class GlobalNormStats:
+    """Whole-image GroupNorm statistics, gathered tile by tile.
+
+    Inside ``apply()`` every GroupNorm of ``model`` normalises with the statistics of the
+    previous pass (when there was one) and adds the part of its input that the current
+    tile owns (``owned``: a partition of the image, the overlaps split at their middle) to
+    running sums. ``next_pass()`` turns the sums into the statistics of the next pass. The
+    first norm's statistics are exact after one pass, and each pass makes the following
+    norms' statistics closer to the whole-image ones.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (mean, var) (B, G)
+        self.sums: dict[int, list] = {}
+        self.owned: tuple[slice, slice, int, int] | None = None  # rows, cols, tile h, tile w
+
+    def next_pass(self) -> None:
+        self.stats = {}
+        for key, (s1, s2, n) in self.sums.items():
+            mean = s1 / n
+            self.stats[key] = (mean, (s2 / n - mean**2).clamp_min(0))
+        self.sums = {}
+
+    def norm(self, m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        B, C, h, w = x.shape
+        g = x.float().view(B, m.num_groups, C // m.num_groups, h, w)
+        rows, cols, th, tw = self.owned
+        sy, sx = h / th, w / tw  # this norm's resolution relative to the tile input
+        own = g[..., int(rows.start * sy):int(rows.stop * sy), int(cols.start * sx):int(cols.stop * sx)]
+        own = own.double()
+        s1, s2, n = own.sum((2, 3, 4)), (own**2).sum((2, 3, 4)), own[0, 0].numel()
+        old = self.sums.get(id(m))
+        self.sums[id(m)] = [s1, s2, n] if old is None else [old[0] + s1, old[1] + s2, old[2] + n]
+        if id(m) not in self.stats:
+            return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)  # first pass: the tile's own
+        mean, var = (t.to(torch.float32)[:, :, None, None, None] for t in self.stats[id(m)])
+        y = ((g - mean) * torch.rsqrt(var + m.eps)).view(B, C, h, w).to(x.dtype)
+        return y * m.weight[:, None, None] + m.bias[:, None, None]
+
+    @contextlib.contextmanager
+    def apply(self):
+        for m in self.norms:
+            m.forward = (lambda m: lambda x: self.norm(m, x))(m)  # an instance attribute shadows the class's
+        try:
+            yield self
+        finally:
+            for m in self.norms:
+                del m.forward
+
+
+def owned_range(starts: list[int], index: int, tile: int, size: int, unit: int) -> tuple[int, int]:
+    """The part of tile ``index`` that it owns: from the middle of its overlap with the
+    previous tile to the middle of its overlap with the next (multiples of ``unit``), relative
+    to the tile's start."""
+    start = starts[index]
+    lo = 0 if index == 0 else (start + min(starts[index - 1] + tile, size)) // 2 // unit * unit
+    hi = size if index == len(starts) - 1 else (starts[index + 1] + min(start + tile, size)) // 2 // unit * unit
+    return lo - start, hi - start
+
+
+def run_tiled(fn: Callable[[slice, slice], torch.Tensor], out_shape: tuple, in_size: tuple[int, int],
+              tile: int, overlap: int, scale: float, device, dtype, norm_stats: GlobalNormStats | None = None,
+              passes: int = 1, unit: int = 1) -> torch.Tensor:
+    """Blend ``fn(rows, cols)`` over overlapping tiles of an input of ``in_size``.
+
+    fn maps a crop (input rows, input cols) to its output, which is ``scale`` times as
+    large (8 for the decoder's head, 1/8 for the encoder's stem); ``tile`` and ``overlap``
+    are in input units. With ``norm_stats`` the tiles are run ``passes`` times, each pass
+    normalising with the whole-image statistics gathered in the one before (``unit``: the
+    input units the owned parts are rounded to). Returns the blended (B, C, H_out, W_out)
+    output in ``dtype``.
+    """
+    H, W = in_size
+    Ho, Wo = out_shape[-2:]
+    ys, xs = tile_starts(H, tile, overlap), tile_starts(W, tile, overlap)
+    for p in range(passes):
+        last = p == passes - 1
+        if last:
+            out = torch.zeros(out_shape, device=device, dtype=torch.float32)
+            total = torch.zeros(out_shape[-2:], device=device, dtype=torch.float32)
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                th, tw = min(tile, H), min(tile, W)
+                if norm_stats is not None:
+                    r0, r1 = owned_range(ys, i, tile, H, unit)
+                    c0, c1 = owned_range(xs, j, tile, W, unit)
+                    norm_stats.owned = (slice(r0, r1), slice(c0, c1), th, tw)
+                piece = fn(slice(y, y + th), slice(x, x + tw))  # (B, C, th * scale, tw * scale)
+                if not last:
+                    continue
+                y0, x0, ho, wo = int(y * scale), int(x * scale), int(th * scale), int(tw * scale)
+                wy = ramp(ho, y0, Ho, int(overlap * scale)).to(device)
+                wx = ramp(wo, x0, Wo, int(overlap * scale)).to(device)
+                weight = wy[:, None] * wx[None, :]  # (ho, wo)
+                out[..., y0:y0 + ho, x0:x0 + wo] += piece.float() * weight
+                total[y0:y0 + ho, x0:x0 + wo] += weight
+        if norm_stats is not None:
+            norm_stats.next_pass()
+    return (out / total).to(dtype)
+
+
+# ----------------------------------------------------------------------------- decode / encode
+
+
+def tiled_decode(movq, latents: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int | None = None,
+                 force_not_quantize: bool = False, passes: int = DEFAULT_PASSES) -> torch.Tensor:
+    """latents (B, 4, h, w) -> images (B, 3, f*h, f*w), the upsampling levels run in tiles of
+    ``tile`` x ``tile`` image pixels overlapping by ``overlap`` (default: a quarter tile)."""
+    f = movq.config.downsampling_factor
+    movq._check(latents, movq.config.latent_channels, "latents")
+    overlap = default_overlap(tile, f) if overlap is None else overlap
+    check_overlap(overlap, tile, f)
+    zq = latents if force_not_quantize else movq.quantizer(latents)[0]
+    decoder = movq.decoder
+    h = decoder.trunk(movq.post_quant_conv(zq), zq)  # (B, ch[0], h, w), whole image
+
+    def head(rows: slice, cols: slice) -> torch.Tensor:
+        return decoder.head(h[..., rows, cols], zq[..., rows, cols])  # (B, 3, f*th, f*tw)
+
+    B, _, lh, lw = latents.shape
+    out_shape = (B, movq.config.out_channels, lh * f, lw * f)
+    stats = GlobalNormStats(decoder) if passes > 1 else None
+    with stats.apply() if stats else contextlib.nullcontext():
+        return run_tiled(head, out_shape, (lh, lw), tile // f, overlap // f, f, latents.device, h.dtype,
+                         stats, passes)
+
+
+def tiled_encode(movq, images: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int | None = None,
+                 passes: int = DEFAULT_PASSES) -> torch.Tensor:
+    """images (B, 3, H, W) -> latents (B, 4, H/f, W/f), the full-resolution levels run in
+    tiles of ``tile`` x ``tile`` pixels overlapping by ``overlap`` (default: a quarter tile)."""
+    f = movq.config.downsampling_factor
+    movq._check(images, movq.config.in_channels, "images", f)
+    overlap = default_overlap(tile, f) if overlap is None else overlap
+    check_overlap(overlap, tile, f)
+    encoder = movq.encoder
+
+    def stem(rows: slice, cols: slice) -> torch.Tensor:
+        return encoder.stem(images[..., rows, cols])  # (B, ch[-2], th/f, tw/f)
+
+    B, _, H, W = images.shape
+    channels = movq.config.block_out_channels[-2]
+    stats = GlobalNormStats(encoder) if passes > 1 else None
+    with stats.apply() if stats else contextlib.nullcontext():
+        features = run_tiled(stem, (B, channels, H // f, W // f), (H, W), tile, overlap, 1 / f,
+                             images.device, images.dtype, stats, passes, unit=f)
+    return movq.quant_conv(encoder.trunk(features))  # (B, 4, H/f, W/f)
