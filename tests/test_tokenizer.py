@@ -62,6 +62,7 @@ def test_vocabulary_is_the_real_clip_vocabulary(tokenizer, open_clip_tokenizer):
     assert tokenizer.tokenizer.eos_token_id == EOS == open_clip_tokenizer.eot_token_id
 
 
+@pytest.mark.filterwarnings("ignore:.*words are dropped")
 def test_same_ids_as_open_clip(tokenizer, open_clip_tokenizer):
     ids, mask = tokenizer(PROMPTS)
     want = open_clip_tokenizer(PROMPTS)  # (B, 77), zero padded
@@ -78,6 +79,7 @@ def test_same_ids_as_open_clip(tokenizer, open_clip_tokenizer):
     assert lengths[PROMPTS.index("")] == 2  # empty prompt: <|startoftext|> <|endoftext|>
 
 
+@pytest.mark.filterwarnings("ignore:.*words are dropped")
 def test_same_as_transformers_as_diffusers_calls_it(tokenizer, hf_tokenizer):
     prompts = PROMPTS + DIVERGENT
     ids, mask = tokenizer(prompts)
@@ -108,3 +110,38 @@ def test_single_string_and_errors(tokenizer, clip_tokenizer_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         (tmp_path / "vocab.json").write_text((clip_tokenizer_folder / "vocab.json").read_text())
         Tokenizer.from_folder(tmp_path)
+
+
+# ----------------------------------------------------------------------------- prompts > 77 tokens
+def _removed_as_diffusers_computes_it(hf_tokenizer, prompt: str) -> str:
+    """diffusers' Kandinsky prior pipeline: the untruncated ids from position 76 up to the final
+    <|endoftext|>, decoded (it logs them as 'the following part of your input was truncated')."""
+    ids = hf_tokenizer([prompt], padding="longest", return_tensors="pt").input_ids
+    return hf_tokenizer.batch_decode(ids[:, hf_tokenizer.model_max_length - 1 : -1])[0].strip()
+
+
+def test_long_prompt_warns_naming_the_dropped_words(tokenizer, hf_tokenizer):
+    words = "a red cat sitting on a wooden chair in a sunny garden with flowers and trees around".split()
+    prompt = " ".join(words * 6)  # 96 words, one token each
+    with pytest.warns(UserWarning, match="longer than CLIP's 75 tokens; these words are dropped") as record:
+        ids, mask = tokenizer(prompt)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's line
+    removed = _removed_as_diffusers_computes_it(hf_tokenizer, prompt)
+    assert removed == " ".join((words * 6)[75:])  # the maths: everything after the 75th word
+    assert repr(removed) in str(record[0].message)
+    assert mask.all() and ids[0, -1] == EOS  # still truncated exactly as before
+
+
+def test_prompts_that_fit_do_not_warn(tokenizer, recwarn):
+    tokenizer(["a cat", "cat " * 75])  # 75 tokens: exactly the capacity
+    assert not [w for w in recwarn if "dropped" in str(w.message)]
+
+
+def test_batch_names_which_prompt_and_the_first_dropped_word(tokenizer, hf_tokenizer):
+    prompt = "cat " * 75 + "dog"  # 76 tokens: only "dog" is dropped
+    with pytest.warns(UserWarning) as record:
+        tokenizer(["a cat", prompt])
+    messages = [str(w.message) for w in record if "dropped" in str(w.message)]
+    assert messages == [f"prompt 1 is longer than CLIP's 75 tokens; these words are dropped: 'dog'. "
+                        "Shorten it, or put what matters first."]
+    assert _removed_as_diffusers_computes_it(hf_tokenizer, prompt) == "dog"

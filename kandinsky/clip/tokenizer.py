@@ -4,11 +4,18 @@ The byte-pair encoding itself is transformers' ``CLIPTokenizer`` (vocab.json +
 merges.txt of the checkpoint's ``tokenizer/`` folder). This wrapper calls it exactly as
 diffusers' Kandinsky 2.2 prior pipeline does: ``padding="max_length"``,
 ``max_length=model_max_length`` (77), ``truncation=True``. A prompt is
-``<|startoftext|> tokens <|endoftext|>`` followed by ``<|endoftext|>`` padding; longer
-prompts keep their first 75 tokens and still end with ``<|endoftext|>``.
+``<|startoftext|> tokens <|endoftext|>`` followed by ``<|endoftext|>`` padding.
+
+The limit: CLIP reads 77 tokens, so a prompt keeps its first 75 BPE tokens (about 55-60
+English words; punctuation and rare words take several tokens) and still ends with
+``<|endoftext|>``; the rest is dropped, as in diffusers and the original Kandinsky, with a
+warning that names the dropped words.
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,4 +66,37 @@ class Tokenizer:
             truncation=True,
             return_tensors="pt",
         )
+        self.warn_truncated(prompts)
         return out.input_ids.long(), out.attention_mask.bool()
+
+    def dropped_text(self, prompt: str) -> str | None:
+        """The end of ``prompt`` that does not fit in the context (None if it all fits)."""
+        tokens = self.tokenizer.tokenize(prompt)  # BPE tokens, without <|startoftext|> / <|endoftext|>
+        keep = self.max_length - 2
+        if len(tokens) <= keep:
+            return None
+        return self.tokenizer.decode(self.tokenizer.convert_tokens_to_ids(tokens[keep:])).strip()
+
+    def warn_truncated(self, prompts: list[str]) -> None:
+        """One warning per prompt longer than the context, naming the words that are dropped."""
+        for i, prompt in enumerate(prompts):
+            dropped = self.dropped_text(prompt)
+            if dropped is None:
+                continue
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            warnings.warn(
+                f"{which} is longer than CLIP's {self.max_length - 2} tokens; these words are dropped: "
+                f"{dropped!r}. Shorten it, or put what matters first.",
+                stacklevel=_caller_stacklevel(),
+            )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that names the first line outside kandinsky (and torch's no_grad wrapper)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INTERNAL = (str(Path(__file__).resolve().parents[1]) + os.sep, str(Path(torch.utils.__file__).parent / "_contextlib"))
