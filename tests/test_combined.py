@@ -148,8 +148,8 @@ def test_reference_latents_are_our_prior_latents(text2img):
     g = gen(5)
     embeds, negative = ref.prior_pipe("a red cat", latents=prior_latents, generator=g, num_inference_steps=2,
                                       return_dict=False)
-    exp = ref.decoder_pipe(image_embeds=embeds, negative_image_embeds=negative, latents=latents, generator=g,
-                           num_inference_steps=2, output_type="pt", **SIZE).images
+    exp = unit(ref.decoder_pipe(image_embeds=embeds, negative_image_embeds=negative, latents=latents, generator=g,
+                                num_inference_steps=2, output_type="pt", **SIZE).images)
     got = ours.text2img("a red cat", prior_latents=prior_latents, latents=latents, generator=gen(5),
                         output_type="pt", progress=False, **kw).images
     assert rel_err(got, exp) < TOL
@@ -164,8 +164,8 @@ def test_variations(text2img):
     pixels = prior_ref.image_processor(image, return_tensors="pt").pixel_values
     embeds = prior_ref.image_encoder(pixels).image_embeds
     negative = prior_ref.get_zero_embed(batch_size=1)
-    exp = decoder_ref(image_embeds=embeds, negative_image_embeds=negative, num_images_per_prompt=2,
-                      generator=gen(6), num_inference_steps=2, output_type="pt", **SIZE).images
+    exp = unit(decoder_ref(image_embeds=embeds, negative_image_embeds=negative, num_images_per_prompt=2,
+                      generator=gen(6), num_inference_steps=2, output_type="pt", **SIZE).images)
     got = ours.variations(image, num_images_per_prompt=2, generator=gen(6), num_inference_steps=2,
                           output_type="pt", progress=False, **SIZE).images
     assert got.shape == (2, 3, 64, 64)
@@ -178,8 +178,8 @@ def test_interpolate(text2img):
     items, weights = ["a red cat", rgb(4, size=40), "a blue dog"], [0.5, 0.3, 0.2]
     g = gen(7)
     out = ref.prior_pipe.interpolate(items, weights, num_inference_steps=2, generator=g, negative_prompt="blurry")
-    exp = ref.decoder_pipe(image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
-                           generator=g, num_inference_steps=2, output_type="pt", **SIZE).images
+    exp = unit(ref.decoder_pipe(image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
+                           generator=g, num_inference_steps=2, output_type="pt", **SIZE).images)
     got = ours.interpolate(items, weights, negative_prompt="blurry", generator=gen(7), output_type="pt",
                            progress=False, **SIZE, **STEPS).images
     assert rel_err(got, exp) < TOL
@@ -193,8 +193,8 @@ def test_controlnet(prior, controlnet):
     g = gen(9)
     embeds, negative = prior_ref("a robot", negative_prompt="a cat", num_images_per_prompt=2, num_inference_steps=2,
                                  generator=g, return_dict=False)
-    exp = decoder_ref(image_embeds=embeds, negative_image_embeds=negative, hint=hint.repeat(2, 1, 1, 1),
-                      generator=g, num_inference_steps=2, output_type="pt", **SIZE).images
+    exp = unit(decoder_ref(image_embeds=embeds, negative_image_embeds=negative, hint=hint.repeat(2, 1, 1, 1),
+                      generator=g, num_inference_steps=2, output_type="pt", **SIZE).images)
     got = ours.controlnet("a robot", hint, negative_prompt="a cat", num_images_per_prompt=2, generator=gen(9),
                           output_type="pt", progress=False, **SIZE, **STEPS).images
     assert got.shape == (2, 3, 64, 64)

@@ -244,8 +244,8 @@ def test_inpaint_batch_uses_each_images_own_mask(inpainter):
         assert rel_err(batch[i : i + 1], alone[i]) < TOL
     # and the one done alone is the reference's result
     kw.pop("progress")
-    exp = ref(image_embeds=e[1:], image=images[1], mask_image=masks[1].copy(), negative_image_embeds=n[1:],
-              generator=gen(13), **kw).images
+    exp = unit(ref(image_embeds=e[1:], image=images[1], mask_image=masks[1].copy(), negative_image_embeds=n[1:],
+                   generator=gen(13), **kw).images)
     assert rel_err(alone[1], exp) < TOL
     # the reference's batch gets image 1 wrong (blended with image 0's latents and mask)
     ref_batch = ref(image_embeds=e, image=images, mask_image=[m.copy() for m in masks], negative_image_embeds=n,

@@ -7,6 +7,7 @@ mapping, alpha and scale are all checked against an independent computation.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import types
@@ -21,6 +22,7 @@ from kandinsky.lora import (
     LoRALinear,
     adapters,
     add_lora,
+    add_lora_argument,
     apply_lora_args,
     load_lora,
     lora_format,
@@ -87,24 +89,30 @@ def write_lora(fmt: str, layers: dict, folder, prefix: str, alpha: float | None 
             sd[f"{p}{path}.lora_A.weight"], sd[f"{p}{path}.lora_B.weight"] = down, up
         elif fmt == "diffusers":
             sd[f"{prefix}.{path}.lora.down.weight"], sd[f"{prefix}.{path}.lora.up.weight"] = down, up
+        elif fmt == "diffusers-metadata":  # today's save_lora_weights: PEFT names, config in the header
+            sd[f"{prefix}.{path}.lora_A.weight"], sd[f"{prefix}.{path}.lora_B.weight"] = down, up
         elif fmt == "kohya":
             key = f"lora_{prefix}_{path.replace('.', '_')}"
             sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
             sd[f"{key}.alpha"] = torch.tensor(float(alpha))
     if fmt.startswith("peft"):
         (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": alpha, "peft_type": "LORA"}))
+    # diffusers packs the LoraConfig of each model as "<model>.<field>" into the header
+    metadata = {"format": "pt"}
+    if fmt == "diffusers-metadata":
+        metadata["lora_adapter_metadata"] = json.dumps({f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha})
     if fmt == "processor-bin":
         file = folder / "pytorch_lora_weights.bin"
         torch.save(sd, file)
     else:
-        save_file({k: v.contiguous() for k, v in sd.items()}, file)
-    return file, (alpha if fmt.startswith("peft") or fmt == "kohya" else rank)
+        save_file({k: v.contiguous() for k, v in sd.items()}, file, metadata=metadata)
+    return file, (alpha if fmt.startswith("peft") or fmt in ("kohya", "diffusers-metadata") else rank)
 
 
 FORMATS = {  # format -> (format name load_lora reports, alpha written)
     "processor": ("attention processors", None), "no-processor": ("attention processors", None),
     "processor-bin": ("attention processors", None), "peft": ("PEFT", 6.0), "peft-unet-prefix": ("PEFT", 1.5),
-    "diffusers": ("diffusers", None), "kohya": ("kohya", 12.0),
+    "diffusers": ("diffusers", None), "diffusers-metadata": ("PEFT", 9.0), "kohya": ("kohya", 12.0),
 }
 
 
@@ -158,9 +166,10 @@ def test_format_matches_merged_reference(model_case, fmt, tmp_path):
     assert_close(c.out(ours, reference=False), want)
 
 
-def test_pipeline_file_reaches_unet_and_text_encoder(unet_checkpoint, tmp_path):
-    """One diffusers file with unet. and text_encoder. keys, loaded into a Kandinsky-shaped object
-    (.prior.text_encoder, .decoder.unet): each part goes to its model."""
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_pipeline_file_reaches_unet_and_text_encoder(unet_checkpoint, tmp_path, fmt):
+    """One file with unet. and text_encoder. keys (kohya: lora_unet_, lora_te_), loaded into a
+    Kandinsky-shaped object (.prior.text_encoder, .decoder.unet): each part goes to its model."""
     folder, ref_unet = unet_checkpoint
     ref_text = make_text_reference()
     text_folder = tmp_path / "text_encoder"
@@ -171,18 +180,24 @@ def test_pipeline_file_reaches_unet_and_text_encoder(unet_checkpoint, tmp_path):
     unet_layers = random_lora(ref_unet, UNET_LAYERS[:3], seed=2)
     text_layers = random_lora(ref_text, ["text_model.encoder.layers.0.self_attn.q_proj",
                                          "text_model.encoder.layers.1.self_attn.out_proj"], seed=3)
-    sd = {}
-    for prefix, layers in (("unet", unet_layers), ("text_encoder", text_layers)):
+    sd, alpha = {}, (RANK if fmt == "diffusers" else 1.0)
+    for prefix, kohya, layers in (("unet", "lora_unet", unet_layers), ("text_encoder", "lora_te", text_layers)):
         for path, (down, up) in layers.items():
-            sd[f"{prefix}.{path}.lora_A.weight"], sd[f"{prefix}.{path}.lora_B.weight"] = down, up
+            if fmt == "diffusers":
+                sd[f"{prefix}.{path}.lora_A.weight"], sd[f"{prefix}.{path}.lora_B.weight"] = down, up
+            else:
+                key = f"{kohya}_{path.replace('.', '_')}"
+                sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+                sd[f"{key}.alpha"] = torch.tensor(alpha)
     save_file(sd, tmp_path / "pytorch_lora_weights.safetensors")
     load_lora(pipe, tmp_path / "pytorch_lora_weights.safetensors", scale=1.3)
 
-    assert_close(unet_out(unet, False), unet_out(merged_reference(ref_unet, (unet_layers, RANK, 1.3)), True))
+    assert_close(unet_out(unet, False), unet_out(merged_reference(ref_unet, (unet_layers, alpha, 1.3)), True))
     ids = torch.randint(3, 1000, (2, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = merged_reference(ref_text, (text_layers, RANK, 1.3))(ids)
+        want = merged_reference(ref_text, (text_layers, alpha, 1.3))(ids)
         got = text(ids)
+        assert rel_err(want.last_hidden_state, ref_text(ids).last_hidden_state) > 1e-3  # the LoRA matters
     assert_close(got.text_embeds, want.text_embeds)
     assert_close(got.last_hidden_state, want.last_hidden_state)
 
@@ -354,7 +369,11 @@ def test_apply_lora_args(prior_checkpoint, tmp_path):
     a = random_lora(ref, PRIOR_LAYERS, seed=8)
     file, _ = write_lora("processor", a, tmp_path, "prior")
     pipe = types.SimpleNamespace(prior=load_component(folder))
-    names = apply_lora_args(pipe, [f"{file}:0.25", f"{file}:0.5"])
+    parser = argparse.ArgumentParser()
+    add_lora_argument(parser)
+    assert parser.parse_args([]).lora == []
+    args = parser.parse_args(["--lora", f"{file}:0.25", "--lora", f"{file}:0.5"])
+    names = apply_lora_args(pipe, args.lora)
     assert names == ["lora", "lora_2"]
     assert_close(prior_out(pipe.prior, False), prior_out(merged_reference(ref, (a, RANK, 0.75)), True))
     with pytest.raises(LoRAError, match="--lora missing.safetensors:0.5: missing.safetensors: no such file"):

@@ -506,15 +506,15 @@ def test_bfloat16_decoder_tasks(inpainter, controlnet, inpaint_pipeline_folder, 
     kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
     half = DecoderPipeline.from_pretrained(inpaint_pipeline_folder[0], dtype=torch.bfloat16)
     got = half.inpaint(e, image, mask, n, generator=gen(27), output_type="pt", progress=False, **kw).images
-    exp = inpainter[1](image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n,
-                       generator=gen(27), output_type="pt", **kw).images
+    exp = unit(inpainter[1](image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n,
+                       generator=gen(27), output_type="pt", **kw).images)
     assert rel_err(got.float(), exp) < BF16_TOL
 
     hint = torch.rand(1, 3, 64, 64, generator=gen(28))
     half = DecoderPipeline.from_pretrained(controlnet_pipeline_folder[0], dtype=torch.bfloat16)
     got = half.controlnet(e, n, hint, generator=gen(28), output_type="pt", progress=False, **kw).images
-    exp = controlnet[1](image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(28), output_type="pt",
-                        **kw).images
+    exp = unit(controlnet[1](image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(28), output_type="pt",
+                        **kw).images)
     assert rel_err(got.float(), exp) < BF16_TOL
     ref = img2img_ref(controlnet[1], "KandinskyV22ControlnetImg2ImgPipeline")
     got = half.controlnet_img2img(e, image, n, hint, strength=0.5, generator=gen(29), output_type="np",

@@ -17,6 +17,7 @@ import torch
 from kandinsky.hub import DEFAULT_DECODER, prior_from_model_card, resolve
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
+from kandinsky.pipelines.tasks import PRIOR_OPTIONS, PROMPT_TASKS
 
 
 class Kandinsky:
@@ -62,195 +63,86 @@ class Kandinsky:
         return self
 
     # ------------------------------------------------------------------ tasks
-    def _embeds(self, task, prompt, negative_prompt, num_images_per_prompt, prior_num_inference_steps,
-                prior_guidance_scale, generator, prior_latents, progress):
-        self.decoder.check_task(task)  # a wrong checkpoint fails before the prior runs
-        out = self.prior(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=prior_num_inference_steps,
-            generator=generator,
-            latents=prior_latents,
-            guidance_scale=prior_guidance_scale,
-            progress=progress,
-        )
-        return out.image_embeds, out.negative_image_embeds
+    # The tasks are declared in tasks.PROMPT_TASKS: where the image embeddings come from, and the
+    # decoder task that paints them. Every method takes the decoder options of
+    # tasks.DECODER_OPTIONS and, where the prior runs, tasks.PRIOR_OPTIONS, by keyword.
 
-    def text2img(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        num_images_per_prompt: int = 1,
-        height: int = 512,
-        width: int = 512,
-        prior_guidance_scale: float = 4.0,
-        prior_num_inference_steps: int = 25,
-        generator: torch.Generator | None = None,
-        prior_latents: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end=None,
-        progress: bool = True,
-    ):
-        embeds, negative = self._embeds("text2img", prompt, negative_prompt, num_images_per_prompt,
-                                        prior_num_inference_steps, prior_guidance_scale, generator,
-                                        prior_latents, progress)
-        return self.decoder.text2img(
-            embeds, negative, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generator, latents=latents, output_type=output_type,
-            callback_on_step_end=callback_on_step_end, progress=progress,
-        )
+    def text2img(self, prompt, negative_prompt=None, **options):
+        return self.run("text2img", prompt=prompt, negative_prompt=negative_prompt, **options)
 
-    def img2img(
-        self,
-        prompt: str | list[str],
-        image,
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        strength: float = 0.3,
-        num_images_per_prompt: int = 1,
-        height: int = 512,
-        width: int = 512,
-        prior_guidance_scale: float = 4.0,
-        prior_num_inference_steps: int = 25,
-        generator: torch.Generator | None = None,
-        prior_latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end=None,
-        progress: bool = True,
-    ):
-        embeds, negative = self._embeds("img2img", prompt, negative_prompt, num_images_per_prompt,
-                                        prior_num_inference_steps, prior_guidance_scale, generator,
-                                        prior_latents, progress)
-        return self.decoder.img2img(
-            embeds, image, negative, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, strength=strength, generator=generator, output_type=output_type,
-            callback_on_step_end=callback_on_step_end, progress=progress,
-        )
+    def img2img(self, prompt, image, negative_prompt=None, strength: float = 0.3, **options):
+        return self.run("img2img", prompt=prompt, negative_prompt=negative_prompt, image=image, strength=strength,
+                        **options)
 
-    def inpaint(
-        self,
-        prompt: str | list[str],
-        image,
-        mask_image,
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        num_images_per_prompt: int = 1,
-        height: int = 512,
-        width: int = 512,
-        prior_guidance_scale: float = 4.0,
-        prior_num_inference_steps: int = 25,
-        generator: torch.Generator | None = None,
-        prior_latents: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end=None,
-        progress: bool = True,
-    ):
+    def inpaint(self, prompt, image, mask_image, negative_prompt=None, **options):
         """Paint ``prompt`` where ``mask_image`` is white / 1; keep the black / 0 area."""
-        embeds, negative = self._embeds("inpaint", prompt, negative_prompt, num_images_per_prompt,
-                                        prior_num_inference_steps, prior_guidance_scale, generator,
-                                        prior_latents, progress)
-        return self.decoder.inpaint(
-            embeds, image, mask_image, negative, height=height, width=width,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-            latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end, progress=progress,
-        )
+        return self.run("inpaint", prompt=prompt, negative_prompt=negative_prompt, image=image,
+                        mask_image=mask_image, **options)
 
-    def controlnet(
-        self,
-        prompt: str | list[str],
-        hint,
-        negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        num_images_per_prompt: int = 1,
-        height: int = 512,
-        width: int = 512,
-        prior_guidance_scale: float = 4.0,
-        prior_num_inference_steps: int = 25,
-        generator: torch.Generator | None = None,
-        prior_latents: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end=None,
-        progress: bool = True,
-    ):
+    def controlnet(self, prompt, hint, negative_prompt=None, **options):
         """text2img following a depth ``hint`` (controlnet-depth checkpoint)."""
-        embeds, negative = self._embeds("controlnet", prompt, negative_prompt, num_images_per_prompt,
-                                        prior_num_inference_steps, prior_guidance_scale, generator,
-                                        prior_latents, progress)
-        return self.decoder.controlnet(
-            embeds, negative, hint, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generator, latents=latents, output_type=output_type,
-            callback_on_step_end=callback_on_step_end, progress=progress,
-        )
+        return self.run("controlnet", prompt=prompt, negative_prompt=negative_prompt, hint=hint, **options)
 
-    def variations(
-        self,
-        image,
-        num_images_per_prompt: int = 1,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        height: int = 512,
-        width: int = 512,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end=None,
-        progress: bool = True,
-    ):
-        """New pictures of what ``image`` shows: its CLIP image embedding decoded again
-        (no prior), guided away from the embedding of an all-zero image.
+    def controlnet_img2img(self, prompt, image, hint, negative_prompt=None, strength: float = 0.3, **options):
+        """img2img following a depth ``hint`` (controlnet-depth checkpoint)."""
+        return self.run("controlnet_img2img", prompt=prompt, negative_prompt=negative_prompt, image=image,
+                        hint=hint, strength=strength, **options)
+
+    def variations(self, image, **options):
+        """New pictures of what ``image`` shows: its CLIP image embedding decoded again (no prior),
+        guided away from the embedding of an all-zero image.
 
         ``image``: a PIL image or numpy array (CLIP-preprocessed here), a list of them, or a
         torch tensor of CLIP ``pixel_values`` (already resized and normalised; see
         ``PriorPipeline.encode_image``; unlike img2img's [0, 1] image tensors)."""
-        self.decoder.check_task("text2img")
-        embeds = self.prior.encode_image(image)  # (B, D)
-        negative = self.prior.zero_image_embeds(embeds.shape[0]).to(embeds)
-        return self.decoder.text2img(
-            embeds, negative, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end, progress=progress,
-        )
+        return self.run("variations", image=image, **options)
 
-    def interpolate(
-        self,
-        images_and_prompts: list,
-        weights: list[float],
-        num_images_per_prompt: int = 1,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 4.0,
-        height: int = 512,
-        width: int = 512,
-        prior_guidance_scale: float = 4.0,
-        prior_num_inference_steps: int = 25,
-        negative_prior_prompt: str | None = None,
-        negative_prompt: str = "",
-        generator: torch.Generator | None = None,
-        prior_latents: torch.Tensor | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end=None,
-        progress: bool = True,
-    ):
+    def interpolate(self, images_and_prompts: list, weights: list, negative_prior_prompt=None,
+                    negative_prompt: str = "", **options):
         """A picture of the weighted mix of several prompts and images (``PriorPipeline.interpolate``;
         image items as in :meth:`variations`)."""
-        self.decoder.check_task("text2img")
-        out = self.prior.interpolate(
-            images_and_prompts, weights, num_images_per_prompt=num_images_per_prompt,
-            num_inference_steps=prior_num_inference_steps, generator=generator, latents=prior_latents,
-            negative_prior_prompt=negative_prior_prompt, negative_prompt=negative_prompt,
-            guidance_scale=prior_guidance_scale, progress=progress,
-        )
-        return self.decoder.text2img(
-            out.image_embeds, out.negative_image_embeds, height=height, width=width,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
-            latents=latents, output_type=output_type, callback_on_step_end=callback_on_step_end, progress=progress,
-        )
+        return self.run("interpolate", images_and_prompts=images_and_prompts, weights=weights,
+                        negative_prior_prompt=negative_prior_prompt, negative_prompt=negative_prompt, **options)
+
+    def emb2emb(self, prompt, image, negative_prompt=None, prior_strength: float = 0.3, **options):
+        """Paint ``image``'s CLIP embedding moved towards ``prompt`` by the prior
+        (``PriorPipeline.emb2emb`` with ``strength=prior_strength``)."""
+        return self.run("emb2emb", prompt=prompt, image=image, negative_prompt=negative_prompt,
+                        prior_strength=prior_strength, **options)
+
+    def run(self, task: str, **kwargs):
+        """Run prompt-level task ``task`` (a key of tasks.PROMPT_TASKS)."""
+        spec = PROMPT_TASKS.get(task)
+        if spec is None:
+            raise ValueError(f"unknown task {task!r}: one of {', '.join(PROMPT_TASKS)}.")
+        self.decoder.check_task(spec.decoder_task)  # a wrong checkpoint fails before the prior runs
+        prior_opts = {k: kwargs.pop(k, v) for k, v in PRIOR_OPTIONS.items()}
+        n = kwargs.get("num_images_per_prompt", 1)
+        generator, progress = kwargs.get("generator"), kwargs.get("progress", True)
+        callback = kwargs.get("callback_on_step_end")
+        prior_kw = dict(num_inference_steps=prior_opts["prior_num_inference_steps"], generator=generator,
+                        guidance_scale=prior_opts["prior_guidance_scale"], progress=progress)
+        if spec.embeddings == "prompt":
+            out = self.prior(kwargs.pop("prompt"), negative_prompt=kwargs.pop("negative_prompt", None),
+                             num_images_per_prompt=n, latents=prior_opts["prior_latents"],
+                             callback_on_step_end=callback, **prior_kw)
+            embeds, negative = out.image_embeds, out.negative_image_embeds
+        elif spec.embeddings == "image":
+            embeds = self.prior.encode_image(kwargs.pop("image"))  # (B, D)
+            negative = self.prior.zero_image_embeds(embeds.shape[0]).to(embeds)
+        elif spec.embeddings == "mix":
+            out = self.prior.interpolate(
+                kwargs.pop("images_and_prompts"), kwargs.pop("weights"), num_images_per_prompt=n,
+                latents=prior_opts["prior_latents"], negative_prior_prompt=kwargs.pop("negative_prior_prompt"),
+                negative_prompt=kwargs.pop("negative_prompt"), **prior_kw)
+            embeds, negative = out.image_embeds, out.negative_image_embeds
+            kwargs["num_images_per_prompt"] = 1  # interpolate already made n embeddings
+        else:  # emb2emb
+            out = self.prior.emb2emb(kwargs.pop("prompt"), kwargs.pop("image"), strength=kwargs.pop("prior_strength"),
+                                     negative_prompt=kwargs.pop("negative_prompt"), num_images_per_prompt=n,
+                                     callback_on_step_end=callback, **prior_kw)
+            embeds, negative = out.image_embeds, out.negative_image_embeds
+            kwargs["num_images_per_prompt"] = 1
+        if spec.embeddings == "prompt":
+            kwargs["num_images_per_prompt"] = 1  # the prior made n embeddings per prompt
+        return self.decoder.run(spec.decoder_task, embeds, negative, **kwargs)

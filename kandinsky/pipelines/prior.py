@@ -408,6 +408,8 @@ class PriorPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         guidance_scale: float = 4.0,
         progress: bool = True,
+        callback_on_step_end=None,
+        return_trajectory: bool = False,
     ) -> PriorOutput:
         """Move an image's CLIP embedding towards ``prompt`` (reference: KandinskyV22PriorEmb2EmbPipeline).
 
@@ -448,8 +450,12 @@ class PriorPipeline:
         plan = samplers.make_plan("unclip", self.scheduler, steps).tail(kept)
         noise = randn(image_embeds.shape, generator, self.device, dtype)
         latents = plan.add_noise(image_embeds, noise)  # x_t at the first kept step
-        embeds = self._denoise(latents, plan, conditioning, guidance_scale, generator, progress)
-        return self._split(embeds, negatives)
+        recorder = Trajectory() if return_trajectory else None
+        embeds = self._denoise(latents, plan, conditioning, guidance_scale, generator, progress,
+                               _callbacks(recorder, callback_on_step_end))
+        out = self._split(embeds, negatives)
+        out.trajectory = recorder
+        return out
 
     def _image_embeds(self, image, batch_size: int) -> torch.Tensor:
         """emb2emb's ``image``: CLIP embeddings (B, D) as given, else encoded; one, or one per prompt."""
