@@ -194,23 +194,28 @@ def multistep_d(x0: torch.Tensor, x0_prev: torch.Tensor, s_prev: float, s: float
     return x0 + (x0 - x0_prev) * (0.5 * h / h_prev)
 
 
-def unipc_corrector_weights(s_prev2: float | None, s_prev: float, s: float) -> tuple[float, float]:
-    """UniC-bh2 weights (rho_0, rho_1) for the step s_prev -> s (Zhao et al. 2023, B(h) = e^{-h} - 1).
+def unipc_corrected_d(x0_new, x0, x0_prev, s_prev2: float | None, s_prev: float, s: float) -> torch.Tensor:
+    """UniC-bh2 (Zhao et al. 2023): the data prediction that redoes the step s_prev -> s once the
+    model's x0_new at s is known; x0 and x0_prev are the predictions at s_prev and s_prev2.
 
-    Order 1 (no s_prev2): rho_1 = 1/2. Order 2: solve [[1, 1], [r, 1]] rho = b with
-    r = (lambda_prev2 - lambda_prev) / h and b_k = k! phi_{k+1}(-h) h^k / B(h) (in diffusers' recursion).
+        d = x0 + rho_1 (x0_new - x0) + rho_0 (x0_prev - x0) / r,   r = (lambda_prev2 - lambda_prev) / h
+
+    First order (no s_prev2): rho = (0, 1/2). Second order: [[1, 1], [r, 1]] rho = b with
+    b_k = k! (-h) phi_{k+1}(-h) / B(h), B(h) = e^{-h} - 1 ("bh2"), phi_1(z) = (e^z - 1) / z,
+    phi_{k+1}(z) = (phi_k(z) - 1/k!) / z.
     """
     if s_prev2 is None:
-        return 0.0, 0.5
+        return x0 + 0.5 * (x0_new - x0)
     h = log_snr(s) - log_snr(s_prev)
-    hh = -h  # data-prediction form integrates in -lambda
-    b_h = math.expm1(hh)
-    g1 = math.expm1(hh) / hh - 1
-    g2 = g1 / hh - 0.5
-    b1, b2 = g1 / b_h, 2 * g2 / b_h
+    z = -h  # the data-prediction form integrates in -lambda
+    b_h = math.expm1(z)
+    z_phi2 = math.expm1(z) / z - 1  # z phi_2(z)
+    z_phi3 = z_phi2 / z - 0.5  # z phi_3(z)
+    b1, b2 = z_phi2 / b_h, 2 * z_phi3 / b_h
     r = (log_snr(s_prev2) - log_snr(s_prev)) / h
     rho0 = (b1 - b2) / (1 - r)
-    return rho0, b1 - rho0
+    rho1 = b1 - rho0
+    return x0 + rho1 * (x0_new - x0) + rho0 * ((x0_prev - x0) / r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,12 +260,9 @@ def sample_unipc(denoiser, x, plan: Plan, generator=None, callback=None):
         guided = denoiser(plan.model_input(x, i), plan.timesteps[i], i - plan.begin)
         eps = _eps(guided, x)
         x0 = vp_x0(x, eps, s[i])  # from the uncorrected sample, as the model saw it
-        if x_prev is not None:  # UniC on the step s[i-1] -> s[i]
-            rho0, rho1 = unipc_corrector_weights(s[i - 2] if order_prev == 2 else None, s[i - 1], s[i])
-            d = x0s[-1] + rho1 * (x0 - x0s[-1])
-            if order_prev == 2:
-                r = (log_snr(s[i - 2]) - log_snr(s[i - 1])) / (log_snr(s[i]) - log_snr(s[i - 1]))
-                d = d + rho0 * ((x0s[-2] - x0s[-1]) / r)
+        if x_prev is not None:  # UniC: redo the step s[i-1] -> s[i] with x0 known
+            x0_prev, s_prev2 = (x0s[-2], s[i - 2]) if order_prev == 2 else (None, None)
+            d = unipc_corrected_d(x0, x0s[-1], x0_prev, s_prev2, s[i - 1], s[i])
             x = exp_step(x_prev, s[i - 1], s[i], d).to(x_prev.dtype)
         x0s = (x0s + [x0])[-2:]
         order = _order(plan, i)
