@@ -137,7 +137,8 @@ STAGES = {
     "inpaint": (0.15, 64, 3e-4),
 }
 MOVQ_CROP = 32  # the autoencoder trains on crops of this side (4x cheaper steps than whole pictures)
-DATA_SIZE = 16384  # pictures whose latents and embeddings the prior and decoders train on
+DATA_SIZE = 8192  # pictures whose latents and embeddings the prior and decoders train on
+NEEDS = {"prior": ("clip",), "decoder": ("clip", "movq"), "inpaint": ("clip", "movq")}  # stage -> encodings
 DROP_CONDITION = 0.1  # classifier-free guidance dropout
 EMA_DECAY = 0.999
 
@@ -210,24 +211,6 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
-
-
-def alphas_cumprod(schedule: str, T: int = 1000) -> torch.Tensor:
-    """alpha_bar_t of the decoder's linear betas (0.00085..0.012) or the prior's squaredcos_cap_v2."""
-    if schedule == "linear":
-        betas = torch.linspace(0.00085, 0.012, T, dtype=torch.float32)
-    else:
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float32)
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def noised(x0: torch.Tensor, alpha_bar: torch.Tensor, generator=None):
-    """x_t = sqrt(ab) x0 + sqrt(1 - ab) eps at random t -> (x_t, t, eps)."""
-    t = torch.randint(0, len(alpha_bar), (x0.shape[0],), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
-    ab = alpha_bar[t].view(-1, *[1] * (x0.ndim - 1))
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, eps
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -346,58 +329,68 @@ def train_movq(models, clock, log, save, seed):
     train("movq", list(movq.parameters()), loss_fn, clock, log, lambda _: save(["movq"]))
 
 
+# what each encoded part is made with: part -> (the stage whose model makes it, function)
 @torch.no_grad()
-def encode_data(models, seed, size, log) -> dict:
-    """Latents, CLIP image embeddings and captions of ``size`` pictures (what the prior and decoders see)."""
-    latents, embeds, captions = [], [], []
-    for start in range(0, size, 256):
-        images, texts = batch(seed + 2, start, min(256, size - start))
-        latents.append(models["movq"].encode(images))
-        embeds.append(models["image_encoder"](clip_pixels(images)))
-        captions += texts
-    log(f"encoded {size} pictures")
-    zero = models["image_encoder"](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))  # (1, D): the negative embedding
-    return {"latents": torch.cat(latents), "embeds": torch.cat(embeds), "captions": captions, "zero": zero}
+def encode_embeds(models, images, captions) -> dict:
+    """CLIP image embeddings (what the prior learns to sample and the decoders are conditioned on)."""
+    return {"embeds": models["image_encoder"](clip_pixels(images)), "captions": captions}
 
 
-def cached_data(models, path: Path, seed: int, size: int, log) -> dict:
-    """encode_data, kept in ``path`` (stages running in parallel processes share it); remade when
-    the clip or movq checkpoint is newer."""
-    sources = [path.parent / "clip.pt", path.parent / "movq.pt"]
-    fresh = path.exists() and all(path.stat().st_mtime > s.stat().st_mtime for s in sources if s.exists())
-    if fresh:
-        data = torch.load(path, weights_only=True)
-        if len(data["captions"]) == size:
-            return data
-    data = encode_data(models, seed, size, log)
-    torch.save(data, path)
+@torch.no_grad()
+def encode_latents(models, images, captions) -> dict:
+    """MoVQ latents (what the decoders learn to sample)."""
+    return {"latents": models["movq"].encode(images)}
+
+
+ENCODINGS = {"clip": encode_embeds, "movq": encode_latents}
+
+
+def encoded_data(models, work: Path, seed: int, size: int, parts: tuple[str, ...], log) -> dict:
+    """The training pictures encoded by the ``parts`` stages' models, cached in ``work/data-<part>.pt``
+    (stages running in parallel processes share them; remade when the stage's checkpoint is newer)."""
+    data = {}
+    for part in parts:
+        path, source = work / f"data-{part}.pt", work / f"{part}.pt"
+        if path.exists() and path.stat().st_mtime > source.stat().st_mtime:
+            cached = torch.load(path, weights_only=True)
+            if cached["size"] == size:
+                data.update(cached["data"])
+                continue
+        chunks = []
+        for start in range(0, size, 256):
+            images, captions = batch(seed + 2, start, min(256, size - start))
+            chunks.append(ENCODINGS[part](models, images, captions))
+        encoded = {k: sum((c[k] for c in chunks), []) if k == "captions" else torch.cat([c[k] for c in chunks])
+                   for k in chunks[0]}
+        torch.save({"size": size, "data": encoded}, path)
+        log(f"encoded {size} pictures with the {part} stage's model")
+        data.update(encoded)
+    with torch.no_grad():  # (1, D): the negative embedding (CLIP embedding of all-zero pixel_values)
+        data["zero"] = models["image_encoder"](torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     return data
 
 
-def drop(embeds: torch.Tensor, zero: torch.Tensor, generator) -> torch.Tensor:
-    keep = torch.rand(embeds.shape[0], 1, generator=generator) >= DROP_CONDITION
-    return torch.where(keep, embeds, zero)
-
-
 def train_prior(models, data, clock, log, save, seed):
+    from kandinsky.training.losses import drop_text, prior_loss, prior_schedule
+
     prior, text, tokenizer = models["prior"], models["text_encoder"], models["tokenizer"]
     with torch.no_grad():
         prior.clip_mean.copy_(data["embeds"].mean(0, keepdim=True))
         prior.clip_std.copy_(data["embeds"].std(0, keepdim=True))
-    alpha_bar = alphas_cumprod("squaredcos_cap_v2")
+        ids, mask = tokenizer([""])
+        out = text(ids, mask)
+        empty = (out.text_embeds, out.last_hidden_state, mask)  # the encoding of "" (the unconditional branch)
+    schedule = prior_schedule()
     g = torch.Generator().manual_seed(seed)
     n = STAGES["prior"][1]
 
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
-        captions = [data["captions"][i] if torch.rand(1, generator=g) >= DROP_CONDITION else "" for i in rows]
-        ids, mask = tokenizer(captions)
+        ids, mask = tokenizer([data["captions"][i] for i in rows])
         with torch.no_grad():
             out = text(ids, mask)
-        x0 = prior.normalize(data["embeds"][rows])  # (n, D)
-        xt, t, _ = noised(x0, alpha_bar, g)
-        pred = prior(xt, t, out.text_embeds, out.last_hidden_state, mask)
-        loss = F.mse_loss(pred, x0)
+        condition = drop_text(out.text_embeds, out.last_hidden_state, mask, empty, DROP_CONDITION, g)
+        loss = prior_loss(prior, schedule, data["embeds"][rows], *condition, generator=g)
         return loss, {"mse": loss.item()}
 
     params = [p for name, p in prior.named_parameters() if name not in ("clip_mean", "clip_std")]
@@ -405,39 +398,27 @@ def train_prior(models, data, clock, log, save, seed):
 
 
 def train_unet(stage, models, data, clock, log, save, seed):
-    unet = models["inpaint" if stage == "inpaint" else "unet"]
-    alpha_bar = alphas_cumprod("linear")
+    from kandinsky.training.data import random_keep_masks
+    from kandinsky.training.losses import NoiseSchedule, decoder_loss, drop_image_embeds
+
+    name = "inpaint" if stage == "inpaint" else "unet"
+    unet = models[name]
+    schedule = NoiseSchedule(torch.linspace(0.00085, 0.012, 1000))  # the decoder's "linear" betas
     g = torch.Generator().manual_seed(seed)
     n = STAGES[stage][1]
 
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
         x0 = data["latents"][rows]  # (n, 4, 8, 8)
-        embeds = drop(data["embeds"][rows], data["zero"], g)
-        xt, t, eps = noised(x0, alpha_bar, g)
+        embeds = drop_image_embeds(data["embeds"][rows], data["zero"], DROP_CONDITION, g)
+        inpaint = {}
         if stage == "inpaint":
-            keep = random_keep_masks(n, x0.shape[-1], g)  # (n, 1, 8, 8)
-            xt = torch.cat([xt, x0 * keep, keep], dim=1)  # (n, 9, 8, 8)
-        pred = unet(xt, t, embeds)[:, :4]  # (n, 4, 8, 8): the noise half
-        loss = F.mse_loss(pred, eps)
+            keep = random_keep_masks(n, *x0.shape[-2:], g)  # (n, 1, 8, 8), 1 = keep, 0 = repaint
+            inpaint = {"masked_latents": x0 * keep, "mask": keep}
+        loss = decoder_loss(unet, schedule, x0, embeds, generator=g, **inpaint)
         return loss, {"mse": loss.item()}
 
-    train(stage, list(unet.parameters()), loss_fn, clock, log,
-          lambda ema: save(["inpaint" if stage == "inpaint" else "unet"], ema), ema_models=[unet])
-
-
-def random_keep_masks(n: int, size: int, generator) -> torch.Tensor:
-    """(n, 1, size, size): 1 = keep; a random rectangle is 0 (repaint); 10% repaint all."""
-    keep = torch.ones(n, 1, size, size)
-    for k in range(n):
-        if torch.rand(1, generator=generator) < 0.1:
-            keep[k] = 0
-            continue
-        h, w = torch.randint(2, size + 1, (2,), generator=generator).tolist()
-        y = torch.randint(0, size - h + 1, (1,), generator=generator).item()
-        x = torch.randint(0, size - w + 1, (1,), generator=generator).item()
-        keep[k, :, y:y + h, x:x + w] = 0
-    return keep
+    train(stage, list(unet.parameters()), loss_fn, clock, log, lambda ema: save([name], ema), ema_models=[unet])
 
 
 @torch.no_grad()
@@ -551,18 +532,18 @@ def run(out: Path, minutes: float, steps: int | None, stages: list[str], seed: i
         log(f"{stage}: loaded {path} ({'done' if ckpt['done'] else 'unfinished'})")
         return True
 
-    data, missing = None, []
+    missing = []
     for stage in STAGES:
         if stage not in stages:
             if not load(stage):
                 missing.append(stage)
             continue
-        needs = [m for m in ("clip", "movq") if m in missing] if stage in ("prior", "decoder", "inpaint") else []
+        needs = [m for m in NEEDS.get(stage, ()) if m in missing]
         if needs:
             raise FileNotFoundError(f"stage {stage!r} needs the trained {needs} ({work}/<stage>.pt is missing): "
                                     f"add them to --stages.")
-        if stage in ("prior", "decoder", "inpaint") and data is None:
-            data = cached_data(models, work / "data.pt", seed, data_size, log)
+        if stage in NEEDS:
+            data = encoded_data(models, work, seed, data_size, NEEDS[stage], log)
         if resume and load(stage):
             pass
         elif stage == "inpaint" and "decoder" not in missing:
