@@ -30,6 +30,15 @@ from weights_convert import load_component, save_component
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and the suite runs one test process per core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Demo checkpoints; "prior" gets clip_mean 0 / clip_std 1 (the demo's random statistics

@@ -175,6 +175,8 @@ def open_out_folder(config: TrainConfig, ctx: DistContext) -> Path:
     elif out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {out} is not empty; pass --resume to continue the run there, "
                          "or choose a new folder (nothing is overwritten).")
+    if ctx.world > 1:
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes to it
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
