@@ -1,0 +1,208 @@
+"""CLIP embedding tools with the bigG towers of a prior checkpoint.
+
+    prior = PriorPipeline.from_pretrained("kandinsky-2-2-prior")
+    similarity(prior, images=["cat.png"], prompts=["a cat", "a dog"])   # {"text": (1, 2), ...}
+    slerp(a, b, [0, 0.5, 1])                                             # (3, D) on the sphere
+    arithmetic(a, b, c)                                                  # a + b - c, at a's norm
+    decode(pipe, embeds)                                                 # Kandinsky: embeddings -> images
+
+``kandinsky score IMAGE... PROMPT...`` prints (and with --json writes) the cosine matrices;
+``kandinsky mix`` (kandinsky.research.embeddings_cli) decodes slerps and sums.
+
+Text-image scores use the text tower's projected end-of-text state (``text_embeds``) and the
+image tower's projected class token, both L2-normalised, as CLIP was trained; the decoder
+instead consumes *image* embeddings, so ``embed`` turns a prompt into one with the prior.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- maths
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, D), (M, D) -> (N, M) cosine similarities (float32)."""
+    a, b = a.float(), b.float()
+    return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t) -> torch.Tensor:
+    """Spherical interpolation from ``a`` to ``b`` (each (D,) or (1, D)): the direction moves
+    along the great circle, the norm linearly. ``t``: a number or a list -> (len(t), D)."""
+    a, b = a.reshape(-1).float(), b.reshape(-1).float()
+    if a.shape != b.shape:
+        raise ValueError(f"slerp: a and b must have the same size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    ts = torch.as_tensor([t] if isinstance(t, (int, float)) else list(t), dtype=torch.float32)[:, None]  # (T, 1)
+    na, nb = a.norm(), b.norm()
+    ua, ub = a / na, b / nb
+    omega = torch.arccos((ua @ ub).clamp(-1, 1))
+    if omega.abs() < 1e-4:  # (nearly) parallel: the great circle is a line
+        direction = (1 - ts) * ua + ts * ub
+    else:
+        direction = (torch.sin((1 - ts) * omega) * ua + torch.sin(ts * omega) * ub) / torch.sin(omega)
+    return direction * ((1 - ts) * na + ts * nb)  # (T, D)
+
+
+def arithmetic(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, keep_norm: bool = True) -> torch.Tensor:
+    """a + b - c (each (D,) or (1, D)) -> (1, D); with keep_norm the result is scaled to a's norm,
+    so the decoder sees an embedding of the size it was trained on."""
+    a, b, c = (x.reshape(1, -1).float() for x in (a, b, c))
+    out = a + b - c
+    return out * (a.norm() / out.norm()) if keep_norm else out
+
+
+# ----------------------------------------------------------------------------- with a prior pipeline
+def is_image_path(item) -> bool:
+    return isinstance(item, (str, Path)) and Path(item).suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_image(path):
+    import PIL.Image
+    import PIL.ImageOps
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    return PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("RGB")
+
+
+def image_embeds(prior, images) -> torch.Tensor:
+    """CLIP image embeddings (N, D) of PIL images / arrays / image paths (``prior``: PriorPipeline)."""
+    images = [load_image(x) if is_image_path(x) else x for x in (images if isinstance(images, list) else [images])]
+    return prior.encode_image(images).float()
+
+
+def text_embeds(prior, prompts) -> torch.Tensor:
+    """CLIP text embeddings (N, D) (the projected end-of-text state) of prompts."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return prior.encode_text(prompts)[0].float()
+
+
+def similarity(prior, images=(), prompts=()) -> dict[str, torch.Tensor]:
+    """{"text": (images, prompts) text-image cosines, "image": (images, images) image-image
+    cosines} (keys present when they have both sides)."""
+    images, prompts = list(images), list(prompts)
+    out = {}
+    if images:
+        ie = image_embeds(prior, images)
+        out["image"] = cosine(ie, ie)
+        if prompts:
+            out["text"] = cosine(ie, text_embeds(prior, prompts))
+    elif prompts:
+        te = text_embeds(prior, prompts)
+        out["prompt"] = cosine(te, te)
+    return out
+
+
+def embed(pipe, items, generator: torch.Generator | None = None, prior_steps: int = 25) -> torch.Tensor:
+    """Image embeddings (N, D) the decoder can paint: an image (path, PIL, array) through the
+    CLIP image tower, a prompt through the prior (``pipe``: Kandinsky)."""
+    rows = []
+    for item in items:
+        if isinstance(item, str) and not is_image_path(item):
+            out = pipe.prior(item, num_inference_steps=prior_steps, generator=generator, progress=False)
+            rows.append(out.image_embeds.float())
+        else:
+            rows.append(image_embeds(pipe.prior, [item]))
+    return torch.cat(rows)
+
+
+def decode(pipe, embeds: torch.Tensor, **options):
+    """Paint image embeddings (N, D) with the decoder, guided away from the embedding of an
+    all-zero image (as Kandinsky's variations). Returns the decoder's output (``.images``)."""
+    prior, decoder = pipe.prior, pipe.decoder
+    embeds = embeds.to(device=decoder.device, dtype=decoder.dtype)
+    negative = prior.zero_image_embeds(embeds.shape[0]).to(device=decoder.device, dtype=decoder.dtype)
+    return decoder.text2img(embeds, negative, **options)
+
+
+# ----------------------------------------------------------------------------- kandinsky score
+def format_matrix(matrix: torch.Tensor, rows: list[str], cols: list[str]) -> str:
+    short = lambda s: s if len(s) <= 28 else s[:25] + "..."  # noqa: E731
+    width = max(len(short(r)) for r in rows) + 2
+    colw = max(8, *(len(short(c)) + 2 for c in cols))
+    lines = [" " * width + "".join(f"{short(c):>{colw}}" for c in cols)]
+    for r, values in zip(rows, matrix.tolist()):
+        lines.append(f"{short(r):<{width}}" + "".join(f"{v:>{colw}.4f}" for v in values))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kandinsky score",
+        description="CLIP cosine similarity (bigG towers of a prior checkpoint): text-image for every image and "
+                    "prompt, image-image when several images are given. Arguments ending in an image suffix "
+                    f"({', '.join(IMAGE_SUFFIXES)}) are images, the others prompts.",
+        epilog='examples:\n  kandinsky score cat.png "a cat" "a dog"\n'
+               "  kandinsky score a.png b.png c.png --json sims.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT")
+    parser.add_argument("--prior", help="prior checkpoint folder or hub id (default the hub's 2.2 prior)")
+    parser.add_argument("--demo", action="store_true", help="tiny random-weight prior built on the fly")
+    parser.add_argument("--json", help="also write the matrices to this JSON file")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    images = [x for x in args.items if is_image_path(x)]
+    prompts = [x for x in args.items if not is_image_path(x)]
+    missing = [x for x in images if not Path(x).is_file()]
+    if missing:
+        print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if not images:
+        print("error: give at least one image (IMAGE_OR_PROMPT arguments ending in .png, .jpg, ...)", file=sys.stderr)
+        return 2
+    if args.json and Path(args.json).exists():
+        print(f"error: --json {args.json} exists; choose a new path (nothing is overwritten)", file=sys.stderr)
+        return 2
+    try:
+        prior = _prior(args.prior, args.demo, args.device)
+        sims = similarity(prior, images, prompts)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "text" in sims:
+        print("text-image cosine (rows: images, columns: prompts)")
+        print(format_matrix(sims["text"], images, prompts))
+    if len(images) > 1:
+        print("\nimage-image cosine")
+        print(format_matrix(sims["image"], images, images))
+    if args.json:
+        data = {"images": images, "prompts": prompts, **{k: v.tolist() for k, v in sims.items()}}
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+_DEMO_FOLDERS: list = []
+
+
+def _prior(folder, demo: bool, device):
+    from kandinsky.pipelines.prior import PriorPipeline
+
+    if demo:
+        import tempfile
+
+        from kandinsky.demo import build_demo_checkpoints
+
+        print("DEMO: tiny prior with RANDOM weights (the numbers mean nothing)", file=sys.stderr)
+        tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
+        _DEMO_FOLDERS.append(tmp)  # removed when the process ends
+        folder = folder or build_demo_checkpoints(tmp.name)["prior"]
+    if folder is None:
+        from kandinsky.hub import DEFAULT_PRIOR
+
+        folder = DEFAULT_PRIOR
+    from kandinsky.hub import resolve
+
+    return PriorPipeline.from_pretrained(resolve(folder, "prior checkpoint"), device=device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
