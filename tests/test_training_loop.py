@@ -201,3 +201,23 @@ def test_inpaint_trains(demo, data, tmp_path):
     assert main(args) == 0
     assert load_component(out / "unet").config.in_channels == 9
     assert all(np.isfinite(losses(out)))
+
+
+def test_lora_trains_only_adapters(demo, data, tmp_path):
+    from kandinsky.lora import load_lora
+
+    out = tmp_path / "lora"
+    assert main(prior_args(demo, data, out, "--steps", 8, "--lora", 4, "--lr", "1e-2", "--save-every", 4)) == 0
+    curve = losses(out)
+    assert curve[-1] < curve[0]
+    saved = torch.load(out / "checkpoints" / "step-000008.pt", weights_only=False)
+    assert saved["params"] and all(".lora." in k for k in saved["params"])  # only adapters are trained
+    base = load_component(demo["prior"] / "prior")
+    x = (torch.randn(2, 32), torch.tensor([10, 500]), torch.randn(2, 32), torch.randn(2, 77, 32),
+         torch.ones(2, 77, dtype=torch.bool))
+    with torch.no_grad():
+        before = base(*x)
+        load_lora(base, out / "lora")
+        assert (base(*x) - before).abs().max() > 1e-4  # the trained adapter acts
+    assert main(prior_args(demo, data, out, "--steps", 10, "--lora", 4, "--lr", "1e-2", "--resume")) == 0
+    assert len(losses(out)) == 10

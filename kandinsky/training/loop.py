@@ -623,13 +623,14 @@ def resume(config: TrainConfig, out: Path, model, optimizer, ema, ctx) -> int:
 
 
 def save_outputs(config: TrainConfig, out: Path, model, params, ema, ctx) -> list[Path]:
-    """The trained component in the hub layout (EMA weights when EMA is on; the raw ones in
-    ``<name>-no-ema``), or the LoRA adapters with kandinsky.lora.save_lora."""
+    """OUT/prior or OUT/unet: the trained component in the hub layout; OUT/lora with ``lora``: the
+    adapters (kandinsky.lora.save_lora, PEFT layout). EMA weights when EMA is on (the raw ones
+    in ``<name>-no-ema``)."""
     if ctx.rank != 0:
         return []
     from weights_convert import save_component
 
-    name = TASKS[config.task].component
+    name = "lora" if config.lora else TASKS[config.task].component
     model.eval()
     saved = []
 
