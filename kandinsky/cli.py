@@ -6,6 +6,7 @@
     kandinsky variations --image cat.png -o var.png
     kandinsky interpolate --mix "a red cat" 0.3 --mix cat.png 0.7 -o mix.png
     kandinsky controlnet "a robot" --hint depth.png -o robot.png
+    kandinsky text2img "a red cat" --scheduler dpmpp_2m --steps 20 --save-steps steps.png
     kandinsky text2img --demo "a red cat" -o out.png      (tiny random weights, offline, seconds)
 
 --prior / --decoder take folders or hub ids (defaults: the kandinsky-community repos;
@@ -20,11 +21,7 @@ import textwrap
 import time
 from pathlib import Path
 
-DEFAULT_DECODERS = {
-    "inpaint": "kandinsky-community/kandinsky-2-2-decoder-inpaint",
-    "controlnet": "kandinsky-community/kandinsky-2-2-controlnet-depth",
-}
-DEMO_REPOS = {"inpaint": "decoder-inpaint", "controlnet": "controlnet-depth"}
+DEMO_FOLDERS = {"decoder": "decoder", "inpaint": "decoder-inpaint", "controlnet": "controlnet-depth"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -53,69 +50,34 @@ def _strength(text: str) -> float:
     return value
 
 
-TASKS = {
-    # name: (one-line help, description, examples)
-    "text2img": (
-        "image from a prompt",
-        "Paint a picture of PROMPT: the prior turns the prompt into a CLIP image embedding, the decoder "
-        "paints it.",
-        ['kandinsky text2img "a red cat, 4k photo" -o cat.png',
-         'kandinsky text2img "a red cat" --negative "low quality" --num-images 2 --seed 1 -o cats.png',
-         'kandinsky text2img --demo "a red cat" -o demo.png     (offline, random weights)'],
-    ),
-    "img2img": (
-        "re-paint an image following a prompt",
-        "Re-paint --image following PROMPT: the picture is noised and the last STRENGTH share of the "
-        "decoder's steps denoise it (0.3 keeps much of it, 1.0 keeps almost nothing).",
-        ['kandinsky img2img "a red cat, oil painting" --image cat.png --strength 0.4 -o painted.png'],
-    ),
-    "inpaint": (
-        "paint a prompt into the white area of a mask",
-        "Repaint the white area of --mask in --image following PROMPT; black is kept. Uses the "
-        "decoder-inpaint checkpoint.",
-        ['kandinsky inpaint "a wizard hat" --image cat.png --mask mask.png -o hat.png'],
-    ),
-    "variations": (
-        "variations of an image",
-        "New pictures of what --image shows (its CLIP image embedding decoded again; no prompt).",
-        ["kandinsky variations --image cat.png --num-images 2 -o var.png"],
-    ),
-    "interpolate": (
-        "mix prompts and images",
-        "A picture of the weighted mix of prompts and images (--mix ITEM WEIGHT, repeated; an ITEM that "
-        "is an image file, or ends in an image extension, is an image).",
-        ['kandinsky interpolate --mix "a red cat" 0.3 --mix cat.png 0.4 --mix "a starry night" 0.3 -o mix.png'],
-    ),
-    "controlnet": (
-        "image from a prompt and a depth hint",
-        "Paint PROMPT following the depth map --hint (bright = near). Uses the controlnet-depth "
-        "checkpoint.",
-        ['kandinsky controlnet "a robot in a forest" --hint depth.png -o robot.png'],
-    ),
-}
-
-
 def _parser() -> argparse.ArgumentParser:
+    from kandinsky.pipelines.tasks import INPUTS, PROMPT_TASKS
+    from kandinsky.sampling.samplers import sampler_names
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-o", "--output", default="out.png", help="output PNG (several images: out-0.png, out-1.png, ...)")
     common.add_argument("--prior", help="prior folder or hub id (default: kandinsky-community/kandinsky-2-2-prior)")
     common.add_argument("--decoder", help="decoder folder or hub id (default: the kandinsky-community repo for the task)")
     common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    common.add_argument("--steps", type=_at_least(1), default=None, help="decoder steps (default 100; demo 20)")
+    common.add_argument("--steps", type=_at_least(1), default=None,
+                        help="decoder steps (default 100; demo 20); see --scheduler for what a step is")
     common.add_argument("--prior-steps", type=_at_least(2), default=25, help="prior steps, at least 2 (default 25)")
     common.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4; <= 1: off)")
     common.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4; <= 1: off)")
     common.add_argument("--negative", default=None, help="negative prompt")
-    common.add_argument("--width", type=_at_least(64), default=None,
-                        help="image width, a multiple of 64 (others are rounded up; default 512; demo 256)")
-    common.add_argument("--height", type=_at_least(64), default=None,
-                        help="image height, a multiple of 64 (others are rounded up; default 512; demo 256)")
+    common.add_argument("--width", type=_at_least(1), default=None,
+                        help="image width (default: the input picture's, else 512; demo 256); sizes that are not a "
+                             "multiple of 64 are generated at the next multiple and resized to the size asked")
+    common.add_argument("--height", type=_at_least(1), default=None, help="image height (as --width)")
     common.add_argument("--num-images", type=_at_least(1), default=1, help="images per prompt (default 1)")
     common.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="weights and compute precision (default fp32; fp16 is for GPUs, slow on a CPU)")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    common.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm",
-                        help="decoder sampler (default ddpm, as the checkpoint; ddim needs fewer steps)")
+    common.add_argument("--scheduler", type=str.lower, choices=sampler_names(), default="ddpm", metavar="NAME",
+                        help=f"decoder sampler: {', '.join(sampler_names())} (default ddpm, the checkpoint's; "
+                             "docs/usage.md, Samplers: what a step is for each)")
+    common.add_argument("--save-steps", metavar="GRID.png", default=None,
+                        help="also write the decoder's x0 preview at every step as one grid (steps across, images down)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--demo", action="store_true",
                         help="build tiny RANDOM-weight checkpoints on the fly and run offline (the image is noise)")
@@ -127,30 +89,29 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tasks = parser.add_subparsers(dest="task", required=True, metavar="TASK")
-    sub = {}
-    for name, (short, description, examples) in TASKS.items():
-        sub[name] = tasks.add_parser(
-            name, parents=[common], help=short, description=textwrap.fill(description, 79),
-            epilog="examples:\n" + "\n".join("  " + e for e in examples),
+    for name, task in PROMPT_TASKS.items():
+        sub = tasks.add_parser(
+            name, parents=[common], help=task.help, description=textwrap.fill(task.description, 79),
+            epilog="examples:\n" + "\n".join("  " + e for e in task.examples),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-    image_help = "input picture (PNG, JPEG, ...)"
-    inputs = {name: parser_.add_argument_group(f"{name} inputs") for name, parser_ in sub.items()}
-    inputs["text2img"].add_argument("prompt", help="what to paint")
-    inputs["img2img"].add_argument("prompt", help="what to paint")
-    inputs["img2img"].add_argument("--image", required=True, help=image_help + ", resized to width x height")
-    inputs["img2img"].add_argument("--strength", type=_strength, default=0.3,
-                                   help="how much to change the picture, in (0, 1] (default 0.3)")
-    inputs["inpaint"].add_argument("prompt", help="what to paint in the masked area")
-    inputs["inpaint"].add_argument("--image", required=True, help=image_help + ", resized to width x height")
-    inputs["inpaint"].add_argument("--mask", required=True,
-                                   help="mask picture of the same size: white = repaint, black = keep")
-    inputs["variations"].add_argument("--image", required=True, help=image_help)
-    inputs["interpolate"].add_argument("--mix", nargs=2, action="append", metavar=("PROMPT_OR_IMAGE", "WEIGHT"),
-                                       required=True, help="a prompt or an image file, and its weight (repeat)")
-    inputs["controlnet"].add_argument("prompt", help="what to paint")
-    inputs["controlnet"].add_argument("--hint", required=True, help="depth map picture (grey, bright = near; "
-                                      "8- or 16-bit), resized to width x height")
+        group = sub.add_argument_group(f"{name} inputs")
+        if task.embeddings in ("prompt", "emb2emb"):
+            group.add_argument("prompt", help="what to paint")
+        if task.embeddings in ("image", "emb2emb") and "image" not in task.inputs:
+            group.add_argument("--image", required=True, help="input picture (PNG, JPEG, ...)")
+        if task.embeddings == "emb2emb":
+            group.add_argument("--prior-strength", type=_strength, default=0.3,
+                               help="share of the prior's steps run from the image's noised embedding (default 0.3)")
+        if task.embeddings == "mix":
+            group.add_argument("--mix", nargs=2, action="append", metavar=("PROMPT_OR_IMAGE", "WEIGHT"),
+                               required=True, help="a prompt or an image file, and its weight (repeat)")
+        for key in task.inputs:
+            spec = INPUTS[key]
+            if spec.kind == "number":
+                group.add_argument(spec.flag, type=_strength, default=0.3, help=spec.help)
+            else:
+                group.add_argument(spec.flag, required=True, help=spec.help)
     return parser
 
 
@@ -177,19 +138,23 @@ def _open_image(path: str):
 
 
 def _read_inputs(args) -> dict:
-    """The task's images, read before any checkpoint is built or loaded (fail fast)."""
+    """The task's pictures, read before any checkpoint is built or loaded (fail fast)."""
     from PIL import Image
 
-    if Path(args.output).suffix.lower() not in Image.registered_extensions():
-        raise InputError(f"cannot tell the image format of the output {args.output!r}: name it e.g. out.png")
-    if args.task in ("img2img", "inpaint", "variations"):
-        inputs = {"image": _open_image(args.image)}
-        if args.task == "inpaint":
-            inputs["mask"] = _open_image(args.mask)
-        return inputs
-    if args.task == "controlnet":
-        return {"hint": _open_image(args.hint)}
-    if args.task == "interpolate":
+    from kandinsky.pipelines.tasks import INPUTS, PROMPT_TASKS
+
+    for path in filter(None, (args.output, args.save_steps)):
+        if Path(path).suffix.lower() not in Image.registered_extensions():
+            raise InputError(f"cannot tell the image format of the output {path!r}: name it e.g. out.png")
+    task = PROMPT_TASKS[args.task]
+    inputs = {}
+    if task.embeddings in ("image", "emb2emb") and "image" not in task.inputs:
+        inputs["image"] = _open_image(args.image)
+    for key in task.inputs:
+        spec = INPUTS[key]
+        value = getattr(args, spec.flag.lstrip("-").replace("-", "_"))
+        inputs[key] = value if spec.kind == "number" else _open_image(value)
+    if task.embeddings == "mix":
         items, weights = [], []
         for item, weight in args.mix:
             if Path(item).is_file() or Path(item).suffix.lower() in IMAGE_SUFFIXES:
@@ -200,8 +165,8 @@ def _read_inputs(args) -> dict:
                 weights.append(float(weight))
             except ValueError:
                 raise InputError(f"--mix {item!r} {weight!r}: the weight must be a number") from None
-        return {"items": items, "weights": weights}
-    return {}
+        inputs.update(images_and_prompts=items, weights=weights)
+    return inputs
 
 
 def _device(name: str | None):
@@ -252,8 +217,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kandinsky.hub import DEFAULT_DECODER, DEFAULT_PRIOR
     from kandinsky.pipelines.combined import Kandinsky
+    from kandinsky.pipelines.tasks import CHECKPOINTS, PRIOR_CHECKPOINT, checkpoint_for
 
     try:
         device = _device(args.device)
@@ -261,9 +226,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = getattr(torch, DTYPES[args.dtype])
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+
     steps = args.steps if args.steps is not None else (20 if args.demo else 100)
-    width = args.width if args.width is not None else (256 if args.demo else 512)
-    height = args.height if args.height is not None else (256 if args.demo else 512)
+    picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
+    width = args.width if args.width is not None or picture else (256 if args.demo else 512)
+    height = args.height if args.height is not None or picture else (256 if args.demo else 512)
 
     tmp = None
     if args.demo:
@@ -273,37 +241,33 @@ def main(argv=None) -> int:
         print("DEMO: building tiny checkpoints with RANDOM weights (the image will be noise) ...", file=sys.stderr)
         folders = build_demo_checkpoints(tmp.name, seed=args.seed)
         prior = args.prior or folders["prior"]
-        decoder = args.decoder or folders[DEMO_REPOS.get(args.task, "decoder")]
+        decoder = args.decoder or folders[DEMO_FOLDERS[checkpoint_for(args.task)]]
     else:
-        prior = args.prior or DEFAULT_PRIOR
-        decoder = args.decoder or DEFAULT_DECODERS.get(args.task, DEFAULT_DECODER)
+        prior = args.prior or PRIOR_CHECKPOINT
+        decoder = args.decoder or CHECKPOINTS[checkpoint_for(args.task)]
 
     start = time.perf_counter()
+    task = PROMPT_TASKS[args.task]
     try:
-        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device,
-                                         scheduler=None if args.scheduler == "ddpm" else args.scheduler)
+        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler)
         generator = torch.Generator().manual_seed(args.seed)
-        shared = dict(num_inference_steps=steps, guidance_scale=args.guidance, height=height, width=width,
-                      generator=generator, progress=not args.no_progress)
-        prior_args = dict(prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance,
-                          num_images_per_prompt=args.num_images)
-        if args.task == "text2img":
-            out = pipe.text2img(args.prompt, negative_prompt=args.negative, **prior_args, **shared)
-        elif args.task == "img2img":
-            out = pipe.img2img(args.prompt, inputs["image"], negative_prompt=args.negative,
-                               strength=args.strength, **prior_args, **shared)
-        elif args.task == "inpaint":
-            out = pipe.inpaint(args.prompt, inputs["image"], inputs["mask"], negative_prompt=args.negative,
-                               **prior_args, **shared)
-        elif args.task == "variations":
-            out = pipe.variations(inputs["image"], num_images_per_prompt=args.num_images, **shared)
-        elif args.task == "interpolate":
-            out = pipe.interpolate(inputs["items"], inputs["weights"], negative_prompt=args.negative or "",
-                                   **prior_args, **shared)
-        else:  # controlnet
-            out = pipe.controlnet(args.prompt, inputs["hint"], negative_prompt=args.negative,
-                                  **prior_args, **shared)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        kwargs = dict(inputs, num_inference_steps=steps, guidance_scale=args.guidance, height=height, width=width,
+                      generator=generator, progress=not args.no_progress, num_images_per_prompt=args.num_images,
+                      return_trajectory=args.save_steps is not None)
+        if task.embeddings in ("prompt", "mix", "emb2emb"):
+            kwargs.update(prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
+        if task.embeddings in ("prompt", "emb2emb"):
+            kwargs.update(prompt=args.prompt, negative_prompt=args.negative)
+        if task.embeddings == "mix":
+            kwargs.update(negative_prompt=args.negative or "")
+        if task.embeddings == "emb2emb":
+            kwargs.update(prior_strength=args.prior_strength)
+        out = pipe.run(args.task, **kwargs)
+        if args.save_steps is not None:
+            from kandinsky.sampling.trajectory import save_x0_grid
+
+            save_x0_grid(out.trajectory, pipe.decoder.movq, args.save_steps)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

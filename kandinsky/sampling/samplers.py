@@ -75,7 +75,7 @@ class Plan:
 
     sampler: str
     schedule: object  # the schedule (noise tables + config) it was made from
-    timesteps: torch.Tensor  # (n,) the model timestep of each step (long, CPU)
+    timesteps: torch.Tensor  # (n,) the model timestep of each step (CPU; long, or float for sigma samplers)
     prev_timesteps: list[int] | None = None  # discrete samplers: the level each step lands on (-1: clean)
     sigmas: torch.Tensor | None = None  # (n + 1,) float32 for sigma samplers, ending at 0
     space: str = "vp"  # "vp" or "sigma" (module doc)
