@@ -14,6 +14,15 @@ from tests.test_usage_docs import REPOS, python_blocks
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "lora.md"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and on a busy machine several threads are ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_lora_doc_examples_run(tmp_path, monkeypatch):
     blocks = python_blocks(DOC.read_text())
     assert len(blocks) >= 7

@@ -8,7 +8,7 @@ Kandinsky 2.2 LoRA files in the wild, mix several with their own scales, merge t
 
 See docs/lora.md.
 """
-from kandinsky.lora.cli import apply_lora_args, parse_lora_arg
+from kandinsky.lora.cli import add_lora_argument, apply_lora_args, parse_lora_arg
 from kandinsky.lora.files import load_lora, lora_format, save_lora
 from kandinsky.lora.layers import (
     COMPONENTS,
@@ -17,6 +17,7 @@ from kandinsky.lora.layers import (
     LoRALinear,
     adapters,
     add_lora,
+    has_lora,
     lora_layers,
     lora_parameters,
     merge,
@@ -26,7 +27,8 @@ from kandinsky.lora.layers import (
 )
 
 __all__ = [
-    "COMPONENTS", "LoRAAdapter", "LoRAError", "LoRALinear", "adapters", "add_lora", "apply_lora_args",
+    "COMPONENTS", "LoRAAdapter", "LoRAError", "LoRALinear", "adapters", "add_lora", "add_lora_argument",
+    "apply_lora_args", "has_lora",
     "load_lora", "lora_format", "lora_layers", "lora_parameters", "merge", "parse_lora_arg", "remove_lora",
     "save_lora", "set_scale", "unmerge",
 ]

@@ -11,6 +11,11 @@ HELP = ("LoRA file (or folder) to apply, optionally with its strength: --lora st
         "(default 1.0); repeat for several")
 
 
+def add_lora_argument(parser) -> None:
+    """The ``--lora FILE[:SCALE]`` option (repeatable; ``args.lora`` is a list) on an argparse parser."""
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=HELP)
+
+
 def parse_lora_arg(arg: str) -> tuple[str, float]:
     """"style.safetensors:0.8" -> ("style.safetensors", 0.8); "style.safetensors" -> (..., 1.0).
 

@@ -184,6 +184,11 @@ def lora_layers(obj) -> dict[str, LoRALinear]:
     return out
 
 
+def has_lora(module: nn.Module) -> bool:
+    """Does any layer of ``module`` (any nn.Module) hold adapters?"""
+    return any(isinstance(m, LoRALinear) for m in module.modules())
+
+
 def adapters(obj) -> dict[str, dict]:
     """The adapters loaded: {name: {"layers": n, "rank": r, "alpha": a, "scale": s, "merged": bool}}."""
     out: dict[str, dict] = {}
