@@ -222,7 +222,10 @@ class Task:
 
 
 def _folder(path, what: str, subfolders: tuple[str, ...], flag: str) -> Path:
-    root = Path(path)
+    """A checkpoint folder in the hub layout (a local folder, or a hub id downloaded / cached)."""
+    from kandinsky.hub import resolve
+
+    root = resolve(path, f"{flag} ({what} checkpoint)")
     missing = [s for s in subfolders if not (root / s).is_dir()]
     if missing:
         raise TrainError(f"{flag} {root}: not a {what} checkpoint folder (missing {', '.join(missing)}/; "
