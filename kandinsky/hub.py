@@ -110,7 +110,7 @@ def _from_cache(repo: str, what: str, revision: str | None, token) -> Path:
         at = f" at revision {revision!r}" if revision else ""
         why = "is incomplete" if type(e).__name__ == "IncompleteSnapshotError" else "is not"
         raise CheckpointNotFound(
-            f"{what} {repo!r}{at} {why} in the Hugging Face cache, and downloads are off "
+            f"{what} {repo!r}{at} is not a local folder and {why} in the Hugging Face cache, and downloads are off "
             f"({'local_files_only=True' if not hub_offline() else 'HF_HUB_OFFLINE=1'}). "
             f"Unset HF_HUB_OFFLINE to download it, or {_download_hint(repo, revision)}."
         ) from None
@@ -146,15 +146,16 @@ def _from_hub(repo: str, what: str, revision: str | None, token) -> Path:
             ) from None
         if kind in ("RepositoryNotFoundError", "Unauthorized"):
             raise CheckpointNotFound(
-                f"{what} {repo!r}: no such repo on the hub, or it is private and the token cannot read it "
+                f"{what} {repo!r} is not a local folder, and there is no such repo on the hub, or it is private "
+                f"and the token cannot read it "
                 f"(check the id; for a private repo pass token=... or log in with `hf auth login`)."
             ) from None
         try:  # the hub is unreachable: the cached snapshot, if there is one
             folder = _from_cache(repo, what, revision, token)
         except CheckpointNotFound:
             raise CheckpointNotFound(
-                f"{what} {repo!r}{at}: the hub could not be reached ({e.__class__.__name__}) and it is not "
-                f"in the Hugging Face cache. Check the connection, or {_download_hint(repo, revision)}."
+                f"{what} {repo!r}{at} is not a local folder; the hub could not be reached ({e.__class__.__name__}) "
+                f"and it is not in the Hugging Face cache. Check the connection, or {_download_hint(repo, revision)}."
             ) from None
         warnings.warn(
             f"the hub could not be reached ({e.__class__.__name__}); using the cached snapshot of {repo!r} "

@@ -112,7 +112,7 @@ def test_offline_and_not_cached_names_the_fix(hf_cache, network, monkeypatch):
     with pytest.raises(CheckpointNotFound) as e:
         resolve("kandinsky-community/nope", "prior checkpoint")
     message = str(e.value)
-    assert "prior checkpoint 'kandinsky-community/nope' is not in the Hugging Face cache" in message
+    assert "prior checkpoint 'kandinsky-community/nope' is not a local folder and is not in the Hugging Face cache" in message
     assert "HF_HUB_OFFLINE=1" in message and "hf download kandinsky-community/nope" in message
     assert network["connect"] == []
 
@@ -184,7 +184,7 @@ def _hub_error(name: str):
 @pytest.mark.parametrize(
     "error, expected",
     [
-        ("RepositoryNotFoundError", r"no such repo on the hub, or it is private.*token=.*hf auth login"),
+        ("RepositoryNotFoundError", r"is not a local folder, and there is no such repo on the hub, or it is private.*token=.*hf auth login"),
         ("GatedRepoError", r"is gated: accept its conditions on https://huggingface.co/org/x.*token="),
         ("RevisionNotFoundError", r"has no revision 'nope': pass a branch, tag or commit hash"),
     ],
