@@ -387,3 +387,20 @@ def test_apply_lora_args(prior_checkpoint, tmp_path):
     assert_close(prior_out(pipe.prior, False), prior_out(merged_reference(ref, (a, RANK, 0.75)), True))
     with pytest.raises(LoRAError, match="--lora missing.safetensors:0.5: missing.safetensors: no such file"):
         apply_lora_args(pipe, ["missing.safetensors:0.5"])
+
+
+def test_half_precision_model_and_wrappers(prior_checkpoint, tmp_path):
+    """fp32 adapters train on a bf16 model; a DDP-style ``.module`` wrapper is looked through."""
+    folder, ref = prior_checkpoint
+    prior = load_component(folder, dtype=torch.bfloat16)
+    wrapper = nn.Module()
+    wrapper.module = prior  # what DistributedDataParallel looks like from outside
+    params = add_lora(wrapper, 4)
+    assert {p.dtype for p in params} == {torch.float32} and prior.blocks[0].attn.q.weight.dtype == torch.bfloat16
+    hidden, proj, text, mask = (x.bfloat16() if x.is_floating_point() else x for x in prior_inputs(batch=2))
+    out = prior(hidden, 3, proj, text, mask)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert params[-1].grad is not None and params[-1].grad.abs().max() > 0  # up gets a gradient at once
+    file = save_lora(wrapper, tmp_path / "lora.safetensors")
+    assert (tmp_path / "adapter_config.json").is_file() and file.is_file()

@@ -35,6 +35,7 @@ from kandinsky.lora.layers import (
     find_models,
     hub_name,
     lora_state_dict,
+    unwrap,
     wrap,
 )
 from weights_convert.io import WeightsError, read_safetensors_header, read_weights, write_safetensors
@@ -71,6 +72,7 @@ def save_lora(model: nn.Module, path, name: str = "default", overwrite: bool = F
     ``path``: a folder (created), or a ``.safetensors`` file (adapter_config.json goes beside it).
     Returns the weights file. Existing files are kept unless ``overwrite=True``.
     """
+    model = unwrap(model)
     if component_of(model) is None:
         raise LoRAError(f"save_lora: pass the model the adapter is on (pipe.unet, pipe.prior, ...), "
                         f"not a {type(model).__name__}.")

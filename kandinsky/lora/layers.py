@@ -108,10 +108,10 @@ class LoRALinear(nn.Linear):
                 y = y + adapter(x)
         return y
 
-    def add(self, name: str, rank: int, alpha: float, scale: float = 1.0) -> LoRAAdapter:
+    def add(self, name: str, rank: int, alpha: float, scale: float = 1.0, dtype=None) -> LoRAAdapter:
         w = self.weight
         self.lora[name] = LoRAAdapter(self.in_features, self.out_features, rank, alpha, scale,
-                                      device=w.device, dtype=w.dtype)
+                                      device=w.device, dtype=dtype or w.dtype)
         return self.lora[name]
 
     @torch.no_grad()
@@ -142,6 +142,16 @@ def component_of(model: nn.Module) -> LoRAComponent | None:
     return next((c for c in COMPONENTS if type(model) is c.model), None)
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel (``.module``) or torch.compile (``._orig_mod``) wrapper."""
+    while isinstance(model, nn.Module) and component_of(model) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
 def find_models(obj, what: str = "the object") -> list[tuple[str, nn.Module]]:
     """(path, model) of every adaptable model in a model or pipeline: [("prior.prior", prior), ...]."""
     found: list[tuple[str, nn.Module]] = []
@@ -151,6 +161,7 @@ def find_models(obj, what: str = "the object") -> list[tuple[str, nn.Module]]:
         if id(x) in seen or depth > 3:
             return
         seen.add(id(x))
+        x = unwrap(x)
         if isinstance(x, nn.Module):
             if component_of(x) is not None:
                 found.append((path, x))
@@ -258,13 +269,15 @@ def check_new_name(obj, name: str) -> None:
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=None,
-             name: str = "default") -> list[nn.Parameter]:
+             name: str = "default", dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
     """Add a fresh adapter (``up`` zero, so the model's output is unchanged) to the layers that
     ``targets`` picks (default: the attention projections of ``model``'s kind, see COMPONENTS).
 
     Freezes every weight of ``model`` and returns the new adapter's parameters (the ones to train).
-    ``alpha`` defaults to ``rank`` (scaling 1).
+    ``alpha`` defaults to ``rank`` (scaling 1). The adapters are float32 whatever the model's dtype
+    (train them on a bf16 / fp16 model without rounding their updates away), on the model's device.
     """
+    model = unwrap(model)
     if component_of(model) is None:
         raise LoRAError(
             f"add_lora: model must be a UNet, a DiffusionPrior or a TextEncoder, not {type(model).__name__}; "
@@ -279,7 +292,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=No
     model.requires_grad_(False)
     params: list[nn.Parameter] = []
     for layer_name in layers:
-        adapter = wrap(model, layer_name).add(name, rank, alpha if alpha is not None else rank)
+        adapter = wrap(model, layer_name).add(name, rank, alpha if alpha is not None else rank, dtype=dtype)
         params += list(adapter.parameters())
     for p in params:
         p.requires_grad_(True)
