@@ -129,13 +129,11 @@ def test_real_environment_variables_in_a_fresh_process(hf_cache):
 
 # ----------------------------------------------------------------------------- the hub, online
 def test_unreachable_hub_fails_fast_with_one_message(hf_cache, network):
-    """No retry loop (the old file listing slept 1 + 2 + 4 + 8 + 8 s before failing)."""
-    start = time.perf_counter()
+    """No retry loop: the old file listing tried 6 times, sleeping 1 + 2 + 4 + 8 + 8 s in between."""
     with pytest.raises(CheckpointNotFound) as e:
         resolve("kandinsky-community/nope", "decoder checkpoint")
-    assert time.perf_counter() - start < 5
     assert network["sleep"] == []
-    assert 1 <= len(network["connect"]) <= 2  # one request (resolving the name, connecting)
+    assert 1 <= len(network["connect"]) <= 2  # one request (resolving the host name failed at once)
     assert "the hub could not be reached" in str(e.value) and "hf download kandinsky-community/nope" in str(e.value)
 
 
