@@ -121,10 +121,13 @@ def test_decoder_overfits_a_fixed_batch_and_draws_validation_pictures(demo, data
 def test_resume_continues_exactly(demo, data, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(prior_args(demo, data, whole, "--steps", 6)) == 0
-    assert main(prior_args(demo, data, parts, "--steps", 3)) == 0  # stops after step 3 (a checkpoint)
+    assert main(prior_args(demo, data, parts, "--steps", 3, "--cache")) == 0  # stops after step 3 (a checkpoint)
+    (cache,) = (parts / "cache").glob("encodings-*.pt")
     with open(parts / "log.csv", "a") as f:  # a step logged after the checkpoint by a run that then died
         f.write("4,123.0,0.003,1.0,1.0\n")
-    assert main(prior_args(demo, data, parts, "--steps", 6, "--resume")) == 0
+    stamp = cache.stat().st_mtime_ns
+    assert main(prior_args(demo, data, parts, "--steps", 6, "--resume", "--cache")) == 0
+    assert cache.stat().st_mtime_ns == stamp  # the encodings were read back, not recomputed
     assert losses(parts) == losses(whole)  # the next step's loss and every one after: the same numbers
     a, b = state(whole / "prior"), state(parts / "prior")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -163,14 +166,28 @@ def test_grad_accum_and_checkpointing_change_nothing(demo, data, tmp_path):
 
 
 def test_ema_and_bf16(demo, data, tmp_path):
+    """EMA with decay 0.5 over two steps from w0: 0.25 w0 + 0.25 w1 + 0.5 w2 (w1 from the step-1
+    checkpoint, w2 the raw final weights); bf16 autocast trains too."""
     out = tmp_path / "ema"
-    assert main(prior_args(demo, data, out, "--steps", 2, "--ema-decay", 0.5, "--bf16")) == 0
-    base, raw, ema = state(demo["prior"] / "prior"), state(out / "prior-no-ema"), state(out / "prior")
-    k = "proj_out.weight"
-    # two EMA updates with decay 0.5 from the base weights w0: 0.25 w0 + 0.25 w1 + 0.5 w2; at least
-    # it lies strictly between the base and the raw weights somewhere
-    assert not torch.equal(ema[k], raw[k]) and not torch.equal(ema[k], base[k])
+    assert main(prior_args(demo, data, out, "--steps", 2, "--ema-decay", 0.5, "--bf16", "--save-every", 1,
+                           "--keep-checkpoints", 5)) == 0
+    w0, w2, ema = state(demo["prior"] / "prior"), state(out / "prior-no-ema"), state(out / "prior")
+    w1 = torch.load(out / "checkpoints" / "step-000001.pt", weights_only=False)["params"]
+    for k in ("proj_out.weight", "blocks.0.attn.q.weight"):
+        assert not torch.equal(w2[k], w0[k])
+        assert torch.allclose(ema[k], 0.25 * w0[k] + 0.25 * w1[k] + 0.5 * w2[k], atol=1e-6), k
+    assert torch.equal(ema["clip_mean"], w0["clip_mean"])
     assert all(np.isfinite(losses(out)))
+
+
+def test_kandinsky_train_dispatches_here(capsys):
+    from kandinsky.cli import main as kandinsky_main
+
+    with pytest.raises(SystemExit) as e:
+        kandinsky_main(["train", "--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "prior,decoder,inpaint" in help_text and "--grad-accum" in help_text and "--lora" in help_text
 
 
 def test_bad_settings_and_folders_fail_clearly(demo, data, tmp_path, capsys):

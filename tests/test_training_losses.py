@@ -26,6 +26,7 @@ from kandinsky.training.losses import (
     discretized_gaussian_log_likelihood,
     drop_image_embeds,
     drop_text,
+    dropped_rows,
     normal_kl,
     prior_loss,
     prior_schedule,
@@ -231,12 +232,12 @@ def test_condition_dropout_replaces_drawn_rows():
     embeds, hidden = torch.randn(B, 8, generator=g), torch.randn(B, 77, 8, generator=g)
     mask = torch.ones(B, 77, dtype=torch.bool)
     empty = (torch.zeros(1, 8), torch.zeros(1, 77, 8), torch.zeros(1, 77, dtype=torch.bool))
-    e2, h2, m2 = drop_text(embeds, hidden, mask, empty, 0.25, torch.Generator().manual_seed(1))
-    dropped = (e2 == 0).all(1)
-    assert 4 < dropped.sum() < 30  # about a quarter
-    assert (h2[dropped] == 0).all() and (~m2[dropped]).all()
-    assert torch.equal(e2[~dropped], embeds[~dropped]) and torch.equal(h2[~dropped], hidden[~dropped])
-    zero = torch.full((1, 8), 7.0)
-    out = drop_image_embeds(embeds, zero, 0.25, torch.Generator().manual_seed(1))
-    assert torch.equal((out == 7.0).all(1), dropped)  # same generator, same rows
-    assert drop_image_embeds(embeds, zero, 0.0) is embeds
+    drop = dropped_rows(B, 0.25, torch.Generator().manual_seed(1))
+    assert drop.dtype == torch.bool and 4 < drop.sum() < 30  # about a quarter
+    e2, h2, m2 = drop_text(embeds, hidden, mask, empty, drop)
+    assert torch.equal((e2 == 0).all(1), drop)
+    assert (h2[drop] == 0).all() and (~m2[drop]).all()
+    assert torch.equal(e2[~drop], embeds[~drop]) and torch.equal(h2[~drop], hidden[~drop]) and m2[~drop].all()
+    out = drop_image_embeds(embeds, torch.full((1, 8), 7.0), drop)
+    assert torch.equal((out == 7.0).all(1), drop) and torch.equal(out[~drop], embeds[~drop])
+    assert not dropped_rows(B, 0.0).any()

@@ -15,6 +15,7 @@ from kandinsky.training.losses import (
     decoder_loss,
     drop_image_embeds,
     drop_text,
+    dropped_rows,
     prior_loss,
     prior_schedule,
     vlb_terms,
@@ -41,5 +42,6 @@ __all__ = [
     "vlb_terms",
     "drop_text",
     "drop_image_embeds",
+    "dropped_rows",
     "train",
 ]

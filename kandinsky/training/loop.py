@@ -474,7 +474,7 @@ def draw_step(task: Task, config: TrainConfig, batch: dict, data: Dataset, step:
     draws = {
         "noise": torch.randn(x0.shape, generator=g),
         "timesteps": torch.randint(0, ac.shape[0], (x0.shape[0],), generator=g),
-        "drop": torch.rand(x0.shape[0], generator=g) < config.cond_drop,
+        "drop": losses.dropped_rows(x0.shape[0], config.cond_drop, g),
     }
     if config.task == "inpaint":
         draws["keep"] = random_keep_masks(x0.shape[0], x0.shape[2], x0.shape[3], g)
@@ -489,16 +489,12 @@ def task_loss(model, task: Task, data: Dataset, batch: dict, draws: dict, rows: 
     if config.task == "prior":
         embeds, hidden, mask = b["text_embeds"], b["text_hidden"], b["text_mask"]
         if config.cond_drop:
-            e_embeds, e_hidden, e_mask = data.extra["empty_text"]
-            drop = d["drop"]
-            embeds = torch.where(drop[:, None], e_embeds, embeds)
-            hidden = torch.where(drop[:, None, None], e_hidden, hidden)
-            mask = torch.where(drop[:, None], e_mask.bool(), mask)
+            embeds, hidden, mask = losses.drop_text(embeds, hidden, mask, data.extra["empty_text"], d["drop"])
         return losses.prior_loss(model, task.schedule, b["image_embeds"], embeds, hidden, mask,
                                  noise=d["noise"], timesteps=d["timesteps"], snr_gamma=config.snr_gamma)
     image_embeds = b["image_embeds"]
     if config.cond_drop:
-        image_embeds = torch.where(d["drop"][:, None], data.extra["zero_embeds"], image_embeds)
+        image_embeds = losses.drop_image_embeds(image_embeds, data.extra["zero_embeds"], d["drop"])
     extra = {}
     if config.task == "inpaint":
         extra = {"masked_latents": b["latents"] * d["keep"], "mask": d["keep"]}

@@ -299,17 +299,15 @@ def vlb_terms(betas, x0, x_t, t, eps_pred, var_values) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def dropped_rows(batch: int, prob: float, generator, device) -> torch.Tensor:
-    """(B,) bool: which rows lose their condition (each with probability ``prob``)."""
+def dropped_rows(batch: int, prob: float, generator=None, device=None) -> torch.Tensor:
+    """(B,) bool: which rows lose their condition (each with probability ``prob``), drawn on the CPU."""
     return (torch.rand(batch, generator=generator) < prob).to(device)
 
 
-def drop_text(text_embeds, text_hidden_states, text_mask, empty, prob: float, generator=None):
-    """Replace each row's text encoding by ``empty`` = the encoding of "" ((1, D), (1, 77, D),
-    (1, 77)) with probability ``prob``. Returns the three tensors."""
-    if not prob:
-        return text_embeds, text_hidden_states, text_mask
-    drop = dropped_rows(text_embeds.shape[0], prob, generator, text_embeds.device)
+def drop_text(text_embeds, text_hidden_states, text_mask, empty, drop: torch.Tensor):
+    """Rows where ``drop`` (B,) is True get ``empty`` = the encoding of "" ((1, D), (1, 77, D),
+    (1, 77)) instead of their text encoding. Returns the three tensors."""
+    drop = drop.to(text_embeds.device)
     e_embeds, e_hidden, e_mask = (x.to(text_embeds.device) for x in empty)
     return (
         torch.where(drop[:, None], e_embeds.to(text_embeds.dtype), text_embeds),
@@ -318,10 +316,7 @@ def drop_text(text_embeds, text_hidden_states, text_mask, empty, prob: float, ge
     )
 
 
-def drop_image_embeds(image_embeds, zero_embeds, prob: float, generator=None):
-    """Replace each row of ``image_embeds`` (B, D) by ``zero_embeds`` (1, D) (the CLIP embedding
-    of a zero image) with probability ``prob``."""
-    if not prob:
-        return image_embeds
-    drop = dropped_rows(image_embeds.shape[0], prob, generator, image_embeds.device)
-    return torch.where(drop[:, None], zero_embeds.to(image_embeds), image_embeds)
+def drop_image_embeds(image_embeds, zero_embeds, drop: torch.Tensor):
+    """Rows where ``drop`` (B,) is True get ``zero_embeds`` (1, D) (the CLIP embedding of an
+    all-zero picture) instead of their image embedding."""
+    return torch.where(drop.to(image_embeds.device)[:, None], zero_embeds.to(image_embeds), image_embeds)
