@@ -404,3 +404,24 @@ def test_half_precision_model_and_wrappers(prior_checkpoint, tmp_path):
     assert params[-1].grad is not None and params[-1].grad.abs().max() > 0  # up gets a gradient at once
     file = save_lora(wrapper, tmp_path / "lora.safetensors")
     assert (tmp_path / "adapter_config.json").is_file() and file.is_file()
+
+
+def test_peft_itself_reads_and_writes_our_files(unet_checkpoint, tmp_path):
+    """With PEFT installed (not a dependency): our file on the reference UNet through PEFT gives our
+    output, and a PEFT adapter saved from the reference loads into ours."""
+    peft = pytest.importorskip("peft")
+    folder, ref = unet_checkpoint
+    ours = load_component(folder)
+    with torch.no_grad():
+        for p in add_lora(ours, 4, alpha=7):
+            p.normal_(0, 0.3)
+    save_lora(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "ours").eval()
+    assert_close(unet_out(ours, False), unet_out(theirs.base_model.model, True))
+
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["to_q", "add_v_proj"], init_lora_weights=False)
+    trained = peft.get_peft_model(copy.deepcopy(ref), config).eval()
+    trained.save_pretrained(tmp_path / "theirs")
+    fresh = load_component(folder)
+    load_lora(fresh, tmp_path / "theirs")
+    assert_close(unet_out(fresh, False), unet_out(trained.base_model.model, True))
