@@ -352,16 +352,23 @@ def test_combined_reference_cannot_take_decoder_latents(prior_pipeline_folder, d
 
 # --------------------------------------------------------------------------- sizes
 def test_sizes_not_a_multiple_of_64(decoder, controlnet):
-    """Rounded up with a warning; the output size and values are the reference's."""
+    """Generated at the next multiple of 64 (the reference's numbers), returned at the size asked:
+    the reference's 128 x 128 picture resized (bicubic, antialiased) to 100 x 70."""
+    import torch.nn.functional as F
+
     ours, ref = decoder
     e, n = embeds(1, seed=17)
     kw = dict(height=100, width=70, num_inference_steps=2, guidance_scale=4.0)
-    with pytest.warns(UserWarning, match="rounded up to 128 x 128") as record:
-        got = ours.text2img(e, n, generator=gen(20), output_type="np", progress=False, **kw).images
-    assert record[0].filename == __file__  # the warning points at the caller's line
-    exp = ref(image_embeds=e, negative_image_embeds=n, generator=gen(20), output_type="np", **kw).images
-    assert got.shape == exp.shape == (1, 128, 128, 3)
-    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+    got = ours.text2img(e, n, generator=gen(20), output_type="np", progress=False, **kw).images
+    raw = ref(image_embeds=e, negative_image_embeds=n, generator=gen(20), output_type="pt", **kw).images
+    assert raw.shape == (1, 3, 128, 128) and got.shape == (1, 100, 70, 3)
+    exp = unit(F.interpolate(raw, size=(100, 70), mode="bicubic", antialias=True, align_corners=False))
+    assert rel_err(torch.from_numpy(got), exp.permute(0, 2, 3, 1)) < TOL
+    latents = ours.text2img(e, n, generator=gen(20), output_type="latent", progress=False, **kw).images
+    assert latents.shape == (1, 4, 16, 16)  # the same latents as a 128 x 128 request
+    # a multiple of 64 is generated exactly as asked
+    assert ours.text2img(e, n, generator=gen(20), output_type="np", progress=False,
+                         **{**kw, "height": 128, "width": 64}).images.shape == (1, 128, 64, 3)
 
 
 def test_resized_inputs(decoder, inpainter):

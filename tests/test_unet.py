@@ -195,7 +195,9 @@ def test_config_from_save_pretrained_round_trip(unet_controlnet_checkpoint):
         ("attention_head_dim", [16, 16, 16, 16]),
         ("layers_per_block", [2, 2, 2, 2]),
         ("cross_attention_dim", [24, 24, 24, 24]),
-        ("block_out_channels", [32, 64, 96]),
+        ("block_out_channels", []),
+        ("block_out_channels", [32, 0, 64, 64]),
+        ("down_block_types", ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"]),  # 2 types, 4 levels
         ("block_out_channels", [32, 64, 64, 100]),  # not a multiple of norm_num_groups
         ("attention_head_dim", 24),  # does not divide 64
         ("encoder_hid_dim", None),

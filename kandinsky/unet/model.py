@@ -4,11 +4,14 @@ conditioned on the diffusion step and a CLIP image embedding.
 Topology (guided-diffusion style), with C = block_out_channels and L = layers_per_block:
 
     conv_in                                           (B, in_channels, h, w) -> (B, C0, h, w)
-    down[0..3]  L ResBlocks per level (+ added-KV attention after each, levels 1-3),
-                then a down-sampling ResBlock (levels 0-2)                      -> (B, C3, h/8, w/8)
+    down[0..n-1] L ResBlocks per level (+ added-KV attention after each, levels 1..n-1),
+                then a down-sampling ResBlock (all but the last level)        -> (B, C[-1], h/2^(n-1), w/2^(n-1))
     mid         ResBlock, attention, ResBlock
-    up[0..3]    L+1 ResBlocks per level, each fed the matching skip tensor of the
-                down path (+ attention, levels 0-2), then an up-sampling ResBlock (0-2)
+    up[0..n-1]  L+1 ResBlocks per level, each fed the matching skip tensor of the
+                down path (+ attention, all but the top level), then an up-sampling ResBlock
+
+n = len(block_out_channels) is 4 in Kandinsky 2.2 (h/8 at the bottom); any n >= 1 of this
+topology loads (diffusers' own tiny Kandinsky test configs use 2).
     norm_out, SiLU, conv_out                          -> (B, out_channels, h, w)
 
 Conditioning: emb = time_embed(sinusoid(t)) + image_embed(image_embeds) drives the
@@ -37,7 +40,14 @@ from kandinsky.unet.blocks import (
     timestep_embedding,
 )
 
-NUM_LEVELS = 4
+NUM_LEVELS = 4  # Kandinsky 2.2's depth (the default config); any depth >= 1 is accepted
+DOWN_PLAIN, DOWN_ATTN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
+UP_ATTN, UP_PLAIN = "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"
+
+
+def block_types(depth: int) -> tuple[list[str], list[str]]:
+    """down_block_types and up_block_types of this topology at ``depth`` levels."""
+    return [DOWN_PLAIN] + [DOWN_ATTN] * (depth - 1), [UP_ATTN] * (depth - 1) + [UP_PLAIN]
 
 
 @dataclasses.dataclass
@@ -55,12 +65,6 @@ class UNetConfig(ComponentConfig):
         "conv_in_kernel": 3,
         "conv_out_kernel": 3,
         "cross_attention_norm": None,
-        "down_block_types": [
-            "ResnetDownsampleBlock2D",
-            "SimpleCrossAttnDownBlock2D",
-            "SimpleCrossAttnDownBlock2D",
-            "SimpleCrossAttnDownBlock2D",
-        ],
         "dropout": 0.0,
         "encoder_hid_dim_type": "image_proj",
         "flip_sin_to_cos": True,
@@ -80,12 +84,6 @@ class UNetConfig(ComponentConfig):
         "time_embedding_dim": None,
         "time_embedding_type": "positional",
         "timestep_post_act": None,
-        "up_block_types": [
-            "SimpleCrossAttnUpBlock2D",
-            "SimpleCrossAttnUpBlock2D",
-            "SimpleCrossAttnUpBlock2D",
-            "ResnetUpsampleBlock2D",
-        ],
     }
     # Keys the reference only reads for block types this UNet does not have: no effect here.
     # EXTRA_OUT writes them back with the hub's values, so to_dict() reproduces the hub config.
@@ -104,6 +102,8 @@ class UNetConfig(ComponentConfig):
     in_channels: int = 4  # 4 (text2img/img2img), 9 (inpaint), 8 (ControlNet-depth: 4 + hint)
     out_channels: int = 8  # predicted noise (4) and variance (4)
     block_out_channels: tuple = (384, 768, 1152, 1536)
+    down_block_types: tuple = tuple(block_types(NUM_LEVELS)[0])  # must follow block_out_channels' length
+    up_block_types: tuple = tuple(block_types(NUM_LEVELS)[1])
     layers_per_block: int = 3
     attention_head_dim: int = 64  # channels per head (diffusers' misnomer is right here)
     cross_attention_dim: int = 768  # width of the image tokens
@@ -125,9 +125,14 @@ class UNetConfig(ComponentConfig):
         if not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
             fail("norm_eps", "expected a positive number")
         channels = self.block_out_channels
-        if (not isinstance(channels, tuple) or len(channels) != NUM_LEVELS
-                or not all(isinstance(c, int) and c > 0 for c in channels)):
-            fail("block_out_channels", f"Kandinsky 2.2's UNet has {NUM_LEVELS} levels of positive widths")
+        if (not isinstance(channels, tuple) or len(channels) < 1
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
+            fail("block_out_channels", "expected a list of positive widths, one per level")
+        down, up = block_types(len(channels))
+        if list(self.down_block_types) != down:
+            fail("down_block_types", f"with {len(channels)} levels this UNet's topology is {down}")
+        if list(self.up_block_types) != up:
+            fail("up_block_types", f"with {len(channels)} levels this UNet's topology is {up}")
         if any(c % self.norm_num_groups for c in channels):
             fail("norm_num_groups", f"it must divide every entry of block_out_channels {list(channels)}")
         if channels[0] % 2:
@@ -139,6 +144,16 @@ class UNetConfig(ComponentConfig):
         if self.addition_embed_type == "image_hint" and self.in_channels <= HINT_CHANNELS:
             fail("in_channels", f"with addition_embed_type 'image_hint' it counts the {HINT_CHANNELS} hint "
                  "channels too, so it must exceed them")
+
+    @property
+    def depth(self) -> int:
+        """Number of resolution levels (4 in Kandinsky 2.2)."""
+        return len(self.block_out_channels)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much the UNet halves the latents: sample sizes must be multiples of it (8 for depth 4)."""
+        return 2 ** (self.depth - 1)
 
     @property
     def sample_channels(self) -> int:
@@ -250,18 +265,19 @@ class UNet(nn.Module):
         self.hint_encoder = HintEncoder() if config.addition_embed_type == "image_hint" else None
 
         self.conv_in = nn.Conv2d(config.in_channels, C[0], 3, padding=1)
-        last = NUM_LEVELS - 1
+        depth = config.depth
+        last = depth - 1
         self.down = nn.ModuleList(
             DownLevel(C[max(i - 1, 0)], C[i], config, emb_dim, attention=i > 0, downsample=i < last)
-            for i in range(NUM_LEVELS)
+            for i in range(depth)
         )
         self.mid = MidBlock(C[last], config, emb_dim)
         # Channels of the skip tensors as the encoder pushes them (conv_in, then per level its L
         # ResBlocks and its down-sampler), reversed: the order the decoder pops them, L + 1 per level.
-        pushed = [C[0]] + [C[i] for i in range(NUM_LEVELS) for _ in range(L + (i < last))]
+        pushed = [C[0]] + [C[i] for i in range(depth) for _ in range(L + (i < last))]
         skip_chs = pushed[::-1]
         up = []
-        for i in range(NUM_LEVELS):
+        for i in range(depth):
             level = last - i  # resolution level, bottom first
             up.append(UpLevel(C[min(level + 1, last)], C[level], skip_chs[i * (L + 1) : (i + 1) * (L + 1)],
                               config, emb_dim, attention=level > 0, upsample=level > 0))
@@ -302,7 +318,7 @@ class UNet(nn.Module):
                 f"(in_channels={cfg.in_channels}), got {tuple(sample.shape)}"
             )
         B, _, h, w = sample.shape
-        factor = 2 ** (NUM_LEVELS - 1)
+        factor = cfg.downsampling_factor
         if h % factor or w % factor:
             raise ValueError(f"sample height and width must be multiples of {factor}, got {h}x{w}")
         if image_embeds.shape != (B, cfg.encoder_hid_dim):
@@ -334,7 +350,7 @@ class UNet(nn.Module):
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
         for level in self.down:
-            x = level(x, emb, tokens, skips)  # (B, C3, h/8, w/8) at the bottom
+            x = level(x, emb, tokens, skips)  # (B, C[-1], h/8, w/8) at the bottom (depth 4)
         x = self.mid(x, emb, tokens)
         for level in self.up:
             x = level(x, emb, tokens, skips)  # (B, C0, h, w) at the top
