@@ -155,7 +155,10 @@ def read_config(weights: Path) -> dict | None:
         header, _ = read_safetensors_header(weights)
         raw = (header.get("__metadata__") or {}).get("lora_adapter_metadata")
         if raw:
-            packed = json.loads(raw)
+            try:
+                packed = json.loads(raw)
+            except ValueError as e:
+                raise LoRAError(f"{weights}: the lora_adapter_metadata in its header is not valid JSON ({e}).") from None
             out: dict[str, dict] = {}
             for key, value in packed.items():
                 prefix, _, field = key.partition(".")
@@ -199,26 +202,23 @@ def parse_keys(tensors: dict, where) -> tuple[str, dict]:
 
 
 class Index:
-    """Every linear layer of the models, found by the reference's module path or kohya's."""
+    """Every module of the models, found by the reference's module path (or kohya's, dots as _)."""
 
     def __init__(self, models: list[tuple[str, nn.Module]]):
-        self.models = models
-        self.by_path: dict[str, dict[str, tuple[str, str]]] = {}  # prefix -> hub path -> (our name, type)
-        self.by_kohya: dict[str, dict[str, str]] = {}  # prefix -> hub path with _ -> hub path
-        for _, model in models:
-            prefix = component_of(model).prefix
+        self.models = [model for _, model in models]
+        self.by_path: dict[int, dict[str, tuple[str, str]]] = {}  # id(model) -> hub path -> (our name, type)
+        self.by_kohya: dict[int, dict[str, str]] = {}  # id(model) -> hub path with _ -> hub path
+        for model in self.models:
             paths = {hub_name(model, n): (n, type(m).__name__) for n, m in model.named_modules() if n}
-            self.by_path[prefix] = paths
-            self.by_kohya[prefix] = {p.replace(".", "_"): p for p in paths}
+            self.by_path[id(model)] = paths
+            self.by_kohya[id(model)] = {p.replace(".", "_"): p for p in paths}
 
     def resolve(self, hint: str | None, module: str, kohya: str | None):
-        """(model, our name, module type) or None."""
-        order = sorted(self.models, key=lambda pm: component_of(pm[1]).prefix != hint)
-        for _, model in order:
-            prefix = component_of(model).prefix
-            path = self.by_kohya[prefix].get(module) if kohya else module
-            if path in self.by_path[prefix]:
-                name, kind = self.by_path[prefix][path]
+        """(model, our name, module type) or None; the model the key's prefix names is tried first."""
+        for model in sorted(self.models, key=lambda m: component_of(m).prefix != hint):
+            path = self.by_kohya[id(model)].get(module) if kohya else module
+            if path in self.by_path[id(model)]:
+                name, kind = self.by_path[id(model)][path]
                 return model, name, kind
         return None
 
@@ -327,4 +327,8 @@ def load_lora(obj, path, scale: float = 1.0, name: str | None = None) -> str:
 def lora_format(path) -> str:
     """Which format a LoRA file is in ("PEFT", "diffusers", "attention processors", "kohya")."""
     weights = find_lora_file(path)
-    return parse_keys(read_weights([weights]), weights)[0]
+    try:
+        tensors = read_weights([weights])
+    except WeightsError as e:
+        raise LoRAError(str(e)) from None
+    return parse_keys(tensors, weights)[0]
