@@ -105,7 +105,7 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         for adapter in self.lora.values():
             if not adapter.merged and adapter.scale != 0:
-                y = y + adapter(x)
+                y = y + adapter(x).to(y.dtype)  # (under autocast y may be lower precision than x)
         return y
 
     def add(self, name: str, rank: int, alpha: float, scale: float = 1.0, dtype=None) -> LoRAAdapter:
