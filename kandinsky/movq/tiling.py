@@ -129,26 +129,29 @@ class GlobalNormStats:
 
     def next_pass(self) -> None:
         self.stats = {}
-        for key, (s1, s2, n) in self.sums.items():
+        for key, (n, s1, s2) in self.sums.items():  # count, sum of n * mean, sum of n * E[x^2]
             mean = s1 / n
             self.stats[key] = (mean, (s2 / n - mean**2).clamp_min(0))
         self.sums = {}
 
     def norm(self, m: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         B, C, h, w = x.shape
-        g = x.float().view(B, m.num_groups, C // m.num_groups, h, w)
+        g = x.view(B, m.num_groups, C // m.num_groups, h, w)
         rows, cols, th, tw = self.owned
         sy, sx = h / th, w / tw  # this norm's resolution relative to the tile input
         own = g[..., int(rows.start * sy):int(rows.stop * sy), int(cols.start * sx):int(cols.stop * sx)]
-        own = own.double()
-        s1, s2, n = own.sum((2, 3, 4)), (own**2).sum((2, 3, 4)), own[0, 0].numel()
+        var, mean = torch.var_mean(own.float(), dim=(2, 3, 4), unbiased=False)  # (B, G) this tile's part
+        n = own[0, 0].numel()
+        mean, ex2 = mean.double(), var.double() + mean.double() ** 2
         old = self.sums.get(id(m))
-        self.sums[id(m)] = [s1, s2, n] if old is None else [old[0] + s1, old[1] + s2, old[2] + n]
+        self.sums[id(m)] = (n, n * mean, n * ex2) if old is None else (old[0] + n, old[1] + n * mean, old[2] + n * ex2)
         if id(m) not in self.stats:
             return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)  # first pass: the tile's own
-        mean, var = (t.to(torch.float32)[:, :, None, None, None] for t in self.stats[id(m)])
-        y = ((g - mean) * torch.rsqrt(var + m.eps)).view(B, C, h, w).to(x.dtype)
-        return y * m.weight[:, None, None] + m.bias[:, None, None]
+        mean, var = self.stats[id(m)]
+        scale = torch.rsqrt(var + m.eps)  # (B, G), whole-image statistics
+        shift = -mean * scale
+        y = (g * scale.to(x.dtype)[..., None, None, None]).add_(shift.to(x.dtype)[..., None, None, None])
+        return y.view(B, C, h, w).mul_(m.weight[:, None, None]).add_(m.bias[:, None, None])
 
     @contextlib.contextmanager
     def apply(self):
