@@ -3,6 +3,7 @@ forward hooks see, branch splits equal separate runs, attention probabilities eq
 explicit softmax of the layer's own projections, edits match the reference UNet's."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -329,3 +330,40 @@ def test_compile_fullgraph_without_capture(unet):
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(*x), unet(*x))
+
+
+# ----------------------------------------------------------------------------- overhead (by hand)
+def measure_overhead(reps: int = 15, calls: int = 10) -> None:
+    """CPU time per guided step of the tiny demo UNet (batch 2, 8 x 8 latents, 1 thread) with
+    nothing captured and with one layer captured, interleaved so load changes hit every case.
+    Run by hand: ``python -m tests.test_research`` (not a test: timings don't belong in tests)."""
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+    model = build_model(TINY["unet"]).eval()
+    sample, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 32)
+
+    def step():
+        with torch.no_grad(), model_call("decoder", 0, 500, BRANCHES_GUIDED):
+            model(sample, 500, embeds)
+
+    cases = {"plain": None, "capture mid": ("mid", False), "capture mid.attn probabilities": ("mid.attn", True),
+             "capture up.2.attn.1 probabilities": ("up.2.attn.1", True)}
+    times = {name: [] for name in cases}
+    for _ in range(5):
+        step()
+    for _ in range(reps):
+        for name, spec in cases.items():
+            with kandinsky.capture(model, spec[0], attention=spec[1]) if spec else contextlib.nullcontext():
+                for _ in range(calls):
+                    start = time.process_time()
+                    step()
+                    times[name].append(time.process_time() - start)
+    base = statistics.median(times["plain"])
+    for name, ts in times.items():
+        print(f"{name:36s} {statistics.median(ts) * 1e3:7.2f} ms/step  {100 * (statistics.median(ts) / base - 1):+5.1f}%")
+
+
+if __name__ == "__main__":
+    measure_overhead()

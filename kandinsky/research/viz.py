@@ -199,11 +199,12 @@ def word_attention_image(words, layers, matrix: np.ndarray, cell: int = 28) -> P
 
 
 # ----------------------------------------------------------------------------- one run, three pictures
-def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, **options) -> dict:
+def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, cell: int = 128,
+                       **options) -> dict:
     """Run ``pipe.text2img(prompt, **options)`` once (a Kandinsky pipeline) recording what the
     pictures need, and return {"image", "decoder" (grid), "prior" (words)} PIL images (and
     "trajectory", the x0 preview grid, when asked). ``steps``: decoder steps for the grid
-    (default: first, middle, last)."""
+    (default: first, middle, last); ``cell``: the side of one grid cell in pixels."""
     n = options.get("num_inference_steps", 100)
     steps = sorted({0, n // 2, n - 1}) if steps is None else list(steps)
     if any(not 0 <= s < n for s in steps):
@@ -227,13 +228,13 @@ def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, 
                     to="cpu") as pri:
         image = pipe.text2img(prompt, **options).images[0]
     aspect = image.width / image.height
-    out = {"image": image, "decoder": decoder_attention_grid(level_maps(dec, aspect), image)}
+    out = {"image": image, "decoder": decoder_attention_grid(level_maps(dec, aspect), image, cell=cell)}
     words = words_of(pipe.prior.tokenizer, prompt)
     out["prior"] = word_attention_image(words, *word_attention(pri, words))
     if recorder is not None:
         from kandinsky.sampling.trajectory import grid_image, x0_previews
 
-        out["trajectory"] = grid_image(x0_previews(recorder, pipe.decoder.movq, size=128))
+        out["trajectory"] = grid_image(x0_previews(recorder, pipe.decoder.movq, size=cell))
     return out
 
 
