@@ -5,8 +5,9 @@ Every component of the real chain, at toy widths, trained from scratch on
 
     stage     trains                                   on
     clip      text + image towers, contrastive (InfoNCE) (caption, picture) pairs
-    movq      MoVQ autoencoder: L1 + MSE reconstruction,  pictures
+    movq      MoVQ autoencoder: L1 + MSE reconstruction,  32 x 32 crops of pictures
               codebook + commitment, latents kept ~N(0, 1)
+    movq_decoder  the MoVQ decoder alone (encoder frozen)  whole pictures
     prior     diffusion prior, x0-prediction, cosine     (caption, CLIP image embedding)
     decoder   UNet, eps-prediction on MoVQ latents,      (MoVQ latents, CLIP image embedding)
               linear betas
@@ -131,7 +132,8 @@ INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 # stage: (share of --minutes, batch size, learning rate)
 STAGES = {
     "clip": (0.10, 128, 2e-3),
-    "movq": (0.25, 16, 1e-3),
+    "movq": (0.15, 16, 1e-3),
+    "movq_decoder": (0.10, 8, 3e-4),
     "prior": (0.15, 128, 5e-4),
     "decoder": (0.35, 64, 5e-4),
     "inpaint": (0.15, 64, 3e-4),
@@ -327,6 +329,25 @@ def train_movq(models, clock, log, save, seed):
         return loss, {"l1": l1.item(), "mse": l2.item(), "vq": codebook.item(), "scale": scale.item()}
 
     train("movq", list(movq.parameters()), loss_fn, clock, log, lambda _: save(["movq"]))
+
+
+def train_movq_decoder(models, clock, log, save, seed):
+    """The MoVQ decoder alone on whole pictures, the encoder frozen: the latents the decoder UNet
+    trains on do not change, so this stage may run alongside the UNet's."""
+    movq = models["movq"]
+    n = STAGES["movq_decoder"][1]
+
+    def loss_fn(step):
+        images, _ = batch(seed + 3, step * n, n)  # (n, 3, 64, 64)
+        with torch.no_grad():
+            z = movq.encode(images)  # (n, 4, 8, 8)
+            zq = movq.quantize(z)[0] if step % 2 else z
+        recon = movq.decoder(movq.post_quant_conv(zq), zq)
+        l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
+        return l1 + l2, {"l1": l1.item(), "mse": l2.item()}
+
+    params = list(movq.decoder.parameters()) + list(movq.post_quant_conv.parameters())
+    train("movq_decoder", params, loss_fn, clock, log, lambda _: save(["movq"]))
 
 
 # what each encoded part is made with: part -> (the stage whose model makes it, function)
@@ -557,6 +578,9 @@ def run(out: Path, minutes: float, steps: int | None, stages: list[str], seed: i
             save(["text_encoder", "image_encoder"], final=True)
         elif stage == "movq":
             train_movq(models, clock, log, save, seed)
+            save(["movq"], final=True)
+        elif stage == "movq_decoder":
+            train_movq_decoder(models, clock, log, save, seed)
             save(["movq"], final=True)
         elif stage == "prior":
             train_prior(models, data, clock, log, save, seed)

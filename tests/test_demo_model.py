@@ -1,0 +1,129 @@
+"""The tiny demo model: `kandinsky train-demo` (a few steps) and the shipped weights, measured with the
+shapes analyser (kandinsky.data.evaluate)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kandinsky.data import DEMO_WEIGHTS, demo_folders, shapes
+from kandinsky.data import evaluate, train_demo
+
+MAX_SHIPPED_BYTES = 20 * 1024 * 1024
+SHIPPED = (DEMO_WEIGHTS / "prior" / "model_index.json").is_file()
+
+
+def weight_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def trained_few_steps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-demo")
+    with torch.random.fork_rng():
+        status = train_demo.main(["--out", str(out), "--steps", "2", "--data-size", "32"])
+    assert status == 0
+    return out
+
+
+def test_tokenizer_has_one_token_per_grammar_word(tmp_path):
+    from kandinsky.clip.tokenizer import Tokenizer
+
+    vocab_size = train_demo.write_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_folder(tmp_path)
+    assert tokenizer.vocab_size == vocab_size and tokenizer.max_length == train_demo.CONTEXT
+    text = "a large purple triangle at the bottom on a yellow background"
+    ids, mask = tokenizer([text])
+    assert int(mask.sum()) == len(text.split()) + 2  # one token per word, plus start and end
+    assert int(ids[0, 0]) == vocab_size - 2 and int(ids[0, len(text.split()) + 1]) == vocab_size - 1
+    # words outside the grammar still tokenize (byte pieces), into more tokens
+    assert int(tokenizer(["a red cat"])[1].sum()) > 5
+
+
+def test_train_demo_writes_loadable_hub_folders(trained_few_steps):
+    from kandinsky.pipelines.decoder import DecoderPipeline
+    from kandinsky.pipelines.prior import PriorPipeline
+
+    out = trained_few_steps
+    for repo, parts in {"prior": ("prior", "text_encoder", "image_encoder", "tokenizer", "scheduler",
+                                  "image_processor"),
+                        "decoder": ("unet", "movq", "scheduler"),
+                        "decoder-inpaint": ("unet", "movq", "scheduler")}.items():
+        assert (out / repo / "model_index.json").is_file()
+        assert all((out / repo / part).is_dir() for part in parts), repo
+    assert json.loads((out / "decoder-inpaint" / "unet" / "config.json").read_text())["in_channels"] == 9
+    # fp16, and small enough to ship
+    from safetensors import safe_open
+
+    files = weight_files(out)
+    assert sum(f.stat().st_size for f in files) <= MAX_SHIPPED_BYTES
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    prior = PriorPipeline.from_pretrained(out / "prior")
+    decoder = DecoderPipeline.from_pretrained(out / "decoder")
+    g = torch.Generator().manual_seed(0)
+    embeds, negatives = prior("a red circle", num_inference_steps=2, generator=g, progress=False)
+    image = decoder.text2img(embeds, negatives, height=64, width=64, num_inference_steps=2, generator=g,
+                             progress=False).images[0]
+    assert image.size == (64, 64)
+
+
+def test_train_demo_resumes_from_its_checkpoints(trained_few_steps, tmp_path):
+    # --write-only trains nothing and writes the same weights from OUT/stages/
+    import shutil
+
+    shutil.copytree(trained_few_steps / "stages", tmp_path / "stages")
+    assert train_demo.main(["--out", str(tmp_path), "--write-only"]) == 0
+    for a, b in zip(weight_files(trained_few_steps), weight_files(tmp_path)):
+        assert a.relative_to(trained_few_steps) == b.relative_to(tmp_path)
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_train_demo_bad_arguments(tmp_path, capsys):
+    assert train_demo.main(["--out", str(tmp_path), "--minutes", "0"]) == 2
+    assert "error: --minutes" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="add them to --stages"):
+        train_demo.main(["--out", str(tmp_path), "--stages", "prior", "--steps", "1"])
+
+
+def test_eval_cli_needs_checkpoints(capsys):
+    assert evaluate.main(["shapes"]) == 2
+    assert "--prior and --decoder" in capsys.readouterr().err
+
+
+def test_demo_folders_says_how_to_rebuild(monkeypatch, tmp_path):
+    import kandinsky.data as data
+
+    monkeypatch.setattr(data, "DEMO_WEIGHTS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="train-demo"):
+        data.demo_folders()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped demo weights (kandinsky/demo_weights)")
+def test_shipped_weights_are_small_fp16():
+    files = weight_files(DEMO_WEIGHTS)
+    assert files and sum(f.stat().st_size for f in files) <= MAX_SHIPPED_BYTES
+    folders = demo_folders()
+    assert set(folders) == {"prior", "decoder", "inpaint"}
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no shipped demo weights (kandinsky/demo_weights)")
+def test_shipped_weights_draw_what_the_prompt_says():
+    from kandinsky.pipelines.decoder import DecoderPipeline
+    from kandinsky.pipelines.prior import PriorPipeline
+
+    folders = demo_folders()
+    prior = PriorPipeline.from_pretrained(folders["prior"])
+    decoder = DecoderPipeline.from_pretrained(folders["decoder"])
+    report = evaluate.text2img_report(prior, decoder, n=16, seed=0, steps=20)
+    accuracy = report["accuracy"]
+    # thresholds a little below what `kandinsky eval shapes --demo --n 16 --seed 0` measured
+    for name, threshold in THRESHOLDS.items():
+        if name in accuracy:
+            assert accuracy[name] >= threshold, (name, accuracy, report["prompts"])
+    retrieval = evaluate.retrieval_report(prior, n=32, seed=0)
+    assert retrieval["text_to_image"] >= RETRIEVAL_THRESHOLD
+
+
+THRESHOLDS = {"colour": 0.5, "background": 0.5, "shape": 0.3, "size": 0.5, "position": 0.3}
+RETRIEVAL_THRESHOLD = 0.3
