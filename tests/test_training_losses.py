@@ -36,6 +36,15 @@ from tests.refs.prior import prior_inputs
 from weights_convert import load_component
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and the suite runs one test process per core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def reference_snr(scheduler, t):
     from diffusers.training_utils import compute_snr
 

@@ -299,12 +299,7 @@ def make_trainable(model, config: TrainConfig) -> list[torch.nn.Parameter]:
             from kandinsky.lora import add_lora
         except ImportError as e:
             raise TrainError(f"--lora needs kandinsky.lora, which is not available here ({e}).") from e
-        model.requires_grad_(False)
-        returned = add_lora(model, config.lora, config.lora_alpha or config.lora, None)
-        params = list(returned) if returned else []
-        params = params or [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(True)
+        params = add_lora(model, config.lora, config.lora_alpha)  # freezes the model; the adapters' parameters
     else:
         model.requires_grad_(True)
         for name in ("clip_mean", "clip_std"):  # statistics of the CLIP space, not learned
@@ -345,6 +340,9 @@ def load_dataset(config: TrainConfig, task: Task, out: Path, ctx: DistContext) -
     log = (lambda m: print(m, file=sys.stderr)) if ctx.rank == 0 else (lambda m: None)
     items = scan_folder(config.data, need_text=spec.needs_text, min_size=min_size, on_bad=config.on_bad_data, log=log)
 
+    if len(items) < ctx.world:
+        raise TrainError(f"{len(items)} usable picture(s) in {config.data} for {ctx.world} processes; "
+                         "each process needs at least one (use fewer processes).")
     key = fingerprint(items, config.task, str(task.folders["prior"]), str(task.folders["decoder"]), config.resolution)
     cache = out / "cache" / f"encodings-{key}.pt"
     if config.cache and cache.is_file():
@@ -358,7 +356,8 @@ def load_dataset(config: TrainConfig, task: Task, out: Path, ctx: DistContext) -
             tensors = {k: interleave([g[k] for g in gathered], len(items)) for k in tensors}
         if config.cache and ctx.rank == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(tensors, cache)
+            torch.save(tensors, cache.with_suffix(".tmp"))
+            cache.with_suffix(".tmp").replace(cache)
     return Dataset(tensors, [i.text for i in items], [i.path for i in items], dropped_conditions(config, task))
 
 
@@ -372,26 +371,9 @@ def interleave(shards: list[torch.Tensor], n: int) -> torch.Tensor:
 
 def encode_items(config: TrainConfig, task: Task, items) -> dict:
     e, device = task.encoders, next(task.model.parameters()).device
-    # more ranks than items: an empty shard with the right shapes
     if config.task == "prior":
-        return encode_prior_data(items, e["text_encoder"], e["tokenizer"], e["image_encoder"], e["image_processor"], device) \
-            if items else _empty_like_prior(task)
-    return encode_decoder_data(items, e["movq"], e["image_encoder"], e["image_processor"], config.resolution, device) \
-        if items else _empty_like_decoder(task, config)
-
-
-def _empty_like_prior(task):
-    d = task.model.config.clip_dim
-    T = task.model.config.num_embeddings
-    return {"image_embeds": torch.zeros(0, d), "text_embeds": torch.zeros(0, d),
-            "text_hidden": torch.zeros(0, T, task.model.config.embedding_dim), "text_mask": torch.zeros(0, T, dtype=torch.bool)}
-
-
-def _empty_like_decoder(task, config):
-    f = 2 ** (len(task.encoders["movq"].config.block_out_channels) - 1)
-    c = task.encoders["movq"].config.latent_channels
-    r = config.resolution // f
-    return {"latents": torch.zeros(0, c, r, r), "image_embeds": torch.zeros(0, task.model.config.encoder_hid_dim)}
+        return encode_prior_data(items, e["text_encoder"], e["tokenizer"], e["image_encoder"], e["image_processor"], device)
+    return encode_decoder_data(items, e["movq"], e["image_encoder"], e["image_processor"], config.resolution, device)
 
 
 @torch.no_grad()
