@@ -410,7 +410,8 @@ def train_prior(models, data, clock, log, save, seed):
         ids, mask = tokenizer([data["captions"][i] for i in rows])
         with torch.no_grad():
             out = text(ids, mask)
-        condition = drop_text(out.text_embeds, out.last_hidden_state, mask, empty, DROP_CONDITION, g)
+        drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
+        condition = drop_text(out.text_embeds, out.last_hidden_state, mask, empty, drop)
         loss = prior_loss(prior, schedule, data["embeds"][rows], *condition, generator=g)
         return loss, {"mse": loss.item()}
 
@@ -431,7 +432,8 @@ def train_unet(stage, models, data, clock, log, save, seed):
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
         x0 = data["latents"][rows]  # (n, 4, 8, 8)
-        embeds = drop_image_embeds(data["embeds"][rows], data["zero"], DROP_CONDITION, g)
+        drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
+        embeds = drop_image_embeds(data["embeds"][rows], data["zero"], drop)
         inpaint = {}
         if stage == "inpaint":
             keep = random_keep_masks(n, *x0.shape[-2:], g)  # (n, 1, 8, 8), 1 = keep, 0 = repaint
