@@ -36,7 +36,7 @@ from kandinsky.lora import (
 from tests.helpers import assert_close, rel_err
 from tests.refs.clip import make_text_reference
 from tests.refs.prior import prior_inputs
-from weights_convert import convert_state_dict, load_component, save_component
+from weights_convert import load_component, save_component
 
 # Layers the hand-written files adapt (reference module paths): queries, values, outputs and the
 # image-token keys / values of the UNet; attention and one MLP layer of the prior.
@@ -340,7 +340,8 @@ def test_bad_files_raise_and_change_nothing(unet_checkpoint, prior_checkpoint, t
     with pytest.raises(LoRAError, match=rf"{path}\.lora_B\.weight has shape \(5, 3\), expected \(64, 3\)"):
         load_lora(unet, file_with({f"{path}.lora_B.weight": torch.zeros(5, 3)}, "shape.safetensors"))
     with pytest.raises(LoRAError, match="no matching 'up' tensor"):
-        load_lora(unet, file_with({"unet.mid_block.attentions.0.to_q.lora_A.weight": torch.zeros(3, 96)}, "half.safetensors"))
+        load_lora(unet, file_with({"unet.mid_block.attentions.0.to_q.lora_A.weight": torch.zeros(3, 96)},
+                                  "half.safetensors"))
     with pytest.raises(LoRAError, match="adapts .*conv_in \\(Conv2d\\)"):
         load_lora(unet, file_with({"unet.conv_in.lora_A.weight": torch.zeros(3, 4),
                                    "unet.conv_in.lora_B.weight": torch.zeros(32, 3)}, "conv.safetensors"))

@@ -49,11 +49,14 @@ PEFT_PREFIX = "base_model.model."
 PREFIXES = {PEFT_PREFIX: None, **{c.prefix + ".": c.prefix for c in COMPONENTS}, "decoder.": "unet"}
 KOHYA_PREFIXES = {"lora_unet": "unet", "lora_prior": "prior", "lora_te": "text_encoder", "lora_te1": "text_encoder"}
 
-# (format, key pattern, role of each suffix); a key is the first pattern's that matches it
+# (format, key pattern): a key belongs to the first pattern that matches it. Groups: module (the
+# layer's path), role (down / up / alpha, see ROLES), kohya (its prefix), proj (processor layer name)
 _PROJ = r"(?P<proj>to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)"
 KEY_FORMATS = [
-    ("kohya", re.compile(r"^(?P<kohya>lora_(?:unet|prior|te1?))_(?P<module>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")),
-    ("attention processors", re.compile(rf"^(?P<module>.+?)(?:\.processor)?\.{_PROJ}_lora\.(?P<role>down\.weight|up\.weight)$")),
+    ("kohya", re.compile(
+        r"^(?P<kohya>lora_(?:unet|prior|te1?))_(?P<module>[^.]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")),
+    ("attention processors", re.compile(
+        rf"^(?P<module>.+?)(?:\.processor)?\.{_PROJ}_lora\.(?P<role>down\.weight|up\.weight)$")),
     ("diffusers", re.compile(r"^(?P<module>.+)\.lora\.(?P<role>down\.weight|up\.weight)$")),
     ("PEFT", re.compile(r"^(?P<module>.+)\.(?P<role>lora_A\.weight|lora_B\.weight)$")),
     ("alpha", re.compile(r"^(?P<module>.+)\.(?P<role>alpha)$")),
@@ -137,8 +140,8 @@ def find_lora_file(path) -> Path:
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
-        raise LoRAError(f"{path}: no LoRA weights in this folder (looked for {', '.join(WEIGHT_NAMES)}"
-                        f"{' and a single .safetensors file' if not found else f'; found {len(found)} .safetensors files: pass one'}).")
+        also = f"; found {len(found)} .safetensors files: pass one" if found else " and a single .safetensors file"
+        raise LoRAError(f"{path}: no LoRA weights in this folder (looked for {', '.join(WEIGHT_NAMES)}{also}).")
     raise LoRAError(f"{path}: no such LoRA file or folder.")
 
 
@@ -158,7 +161,7 @@ def read_config(weights: Path) -> dict | None:
             try:
                 packed = json.loads(raw)
             except ValueError as e:
-                raise LoRAError(f"{weights}: the lora_adapter_metadata in its header is not valid JSON ({e}).") from None
+                raise LoRAError(f"{weights}: its header's lora_adapter_metadata is not valid JSON ({e}).") from None
             out: dict[str, dict] = {}
             for key, value in packed.items():
                 prefix, _, field = key.partition(".")
