@@ -13,6 +13,8 @@ _LAZY = {
     "capture": "kandinsky.research.capture",
     "intervene": "kandinsky.research.capture",
     "module_names": "kandinsky.research.capture",
+    "viz": "kandinsky.research",  # kandinsky.viz.attention_pictures, ...
+    "embeddings": "kandinsky.research",  # kandinsky.embeddings.similarity, slerp, ...
 }
 
 

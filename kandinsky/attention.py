@@ -101,6 +101,7 @@ LayerHook = Callable[..., torch.Tensor]
 
 _active: list[LayerHook] | None = None  # the hooks of the attention layer running now, else None
 _hooks: dict[int, list[LayerHook]] = {}  # id(module) -> its hooks, outermost first
+_handles: dict[int, list] = {}  # id(module) -> the pre/post forward hooks that switch _active
 
 
 def _run_hooks(hooks: list[LayerHook], q, k, v, mask, causal) -> torch.Tensor:
@@ -120,7 +121,6 @@ def hook_layer(module: torch.nn.Module, fn: LayerHook):
     installed = outermost). Nothing is left installed after the block."""
     hooks = _hooks.setdefault(id(module), [])
     hooks.append(fn)
-    handles = []
     if len(hooks) == 1:  # the module's pre/post hooks switch its list on and off
 
         def enter(mod, args):
@@ -131,8 +131,8 @@ def hook_layer(module: torch.nn.Module, fn: LayerHook):
             global _active
             _active = None
 
-        handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
-        _handles[id(module)] = handles
+        _handles[id(module)] = [module.register_forward_pre_hook(enter),
+                                module.register_forward_hook(leave, always_call=True)]
     try:
         yield
     finally:
@@ -142,8 +142,6 @@ def hook_layer(module: torch.nn.Module, fn: LayerHook):
             for h in _handles.pop(id(module)):
                 h.remove()
 
-
-_handles: dict[int, list] = {}
 
 
 def attention_probs(

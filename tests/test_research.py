@@ -162,6 +162,25 @@ def test_prior_attention_with_mask_and_prd_row():
     torch.testing.assert_close(prd.sum(-1), torch.ones(2))
 
 
+def test_clip_text_attention_is_causal_and_movq_single_head():
+    torch.manual_seed(0)
+    text = build_model(TINY["text_encoder"]).eval()
+    ids = torch.randint(0, 500, (2, 77))
+    with kandinsky.capture(text, "blocks.*.attn", attention=True) as rec, torch.no_grad():
+        text(ids)
+    probs = rec["blocks.1.attn"]  # (2, 4, 77, 77)
+    assert probs.shape == (2, 4, 77, 77) and rec.names == ["blocks.0.attn", "blocks.1.attn"]
+    assert probs.triu(1).abs().max() == 0  # no token attends to a later one
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 77))
+    assert probs[..., 0, 0].eq(1).all()  # the first token can only attend to itself
+
+    movq = build_model(TINY["movq"]).eval()
+    with kandinsky.capture(movq, "decoder.*", attention=True, reduce="mean_heads") as rec, torch.no_grad():
+        movq.decode(torch.randn(1, 4, 4, 6), force_not_quantize=True)
+    (name,) = [n for n in rec.names if n.startswith("decoder.mid")]
+    assert rec[name].shape == (1, 24, 24)  # single head averaged away; 4 x 6 latent pixels
+
+
 def test_attention_true_matches_attention_layers_only(unet):
     with pytest.raises(ValueError, match="matches no attention layer"):
         with kandinsky.capture(unet, "down.0.*", attention=True):

@@ -12,3 +12,13 @@ from kandinsky.research.capture import (  # noqa: F401
     patch_from,
     scale_image_tokens,
 )
+
+_SUBMODULES = ("viz", "embeddings", "inspect")
+
+
+def __getattr__(name):  # kandinsky.research.viz etc. on first use (they import pillow / numpy)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"kandinsky.research.{name}")
+    raise AttributeError(f"module 'kandinsky.research' has no attribute {name!r}")

@@ -275,13 +275,16 @@ def _shrink(reduce, to, dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16), got {dtype!r}")
     to = torch.device(to) if to is not None else None
 
-    def shrink(t: torch.Tensor, partial: bool) -> torch.Tensor:
+    def shrink(t: torch.Tensor) -> torch.Tensor:
+        source = t.untyped_storage()
         t = t.detach()
         if reduce is not None:
             t = reduce(t)
-        elif partial:  # a branch's half: keep a copy, not a view that pins the whole batch
-            t = t.clone()
-        return t.to(device=to, dtype=dtype) if (to is not None or dtype is not None) else t
+        if to is not None or dtype is not None:
+            t = t.to(device=to, dtype=dtype)
+        if t.untyped_storage().data_ptr() == source.data_ptr() and t.numel() * t.element_size() < source.nbytes():
+            t = t.clone()  # a view of part of the output (one branch, a slice): keep a copy, not all of it
+        return t
 
     return shrink
 
@@ -335,7 +338,7 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
     def store(name, value, part):
         for ctx, p in _calls(name):
             if keep_step(ctx.step) and keep_branch(ctx.branch):
-                rec.add(name, ctx.step, ctx.branch, _map(lambda t: shrink(t, p is not None), _chunk(value, p)))
+                rec.add(name, ctx.step, ctx.branch, _map(shrink, _chunk(value, p)))
 
     with contextlib.ExitStack() as stack:
         for name, module in modules.items():
