@@ -31,10 +31,15 @@ def blocks(text: str) -> list[tuple[str, str]]:
     return re.findall(r"^```(python|bash)\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def small_steps(n: int) -> int:
+    return max(2, n // 5) if n <= 20 else 3
+
+
 def shrink(code: str) -> str:
     code = code.replace("kandinsky-community/", "./")
     code = re.sub(r"\b512\b", "64", code)
-    code = re.sub(r"(--steps |steps=)(\d+)", lambda m: m.group(1) + str(max(2, int(m.group(2)) // 5) if int(m.group(2)) <= 20 else 3), code)
+    # steps: 2000 -> 3; the resume example's 10 and 20 -> 2 and 4
+    code = re.sub(r"(--steps |steps=)(\d+)", lambda m: m.group(1) + str(small_steps(int(m.group(2)))), code)
     code = re.sub(r"--save-every \d+", "--save-every 2", code)
     code = re.sub(r"(--batch |batch=)\d+", r"\g<1>4", code)
     return re.sub(r"num_inference_steps=\d+", "num_inference_steps=2", code)

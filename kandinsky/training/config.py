@@ -33,7 +33,8 @@ def _f(default, help: str, group: str = "training", **extra):
 class TrainConfig:
     """Everything one training run depends on (saved to OUT/train_config.json)."""
 
-    task: str = field(default="decoder", metadata={"help": "what to train", "choices": tuple(TASKS), "positional": True})
+    task: str = field(default="decoder",
+                      metadata={"help": "what to train", "choices": tuple(TASKS), "positional": True})
     data: str = _f(None, "folder of images with metadata.jsonl (file_name, text) or a .txt caption beside each image",
                    "inputs", required=True)
     out: str = _f(None, "output folder (logs, checkpoints, validation pictures, trained weights); "
@@ -116,5 +117,6 @@ class TrainConfig:
     def check_world(self, world: int) -> None:
         """The global batch must split evenly over micro-steps and processes."""
         if self.batch % (self.grad_accum * world):
-            raise TrainError(f"--batch {self.batch} must be a multiple of --grad-accum ({self.grad_accum}) x the number "
-                             f"of processes ({world}) = {self.grad_accum * world}: each micro-batch has the same size.")
+            raise TrainError(f"--batch {self.batch} must be a multiple of --grad-accum ({self.grad_accum}) x "
+                             f"the number of processes ({world}) = {self.grad_accum * world}: each micro-batch has "
+                             "the same size.")

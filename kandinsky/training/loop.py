@@ -24,7 +24,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -336,7 +335,9 @@ class Dataset:
 def load_dataset(config: TrainConfig, task: Task, out: Path, ctx: DistContext) -> Dataset:
     spec = TASKS[config.task]
     image_size = task.encoders["image_processor"].config.crop_size
-    min_size = config.min_size if config.min_size is not None else (image_size if config.task == "prior" else config.resolution)
+    min_size = config.min_size
+    if min_size is None:  # what the encoders would have to upscale
+        min_size = image_size if config.task == "prior" else config.resolution
     log = (lambda m: print(m, file=sys.stderr)) if ctx.rank == 0 else (lambda m: None)
     items = scan_folder(config.data, need_text=spec.needs_text, min_size=min_size, on_bad=config.on_bad_data, log=log)
 
@@ -372,7 +373,8 @@ def interleave(shards: list[torch.Tensor], n: int) -> torch.Tensor:
 def encode_items(config: TrainConfig, task: Task, items) -> dict:
     e, device = task.encoders, next(task.model.parameters()).device
     if config.task == "prior":
-        return encode_prior_data(items, e["text_encoder"], e["tokenizer"], e["image_encoder"], e["image_processor"], device)
+        return encode_prior_data(items, e["text_encoder"], e["tokenizer"], e["image_encoder"], e["image_processor"],
+                                 device)
     return encode_decoder_data(items, e["movq"], e["image_encoder"], e["image_processor"], config.resolution, device)
 
 
@@ -428,7 +430,7 @@ def train_step(model, task: Task, data: Dataset, optimizer, params, config: Trai
     B = config.batch
     idx = step_indices(step, len(data), B, config.seed)  # (B,) the global batch
     batch = {k: v[idx] for k, v in data.tensors.items()}
-    draws = draw_step(task, config, batch, data, step)  # the whole global batch's randomness
+    draws = draw_step(task, config, batch, step)  # the whole global batch's randomness
     rows_per_micro = B // config.grad_accum
     per_rank = rows_per_micro // ctx.world
     total = 0.0
@@ -448,7 +450,7 @@ def train_step(model, task: Task, data: Dataset, optimizer, params, config: Trai
     return all_mean(total, ctx), float(grad_norm)
 
 
-def draw_step(task: Task, config: TrainConfig, batch: dict, data: Dataset, step: int) -> dict:
+def draw_step(task: Task, config: TrainConfig, batch: dict, step: int) -> dict:
     """Noise, timesteps, dropped rows and inpainting masks for every row of the global batch."""
     g = step_generator(config, step)
     x0 = batch["image_embeds"] if config.task == "prior" else batch["latents"]

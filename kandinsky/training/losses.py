@@ -283,7 +283,9 @@ def vlb_terms(betas, x0, x_t, t, eps_pred, var_values) -> torch.Tensor:
     frac = (v + 1) / 2. Its mean comes from ``eps_pred`` (pass it detached: the hybrid loss
     trains only the variance through this term). All (B, C, h, w); t (B,). -> (B,)
     """
-    tab = {k: v.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1))) for k, v in posterior_tables(betas).items()}
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    # each coefficient at each row's timestep, (B, 1, 1, 1)
+    tab = {k: v.to(x0.device)[t].to(x0.dtype).reshape(shape) for k, v in posterior_tables(betas).items()}
     true_mean = tab["coef1"] * x0 + tab["coef2"] * x_t
     pred_x0 = tab["sqrt_recip_ac"] * x_t - tab["sqrt_recipm1_ac"] * eps_pred
     model_mean = tab["coef1"] * pred_x0 + tab["coef2"] * x_t
