@@ -4,8 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from kandinsky.lora.files import load_lora
-from kandinsky.lora.layers import LoRAError
+from kandinsky.lora import LoRAError  # (no torch here: parsers build fast; load_lora is imported on use)
 
 HELP = ("LoRA file (or folder) to apply, optionally with its strength: --lora style.safetensors:0.8 "
         "(default 1.0); repeat for several")
@@ -44,6 +43,8 @@ def apply_lora_args(pipeline, args) -> list[str]:
     Errors (missing file, wrong format, a LoRA for another model) are LoRAError (a ValueError)
     whose message starts with the argument, ready for ``error: ...``.
     """
+    from kandinsky.lora.files import load_lora
+
     names = []
     for arg in args or ():
         path, scale = parse_lora_arg(arg)

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kandinsky.lora import LoRAError
 from kandinsky.lora.layers import (
     COMPONENTS,
-    LoRAError,
     check_new_name,
     component_of,
     find_models,

@@ -29,12 +29,9 @@ from torch import nn
 from kandinsky.clip.model import TextEncoder
 from kandinsky.prior import DiffusionPrior
 from kandinsky.unet import UNet
+from kandinsky.lora import LoRAError
 from weights_convert.naming import rename
 from weights_convert.registry import component_for_model
-
-
-class LoRAError(ValueError):
-    """A LoRA file, adapter name or argument kandinsky cannot use (the message says why and what to do)."""
 
 
 @dataclasses.dataclass(frozen=True)
