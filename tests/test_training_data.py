@@ -91,3 +91,19 @@ def test_random_keep_masks():
     assert keep.shape == (16, 1, 8, 8) and set(keep.unique().tolist()) <= {0.0, 1.0}
     repainted = (keep == 0).flatten(1).sum(1)
     assert (repainted >= 1).all() and repainted.float().std() > 0
+
+
+def test_exif_orientation_and_hidden_files(tmp_path):
+    from kandinsky.training.data import load_rgb
+
+    d = tmp_path / "pics"
+    image = PIL.Image.new("RGB", (40, 20), "white")
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to view
+    d.mkdir()
+    image.save(d / "photo.jpg", exif=exif)
+    (d / "photo.txt").write_text("a photo")
+    _png(d / ".ipynb_checkpoints" / "photo-checkpoint.png")
+    items = scan_folder(d)
+    assert [i.path.name for i in items] == ["photo.jpg"]  # the hidden folder is not data
+    assert load_rgb(items[0].path).size == (20, 40)  # upright, as viewers show it

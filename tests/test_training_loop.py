@@ -208,6 +208,8 @@ def test_bad_settings_and_folders_fail_clearly(demo, data, tmp_path, capsys):
     assert "needs a UNet with 4 input channels" in capsys.readouterr().err
     assert main(prior_args(demo, tmp_path / "nowhere", tmp_path / "p", "--steps", 1)) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(prior_args(demo, data, data / "runs", "--steps", 1)) == 2
+    assert "is inside --data" in capsys.readouterr().err and not (data / "runs").exists()
 
 
 def test_inpaint_trains(demo, data, tmp_path):

@@ -10,7 +10,8 @@ Two caption conventions (the ones people already use):
 Bad items (an unreadable image, a missing or empty caption, an image smaller than
 ``min_size`` on its shorter side, a metadata line that is not JSON or names no file) are
 reported with the file name; ``on_bad="error"`` refuses the folder listing every problem,
-``on_bad="skip"`` trains without them and says which. Nothing is dropped silently.
+``on_bad="skip"`` trains without them and says which. Nothing is dropped silently (hidden
+files and folders, names starting with ".", are not data and are not read).
 
 The models never see pixels during training: each image is encoded once, by the frozen
 encoders, into what its loss needs:
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -100,7 +102,8 @@ def scan_folder(folder, *, need_text: bool = True, min_size: int = 0, on_bad: st
         raise DataError(f"data folder {folder} does not exist (expected images with {METADATA} or .txt captions).")
     log = log or (lambda message: print(message, file=sys.stderr))
     problems: list[str] = []
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # hidden: not data
     metadata = (folder / METADATA).is_file()
     captions = _captions_from_metadata(folder, problems) if metadata else {}
 
@@ -155,8 +158,9 @@ def fingerprint(items: list[Item], *extra) -> str:
 
 
 def load_rgb(path: Path) -> PIL.Image.Image:
+    """The picture upright (EXIF orientation applied, as a viewer shows it), in RGB."""
     with PIL.Image.open(path) as image:
-        return image.convert("RGB")
+        return PIL.ImageOps.exif_transpose(image).convert("RGB")
 
 
 def movq_pixels(image: PIL.Image.Image, resolution: int) -> torch.Tensor:

@@ -161,6 +161,9 @@ SAME_ON_RESUME = ("task", "checkpoint", "data", "batch", "seed", "resolution", "
 def open_out_folder(config: TrainConfig, ctx: DistContext) -> Path:
     out = Path(config.out)
     saved = out / "train_config.json"
+    if out.resolve().is_relative_to(Path(config.data).resolve()):
+        raise TrainError(f"--out {out} is inside --data {config.data}: its pictures would become training data; "
+                         "choose an output folder elsewhere.")
     if config.resume:
         if not saved.is_file():
             raise TrainError(f"--resume: {out} holds no training run (no train_config.json); "
