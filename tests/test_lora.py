@@ -374,7 +374,7 @@ def test_parse_lora_arg(tmp_path):
         parse_lora_arg("style.safetensors:nan")
 
 
-def test_apply_lora_args(prior_checkpoint, tmp_path):
+def test_apply_lora_args(prior_checkpoint, tmp_path, capsys):
     folder, ref = prior_checkpoint
     a = random_lora(ref, PRIOR_LAYERS, seed=8)
     file, _ = write_lora("processor", a, tmp_path, "prior")
@@ -382,6 +382,9 @@ def test_apply_lora_args(prior_checkpoint, tmp_path):
     parser = argparse.ArgumentParser()
     add_lora_argument(parser)
     assert parser.parse_args([]).lora == []
+    with pytest.raises(SystemExit):  # a usage error (exit status 2) before anything loads
+        parser.parse_args(["--lora", "missing.safetensors"])
+    assert "missing.safetensors: no such file or folder" in capsys.readouterr().err
     args = parser.parse_args(["--lora", f"{file}:0.25", "--lora", f"{file}:0.5"])
     names = apply_lora_args(pipe, args.lora)
     assert names == ["lora", "lora_2"]

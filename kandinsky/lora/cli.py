@@ -11,8 +11,21 @@ HELP = ("LoRA file (or folder) to apply, optionally with its strength: --lora st
 
 
 def add_lora_argument(parser) -> None:
-    """The ``--lora FILE[:SCALE]`` option (repeatable; ``args.lora`` is a list) on an argparse parser."""
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help=HELP)
+    """The ``--lora FILE[:SCALE]`` option (repeatable; ``args.lora`` is a list of the arguments as
+    given) on an argparse parser. Bad forms and missing files are usage errors, before anything loads."""
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_checked, help=HELP)
+
+
+def _checked(arg: str) -> str:
+    import argparse
+
+    try:
+        path, _ = parse_lora_arg(arg)
+    except LoRAError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--lora {arg}: ")) from None
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such file or folder")
+    return arg
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
