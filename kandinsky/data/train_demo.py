@@ -383,7 +383,8 @@ def encoded_data(models, work: Path, seed: int, size: int, parts: tuple[str, ...
             chunks.append(ENCODINGS[part](models, images, captions))
         encoded = {k: sum((c[k] for c in chunks), []) if k == "captions" else torch.cat([c[k] for c in chunks])
                    for k in chunks[0]}
-        torch.save({"size": size, "data": encoded}, path)
+        torch.save({"size": size, "data": encoded}, path.with_suffix(".partial"))
+        path.with_suffix(".partial").replace(path)
         log(f"encoded {size} pictures with the {part} stage's model")
         data.update(encoded)
     with torch.no_grad():  # (1, D): the negative embedding (CLIP embedding of all-zero pixel_values)
@@ -542,7 +543,9 @@ def run(out: Path, minutes: float, steps: int | None, stages: list[str], seed: i
     def saver(stage):
         def save(names, emas=None, final=False):
             state = {name: (emas[k] if emas else models[name]).state_dict() for k, name in enumerate(names)}
-            torch.save({"state": state, "done": final}, checkpoint_path(stage))
+            partial = checkpoint_path(stage).with_suffix(".partial")
+            torch.save({"state": state, "done": final}, partial)
+            partial.replace(checkpoint_path(stage))  # atomic: a parallel stage never reads half a file
         return save
 
     def load(stage) -> bool:
