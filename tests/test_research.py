@@ -347,11 +347,19 @@ def test_clear_errors(unet):
 
 def test_compile_fullgraph_without_capture(unet):
     x = unet_inputs(1)
-    with kandinsky.capture(unet, "*", attention=True):
-        pass  # installed and removed
+    with pytest.warns(UserWarning, match="no matched module ran"):
+        with kandinsky.capture(unet, "*", attention=True):
+            pass  # installed and removed; nothing ran
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(*x), unet(*x))
+        # a compiled graph does not run hooks added later: said, never silently empty
+        with pytest.raises(TypeError, match="torch.compile'd model"):
+            with kandinsky.capture(compiled, "mid"):
+                pass
+        with pytest.warns(UserWarning, match="torch.compile"), kandinsky.capture(unet, "mid") as rec:
+            compiled(*x)
+    assert len(rec) == 0
 
 
 # ----------------------------------------------------------------------------- overhead (by hand)

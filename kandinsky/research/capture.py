@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -49,6 +50,12 @@ REDUCTIONS = {
 def components(target) -> list[tuple[str, nn.Module]]:
     """[(name prefix, model)] of a model ("" prefix) or a pipeline (component prefixes)."""
     if isinstance(target, nn.Module):
+        if hasattr(target, "_orig_mod"):  # torch.compile's wrapper
+            raise TypeError(
+                "target is a torch.compile'd model: a compiled graph does not run hooks added after "
+                "compiling, so nothing would be recorded or edited. Capture / edit the eager model "
+                "(target._orig_mod) and call that one."
+            )
         return [("", target)]
     table = PIPELINE_COMPONENTS.get(type(target).__name__)
     if table is None:
@@ -257,6 +264,15 @@ class Record:
         return f"Record({len(self)} tensors: {self._summary()})"
 
 
+def _warn_if_silent(fired: list, what: str, patterns) -> None:
+    if not fired:
+        warnings.warn(
+            f"{what} {patterns!r}: no matched module ran inside the block. If the model is compiled "
+            "(torch.compile), its graph does not run hooks added after compiling: use the eager model.",
+            stacklevel=4,
+        )
+
+
 def _tensors(x):
     out = []
     _map(out.append, x)
@@ -335,7 +351,11 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
     only = is_attention if attention else None
     modules = match(target, patterns, only=only, what="attention layer" if attention else "module")
 
+    fired = []
+
     def store(name, value, part):
+        if not fired:
+            fired.append(True)
         for ctx, p in _calls(name):
             if keep_step(ctx.step) and keep_branch(ctx.branch):
                 rec.add(name, ctx.step, ctx.branch, _map(shrink, _chunk(value, p)))
@@ -349,6 +369,7 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
                 handle = module.register_forward_hook(lambda mod, args, out, name=name: store(name, out, None))
                 stack.callback(handle.remove)
         yield rec
+    _warn_if_silent(fired, "capture", patterns)
 
 
 def _probability_recorder(name, store):
@@ -406,7 +427,11 @@ def intervene(target, pattern, fn, *, steps=None, branch=None):
 
 @contextlib.contextmanager
 def _intervene_outputs(target, pattern, fn, keep_step, keep_branch):
+    fired = []
+
     def edit(name, output):
+        if not fired:
+            fired.append(True)
         calls = _calls(name)
         parts, changed = [], False
         for ctx, part in calls:
@@ -427,6 +452,7 @@ def _intervene_outputs(target, pattern, fn, keep_step, keep_branch):
             handle = module.register_forward_hook(lambda mod, args, out, name=name: edit(name, out))
             stack.callback(handle.remove)
         yield
+    _warn_if_silent(fired, "intervene", pattern)
 
 
 @contextlib.contextmanager
@@ -437,8 +463,12 @@ def _intervene_attention(target, pattern, edit: AttentionEdit, keep_step, keep_b
             raise ValueError(f"{edit.what} needs {edit.needs} attention layers (the UNet's), but {name!r} is "
                              f"{type(module).__name__}; match e.g. 'unet.*attn*'")
 
+    fired = []
+
     def layer_hook(name):
         def hook(q, k, v, mask, causal, compute):
+            if not fired:
+                fired.append(True)
             rows = _rows(name, keep_step, keep_branch, q.shape[0], q.device)
             if rows is False:
                 return compute(q, k, v, mask, causal)
@@ -450,6 +480,7 @@ def _intervene_attention(target, pattern, edit: AttentionEdit, keep_step, keep_b
         for name, module in modules.items():
             stack.enter_context(attn.hook_layer(module, layer_hook(name)))
         yield
+    _warn_if_silent(fired, "intervene", pattern)
 
 
 # ----------------------------------------------------------------------------- ready-made edits
