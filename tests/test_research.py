@@ -145,7 +145,8 @@ def test_prior_attention_with_mask_and_prd_row():
     torch.manual_seed(0)
     prior = build_model(TINY["prior"]).eval()
     g = gen(3)
-    x, text, hidden = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    x, text = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g)
+    hidden = torch.randn(2, 77, 32, generator=g)
     mask = torch.zeros(2, 77, dtype=torch.bool)
     mask[:, :5] = True
     block = prior.blocks[1]
@@ -392,7 +393,8 @@ def measure_overhead(reps: int = 15, calls: int = 10) -> None:
                     times[name].append(time.process_time() - start)
     base = statistics.median(times["plain"])
     for name, ts in times.items():
-        print(f"{name:36s} {statistics.median(ts) * 1e3:7.2f} ms/step  {100 * (statistics.median(ts) / base - 1):+5.1f}%")
+        median = statistics.median(ts)
+        print(f"{name:36s} {median * 1e3:7.2f} ms/step  {100 * (median / base - 1):+5.1f}%")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ class Record:
         return sum(len(v) for v in self.data.values())
 
     def stack(self, name: str, branch: str | None = None) -> torch.Tensor:
-        """The records of ``name`` over the steps, in step order: (S, ...) (one branch)."""
+        """The records of ``name`` over the steps, in step order: (S, ...) (one branch; the last
+        call of a step when a sampler evaluates the model several times per step)."""
         keys = sorted((k for k in self.data if k[0] == name and k[2] == branch and k[1] is not None),
                       key=lambda k: k[1])
         if not keys:
@@ -444,7 +445,8 @@ def _intervene_outputs(target, pattern, fn, keep_step, keep_branch):
         if len(parts) == 1:
             return parts[0]
         if not all(isinstance(p, torch.Tensor) for p in parts):
-            raise TypeError(f"intervene on {name!r}: per-branch edits need a tensor output, got {type(output).__name__}")
+            raise TypeError(f"intervene on {name!r}: per-branch edits need a tensor output, "
+                            f"got {type(output).__name__}")
         return torch.cat(parts, dim=0)
 
     with contextlib.ExitStack() as stack:

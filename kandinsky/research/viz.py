@@ -78,12 +78,12 @@ def _grid_shape(n: int, aspect: float) -> tuple[int, int]:
 
 def level_maps(record: Record, aspect: float = 1.0, branch: str | None = "cond", sample: int = 0):
     """{step: {level: (h, w) numpy}} from a decoder capture with reduce=image_token_share:
-    the layers of one level averaged."""
+    the layers of one level averaged (and the model calls of one step, for multi-call samplers)."""
     out: dict[int, dict[str, np.ndarray]] = {}
     for name, step, b in record.keys():
         if step is None or b != branch:
             continue
-        share = record[name, step, b][sample].float()  # (h*w,)
+        share = torch.stack(record.calls((name, step, b)))[:, sample].float().mean(0)  # (h*w,), calls averaged
         h, w = _grid_shape(share.numel(), aspect)
         out.setdefault(step, {}).setdefault(unet_level(name), []).append(share.reshape(h, w).cpu().numpy())
     return {s: {lv: np.mean(maps, axis=0) for lv, maps in sorted(levels.items(), key=lambda kv: _level_order(kv[0]))}
@@ -166,7 +166,7 @@ def word_attention(record: Record, words, branch: str | None = "cond", sample: i
     matrix = np.zeros((len(words), len(layers)), dtype=np.float32)
     for j, name in enumerate(layers):
         steps = [s for n, s, b in record.keys() if n == name and s is not None and b == branch]
-        per_token = torch.stack([record[name, s, branch][sample].float() for s in steps]).mean(0)  # (77,)
+        per_token = torch.stack([c[sample].float() for s in steps for c in record.calls((name, s, branch))]).mean(0)
         for i, (_, positions) in enumerate(words):
             matrix[i, j] = per_token[positions].sum().item()
     return layers, matrix
