@@ -7,6 +7,8 @@ without offload exactly (same weights, same code, same device).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +83,17 @@ def test_offload_errors(demo):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             enable_offload(load(demo), device="cuda")
+
+
+def test_performance_doc_examples_run(capsys):
+    """docs/performance.md's python blocks run as written (tiny models, CPU)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {"__name__": "performance_md"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/performance.md python block {i}", "exec"), namespace)
+    assert namespace["tiled"].shape == namespace["whole"].shape == (1, 3, 128, 192)
+    assert namespace["pipe"].offloader is None and namespace["image"].size == (64, 64)
