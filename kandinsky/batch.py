@@ -233,6 +233,11 @@ def load_pipeline(args, device, tmp: str):
     if decoder is None:
         raise InputError("give --decoder (and --prior) checkpoint folders or hub ids, or --demo")
     dtype = getattr(torch, DTYPES[args.dtype])
+    if args.offload:  # loaded on the CPU; each part moves to the device while it runs
+        from kandinsky.offload import enable_offload
+
+        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, scheduler=args.scheduler)
+        return enable_offload(pipe, mode=args.offload, device=device)
     return Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler)
 
 
@@ -304,6 +309,8 @@ def parse_args(argv):
     p.add_argument("--scheduler", default=None, help="decoder sampler name (default: the checkpoint's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--offload", choices=("model", "sequential"), default=None,
+                   help="low-memory mode (kandinsky.offload): weights in CPU memory, on the device only while used")
     p.add_argument("--limit", type=int, default=None, help="generate at most this many items per rank, then stop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
