@@ -52,6 +52,7 @@ def _strength(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     from kandinsky.pipelines.tasks import INPUTS, PROMPT_TASKS
+    from kandinsky.lora import add_lora_argument
     from kandinsky.sampling.samplers import sampler_names
 
     common = argparse.ArgumentParser(add_help=False)
@@ -78,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                              "docs/usage.md, Samplers: what a step is for each)")
     common.add_argument("--save-steps", metavar="GRID.png", default=None,
                         help="also write the decoder's x0 preview at every step as one grid (steps across, images down)")
+    common.add_argument("--revision", default=None, help="decoder hub repo revision (branch, tag or commit)")
+    common.add_argument("--prior-revision", default=None, help="prior hub repo revision")
+    common.add_argument("--offline", action="store_true",
+                        help="use only the local Hugging Face cache (as HF_HUB_OFFLINE=1); no network")
+    add_lora_argument(common)
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--demo", action="store_true",
                         help="build tiny RANDOM-weight checkpoints on the fly and run offline (the image is noise)")
@@ -217,6 +223,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from kandinsky.lora import apply_lora_args
     from kandinsky.pipelines.combined import Kandinsky
     from kandinsky.pipelines.tasks import CHECKPOINTS, PRIOR_CHECKPOINT, checkpoint_for
 
@@ -249,7 +256,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     task = PROMPT_TASKS[args.task]
     try:
-        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler)
+        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler,
+                                         revision=args.revision, prior_revision=args.prior_revision,
+                                         local_files_only=args.offline)
+        apply_lora_args(pipe, args.lora)
         generator = torch.Generator().manual_seed(args.seed)
         kwargs = dict(inputs, num_inference_steps=steps, guidance_scale=args.guidance, height=height, width=width,
                       generator=generator, progress=not args.no_progress, num_images_per_prompt=args.num_images,

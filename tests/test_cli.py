@@ -85,7 +85,15 @@ TASKS = {
     "variations": ["--image", "{image}"],
     "interpolate": ["--mix", "a red cat", "0.4", "--mix", "{image}", "0.6", "--negative", "blurry"],
     "controlnet": ["a robot", "--hint", "{hint}", "--negative", "a cat"],
+    "controlnet_img2img": ["a robot", "--image", "{image}", "--hint", "{hint}", "--strength", "0.6"],
+    "emb2emb": ["a red cat", "--image", "{image}", "--prior-strength", "0.5"],
 }
+
+
+def test_every_task_is_tested():
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+
+    assert set(PROMPT_TASKS) == set(TASKS) | {"text2img"}
 
 
 @pytest.mark.parametrize("task", list(TASKS))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import kandinsky.demo
-from kandinsky.cli import TASKS, main
+from kandinsky.cli import main
+from kandinsky.pipelines.tasks import PROMPT_TASKS as TASKS
 from kandinsky.pipelines.combined import Kandinsky
 
 BUILD_DEMO = kandinsky.demo.build_demo_checkpoints

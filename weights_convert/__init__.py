@@ -209,6 +209,11 @@ def save_component(
         raise ValueError(f"layout must be 'hub' or 'kandinsky', not {layout!r}")
     check_dtype(dtype)
     comp = component_for_model(model)
+    from kandinsky.lora import has_lora  # (here: kandinsky.lora imports weights_convert)
+
+    if has_lora(model):
+        raise WeightsError(f"{type(model).__name__} has LoRA adapters: save them with kandinsky.lora.save_lora, or "
+                           "merge(model) and remove_lora(model) first to save the fine-tuned weights.")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder}: is a file; pass the folder to write the component into.")

@@ -17,6 +17,7 @@ import torch
 from kandinsky.hub import DEFAULT_DECODER, prior_from_model_card, resolve
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
+from kandinsky.pipelines.stepping import check_device
 from kandinsky.pipelines.tasks import PRIOR_OPTIONS, PROMPT_TASKS
 
 
@@ -40,11 +41,18 @@ class Kandinsky:
         prior: str | Path | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-        scheduler: str | None = None,
+        scheduler=None,
+        revision: str | None = None,
+        prior_revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
     ) -> "Kandinsky":
         """Folders or hub ids. Without ``prior``, the decoder's model card (README.md
-        front matter ``prior:``) names it, as on the hub."""
-        decoder_folder = resolve(decoder, "decoder checkpoint")
+        front matter ``prior:``) names it, as on the hub. ``revision`` pins the decoder repo,
+        ``prior_revision`` the prior repo; ``token`` and ``local_files_only`` apply to both."""
+        device = check_device(device)
+        hub = dict(token=token, local_files_only=local_files_only)
+        decoder_folder = resolve(decoder, "decoder checkpoint", revision=revision, **hub)
         if prior is None:
             prior = prior_from_model_card(decoder_folder)
             if prior is None:
@@ -52,12 +60,15 @@ class Kandinsky:
                     f"{decoder_folder}: its README.md names no prior (front matter `prior:`); "
                     "pass prior=<folder or hub id>, e.g. kandinsky-community/kandinsky-2-2-prior."
                 )
+        prior_folder = resolve(prior, "prior checkpoint", revision=prior_revision, **hub)
         return cls(
-            PriorPipeline.from_pretrained(resolve(prior, "prior checkpoint"), dtype=dtype, device=device),
+            PriorPipeline.from_pretrained(prior_folder, dtype=dtype, device=device),
             DecoderPipeline.from_pretrained(decoder_folder, dtype=dtype, device=device, scheduler=scheduler),
         )
 
     def to(self, device=None, dtype=None) -> "Kandinsky":
+        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), the diffusers idiom
+            device, dtype = None, device
         self.prior.to(device=device, dtype=dtype)
         self.decoder.to(device=device, dtype=dtype)
         return self

@@ -58,7 +58,7 @@ from kandinsky.pipelines.images import (
     load_masks,
     normalize,
 )
-from kandinsky.pipelines.stepping import callbacks as _callbacks, progress as _progress, ticking as _ticking
+from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, progress as _progress, ticking as _ticking
 from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser
@@ -220,14 +220,20 @@ class DecoderPipeline:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         scheduler=None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
     ) -> "DecoderPipeline":
         """Load a decoder, decoder-inpaint or controlnet-depth checkpoint folder (or hub id).
 
         ``dtype`` (default float32) and ``device`` apply to the UNet and MoVQ. ``scheduler``:
         None (the checkpoint's DDPM) or a sampler name (see :meth:`set_scheduler`), a
-        ``kandinsky.schedulers.Scheduler`` or a diffusers scheduler object.
+        ``kandinsky.schedulers.Scheduler`` or a diffusers scheduler object. ``revision``,
+        ``token``, ``local_files_only``: for hub ids (a cached snapshot loads offline; see
+        kandinsky.hub.resolve).
         """
-        root = resolve(folder, "decoder checkpoint")
+        device = check_device(device)
+        root = resolve(folder, "decoder checkpoint", revision=revision, token=token, local_files_only=local_files_only)
         ours = isinstance(scheduler, Scheduler)
         needed = ("unet", "movq") + (() if ours else ("scheduler",))
         missing = [sub for sub in needed if not (root / sub).is_dir()]

@@ -35,7 +35,7 @@ from kandinsky.clip.preprocess import ImagePreprocessor
 from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.config import ConfigError
 from kandinsky.hub import resolve
-from kandinsky.pipelines.stepping import callbacks as _callbacks, progress as _progress, ticking as _ticking
+from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, progress as _progress, ticking as _ticking
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import PriorDenoiser
 from kandinsky.sampling.trajectory import Trajectory
@@ -122,9 +122,12 @@ class PriorPipeline:
         self._check_sizes()
 
     @classmethod
-    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device=None) -> "PriorPipeline":
-        """Load a prior checkpoint folder (or hub id). ``dtype=None``: float32."""
-        folder = resolve(folder, "prior checkpoint")
+    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device=None, revision: str | None = None,
+                        token: str | bool | None = None, local_files_only: bool = False) -> "PriorPipeline":
+        """Load a prior checkpoint folder (or hub id). ``dtype=None``: float32. ``revision``, ``token``,
+        ``local_files_only``: for hub ids (see kandinsky.hub.resolve)."""
+        device = check_device(device)
+        folder = resolve(folder, "prior checkpoint", revision=revision, token=token, local_files_only=local_files_only)
         missing = [name for name in SUBFOLDERS if not (folder / name).is_dir()]
         if missing:
             raise FileNotFoundError(

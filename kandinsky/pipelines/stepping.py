@@ -1,4 +1,4 @@
-"""What both pipelines do around a sampler run: chaining step callbacks, the progress bar."""
+"""What the pipelines share around a run: the device check, chaining step callbacks, the progress bar."""
 from __future__ import annotations
 
 import contextlib
@@ -62,3 +62,22 @@ class ticking:
             self.bar.update(1)
             self.last = step
         return self.denoiser(x, t, step)
+
+
+def check_device(device) -> torch.device | None:
+    """``device`` as a torch.device, refused (before any weights are read) if this machine lacks it."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device name (cpu, cuda, cuda:1, mps, ...).") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: this machine (or this torch build) has no CUDA device; "
+                             "use device='cpu'.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={str(device)!r}: MPS is not available here; use device='cpu'.")
+    return device
