@@ -16,7 +16,9 @@ pytest_plugins = [
 
 DATA = pathlib.Path(__file__).parent / "data"
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# One thread per test process: `pytest -n 2` on 2 cores is then 2 threads in all (oversubscribed
+# threads make tiny models many times slower on a loaded machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
