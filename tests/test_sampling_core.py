@@ -242,7 +242,8 @@ def test_trajectory(decoder):
     frames = torch.rand(3, 2, 3, 10, 12)
     grid = grid_image(frames, pad=2)
     assert grid.size == (3 * 14 + 2, 2 * 12 + 2)
-    assert np.asarray(grid)[2 + 12 + 2, 2 + 14] .tolist() == (frames[1, 1, :, 0, 0] * 255).round().byte().tolist()
+    y, x = 2 + 1 * (10 + 2), 2 + 1 * (12 + 2)  # image 1 of step 1: one row and one column in
+    assert np.asarray(grid)[y, x].tolist() == (frames[1, 1, :, 0, 0] * 255).round().byte().tolist()
 
 
 def test_save_steps_cli(tmp_path):
