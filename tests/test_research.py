@@ -302,6 +302,20 @@ def test_intervention_on_mid_block_matches_reference_unet(decoder):
     plain = ours.text2img(e, n, generator=gen(1), output_type="latent", progress=False, **kw).images
     assert rel_err(got, expected) < 1e-4
     assert rel_err(plain, expected) > 1e-2  # the edit did change the picture
+
+    # the conditional branch alone: diffusers batches [negative; positive], so its second half
+    def edit_second_half(m, a, out):
+        half = out.shape[0] // 2
+        return torch.cat([out[:half], edit(out[half:])])
+
+    h = ref.unet.mid_block.register_forward_hook(edit_second_half)
+    try:
+        expected = ref(image_embeds=e, negative_image_embeds=n, generator=gen(1), output_type="latent", **kw).images
+    finally:
+        h.remove()
+    with kandinsky.intervene(ours, "unet.mid", edit, branch="cond"):
+        got = ours.text2img(e, n, generator=gen(1), output_type="latent", progress=False, **kw).images
+    assert rel_err(got, expected) < 1e-4
     assert no_hooks_left(ours.unet)
 
 
