@@ -265,12 +265,12 @@ class Record:
         return f"Record({len(self)} tensors: {self._summary()})"
 
 
-def _warn_if_silent(fired: list, what: str, patterns) -> None:
+def _warn_if_silent(fired: list, what: str, patterns, stacklevel: int) -> None:
     if not fired:
         warnings.warn(
             f"{what} {patterns!r}: no matched module ran inside the block. If the model is compiled "
             "(torch.compile), its graph does not run hooks added after compiling: use the eager model.",
-            stacklevel=4,
+            stacklevel=stacklevel,  # the user's `with` line
         )
 
 
@@ -290,7 +290,10 @@ def _shrink(reduce, to, dtype):
         raise TypeError(f"reduce must be one of {sorted(REDUCTIONS)} or a function tensor -> tensor, got {reduce!r}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float16), got {dtype!r}")
-    to = torch.device(to) if to is not None else None
+    try:
+        to = torch.device(to) if to is not None else None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"to must be a device like 'cpu' or 'cuda:0', got {to!r}") from None
 
     def shrink(t: torch.Tensor) -> torch.Tensor:
         source = t.untyped_storage()
@@ -370,7 +373,7 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
                 handle = module.register_forward_hook(lambda mod, args, out, name=name: store(name, out, None))
                 stack.callback(handle.remove)
         yield rec
-    _warn_if_silent(fired, "capture", patterns)
+    _warn_if_silent(fired, "capture", patterns, stacklevel=4)
 
 
 def _probability_recorder(name, store):
@@ -454,7 +457,7 @@ def _intervene_outputs(target, pattern, fn, keep_step, keep_branch):
             handle = module.register_forward_hook(lambda mod, args, out, name=name: edit(name, out))
             stack.callback(handle.remove)
         yield
-    _warn_if_silent(fired, "intervene", pattern)
+    _warn_if_silent(fired, "intervene", pattern, stacklevel=6)
 
 
 @contextlib.contextmanager
@@ -482,7 +485,7 @@ def _intervene_attention(target, pattern, edit: AttentionEdit, keep_step, keep_b
         for name, module in modules.items():
             stack.enter_context(attn.hook_layer(module, layer_hook(name)))
         yield
-    _warn_if_silent(fired, "intervene", pattern)
+    _warn_if_silent(fired, "intervene", pattern, stacklevel=6)
 
 
 # ----------------------------------------------------------------------------- ready-made edits
