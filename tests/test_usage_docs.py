@@ -46,7 +46,10 @@ def test_usage_examples_run(tmp_path, monkeypatch):
         except Exception as e:
             pytest.fail(f"docs/usage.md python block {i} failed: {e!r}\n---\n{block}")
     # a few of the documented results
-    assert len(namespace["seen"]) == 4  # the callback ran once per decoder step
+    stages = [state[0] for state in namespace["seen"]]  # the callback ran once per step of both stages
+    assert stages == ["prior"] * 2 + ["decoder"] * 4
+    assert namespace["out"].trajectory.x0.shape == (4, 1, 4, 8, 8)
+    assert (tmp_path / "steps.png").is_file()
     assert namespace["lat"].shape[1] == 4 and namespace["arr"].shape[-1] == 3
 
 
