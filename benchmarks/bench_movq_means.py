@@ -14,7 +14,8 @@ Variants (the same random weights, fan-in scaled, real hub config; timed interle
   every module: tests/test_movq_perf.py).
 
 Prints a Markdown table: time per decode (median), relative to the reference in the same
-dtype and memory format, and max |variant - reference| / max |reference|.
+dtype and memory format, max |variant - reference| / max |reference|, and the same against
+the fp32 reference (with --dtypes including fp32): each half-precision variant's own error.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     config = full_configs("decoder")["movq"]
     fast_forward = SpatialNorm.forward
-    rows = []
-    for name in args.dtypes:
+    rows, truth = [], None
+    for name in sorted(args.dtypes, key=lambda d: d != "fp32"):  # fp32 first: the others' yardstick
         dtype = DTYPES[name]
         ref, ours = reference_and_ours("movq_decode", config, dtype, device)
         z = torch.randn(args.batch, 4, args.latent, args.latent, generator=torch.Generator().manual_seed(0))
@@ -80,18 +81,21 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 times, outputs = time_pair(fns, device, args.warmup, args.iters)
             base = statistics.median(times["reference"])
+            truth = truth if name != "fp32" or fmt != "nchw" else outputs["reference"]  # the fp32 reference
             for variant, t in times.items():
                 rows.append((name, fmt, variant, statistics.median(t), statistics.median(t) / base,
-                             rel_diff(outputs[variant], outputs["reference"])))
+                             rel_diff(outputs[variant], outputs["reference"]),
+                             rel_diff(outputs[variant], truth) if truth is not None else None))
             print(f"  {name} {fmt} done", file=sys.stderr, flush=True)
         del ref, ours
     print(f"\nMoVQ decode, full-size config, random weights, batch {args.batch}, {args.latent * 8} px, "
           f"{args.device}, {args.threads} thread(s), {args.warmup} warmup + {args.iters} timed passes; "
           f"torch {torch.__version__}\n")
-    print("| dtype | memory format | variant | seconds | / reference | max diff / max |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for dtype, fmt, variant, sec, ratio, diff in rows:
-        print(f"| {dtype} | {fmt} | {variant} | {sec:.3f} | {ratio:.2f} | {diff:.1e} |")
+    print("| dtype | memory format | variant | seconds | / reference | diff from reference | diff from fp32 reference |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dtype, fmt, variant, sec, ratio, diff, err in rows:
+        err = "-" if err is None else f"{err:.1e}"
+        print(f"| {dtype} | {fmt} | {variant} | {sec:.3f} | {ratio:.2f} | {diff:.1e} | {err} |")
     return 0
 
 
