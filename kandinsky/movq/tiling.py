@@ -16,10 +16,15 @@ overlap by ``overlap`` pixels and are blended with weights that are 0 in the out
 of the overlap (where a tile's zero padding shows), rise linearly across its middle third
 and are 1 inside, so every pixel is a convex mix of the tiles that see it best.
 
-The one approximation: the GroupNorms (SpatialNorms in the decoder) inside a tile
-normalise with that tile's statistics instead of the whole image's. Blending hides the
-seams; the remaining difference from untiled decoding is measured in
-``benchmarks/bench_tiling.py`` (and bounded on tiny models in tests/test_tiling.py).
+The GroupNorms (SpatialNorms in the decoder) are the one approximation: inside a tile
+they would normalise with that tile's statistics instead of the whole image's. With
+``passes=2`` (the default) the tiles run twice: the first pass gathers each norm's
+statistics over the whole image (``GlobalNormStats``: every tile adds the part it owns),
+the second normalises with them. The first norm's statistics are then exact and the later
+ones close (they see inputs normalised with tile statistics in the first pass); each
+further pass closes the gap more. ``passes=1`` keeps tile-local statistics. The difference
+from untiled decoding is measured in ``benchmarks/bench_tiling.py`` and bounded on tiny
+models in tests/test_tiling.py.
 
 Tiling is automatic above ``AUTO_TILE_PIXELS`` (more pixels than 1024 x 1024 per image)
 and overridable per call: ``movq.decode(z, tile=False)`` never tiles, ``tile=True`` tiles
