@@ -82,7 +82,7 @@ def measure(size: int, tile: int, overlap: int, passes: int, args, folder: Path)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="image sides to decode tiled")
+    p.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048], help="image sides to decode tiled")
     p.add_argument("--untiled", type=int, nargs="*", default=[1024], help="sizes also decoded untiled")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=128)
