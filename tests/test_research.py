@@ -141,6 +141,20 @@ def test_unet_attention_probabilities_from_own_projections(unet):
     assert no_hooks_left(unet)
 
 
+def test_filtered_attention_is_not_computed(unet, monkeypatch):
+    """Probabilities are computed only for the kept steps and branches (rows of the batch)."""
+    rows = []
+    real = attn.attention_probs
+    monkeypatch.setattr(attn, "attention_probs", lambda q, *a: rows.append(q.shape[0]) or real(q, *a))
+    sample, t, embeds = unet_inputs(batch=4)
+    with kandinsky.capture(unet, "mid.attn", attention=True, steps=[1], branch="cond") as rec, torch.no_grad():
+        for step in range(3):
+            with model_call("decoder", step, 500, BRANCHES_GUIDED):
+                unet(sample, t, embeds)
+    assert rows == [2]  # one call, the conditional half
+    assert rec.keys() == [("mid.attn", 1, "cond")]
+
+
 def test_prior_attention_with_mask_and_prd_row():
     torch.manual_seed(0)
     prior = build_model(TINY["prior"]).eval()

@@ -357,12 +357,14 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
 
     fired = []
 
-    def store(name, value, part):
+    def store(name, get):
+        """Record get(part) for each guidance branch of the call in progress the filters keep
+        (nothing is computed for the others)."""
         if not fired:
             fired.append(True)
-        for ctx, p in _calls(name):
+        for ctx, part in _calls(name):
             if keep_step(ctx.step) and keep_branch(ctx.branch):
-                rec.add(name, ctx.step, ctx.branch, _map(shrink, _chunk(value, p)))
+                rec.add(name, ctx.step, ctx.branch, _map(shrink, get(part)))
 
     with contextlib.ExitStack() as stack:
         for name, module in modules.items():
@@ -370,16 +372,24 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
                 rec.meta[name] = attention_layout(module)
                 stack.enter_context(attn.hook_layer(module, _probability_recorder(name, store)))
             else:
-                handle = module.register_forward_hook(lambda mod, args, out, name=name: store(name, out, None))
+                handle = module.register_forward_hook(
+                    lambda mod, args, out, name=name: store(name, lambda part: _chunk(out, part)))
                 stack.callback(handle.remove)
         yield rec
     _warn_if_silent(fired, "capture", patterns, stacklevel=4)
 
 
 def _probability_recorder(name, store):
+    """A layer hook recording softmax(q k^T / sqrt(d) + mask), per branch, then computing as usual."""
+
+    def probs(q, k, mask, causal, part):
+        if mask is not None and mask.shape[0] != 1:  # a per-row mask splits with the batch
+            mask = _chunk(mask, part)
+        return attn.attention_probs(_chunk(q, part), _chunk(k, part), None, mask, causal)
+
     def record(q, k, v, mask, causal, compute):
         with torch.no_grad():
-            store(name, attn.attention_probs(q, k, v, mask, causal), None)
+            store(name, lambda part: probs(q, k, mask, causal, part))
         return compute(q, k, v, mask, causal)
 
     return record
