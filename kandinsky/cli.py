@@ -62,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     common.add_argument("--steps", type=_at_least(1), default=None,
                         help="decoder steps (default 100; demo 20); see --scheduler for what a step is")
-    common.add_argument("--prior-steps", type=_at_least(2), default=25, help="prior steps, at least 2 (default 25)")
+    common.add_argument("--prior-steps", type=_at_least(2), default=None, help="prior steps, at least 2 (default 25)")
     common.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4; <= 1: off)")
-    common.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4; <= 1: off)")
+    common.add_argument("--prior-guidance", type=float, default=None, help="prior guidance scale (default 4; <= 1: off)")
     common.add_argument("--negative", default=None, help="negative prompt")
     common.add_argument("--width", type=_at_least(1), default=None,
                         help="image width (default: the input picture's, else 512; demo 256); sizes that are not a "
@@ -255,6 +255,14 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     task = PROMPT_TASKS[args.task]
+    ignored = [flag for flag, value in (("--negative", args.negative), ("--prior-steps", args.prior_steps),
+                                        ("--prior-guidance", args.prior_guidance)) if value is not None]
+    if task.embeddings == "image" and ignored:  # variations: no prompt, no prior run
+        print(f"error: {args.task} does not use {', '.join(ignored)} (the picture's CLIP embedding is decoded "
+              "directly, without the prior); leave it out.", file=sys.stderr)
+        return 2
+    args.prior_steps = 25 if args.prior_steps is None else args.prior_steps
+    args.prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
     try:
         pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler,
                                          revision=args.revision, prior_revision=args.prior_revision,

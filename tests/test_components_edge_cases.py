@@ -634,4 +634,4 @@ def test_every_key_the_reference_configs_write_is_known(tmp_path):
             assert "unknown key" not in str(e), str(e)
             refused[name] = str(e)
     assert set(refused) == {"UNet2DConditionModel", "VQModel"}  # defaults: SD-style UNet, plain VQ-GAN
-    assert "down_block_types" in refused["UNet2DConditionModel"] and "norm_type='group'" in refused["VQModel"]
+    assert "Kandinsky 2.2 uses" in refused["UNet2DConditionModel"] and "norm_type='group'" in refused["VQModel"]

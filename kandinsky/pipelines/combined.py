@@ -144,13 +144,13 @@ class Kandinsky:
         elif spec.embeddings == "mix":
             out = self.prior.interpolate(
                 kwargs.pop("images_and_prompts"), kwargs.pop("weights"), num_images_per_prompt=n,
-                latents=prior_opts["prior_latents"], negative_prior_prompt=kwargs.pop("negative_prior_prompt"),
-                negative_prompt=kwargs.pop("negative_prompt"), **prior_kw)
+                latents=prior_opts["prior_latents"], negative_prior_prompt=kwargs.pop("negative_prior_prompt", None),
+                negative_prompt=kwargs.pop("negative_prompt", ""), **prior_kw)
             embeds, negative = out.image_embeds, out.negative_image_embeds
             kwargs["num_images_per_prompt"] = 1  # interpolate already made n embeddings
         else:  # emb2emb
             out = self.prior.emb2emb(kwargs.pop("prompt"), kwargs.pop("image"), strength=kwargs.pop("prior_strength"),
-                                     negative_prompt=kwargs.pop("negative_prompt"), num_images_per_prompt=n,
+                                     negative_prompt=kwargs.pop("negative_prompt", None), num_images_per_prompt=n,
                                      callback_on_step_end=callback, **prior_kw)
             embeds, negative = out.image_embeds, out.negative_image_embeds
             kwargs["num_images_per_prompt"] = 1
