@@ -134,9 +134,14 @@ class Kandinsky:
         prior_kw = dict(num_inference_steps=prior_opts["prior_num_inference_steps"], generator=generator,
                         guidance_scale=prior_opts["prior_guidance_scale"], progress=progress)
         if spec.embeddings == "prompt":
-            out = self.prior(kwargs.pop("prompt"), negative_prompt=kwargs.pop("negative_prompt", None),
-                             num_images_per_prompt=n, latents=prior_opts["prior_latents"],
-                             callback_on_step_end=callback, **prior_kw)
+            try:
+                out = self.prior(kwargs.pop("prompt"), negative_prompt=kwargs.pop("negative_prompt", None),
+                                 num_images_per_prompt=n, latents=prior_opts["prior_latents"],
+                                 callback_on_step_end=callback, **prior_kw)
+            except (ValueError, TypeError) as e:  # the prior's `latents` is this API's `prior_latents`
+                if str(e).startswith("`latents`"):
+                    raise type(e)("`prior_latents`" + str(e)[len("`latents`"):]) from None
+                raise
             embeds, negative = out.image_embeds, out.negative_image_embeds
         elif spec.embeddings == "image":
             embeds = self.prior.encode_image(kwargs.pop("image"))  # (B, D)

@@ -58,7 +58,8 @@ from kandinsky.pipelines.images import (
     load_masks,
     normalize,
 )
-from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, progress as _progress, ticking as _ticking
+from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
+from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking
 from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser
@@ -124,12 +125,7 @@ def _is_real(value) -> bool:
 
 
 def _check_generator(generator, batch: int) -> None:
-    """A list of generators draws one picture each: it needs exactly ``batch`` of them (or one)."""
-    if isinstance(generator, list) and len(generator) not in (1, batch):
-        raise ValueError(
-            f"got a list of {len(generator)} generators for {batch} pictures (image embeddings x "
-            f"num_images_per_prompt): pass one generator, or one per picture."
-        )
+    check_generator(generator, batch, "pictures (image embeddings x num_images_per_prompt)")
 
 
 def sampler_name(scheduler, schedule: Scheduler) -> str:
@@ -323,6 +319,7 @@ class DecoderPipeline:
             if inputs[name] is None and name != "strength":
                 raise TypeError(f"{task}() needs `{name}`.")
         sampler = self.sampler if opts["scheduler"] is None else sampler_name(opts["scheduler"], self._schedule)
+        opts["guidance_scale"] = real_number(opts["guidance_scale"], "guidance_scale")
 
         n_img = opts["num_images_per_prompt"]
         embeds, batch = self._embeddings(image_embeds, negative_image_embeds, opts["guidance_scale"], n_img)
@@ -373,9 +370,8 @@ class DecoderPipeline:
         """-> (embeddings for the UNet: [negative; positive] (2B, D) with guidance, else (B, D); B)."""
         if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
-        if not _is_real(guidance_scale) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}.")
-        num_images_per_prompt, guidance_scale = int(num_images_per_prompt), float(guidance_scale)
+        guidance_scale = real_number(guidance_scale, "guidance_scale")
+        num_images_per_prompt = int(num_images_per_prompt)
         dim = self.unet.config.encoder_hid_dim
         positive = self._embedding_tensor(image_embeds, "image_embeds", dim)
         guided = guidance_scale > 1
@@ -410,6 +406,7 @@ class DecoderPipeline:
             raise ValueError(f"{name} must be (B, {dim}) for this checkpoint, got shape {tuple(x.shape)}.")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a float tensor, got {x.dtype}.")
+        check_finite_tensor(x, name)
         return x
 
     def _sizes(self, height, width, picture=None) -> "Sizes":
@@ -444,7 +441,8 @@ class DecoderPipeline:
         if spec.start == "image":
             if strength is None:
                 strength = 0.3
-            if not _is_real(strength) or not 0 < strength <= 1:
+            strength = real_number(strength, "strength")
+            if not 0 < strength <= 1:
                 raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
             kept = min(int(steps * float(strength)), steps)
             if kept < 1:

@@ -33,6 +33,7 @@ nearest (masks).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,8 @@ def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
             raise TypeError(f"{what}: integer images must be uint8 (0..255) or uint16 (0..65535), got {t.dtype}.")
         return t.float() / _INTEGER_RANGE[t.dtype]
     t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what}: the image holds NaN or inf values; pass finite values in [0, 1].")
     lo, hi = t.min().item(), t.max().item()
     if lo < 0 or hi > 1:
         raise ValueError(
@@ -190,16 +193,45 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- masks in
+# How a mask is read (docs/usage.md, "Masks"): 1 / white = repaint, 0 / black = keep.
+#  * A picture with transparency (RGBA, LA, PA, or a palette with a transparent colour) whose alpha
+#    is not all opaque is read by its ALPHA: painted (opaque) = repaint, transparent = keep.
+#  * Otherwise a pixel's value is its BRIGHTEST channel, so a stroke in any colour repaints (a red
+#    stroke is not a dark grey): max(R, G, B) >= half = repaint.
+#  * Arrays and tensors: (H, W), (B, H, W), (B, 1, H, W); colour masks (H, W, 3), (B, H, W, 3)
+#    (numpy, channels last) and (3, H, W), (B, 3, H, W) (torch, channels first) are ONE mask per
+#    picture, by the brightest channel. (A batch of 3 masks as a tensor: (3, 1, H, W).)
+#  * A mask that repaints nothing, or everything, warns.
+
+
+def _pil_mask(img: PIL.Image.Image) -> np.ndarray:
+    """A PIL mask -> float (H, W) in [0, 1] by the rules above."""
+    if img.mode in _HIGH_BIT_DEPTH:
+        return _high_bit_depth(img, "mask")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        alpha = np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+        if alpha.min() < 1.0:
+            return alpha
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb.max(axis=-1)
+
+
 def _mask_to_tensor(m, what: str) -> torch.Tensor:
     """One numpy / torch mask -> (B, 1, h, w) float, values checked to lie in [0, 1]."""
     if isinstance(m, np.ndarray):
         if m.dtype.kind not in "buif":
             raise TypeError(f"{what}: numpy mask of dtype {m.dtype} is not supported.")
-        if m.ndim in (3, 4) and m.shape[-1] == 1:  # channels last (H, W, 1) / (B, H, W, 1)
-            m = m[..., 0]
+        if m.ndim in (3, 4) and m.shape[-1] in (1, 3):  # channels last (H, W, C) / (B, H, W, C)
+            m = m.max(axis=-1)
         t = torch.from_numpy(np.array(m))
     elif isinstance(m, torch.Tensor):
         t = m.detach()
+        if t.ndim == 3 and t.shape[0] == 3:  # (3, H, W): one colour mask, channels first
+            t = t.amax(dim=0, keepdim=True)[None]
+        elif t.ndim == 4 and t.shape[1] == 3:  # (B, 3, H, W)
+            t = t.amax(dim=1, keepdim=True)
     else:
         raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(m).__name__}.")
     shape = tuple(t.shape)
@@ -208,8 +240,11 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
     elif t.ndim == 3:
         t = t[:, None]
     elif t.ndim != 4 or t.shape[1] != 1:
-        raise ValueError(f"{what}: masks are (H, W), (B, H, W) or (B, 1, H, W); got shape {shape}.")
+        raise ValueError(f"{what}: masks are (H, W), (B, H, W), (B, 1, H, W), or colour (H, W, 3) numpy / "
+                         f"(3, H, W) torch; got shape {shape}.")
     t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what}: the mask holds NaN or inf values; pass values in [0, 1] (1 = repaint).")
     lo, hi = t.min().item(), t.max().item()
     if lo < 0 or hi > 1:
         raise ValueError(
@@ -220,26 +255,48 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
 
 
 def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch.Tensor:
-    """Mask(s) -> binary float tensor (B, 1, height, width): 1 = repaint, 0 = keep."""
+    """Mask(s) -> binary float tensor (B, 1, height, width): 1 = repaint, 0 = keep (rules above)."""
     items = _as_list(mask)
     if not items:
         raise ValueError(f"{what}: got an empty list.")
     out = []
     for i, item in enumerate(items):
         name = what if len(items) == 1 else f"{what}[{i}]"
-        if isinstance(item, PIL.Image.Image) and item.mode in _HIGH_BIT_DEPTH:
-            item = _high_bit_depth(item, name)  # (H, W) in [0, 1]
         if isinstance(item, PIL.Image.Image):
-            item = item.convert("L")
-            if item.size != (width, height):
-                item = item.resize((width, height), resample=PIL.Image.LANCZOS)
-            t = torch.from_numpy(np.array(item))[None, None].float() / 255.0
+            value = _pil_mask(item)  # (H, W) in [0, 1]
+            if value.shape != (height, width):
+                img = PIL.Image.fromarray((value * 255).round().astype(np.uint8))
+                value = np.asarray(img.resize((width, height), resample=PIL.Image.LANCZOS), dtype=np.float32) / 255.0
+            t = torch.from_numpy(np.array(value, dtype=np.float32))[None, None]
         else:
             t = _mask_to_tensor(item, name)
             if t.shape[-2:] != (height, width):
                 t = F.interpolate(t, size=(height, width), mode="nearest")
         out.append(t)
-    return (torch.cat(out) >= 0.5).float()
+    masks = (torch.cat(out) >= 0.5).float()
+    for i, m in enumerate(masks):
+        share = m.mean().item()
+        if share in (0.0, 1.0):
+            name = what if len(masks) == 1 else f"{what}[{i}]"
+            does = "repaints nothing (all black / transparent: the picture comes back as it was)" if share == 0 \
+                else "repaints everything (all white / painted: nothing of the picture is kept)"
+            warnings.warn(f"{name} {does}; white or painted = repaint, black or transparent = keep.",
+                          stacklevel=_caller_stacklevel())
+    return masks
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel naming the first frame outside kandinsky (and torch's no_grad wrapper)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    internal = (str(Path(__file__).resolve().parents[1]) + os.sep,
+                str(Path(torch.utils.__file__).parent / "_contextlib"))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_same_size(image, mask) -> None:

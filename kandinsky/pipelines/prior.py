@@ -35,7 +35,8 @@ from kandinsky.clip.preprocess import ImagePreprocessor
 from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.config import ConfigError
 from kandinsky.hub import resolve
-from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, progress as _progress, ticking as _ticking
+from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
+from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import PriorDenoiser
 from kandinsky.sampling.trajectory import Trajectory
@@ -90,17 +91,12 @@ def _positive_int(value, what: str, minimum: int = 1) -> int:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{what}` must be a number, got {value!r}.")
-    return float(value)
+    return real_number(value, what)
 
 
 def _check_generator(generator, batch_size: int) -> None:
-    if isinstance(generator, list) and len(generator) not in (1, batch_size):
-        raise ValueError(
-            f"a list of generators needs one generator per sampled embedding ({batch_size} here: prompts x "
-            f"num_images_per_prompt, doubled with a negative prompt), got {len(generator)}."
-        )
+    check_generator(generator, batch_size, "sampled embeddings (prompts x num_images_per_prompt, doubled with a "
+                    "negative prompt)")
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -318,11 +314,14 @@ class PriorPipeline:
         shape = (batch_size, self.prior.config.embedding_dim)
         if latents is None:
             latents = randn(shape, generator, self.device, dtype)
+        elif not isinstance(latents, torch.Tensor):
+            raise TypeError(f"`latents` must be a torch tensor {shape}, got {type(latents).__name__}.")
         elif tuple(latents.shape) != shape:
             raise ValueError(
                 f"`latents` must have shape {shape} (prompts x num_images_per_prompt, doubled with a negative "
                 f"prompt; embedding size), got {tuple(latents.shape)}."
             )
+        check_finite_tensor(latents, "latents")
         return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
@@ -359,8 +358,9 @@ class PriorPipeline:
         if not images_and_prompts:
             raise ValueError("`images_and_prompts` is empty.")
         weights = [_number(w, "weights[i]") for w in weights]
+        negative_prompt = "" if negative_prompt is None else negative_prompt  # None: as in the other methods
         if not isinstance(negative_prompt, str):
-            raise TypeError(f"`negative_prompt` must be a string, got {negative_prompt!r}.")
+            raise TypeError(f"`negative_prompt` must be a string or None, got {negative_prompt!r}.")
         if negative_prior_prompt is not None and not isinstance(negative_prior_prompt, str):
             raise TypeError(f"`negative_prior_prompt` must be a string or None, got {negative_prior_prompt!r}.")
         n = _positive_int(num_images_per_prompt, "num_images_per_prompt")

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 
 def callbacks(*callbacks):
     """One step callback running ``callbacks`` in order, each seeing the x the previous returned."""
-    callbacks = [c for c in callbacks if c is not None]
-    if not callbacks:
-        return None
+    callbacks = [finite_guard] + [c for c in callbacks if c is not None]
 
     def run(state):
         for callback in callbacks:
@@ -81,3 +82,51 @@ def check_device(device) -> torch.device | None:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device={str(device)!r}: MPS is not available here; use device='cpu'.")
     return device
+
+
+def real_number(value, name: str) -> float:
+    """A finite real number from a Python / numpy number or a one-element tensor; a clear error otherwise."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"`{name}` must be a number, got a tensor of shape {tuple(value.shape)} ({value.dtype}).")
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value}.")
+    return value
+
+
+def check_generator(generator, batch: int, what: str) -> None:
+    """None, a torch.Generator, or a list of 1 or ``batch`` of them (one per sampled row)."""
+    gens = generator if isinstance(generator, list) else [generator]
+    if generator is None:
+        return
+    bad = [g for g in gens if not isinstance(g, torch.Generator)]
+    if bad or (isinstance(generator, list) and not generator):
+        got = type(bad[0]).__name__ if bad else "an empty list"
+        raise TypeError(f"`generator` must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list "
+                        f"of them, got {got}; to seed, pass torch.Generator().manual_seed(seed).")
+    if isinstance(generator, list) and len(generator) not in (1, batch):
+        raise ValueError(f"got a list of {len(generator)} generators for {batch} {what}: pass one generator, or "
+                         "one per row.")
+
+
+def check_finite_tensor(x: torch.Tensor, name: str) -> None:
+    """Refuse NaN / inf in an input tensor, naming the argument."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` holds NaN or inf values; pass finite numbers.")
+
+
+def finite_guard(state):
+    """A step callback: stop a run whose sample became NaN / inf, naming the stage and the step."""
+    if not bool(torch.isfinite(state.x).all()):
+        raise FloatingPointError(
+            f"the {state.stage} sample became NaN or inf at step {state.step} (timestep {state.timestep:g}); in "
+            "float16 this is usually an overflow: use bfloat16 or float32 (--dtype bf16 / fp32), or a lower "
+            "guidance scale. No picture was written."
+        )
+    return None
