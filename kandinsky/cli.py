@@ -40,6 +40,59 @@ def _at_least(minimum: int):
     return parse
 
 
+def _seed(text: str) -> int:
+    """An integer torch.Generator.manual_seed takes: -2**63 .. 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (a seed is a 64-bit integer: 0 .. 2**64 - 1)")
+    return value
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    output = Path(output)
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def _check_writable(paths, overwrite: bool) -> None:
+    """Every output can be written (checked before any weights are loaded)."""
+    import os
+
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            raise InputError(f"the output {str(path)!r} is a folder; name a file, e.g. {path / 'out.png'}")
+        if path.exists() and not overwrite:
+            raise InputError(f"{str(path)!r} exists; pass --overwrite to replace it, or choose another -o")
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise InputError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write {str(path)!r}: no permission to write in {str(ancestor)!r}")
+
+
+def _save(images, paths) -> tuple[list[Path], str | None]:
+    """Save; if that fails, save into a fresh temporary folder instead and say why."""
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        for image, path in zip(images, paths):
+            image.save(path)
+        return paths, None
+    except (OSError, ValueError) as e:
+        rescue = Path(tempfile.mkdtemp(prefix="kandinsky-rescued-"))
+        saved = [rescue / path.name for path in paths]
+        for image, path in zip(images, saved):
+            image.save(path)
+        return saved, f"could not write {paths[0]} ({e}); the images were saved to {rescue} instead"
+
+
 def _strength(text: str) -> float:
     try:
         value = float(text)
@@ -59,7 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-o", "--output", default="out.png", help="output PNG (several images: out-0.png, out-1.png, ...)")
     common.add_argument("--prior", help="prior folder or hub id (default: kandinsky-community/kandinsky-2-2-prior)")
     common.add_argument("--decoder", help="decoder folder or hub id (default: the kandinsky-community repo for the task)")
-    common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    common.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace output files that exist (without it an existing file is never overwritten: "
+                             "the command stops before any work)")
     common.add_argument("--steps", type=_at_least(1), default=None,
                         help="decoder steps (default 100; demo 20); see --scheduler for what a step is")
     common.add_argument("--prior-steps", type=_at_least(2), default=None, help="prior steps, at least 2 (default 25)")
@@ -215,8 +271,34 @@ def main(argv=None) -> int:
         module = importlib.import_module(COMMANDS[argv[0]][1])
         return module.main(argv[1:])
     args = _parser().parse_args(argv)
+    with _plain_warnings():
+        return _generate(args)
+
+
+class _plain_warnings:
+    """Warnings printed as `warning: ...` (not as a line of the console-script wrapper)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._show = warnings.showwarning
+        warnings.showwarning = lambda message, category, *a, **k: print(f"warning: {message}", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import warnings
+
+        warnings.showwarning = self._show
+
+
+def _generate(args) -> int:
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+
+    task = PROMPT_TASKS[args.task]
+    count = args.num_images
+    paths = _output_paths(args.output, count)
     try:
         inputs = _read_inputs(args)
+        _check_writable(paths + ([Path(args.save_steps)] if args.save_steps else []), args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -233,7 +315,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = getattr(torch, DTYPES[args.dtype])
-    from kandinsky.pipelines.tasks import PROMPT_TASKS
 
     steps = args.steps if args.steps is not None else (20 if args.demo else 100)
     picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
@@ -254,7 +335,6 @@ def main(argv=None) -> int:
         decoder = args.decoder or CHECKPOINTS[checkpoint_for(args.task)]
 
     start = time.perf_counter()
-    task = PROMPT_TASKS[args.task]
     ignored = [flag for flag, value in (("--negative", args.negative), ("--prior-steps", args.prior_steps),
                                         ("--prior-guidance", args.prior_guidance)) if value is not None]
     if task.embeddings == "image" and ignored:  # variations: no prompt, no prior run
@@ -267,6 +347,12 @@ def main(argv=None) -> int:
         pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler,
                                          revision=args.revision, prior_revision=args.prior_revision,
                                          local_files_only=args.offline)
+        needed = checkpoint_for(args.task)
+        if pipe.decoder.kind != needed:
+            raise ValueError(f"--decoder {decoder} is {('an ' if pipe.decoder.kind[0] in 'aeiou' else 'a ')}"
+                             f"{pipe.decoder.kind} checkpoint, which cannot run {args.task} (it runs "
+                             f"{', '.join(pipe.decoder.tasks)}); pass --decoder {CHECKPOINTS[needed]} or a local "
+                             f"copy of it, or leave --decoder out.")
         apply_lora_args(pipe, args.lora)
         generator = torch.Generator().manual_seed(args.seed)
         kwargs = dict(inputs, num_inference_steps=steps, guidance_scale=args.guidance, height=height, width=width,
@@ -292,13 +378,10 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = [output] if len(out.images) == 1 else [
-        output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(out.images))
-    ]
-    for image, path in zip(out.images, paths):
-        image.save(path)
+    paths, problem = _save(out.images, paths)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     label = " (RANDOM demo weights)" if args.demo else ""
     print(f"wrote {', '.join(map(str, paths))}{label} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
