@@ -29,6 +29,8 @@ import torch
 
 from kandinsky.sampling.state import StepState
 from kandinsky.schedulers.common import randn
+from kandinsky.schedulers.ddpm import leading_timesteps
+from kandinsky.schedulers.unclip import unclip_timesteps
 
 # ---------------------------------------------------------------------------------------------
 # The shared formulas
@@ -246,10 +248,14 @@ def sample_ddim(denoiser: Denoiser, x, plan: Plan, generator=None, callback: Cal
 
 
 def _discrete_plan(name: str, schedule, num_inference_steps: int, device=None) -> Plan:
-    """DDPM / DDIM / UnCLIP: the schedule's own timesteps; each step lands on the next one."""
-    schedule.set_timesteps(num_inference_steps)
-    timesteps = schedule.timesteps.cpu()
-    ts = timesteps.tolist()
+    """DDPM / DDIM / UnCLIP: the reference's timesteps (computed here; the schedule object is not
+    touched); each step lands on the next one (DDIM: t - T // n, the reference's rule)."""
+    config = schedule.config
+    if name == "unclip":
+        ts = unclip_timesteps(config.num_train_timesteps, num_inference_steps)
+    else:
+        ts = leading_timesteps(config.num_train_timesteps, num_inference_steps, config.steps_offset)
+    timesteps = torch.tensor(ts, dtype=torch.long)
     if name == "ddim":
         ratio = schedule.config.num_train_timesteps // num_inference_steps
         prev = [t - ratio for t in ts]

@@ -40,6 +40,15 @@ class UnCLIPSchedulerConfig(ComponentConfig):
         require(source, "beta_schedule", self.beta_schedule, ("squaredcos_cap_v2",))
 
 
+def unclip_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
+    """n timesteps from T-1 down to 0, evenly spread, rounded half to even (needs n >= 2)."""
+    T = num_train_timesteps
+    if not 2 <= num_inference_steps <= T:
+        raise ValueError(f"UnCLIPScheduler needs 2 <= num_inference_steps <= {T}, got {num_inference_steps}.")
+    step_ratio = (T - 1) / (num_inference_steps - 1)
+    return [round(i * step_ratio) for i in reversed(range(num_inference_steps))]
+
+
 class UnCLIPScheduler(Scheduler):
     CONFIG = UnCLIPSchedulerConfig
     KIND = "unclip"
@@ -53,12 +62,8 @@ class UnCLIPScheduler(Scheduler):
 
         (The reference divides by num_inference_steps - 1, so at least 2 steps are needed.)
         """
-        T = self.config.num_train_timesteps
-        if not 2 <= num_inference_steps <= T:
-            raise ValueError(f"UnCLIPScheduler needs 2 <= num_inference_steps <= {T}, got {num_inference_steps}.")
+        timesteps = unclip_timesteps(self.config.num_train_timesteps, num_inference_steps)
         self.num_inference_steps = num_inference_steps
-        step_ratio = (T - 1) / (num_inference_steps - 1)
-        timesteps = [round(i * step_ratio) for i in reversed(range(num_inference_steps))]
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device="cpu").to(device)
 
     def step(
