@@ -474,7 +474,9 @@ def test_uint8_0_255_mask_refused_with_hint(inpainter):
 
 
 # --------------------------------------------------------------------------- bfloat16
-BF16_TOL = 0.08  # measured 0.03-0.04 on these checkpoints; a real bug gives O(1)
+# measured 0.03-0.04 on the raw decoder output, 0.09-0.10 on "pt" in [0, 1] (half the range, the
+# same absolute error) on these checkpoints; a real bug gives O(1)
+BF16_TOL = 0.15
 
 
 def test_bfloat16_chain_and_to(prior_pipeline_folder, decoder_pipeline_folder):
