@@ -229,9 +229,12 @@ class PriorPipeline:
     def zero_image_embeds(self, batch_size: int = 1) -> torch.Tensor:
         """The default negative embedding: CLIP embedding of all-zero pixel_values, repeated (batch_size, D)."""
         size = self.image_encoder.config.image_size
-        dtype = self.image_encoder.patch_embedding.weight.dtype
-        zero = torch.zeros(1, 3, size, size, device=self.device, dtype=dtype)
-        return self.image_encoder(zero).repeat(batch_size, 1)
+        weight = self.image_encoder.patch_embedding.weight
+        key = (weight.device, weight.dtype, weight.data_ptr(), weight._version)  # recomputed if the encoder changes
+        if getattr(self, "_zero_embed_key", None) != key:
+            zero = torch.zeros(1, 3, size, size, device=self.device, dtype=weight.dtype)
+            self._zero_embed, self._zero_embed_key = self.image_encoder(zero), key  # (1, D), once per pipeline
+        return self._zero_embed.repeat(batch_size, 1)
 
     # -- sampling ---------------------------------------------------------------------
     def _conditioning(self, rows: list[str], uncond_rows: list[str], n: int, guided: bool):
