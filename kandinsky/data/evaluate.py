@@ -3,10 +3,12 @@
     kandinsky eval shapes --prior P --decoder D [--inpaint I] [--n 64] [--seed 0] [--steps 20]
                           [--sampler ddpm] [--sweep] [--demo]
 
-Four measurements, each on items drawn at random from the seed (not a hand-picked list):
+Five measurements, each on items drawn at random from the seed (not a hand-picked list):
 
   text2img    random prompts of the grammar -> prior -> decoder -> analyse(picture); for each
               attribute the prompt states: accuracy, and a confusion table (stated x found)
+  prior       the prior alone: each sampled embedding classified per attribute by linear probes
+              fitted on real pictures' CLIP embeddings
   retrieval   the CLIP towers: for n pictures and their full captions, is the nearest
               picture of each caption one that fits it (text -> image top-1), and back
   inpaint     a small shape on one side; the opposite side masked and prompted with another
@@ -108,6 +110,57 @@ def retrieval_report(prior, n=64, seed=0) -> dict:
     t2i = same[np.arange(n), sim.argmax(1).numpy()].mean()
     i2t = same[sim.argmax(0).numpy(), np.arange(n)].mean()
     return {"text_to_image": float(t2i), "image_to_text": float(i2t), "n": n}
+
+
+@torch.no_grad()
+def attribute_probe(prior, seed=0, references=2048, ridge=1e-2):
+    """Linear classifiers of CLIP image embeddings (ridge regression onto one-hot values), one per
+    attribute, fitted on real pictures' embeddings.
+
+    Returns (classify(embeds) -> list of {attribute: value}, accuracy on 256 held-out real pictures)."""
+    examples = [shapes.example(seed + 2, i, IMAGE_SIZE) for i in range(references + 256)]
+    real = torch.cat([prior.encode_image([ex.image for ex in examples[k:k + 128]])
+                      for k in range(0, len(examples), 128)]).double()  # (references + 256, D)
+    mean, std = real[:references].mean(0), real[:references].std(0)
+
+    def features(embeds):  # standardised, plus a constant
+        x = (embeds.double() - mean) / std
+        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # (B, D + 1)
+
+    X = features(real[:references])
+    gram = X.T @ X + ridge * references * torch.eye(X.shape[1], dtype=X.dtype)
+    weights = {}
+    for name, values in VALUES.items():
+        Y = torch.tensor([[getattr(ex.scene, name) == v for v in values] for ex in examples[:references]],
+                         dtype=X.dtype)  # (references, values) one-hot
+        weights[name] = (values, torch.linalg.solve(gram, X.T @ Y))  # (D + 1, values)
+
+    def classify(embeds):
+        x = features(embeds)
+        found = {name: [values[k] for k in (x @ w).argmax(1).tolist()] for name, (values, w) in weights.items()}
+        return [{name: found[name][k] for name in found} for k in range(x.shape[0])]
+
+    truth = [ex.scene.attributes() for ex in examples[references:]]
+    probed = classify(real[references:])
+    ceiling = {name: float(np.mean([p[name] == t[name] for p, t in zip(probed, truth)])) for name in VALUES}
+    return classify, ceiling
+
+
+@torch.no_grad()
+def prior_report(prior, n=64, seed=0, prior_steps=25, prior_guidance=4.0, batch=16) -> dict:
+    """The prior alone: each sampled embedding classified per attribute by linear probes fitted on
+    real pictures' CLIP embeddings (``attribute_probe``); "probe" is their accuracy on real pictures
+    (the ceiling)."""
+    classify, ceiling = attribute_probe(prior, seed)
+    items = random_prompts(n, seed)
+    embeds, _ = embed_prompts(prior, [text for text, _ in items], seed, prior_steps, prior_guidance, batch)
+    right, total = Counter(), Counter()
+    for (_, stated), found in zip(items, classify(embeds)):
+        for name, value in stated.items():
+            right[name] += found[name] == value
+            total[name] += 1
+    return {"accuracy": {name: right[name] / total[name] for name in shapes.ATTRIBUTES if total[name]},
+            "n": dict(total), "probe": ceiling}
 
 
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
@@ -266,6 +319,11 @@ def main(argv=None) -> int:
     retrieval = retrieval_report(prior, n=args.n, seed=args.seed)
     print(f"CLIP retrieval ({args.n} pictures, full captions): text->image {retrieval['text_to_image']:.1%}  "
           f"image->text {retrieval['image_to_text']:.1%}")
+
+    report_prior = prior_report(prior, n=args.n, seed=args.seed, batch=args.batch, **prior_options)
+    print(format_accuracy("prior (sampled embeddings, linear probes of real pictures' embeddings)", report_prior))
+    print("  the same classifier on real pictures' embeddings: "
+          + "  ".join(f"{name} {value:.1%}" for name, value in report_prior["probe"].items()))
 
     variations = variations_report(prior, decoder, n=args.n, **common)
     print(format_accuracy("variations (picture -> CLIP embedding -> decoder)", variations))

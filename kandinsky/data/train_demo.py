@@ -1,30 +1,35 @@
 """Train the tiny demo Kandinsky on procedural shapes: ``kandinsky train-demo --out DIR``.
 
 Every component of the real chain, at toy widths, trained from scratch on
-``kandinsky.data.shapes`` (64 x 64 pictures, captions of the shapes grammar):
+``kandinsky.data.shapes`` (64 x 64 pictures, captions of the shapes grammar), with the
+losses of kandinsky.training for the prior and the UNets:
 
-    stage     trains                                   on
-    clip      text + image towers, contrastive (InfoNCE) (caption, picture) pairs
-    movq      MoVQ autoencoder: L1 + MSE reconstruction,  32 x 32 crops of pictures
-              codebook + commitment, latents kept ~N(0, 1)
-    movq_decoder  the MoVQ decoder alone (encoder frozen)  whole pictures
-    prior     diffusion prior, x0-prediction, cosine     (caption, CLIP image embedding)
-    decoder   UNet, eps-prediction on MoVQ latents,      (MoVQ latents, CLIP image embedding)
-              linear betas
-    inpaint   9-channel UNet (started from the decoder), (latents, masked latents, mask, embedding)
-              random rectangles to repaint
+    stage         trains                                       on
+    clip          text + image towers, contrastive (InfoNCE)   (caption, picture) pairs
+    movq          MoVQ autoencoder: L1 + MSE reconstruction,   32 x 32 crops of pictures
+                  codebook + commitment, latents kept ~N(0, 1)
+    movq_decoder  the MoVQ decoder alone (encoder frozen)      whole pictures
+    prior         diffusion prior, x0-prediction, cosine       (caption, CLIP image embedding)
+    decoder       UNet, eps-prediction, linear betas           (MoVQ latents, CLIP image embedding)
+    inpaint       9-channel UNet started from the decoder,     (latents, masked latents, keep mask,
+                  random rectangles to repaint                  CLIP image embedding)
 
 Captions are dropped to "" (prior) and image embeddings to the zero-image embedding
 (decoders) 10% of the time, so classifier-free guidance works as the pipelines use it.
 The result is written in the hub layout (``prior/``, ``decoder/``, ``decoder-inpaint/``,
-fp16 safetensors) with a word-level BPE tokenizer that covers the grammar.
+fp16 safetensors) with a word-level BPE tokenizer that covers the grammar (16 tokens of
+context instead of CLIP's 77).
 
 Each stage trains for its share of ``--minutes`` (or ``--steps`` steps, for tests) and
-saves a checkpoint in ``DIR/stages/<stage>.pt`` as it goes; a stage whose checkpoint is
-marked done is loaded instead of retrained, so an interrupted run resumes.
+saves a checkpoint in ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
+``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
+first; then prior, decoder + inpaint and movq_decoder) and a stage can be trained longer
+(``--resume``). The UNets and the prior keep an EMA of their weights (decay 0.999); the
+EMA is what is saved.
 
-    kandinsky train-demo --out demo-weights --minutes 60
-    kandinsky train-demo --out demo-weights --stages clip prior     # retrain some stages
+    kandinsky train-demo --out demo-weights                      # everything, one after another
+    kandinsky train-demo --out demo-weights --stages clip --minutes 8 --resume   # one stage, longer
+    kandinsky train-demo --out demo-weights --write-only          # the hub folders from the stages
 """
 from __future__ import annotations
 
@@ -130,13 +135,13 @@ CONFIGS = {
 INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 
 # stage: (share of --minutes, batch size, learning rate)
-STAGES = {
-    "clip": (0.10, 128, 2e-3),
-    "movq": (0.15, 16, 1e-3),
-    "movq_decoder": (0.10, 8, 3e-4),
-    "prior": (0.15, 128, 5e-4),
-    "decoder": (0.35, 64, 5e-4),
-    "inpaint": (0.15, 64, 3e-4),
+STAGES = {  # shares of the time the shipped weights trained (minutes of wall-clock on a loaded machine)
+    "clip": (0.12, 128, 2e-3),
+    "movq": (0.17, 16, 1e-3),
+    "movq_decoder": (0.15, 8, 3e-4),
+    "prior": (0.18, 128, 5e-4),
+    "decoder": (0.29, 64, 5e-4),
+    "inpaint": (0.09, 64, 3e-4),
 }
 MOVQ_CROP = 32  # the autoencoder trains on crops of this side (4x cheaper steps than whole pictures)
 DATA_SIZE = 8192  # pictures whose latents and embeddings the prior and decoders train on
@@ -609,7 +614,8 @@ def parse_args(argv):
         "on procedural shapes and write it in the hub layout.",
     )
     parser.add_argument("--out", required=True, help="folder for the checkpoints (prior/, decoder/, decoder-inpaint/)")
-    parser.add_argument("--minutes", type=float, default=60.0, help="total training time, shared by the stages (default 60)")
+    parser.add_argument("--minutes", type=float, default=130.0,
+                        help="total training time, shared by the stages run (default 130)")
     parser.add_argument("--steps", type=int, default=None, help="train each stage this many steps instead (tests)")
     parser.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
                         help="stages to (re)train; the others are loaded from OUT/stages/ (default: all)")
