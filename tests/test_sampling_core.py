@@ -258,3 +258,42 @@ def test_save_steps_cli(tmp_path):
                  "--scheduler", "DPMPP_2M", "--no-progress"])
     assert code == 0 and (tmp_path / "o-0.png").is_file()
     assert PIL.Image.open(grid).size == (3 * (128 + 2) + 2, 2 * (128 + 2) + 2)
+
+
+# --------------------------------------------------------------------------- DDPM / DDIM / UnCLIP as functions
+@pytest.mark.parametrize("name, folder, cls", [
+    ("ddpm", "kandinsky-2-2-decoder", "DDPMScheduler"),
+    ("ddim", "kandinsky-2-2-decoder", "DDIMScheduler"),
+    ("unclip", "kandinsky-2-2-prior", "UnCLIPScheduler"),
+])
+def test_discrete_samplers_bit_identical(name, folder, cls):
+    """The pure sampler functions give exactly the reference scheduler's trajectory (fake model,
+    same generator; the prior loop passes prev_timestep as diffusers' prior pipeline does)."""
+    import json
+
+    from tests.conftest import DATA
+    from kandinsky.schedulers import scheduler_from_config
+
+    config = json.loads((DATA / folder / "scheduler" / "scheduler_config.json").read_text())
+    schedule = scheduler_from_config(config, kind=name)
+    shape = (2, 16) if name == "unclip" else (2, 4, 8, 8)
+    scale = 8.0 if name == "unclip" else 1.0
+
+    def model(x, t):
+        return scale * torch.tanh(x + float(t) / 1000)
+
+    x_T = torch.randn(shape, generator=gen(30))
+    plan = samplers.make_plan(name, schedule, 7)
+    seen = []
+    ours = samplers.sample(name, lambda x, t, step: samplers.Guided(model(x, t)), x_T.clone(), plan,
+                           generator=gen(31), callback=lambda s: seen.append(s.x.clone()))
+    ref = getattr(diffusers, cls).from_config(config)
+    ref.set_timesteps(7)
+    x, g, expected = x_T.clone(), gen(31), []
+    timesteps = ref.timesteps
+    for i, t in enumerate(timesteps):
+        kwargs = {"prev_timestep": timesteps[i + 1] if i + 1 < len(timesteps) else None} if name == "unclip" else {}
+        x = ref.step(model(x, t), t, x, generator=g, **kwargs).prev_sample
+        expected.append(x)
+    assert torch.equal(plan.timesteps, timesteps.cpu())
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected)) and torch.equal(ours, x)

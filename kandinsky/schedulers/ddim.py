@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from kandinsky.config import ComponentConfig
+from kandinsky.sampling.formulas import x0_from_eps
 from kandinsky.schedulers.common import Scheduler, make_betas, randn, require
 from kandinsky.schedulers.ddpm import (
     _FIXED,
@@ -99,7 +100,7 @@ class DDIMScheduler(Scheduler):
         beta_bar_t = 1 - alpha_bar_t
 
         # 1. Estimates of x_0 and of the noise: x_0 = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t).
-        pred_x0 = (sample - beta_bar_t**0.5 * model_output) / alpha_bar_t**0.5
+        pred_x0 = x0_from_eps(sample, model_output, alpha_bar_t)
         pred_eps = model_output  # kept unclipped, as the reference does by default
         if self.config.clip_sample:
             r = self.config.clip_sample_range

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.sampling.formulas import posterior_mean, posterior_variance, x0_from_eps
 from kandinsky.schedulers.common import Scheduler, make_betas, randn, require, require_type
 
 
@@ -132,29 +133,21 @@ class DDPMScheduler(Scheduler):
         # 1. Noise levels of the jump t -> prev_t; its alpha is alpha_bar_t / alpha_bar_prev.
         alpha_bar_t = self._alpha_bar(t, self.one)
         alpha_bar_prev = self._alpha_bar(prev_t, self.one)
-        beta_bar_t = 1 - alpha_bar_t
-        beta_bar_prev = 1 - alpha_bar_prev
         alpha = alpha_bar_t / alpha_bar_prev
         beta = 1 - alpha
 
-        # 2. Estimate of x_0 from the predicted noise (DDPM eq. 15):
-        #    x_0 = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t)
-        pred_x0 = (sample - beta_bar_t**0.5 * model_output) / alpha_bar_t**0.5
+        # 2. Estimate of x_0 from the predicted noise (DDPM eq. 15), clipped if the config says so.
+        pred_x0 = x0_from_eps(sample, model_output, alpha_bar_t)
         if self.config.clip_sample:
             r = self.config.clip_sample_range
             pred_x0 = pred_x0.clamp(-r, r)
 
-        # 3. Mean of the posterior q(x_prev | x_t, x_0) (DDPM eq. 7):
-        #    mu = sqrt(alpha_bar_prev) * beta / (1 - alpha_bar_t) * x_0
-        #       + sqrt(alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * x_t
-        coef_x0 = (alpha_bar_prev**0.5 * beta) / beta_bar_t
-        coef_xt = alpha**0.5 * beta_bar_prev / beta_bar_t
-        prev_sample = coef_x0 * pred_x0 + coef_xt * sample
+        # 3. Mean of the posterior q(x_prev | x_t, x_0) (DDPM eq. 7).
+        prev_sample = posterior_mean(pred_x0, sample, alpha_bar_t, alpha_bar_prev, beta, alpha)
 
-        # 4. Add noise with the posterior variance ("fixed_small", DDPM eq. 7):
-        #    var = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta, floored at 1e-20.
+        # 4. Add noise with the posterior variance ("fixed_small"), floored at 1e-20.
         if t > 0:
             noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
-            variance = torch.clamp(beta_bar_prev / beta_bar_t * beta, min=1e-20)
+            variance = torch.clamp(posterior_variance(alpha_bar_t, alpha_bar_prev, beta), min=1e-20)
             prev_sample = prev_sample + variance**0.5 * noise
         return prev_sample

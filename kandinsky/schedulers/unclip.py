@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.sampling.formulas import posterior_mean, posterior_variance, x0_from_eps
 from kandinsky.schedulers.common import Scheduler, cosine_betas, randn, require, require_type
 
 
@@ -86,8 +87,6 @@ class UnCLIPScheduler(Scheduler):
         #    re-derived from alpha_bar: 1 - beta = alpha_bar_t / alpha_bar_prev.
         alpha_bar_t = self._alpha_bar(t, self.one)
         alpha_bar_prev = self._alpha_bar(prev_t, self.one)
-        beta_bar_t = 1 - alpha_bar_t
-        beta_bar_prev = 1 - alpha_bar_prev
         if prev_t == t - 1:
             beta = self.betas[t]
             alpha = self.alphas[t]
@@ -97,25 +96,20 @@ class UnCLIPScheduler(Scheduler):
 
         # 2. Estimate of x_0 (DDPM eq. 15 when the model predicts the noise), then clip it.
         if self.config.prediction_type == "epsilon":
-            pred_x0 = (sample - beta_bar_t**0.5 * model_output) / alpha_bar_t**0.5
+            pred_x0 = x0_from_eps(sample, model_output, alpha_bar_t)
         else:  # "sample"
             pred_x0 = model_output
         if self.config.clip_sample:
             r = self.config.clip_sample_range
             pred_x0 = torch.clamp(pred_x0, -r, r)
 
-        # 3. Mean of the posterior q(x_prev | x_t, x_0) (DDPM eq. 7):
-        #    mu = sqrt(alpha_bar_prev) * beta / (1 - alpha_bar_t) * x_0
-        #       + sqrt(alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar_t) * x_t
-        coef_x0 = (alpha_bar_prev**0.5 * beta) / beta_bar_t
-        coef_xt = alpha**0.5 * beta_bar_prev / beta_bar_t
-        prev_sample = coef_x0 * pred_x0 + coef_xt * sample
+        # 3. Mean of the posterior q(x_prev | x_t, x_0) (DDPM eq. 7).
+        prev_sample = posterior_mean(pred_x0, sample, alpha_bar_t, alpha_bar_prev, beta, alpha)
 
-        # 4. Add noise with the posterior variance ("fixed_small"):
-        #    var = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta, std = exp(log(max(var, 1e-20)) / 2).
+        # 4. Add noise with the posterior variance ("fixed_small"), std = exp(log(max(var, 1e-20)) / 2).
         if t > 0:
             noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
-            variance = beta_bar_prev / beta_bar_t * beta
+            variance = posterior_variance(alpha_bar_t, alpha_bar_prev, beta)
             std = torch.exp(0.5 * torch.log(torch.clamp(variance, min=1e-20)))
             prev_sample = prev_sample + std * noise
         return prev_sample
