@@ -17,7 +17,7 @@ import torch
 from kandinsky.hub import DEFAULT_DECODER, prior_from_model_card, resolve
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
-from kandinsky.pipelines.stepping import check_device
+from kandinsky.pipelines.stepping import check_device, to_arguments
 from kandinsky.pipelines.tasks import PRIOR_OPTIONS, PROMPT_TASKS
 
 
@@ -67,8 +67,7 @@ class Kandinsky:
         )
 
     def to(self, device=None, dtype=None) -> "Kandinsky":
-        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), the diffusers idiom
-            device, dtype = None, device
+        device, dtype = to_arguments(device, dtype)  # pipe.to(torch.float16) works too
         self.prior.to(device=device, dtype=dtype)
         self.decoder.to(device=device, dtype=dtype)
         return self

@@ -59,7 +59,7 @@ from kandinsky.pipelines.images import (
     normalize,
 )
 from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
-from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking
+from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking, to_arguments
 from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser
@@ -264,8 +264,7 @@ class DecoderPipeline:
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "DecoderPipeline":
-        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), the diffusers idiom
-            device, dtype = None, device
+        device, dtype = to_arguments(device, dtype)  # pipe.to(torch.float16) works too
         self.unet.to(device=device, dtype=dtype)
         self.movq.to(device=device, dtype=dtype)
         return self

@@ -115,15 +115,17 @@ def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
         if t.dtype not in _INTEGER_RANGE:
             raise TypeError(f"{what}: integer images must be uint8 (0..255) or uint16 (0..65535), got {t.dtype}.")
         return t.float() / _INTEGER_RANGE[t.dtype]
-    t = t.float()
+    return _unit_range(t.float(), f"{what}: the image", f"{what}: float image values",
+                       "For a [-1, 1] image pass (x + 1) / 2; for 0..255 values use uint8 or divide by 255.")
+
+
+def _unit_range(t: torch.Tensor, it: str, values: str, fix: str) -> torch.Tensor:
+    """``t`` itself if finite and in [0, 1]; else an error naming ``it`` / ``values`` and the ``fix``."""
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what}: the image holds NaN or inf values; pass finite values in [0, 1].")
+        raise ValueError(f"{it} holds NaN or inf values; pass finite values in [0, 1].")
     lo, hi = t.min().item(), t.max().item()
     if lo < 0 or hi > 1:
-        raise ValueError(
-            f"{what}: float image values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]. "
-            "For a [-1, 1] image pass (x + 1) / 2; for 0..255 values use uint8 or divide by 255."
-        )
+        raise ValueError(f"{values} must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]. {fix}")
     return t
 
 
@@ -242,16 +244,8 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
     elif t.ndim != 4 or t.shape[1] != 1:
         raise ValueError(f"{what}: masks are (H, W), (B, H, W), (B, 1, H, W), or colour (H, W, 3) numpy / "
                          f"(3, H, W) torch; got shape {shape}.")
-    t = t.float()
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what}: the mask holds NaN or inf values; pass values in [0, 1] (1 = repaint).")
-    lo, hi = t.min().item(), t.max().item()
-    if lo < 0 or hi > 1:
-        raise ValueError(
-            f"{what}: mask values must lie in [0, 1] (1 = repaint, 0 = keep), got [{lo:.3g}, {hi:.3g}]. "
-            "For a 0/255 mask divide by 255 (or pass a PIL image)."
-        )
-    return t
+    return _unit_range(t.float(), f"{what}: the mask", f"{what}: mask values (1 = repaint, 0 = keep)",
+                       "For a 0/255 mask divide by 255 (or pass a PIL image).")
 
 
 def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch.Tensor:

@@ -36,7 +36,7 @@ from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.config import ConfigError
 from kandinsky.hub import resolve
 from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
-from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking
+from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking, to_arguments
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import PriorDenoiser
 from kandinsky.sampling.trajectory import Trajectory
@@ -169,8 +169,7 @@ class PriorPipeline:
         return self.prior.config.clip_dim
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "PriorPipeline":
-        if isinstance(device, torch.dtype) and dtype is None:  # pipe.to(torch.float16), the diffusers idiom
-            device, dtype = None, device
+        device, dtype = to_arguments(device, dtype)  # pipe.to(torch.float16) works too
         for model in (self.prior, self.text_encoder, self.image_encoder):
             model.to(device=device, dtype=dtype)
         return self

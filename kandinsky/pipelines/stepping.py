@@ -130,3 +130,10 @@ def finite_guard(state):
             "guidance scale. No picture was written."
         )
     return None
+
+
+def to_arguments(device, dtype):
+    """``pipe.to(torch.float16)`` (the diffusers idiom) means a dtype, not a device."""
+    if isinstance(device, torch.dtype) and dtype is None:
+        return None, device
+    return device, dtype
