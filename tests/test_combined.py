@@ -201,6 +201,44 @@ def test_controlnet(prior, controlnet):
     assert rel_err(got, exp) < TOL
 
 
+def test_controlnet_img2img(prior, controlnet):
+    """controlnet_img2img (new at the prompt level) = the reference prior, then the reference's
+    controlnet img2img pipeline, one generator."""
+    import diffusers
+
+    ours, decoder_ref = controlnet
+    prior_ref = prior[1]
+    hint = torch.rand(1, 3, 64, 64, generator=gen(12))
+    image = rgb(12)
+    g = gen(13)
+    embeds, negative = prior_ref("a robot", num_inference_steps=2, generator=g, return_dict=False)
+    ref = diffusers.KandinskyV22ControlnetImg2ImgPipeline(**decoder_ref.components)
+    ref.set_progress_bar_config(disable=True)
+    exp = ref(image_embeds=embeds, negative_image_embeds=negative, image=image, hint=hint, strength=0.5,
+              generator=g, num_inference_steps=2, output_type="np", **SIZE).images
+    got = ours.controlnet_img2img("a robot", image, hint, strength=0.5, generator=gen(13), output_type="np",
+                                  progress=False, **SIZE, **STEPS).images
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+
+
+def test_emb2emb(text2img):
+    """emb2emb (new at the prompt level) = the reference's KandinskyV22PriorEmb2EmbPipeline, then its
+    decoder, one generator."""
+    import diffusers
+
+    ours, ref = text2img
+    image = rgb(14, size=48)
+    g = gen(15)
+    emb2emb = diffusers.KandinskyV22PriorEmb2EmbPipeline(**ref.prior_pipe.components)
+    emb2emb.set_progress_bar_config(disable=True)
+    out = emb2emb("a red cat", image, strength=0.5, num_inference_steps=4, generator=g)
+    exp = unit(ref.decoder_pipe(image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
+                                generator=g, num_inference_steps=2, output_type="pt", **SIZE).images)
+    got = ours.emb2emb("a red cat", image, prior_strength=0.5, prior_num_inference_steps=4, num_inference_steps=2,
+                       generator=gen(15), output_type="pt", progress=False, **SIZE).images
+    assert rel_err(got, exp) < TOL
+
+
 # --------------------------------------------------------------------------- loading
 def _decoder_with_card(src, dst, card: str | None):
     """A decoder folder (links to ``src``'s files) with the model card ``card`` (README.md)."""
