@@ -112,7 +112,7 @@ def check_generator(generator, batch: int, what: str) -> None:
                         f"of them, got {got}; to seed, pass torch.Generator().manual_seed(seed).")
     if isinstance(generator, list) and len(generator) not in (1, batch):
         raise ValueError(f"got a list of {len(generator)} generators for {batch} {what}: pass one generator, or "
-                         "one per row.")
+                         "one generator per row.")
 
 
 def check_finite_tensor(x: torch.Tensor, name: str) -> None:
