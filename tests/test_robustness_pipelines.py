@@ -195,3 +195,30 @@ def test_pipe_to_dtype_and_devices(demo, monkeypatch):
             Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"], device=device)
         with pytest.raises(ValueError, match="device"):
             PriorPipeline.from_pretrained(demo["prior"], device=device)
+
+
+# --------------------------------------------------------------------------- --lora on every task
+def test_cli_lora(cached_demo, demo, tmp_path, capsys):
+    """`--lora FILE[:SCALE]` applies an adapter to the decoder's UNet: scale 0 gives the plain picture,
+    another scale changes it, two flags stack; a missing file stops before any work."""
+    from kandinsky.lora import add_lora, save_lora
+    from weights_convert import load_component
+
+    unet = load_component(demo["decoder"] / "unet")
+    for p in add_lora(unet, rank=2):
+        torch.nn.init.normal_(p, std=0.5)  # up is zero-initialised: give the adapter an effect
+    save_lora(unet, tmp_path / "style")
+
+    def run(*extra):
+        out = tmp_path / f"o{len(list(tmp_path.glob('o*.png')))}.png"
+        assert main(["text2img", "--demo", "a", "-o", str(out), *FAST, *extra]) == 0, capsys.readouterr().err
+        return np.asarray(PIL.Image.open(out), dtype=int)
+
+    plain = run()
+    assert np.array_equal(run("--lora", f"{tmp_path / 'style'}:0"), plain)
+    half = run("--lora", f"{tmp_path / 'style'}:0.5")
+    assert np.abs(half - plain).max() > 2
+    assert np.abs(run("--lora", f"{tmp_path / 'style'}:0.5", "--lora", f"{tmp_path / 'style'}:0.5") - half).max() > 2
+    with pytest.raises(SystemExit) as e:
+        main(["text2img", "--demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "nope"), *FAST])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
