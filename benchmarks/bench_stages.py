@@ -153,6 +153,18 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> dict:
 
 LOAD_CHILD = r"""
 import json, resource, sys, time, torch
+
+def peak_rss_kib():
+    # VmHWM: this process's own high-water mark (ru_maxrss of an exec'd child starts at its
+    # parent's RSS at fork time, which here holds the models that wrote the checkpoint)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
 which, folder, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 if which == "ours":
     from weights_convert import build_model, load_component, read_config
@@ -161,7 +173,7 @@ if which == "ours":
 else:
     import diffusers, transformers
     cls = getattr(diffusers, kind, None) or getattr(transformers, kind)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 t = time.perf_counter()
 if which == "ours":
     model = load_component(folder, dtype=torch.float16)
@@ -172,7 +184,7 @@ seconds = time.perf_counter() - t
 for p in list(model.parameters()) + list(model.buffers()):
     float(p.detach().reshape(-1)[::512].float().sum())
 touched = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_rss_kib()
 print(json.dumps({"seconds": seconds, "touched": touched, "rss_mib": (peak - before) / 1024, "peak_mib": peak / 1024}))
 """
 
