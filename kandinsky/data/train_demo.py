@@ -136,7 +136,7 @@ INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 
 # stage: (share of --minutes, batch size, learning rate)
 STAGES = {  # shares of the time the shipped weights trained (minutes of wall-clock on a loaded machine)
-    "clip": (0.12, 128, 2e-3),
+    "clip": (0.12, 128, 1e-3),
     "movq": (0.17, 16, 1e-3),
     "movq_decoder": (0.15, 8, 3e-4),
     "prior": (0.18, 128, 5e-4),
@@ -205,12 +205,14 @@ def write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def batch(seed: int, start: int, n: int, p_part: float = 0.5):
-    """Examples start .. start+n of data set ``seed`` -> (pictures (n, 3, 64, 64) in [-1, 1], captions)."""
+def batch(seed: int, start: int, n: int, p_part: float = 0.5, with_scenes: bool = False):
+    """Examples start .. start+n of data set ``seed`` -> (pictures (n, 3, 64, 64) in [-1, 1], captions
+    [, scenes])."""
     examples = [shapes.example(seed, i, IMAGE_SIZE, p_part) for i in range(start, start + n)]
     pixels = np.stack([np.asarray(ex.image) for ex in examples])  # (n, 64, 64, 3) uint8
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, 64, 64)
-    return images, [ex.text for ex in examples]
+    captions = [ex.text for ex in examples]
+    return (images, captions, [ex.scene for ex in examples]) if with_scenes else (images, captions)
 
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -282,25 +284,40 @@ def build(name: str, **overrides):
     return build_model({**CONFIGS[name], **overrides})
 
 
+ATTRIBUTE_VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
+                    "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
+
+
 def train_clip(models, clock, log, save, seed):
+    """Contrastive (InfoNCE) loss, plus linear attribute heads on the image embedding (dropped after
+    training): in a batch, captions that differ only in position or shape are rare, so contrast
+    alone leaves those out of the embedding the decoder is conditioned on."""
     text, image, tokenizer = models["text_encoder"], models["image_encoder"], models["tokenizer"]
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(EMBED, len(v)) for name, v in ATTRIBUTE_VALUES.items()})
     n = STAGES["clip"][1]
 
     def loss_fn(step):
-        images, captions = batch(seed, step * n, n, p_part=0.8)
+        images, captions, scenes = batch(seed, step * n, n, p_part=0.8, with_scenes=True)
         ids, mask = tokenizer(captions)
         t = F.normalize(text(ids, mask).text_embeds, dim=-1)  # (n, D)
-        i = F.normalize(image(clip_pixels(images)), dim=-1)  # (n, D)
+        embeds = image(clip_pixels(images))  # (n, D)
+        i = F.normalize(embeds, dim=-1)
         logits = logit_scale.clamp(max=math.log(100)).exp() * t @ i.T  # (n, n)
         # captions that say the same thing are all right answers
         same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        labels = {name: torch.tensor([values.index(getattr(s, name)) for s in scenes])
+                  for name, values in ATTRIBUTE_VALUES.items()}
+        attributes = sum(F.cross_entropy(heads[name](embeds), labels[name]) for name in heads)
         accuracy = (logits.argmax(1) == torch.arange(n)).float().mean()
-        return loss, {"loss": loss.item(), "acc": accuracy.item()}
+        position = (heads["position"](embeds).argmax(1) == labels["position"]).float().mean()
+        loss = contrastive + attributes
+        return loss, {"loss": contrastive.item(), "acc": accuracy.item(), "attr": attributes.item(),
+                      "pos_acc": position.item()}
 
-    params = list(text.parameters()) + list(image.parameters()) + [logit_scale]
+    params = list(text.parameters()) + list(image.parameters()) + [logit_scale] + list(heads.parameters())
     train("clip", params, loss_fn, clock, log, lambda _: save(["text_encoder", "image_encoder"]))
 
 
