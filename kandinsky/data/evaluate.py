@@ -26,6 +26,7 @@ import sys
 from collections import Counter, defaultdict
 
 import numpy as np
+import PIL.Image
 import torch
 
 from kandinsky.data import shapes
@@ -178,7 +179,7 @@ def inpaint_cases(n: int, seed: int):
         x0, y0, x1, y1 = _box(new.position)
         mask[y0:y1, x0:x1] = 255
         prompt = shapes.caption(new, ("size", "position", "background"))
-        cases.append((shapes.render(scene, IMAGE_SIZE), mask, prompt, new))
+        cases.append((shapes.render(scene, IMAGE_SIZE), PIL.Image.fromarray(mask), prompt, new))
     return cases
 
 
@@ -200,7 +201,7 @@ def inpaint_report(prior, inpainter, n=32, seed=0, steps=20, sampler=None, guida
                       image=[c[0] for c in cases], mask_image=[c[1] for c in cases])
     colour_ok, kept = [], []
     for (original, mask, _, new), picture in zip(cases, pictures):
-        inside = mask > 0
+        inside = np.asarray(mask) > 0
         index = palette_indices(to_array(picture))
         background = NAMES.index(new.background)
         shape_pixels = index[inside][index[inside] != background]
