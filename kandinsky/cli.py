@@ -93,6 +93,20 @@ def _save(images, paths) -> tuple[list[Path], str | None]:
         return saved, f"could not write {paths[0]} ({e}); the images were saved to {rescue} instead"
 
 
+def _tile(text: str):
+    """--tile: auto -> None, on -> True, off -> False, N -> N pixels."""
+    named = {"auto": None, "on": True, "off": False}
+    if text.lower() in named:
+        return named[text.lower()]
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, on, off or a tile size in pixels") from None
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"{value} is too small (a tile is at least 64 pixels)")
+    return value
+
+
 def _strength(text: str) -> float:
     try:
         value = float(text)
@@ -140,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--offline", action="store_true",
                         help="use only the local Hugging Face cache (as HF_HUB_OFFLINE=1); no network")
     add_lora_argument(common)
+    common.add_argument("--tile", type=_tile, default=None, metavar="auto|on|off|N",
+                        help="decode with MoVQ in tiles: auto (default: above 1024 x 1024 px), on, off, or a tile "
+                             "size in pixels (bounded memory for large images)")
+    common.add_argument("--offload", choices=("model", "sequential"), default=None,
+                        help="low memory: keep the weights on the CPU and move each component (model) or each layer "
+                             "(sequential) to --device only while it runs")
+    common.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet, the prior and the MoVQ decoder (slow first call, faster steps)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--demo", action="store_true",
                         help="build tiny RANDOM-weight checkpoints on the fly and run offline (the image is noise)")
@@ -344,7 +366,8 @@ def _generate(args) -> int:
     args.prior_steps = 25 if args.prior_steps is None else args.prior_steps
     args.prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
     try:
-        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler,
+        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype,
+                                         device=None if args.offload else device, scheduler=args.scheduler,
                                          revision=args.revision, prior_revision=args.prior_revision,
                                          local_files_only=args.offline)
         needed = checkpoint_for(args.task)
@@ -354,10 +377,16 @@ def _generate(args) -> int:
                              f"{', '.join(pipe.decoder.tasks)}); pass --decoder {CHECKPOINTS[needed]} or a local "
                              f"copy of it, or leave --decoder out.")
         apply_lora_args(pipe, args.lora)
+        if args.offload:
+            from kandinsky.offload import enable_offload
+
+            enable_offload(pipe, mode=args.offload, device=device)
+        if args.compile:
+            pipe.compile()
         generator = torch.Generator().manual_seed(args.seed)
         kwargs = dict(inputs, num_inference_steps=steps, guidance_scale=args.guidance, height=height, width=width,
                       generator=generator, progress=not args.no_progress, num_images_per_prompt=args.num_images,
-                      return_trajectory=args.save_steps is not None)
+                      return_trajectory=args.save_steps is not None, tile=args.tile)
         if task.embeddings in ("prompt", "mix", "emb2emb"):
             kwargs.update(prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
         if task.embeddings in ("prompt", "emb2emb"):

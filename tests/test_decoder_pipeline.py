@@ -394,9 +394,9 @@ def test_bad_masks(inpainter):
         ours.inpaint(e, image, repaint_mask(64, 128), n, **kw)
     with pytest.raises(ValueError, match="same size"):
         ours.inpaint(e, image, PIL.Image.new("L", (32, 32)), n, **kw)
-    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"mask values .*must lie in \[0, 1\]"):
         ours.inpaint(e, image, repaint_mask() * 255, n, **kw)
-    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"mask values .*must lie in \[0, 1\]"):
         ours.inpaint(e, image, torch.from_numpy(repaint_mask()) - 0.5, n, **kw)
     with pytest.raises(ValueError, match="masks are"):
         ours.inpaint(e, image, np.zeros((1, 3, 64, 64), np.float32), n, **kw)

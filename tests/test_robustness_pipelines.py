@@ -222,3 +222,31 @@ def test_cli_lora(cached_demo, demo, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["text2img", "--demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "nope"), *FAST])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- speed and memory flags
+def test_cli_tile_offload_same_picture(cached_demo, tmp_path):
+    """--tile on (tiny tiles), --offload model / sequential: the same picture as a plain run (the
+    demo decodes 64 px, so one 64 px tile covers it: tiling is then exact)."""
+    def run(name, *extra):
+        out = tmp_path / f"{name}.png"
+        assert main(["text2img", "--demo", "a", "-o", str(out), *FAST, *extra]) == 0
+        return np.asarray(PIL.Image.open(out))
+
+    plain = run("plain")
+    assert np.array_equal(run("tile", "--tile", "64"), plain)
+    assert np.array_equal(run("model", "--offload", "model", "--device", "cpu"), plain)
+    assert np.array_equal(run("seq", "--offload", "sequential", "--device", "cpu"), plain)
+    with pytest.raises(SystemExit):
+        main(["text2img", "--demo", "a", "--tile", "big", *FAST])
+
+
+def test_compile_keeps_outputs(demo):
+    """Kandinsky.compile() (here with the eager backend: the same tracing, no C++ build) gives the
+    same latents."""
+    pipe = Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"])
+    kw = dict(output_type="latent", generator=torch.Generator().manual_seed(3), **SMALL)
+    plain = pipe.text2img("a red cat", prior_num_inference_steps=2, **kw).images
+    kw["generator"] = torch.Generator().manual_seed(3)
+    compiled = pipe.compile(backend="eager").text2img("a red cat", prior_num_inference_steps=2, **kw).images
+    assert torch.allclose(compiled, plain, atol=1e-5)

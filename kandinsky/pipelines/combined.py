@@ -66,6 +66,18 @@ class Kandinsky:
             DecoderPipeline.from_pretrained(decoder_folder, dtype=dtype, device=device, scheduler=scheduler),
         )
 
+    def compile(self, **options) -> "Kandinsky":
+        """``torch.compile`` the UNet, the prior (both its cached and plain passes) and the MoVQ decoder
+        (each traces as one graph, no breaks); ``options`` go to torch.compile. The first call of
+        each shape compiles (slow); later calls reuse it. Hooks (kandinsky.capture) need the eager
+        models: load a fresh pipeline for them."""
+        unet, prior, movq = self.decoder.unet, self.prior.prior, self.decoder.movq
+        unet.forward = torch.compile(unet.forward, **options)
+        prior.forward = torch.compile(prior.forward, **options)
+        prior.forward_cached = torch.compile(prior.forward_cached, **options)
+        movq.decoder.forward = torch.compile(movq.decoder.forward, **options)
+        return self
+
     def to(self, device=None, dtype=None) -> "Kandinsky":
         device, dtype = to_arguments(device, dtype)  # pipe.to(torch.float16) works too
         self.prior.to(device=device, dtype=dtype)

@@ -168,6 +168,8 @@ class DecoderPipeline:
     checkpoint to load instead.
     """
 
+    execution_device = None  # set by kandinsky.offload: where tensors go while the weights wait on the CPU
+
     def __init__(self, unet, movq, scheduler, source: str = "this checkpoint", sampler: str | None = None):
         self.unet, self.movq = unet, movq
         self.source = source
@@ -257,7 +259,8 @@ class DecoderPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the pipeline's tensors are made: its weights' device, or the offload target."""
+        return self.execution_device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -350,7 +353,7 @@ class DecoderPipeline:
                                       callback=callback)
         if task == "inpaint":
             latents = keep * image_latents + (1 - keep) * latents  # the kept area exactly as encoded
-        out = self._output(latents, opts["output_type"], size)
+        out = self._output(latents, opts["output_type"], size, tile=opts["tile"])
         out.trajectory = recorder
         return out
 
@@ -512,10 +515,10 @@ class DecoderPipeline:
         hint = self._broadcast(load_images(hint, height, width, "hint", hint=True), n, "hint")  # (n, 3, H, W)
         return hint.repeat_interleave(num_images_per_prompt, dim=0).to(self.device, self.dtype)
 
-    def _output(self, latents: torch.Tensor, output_type: str, size: "Sizes") -> ImageOutput:
+    def _output(self, latents: torch.Tensor, output_type: str, size: "Sizes", tile=None) -> ImageOutput:
         if output_type == "latent":
             return ImageOutput(images=latents)
-        decoded = self.movq.decode(latents, force_not_quantize=True)  # (B, 3, H, W) in ~[-1, 1]
+        decoded = self.movq.decode(latents, force_not_quantize=True, tile=tile)  # (B, 3, H, W) in ~[-1, 1]
         if size.asked != size.generate:  # back to the size asked (bicubic, antialiased)
             decoded = F.interpolate(decoded.float(), size=size.asked, mode="bicubic", antialias=True,
                                     align_corners=False).to(decoded.dtype)

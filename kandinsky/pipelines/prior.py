@@ -108,6 +108,8 @@ class PriorPipeline:
     image_processor/). The components are attributes and can be used on their own.
     """
 
+    execution_device = None  # set by kandinsky.offload: where tensors go while the weights wait on the CPU
+
     def __init__(self, prior, text_encoder, image_encoder, tokenizer, scheduler, image_processor):
         self.prior = prior
         self.text_encoder = text_encoder
@@ -157,7 +159,8 @@ class PriorPipeline:
     # -- where the weights are --------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.prior.clip_mean.device
+        """Where the pipeline's tensors are made: its weights' device, or the offload target."""
+        return self.execution_device or self.prior.clip_mean.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -75,6 +75,7 @@ DECODER_OPTIONS = {
     "progress": True,
     "scheduler": None,  # a sampler name for this call (default: the pipeline's)
     "return_trajectory": False,
+    "tile": None,  # MoVQ decoding in tiles: None = above 1024 x 1024 px, True / False, or a tile size in pixels
 }
 PRIOR_OPTIONS = {
     "prior_guidance_scale": 4.0,
