@@ -7,7 +7,7 @@
     kandinsky interpolate --mix "a red cat" 0.3 --mix cat.png 0.7 -o mix.png
     kandinsky controlnet "a robot" --hint depth.png -o robot.png
     kandinsky text2img "a red cat" --scheduler dpmpp_2m --steps 20 --save-steps steps.png
-    kandinsky text2img --demo "a red cat" -o out.png      (tiny random weights, offline, seconds)
+    kandinsky text2img --demo "a red circle on a blue background" -o out.png   (tiny trained model, offline)
 
 --prior / --decoder take folders or hub ids (defaults: the kandinsky-community repos;
 inpaint and controlnet default to the decoder-inpaint and controlnet-depth repos).
@@ -131,13 +131,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="replace output files that exist (without it an existing file is never overwritten: "
                              "the command stops before any work)")
     common.add_argument("--steps", type=_at_least(1), default=None,
-                        help="decoder steps (default 100; demo 20); see --scheduler for what a step is")
+                        help="decoder steps (default 100; demos 20); see --scheduler for what a step is")
     common.add_argument("--prior-steps", type=_at_least(2), default=None, help="prior steps, at least 2 (default 25)")
     common.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4; <= 1: off)")
     common.add_argument("--prior-guidance", type=float, default=None, help="prior guidance scale (default 4; <= 1: off)")
     common.add_argument("--negative", default=None, help="negative prompt")
     common.add_argument("--width", type=_at_least(1), default=None,
-                        help="image width (default: the input picture's, else 512; demo 256); sizes that are not a "
+                        help="image width (default: the input picture's, else 512; --demo 64, --random-demo 256); sizes not a "
                              "multiple of 64 are generated at the next multiple and resized to the size asked")
     common.add_argument("--height", type=_at_least(1), default=None, help="image height (as --width)")
     common.add_argument("--num-images", type=_at_least(1), default=1, help="images per prompt (default 1)")
@@ -163,8 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet, the prior and the MoVQ decoder (slow first call, faster steps)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_argument("--demo", action="store_true",
-                        help="build tiny RANDOM-weight checkpoints on the fly and run offline (the image is noise)")
+    demo = common.add_mutually_exclusive_group()
+    demo.add_argument("--demo", action="store_true",
+                      help="the tiny model trained on procedural shapes that ships with the package (offline; "
+                           "prompts like 'a large red circle on the left on a blue background', 64 x 64); "
+                           "controlnet tasks, which it has no checkpoint for, use random weights")
+    demo.add_argument("--random-demo", action="store_true",
+                      help="tiny RANDOM-weight checkpoints built on the fly (offline; the picture is noise)")
 
     parser = argparse.ArgumentParser(
         prog="kandinsky", description="Kandinsky 2.2 image generation. `kandinsky TASK --help` for a task's options.",
@@ -338,17 +343,36 @@ def _generate(args) -> int:
         return 2
     dtype = getattr(torch, DTYPES[args.dtype])
 
-    steps = args.steps if args.steps is not None else (20 if args.demo else 100)
+    trained = args.demo and checkpoint_for(args.task) != "controlnet"  # the shapes model has no ControlNet
+    random_weights = args.random_demo or (args.demo and not trained)
+    demo_size = 64 if trained else 256
+    steps = args.steps if args.steps is not None else (20 if args.demo or args.random_demo else 100)
     picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
-    width = args.width if args.width is not None or picture else (256 if args.demo else 512)
-    height = args.height if args.height is not None or picture else (256 if args.demo else 512)
+    width = args.width if args.width is not None or picture else (demo_size if args.demo or args.random_demo else 512)
+    height = args.height if args.height is not None or picture else (demo_size if args.demo or args.random_demo else 512)
 
+    if args.demo or args.random_demo:
+        torch.set_num_threads(1)  # tiny models: more threads only wait on each other (10-100x slower on a busy CPU)
     tmp = None
-    if args.demo:
+    if trained:
+        from kandinsky.data import demo_folders
+
+        try:
+            folders = demo_folders()
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("DEMO: tiny model trained on procedural shapes (kandinsky/demo_weights): it knows circles, squares "
+              "and triangles in 8 colours, 2 sizes and 5 positions, at 64 x 64.", file=sys.stderr)
+        prior = args.prior or folders["prior"]
+        decoder = args.decoder or folders[checkpoint_for(args.task)]
+    elif random_weights:
         from kandinsky.demo import build_demo_checkpoints
 
         tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
-        print("DEMO: building tiny checkpoints with RANDOM weights (the image will be noise) ...", file=sys.stderr)
+        why = " (the shapes model has no ControlNet)" if args.demo else ""
+        print(f"DEMO: building tiny checkpoints with RANDOM weights{why} (the image will be noise) ...",
+              file=sys.stderr)
         folders = build_demo_checkpoints(tmp.name, seed=args.seed)
         prior = args.prior or folders["prior"]
         decoder = args.decoder or folders[DEMO_FOLDERS[checkpoint_for(args.task)]]
@@ -411,7 +435,7 @@ def _generate(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    label = " (RANDOM demo weights)" if args.demo else ""
+    label = " (tiny shapes model)" if trained else " (RANDOM demo weights)" if random_weights else ""
     print(f"wrote {', '.join(map(str, paths))}{label} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -6,6 +6,7 @@ same ``kandinsky.demo.build_demo_checkpoints``) and hands the CLI those folders.
 """
 from __future__ import annotations
 
+import pathlib
 import shutil
 import subprocess
 
@@ -71,7 +72,7 @@ def pixels(path) -> np.ndarray:
 def test_text2img_demo_end_to_end(tmp_path, capsys):
     """The real --demo path: checkpoints built on the fly in a temporary folder."""
     out = tmp_path / "tmp" / "out.png"
-    assert main(["text2img", "--demo", "a red cat", "-o", str(out), *FAST]) == 0
+    assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), *FAST]) == 0
     image = PIL.Image.open(out)
     assert image.format == "PNG" and image.mode == "RGB" and image.size == (64, 64)
     assert pixels(out).std() > 0  # not a blank picture
@@ -103,7 +104,7 @@ def test_every_task_with_demo(task, cached_demo, inputs, tmp_path, capsys):
             for a in TASKS[task]]
     out = tmp_path / f"{task}.png"
     fast = NO_PRIOR if task == "variations" else FAST  # variations runs no prior: its flags are refused
-    assert main([task, "--demo", "-o", str(out), *fast, *args]) == 0
+    assert main([task, "--random-demo", "-o", str(out), *fast, *args]) == 0
     assert cached_demo == [0]
     width = 128 if task == "img2img" else 64
     assert PIL.Image.open(out).size == (width, 64)
@@ -113,7 +114,7 @@ def test_every_task_with_demo(task, cached_demo, inputs, tmp_path, capsys):
 
 def test_num_images(cached_demo, tmp_path):
     out = tmp_path / "out.png"
-    assert main(["text2img", "--demo", "a red cat", "-o", str(out), "--num-images", "2", *FAST]) == 0
+    assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), "--num-images", "2", *FAST]) == 0
     assert not out.exists()
     first, second = pixels(tmp_path / "out-0.png"), pixels(tmp_path / "out-1.png")
     assert first.shape == second.shape == (64, 64, 3)
@@ -123,7 +124,7 @@ def test_num_images(cached_demo, tmp_path):
 def test_seed_determinism(cached_demo, tmp_path):
     def run(seed: int, name: str) -> np.ndarray:
         out = tmp_path / name
-        assert main(["text2img", "--demo", "a red cat", "-o", str(out), "--seed", str(seed), *FAST]) == 0
+        assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), "--seed", str(seed), *FAST]) == 0
         return pixels(out)
 
     a, b, c = run(0, "a.png"), run(0, "b.png"), run(1, "c.png")
@@ -136,7 +137,7 @@ def test_cli_equals_python_api(cached_demo, demo_folders, tmp_path):
     """The CLI's flags map onto Kandinsky's arguments: same seed, same pixels."""
     out = tmp_path / "out.png"
     flags = ["--negative", "blurry", "--guidance", "3", "--prior-guidance", "2", "--num-images", "2"]
-    assert main(["text2img", "--demo", "a red cat", "-o", str(out), "--seed", "0", *FAST, *flags]) == 0
+    assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), "--seed", "0", *FAST, *flags]) == 0
 
     pipe = Kandinsky.from_pretrained(demo_folders(0)["decoder"])  # the prior: from the demo's model card
     images = pipe.text2img(
@@ -151,11 +152,11 @@ def test_cli_equals_python_api(cached_demo, demo_folders, tmp_path):
 # --------------------------------------------------------------------------- errors
 def test_missing_image_file(cached_demo, tmp_path, capsys):
     missing = tmp_path / "nope.png"
-    assert main(["img2img", "--demo", "a cat", "--image", str(missing), "-o", str(tmp_path / "o.png"), *FAST]) == 2
+    assert main(["img2img", "--random-demo", "a cat", "--image", str(missing), "-o", str(tmp_path / "o.png"), *FAST]) == 2
     assert f"no such image file: '{missing}'" in capsys.readouterr().err
     assert cached_demo == []  # failed before building anything
     # an --mix item that names a missing image file is an error, not a prompt
-    assert main(["interpolate", "--demo", "--mix", "cat", "1", "--mix", str(missing), "1", *FAST]) == 2
+    assert main(["interpolate", "--random-demo", "--mix", "cat", "1", "--mix", str(missing), "1", *FAST]) == 2
     assert "no such image file" in capsys.readouterr().err
 
 
@@ -171,7 +172,7 @@ def test_hub_id_offline(monkeypatch, tmp_path, capsys):
 
 def test_inpaint_on_a_decoder_that_cannot(cached_demo, demo_folders, inputs, tmp_path, capsys):
     decoder = demo_folders(0)["decoder"]
-    code = main(["inpaint", "--demo", "a hat", "--image", str(inputs / "image.png"), "--mask",
+    code = main(["inpaint", "--random-demo", "a hat", "--image", str(inputs / "image.png"), "--mask",
                  str(inputs / "mask.png"), "--decoder", str(decoder), "-o", str(tmp_path / "o.png"), *FAST])
     assert code == 2
     assert "pass --decoder kandinsky-community/kandinsky-2-2-decoder-inpaint" in capsys.readouterr().err
@@ -194,3 +195,20 @@ def test_console_script_help():
     assert result.returncode == 0
     for task in ("text2img", "img2img", "inpaint", "variations", "interpolate", "controlnet"):
         assert task in result.stdout
+
+
+@pytest.mark.skipif(not (pathlib.Path(__file__).parents[1] / "kandinsky" / "demo_weights" / "prior").is_dir(),
+                    reason="no shipped demo weights")
+def test_demo_draws_what_the_prompt_says(tmp_path, capsys):
+    """The README's first command: `--demo` runs the shipped tiny model trained on shapes (offline)
+    and the picture has the prompted colours (checked by the shapes analyser)."""
+    from kandinsky.data.analyse import analyse
+
+    out = tmp_path / "demo.png"
+    assert main(["text2img", "--demo", "a red circle on a blue background", "-o", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "trained on procedural shapes" in err and "RANDOM" not in err
+    picture = PIL.Image.open(out)
+    assert picture.size == (64, 64)
+    found = analyse(picture)
+    assert (found.colour, found.background) == ("red", "blue")

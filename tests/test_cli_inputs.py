@@ -71,7 +71,7 @@ def test_console_script_demo_fresh_process(tmp_path):
     # work torch's spinning worker threads can make them many times slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    result = subprocess.run([exe, "text2img", "--demo", "a red cat", "-o", "out.png"], cwd=tmp_path, env=env,
+    result = subprocess.run([exe, "text2img", "--random-demo", "a red cat", "-o", "out.png"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
@@ -89,7 +89,7 @@ def test_help_of_every_subcommand(task, capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert f"kandinsky {task}" in text and "examples:" in text and f"{task} inputs:" in text
-    assert "--demo" in text and "--scheduler" in text and "--dtype" in text
+    assert "--random-demo" in text and "--scheduler" in text and "--dtype" in text
     task_options = {"img2img": ["--image", "--strength", "(0, 1]"], "inpaint": ["--mask", "white = repaint"],
                     "variations": ["--image"], "interpolate": ["--mix"], "controlnet": ["--hint", "depth"],
                     "text2img": ["what to paint"], "emb2emb": ["--image", "--prior-strength"],
@@ -103,7 +103,7 @@ def test_help_of_every_subcommand(task, capsys):
                                                      (["--scheduler", "ddim"], None, "ddim")])
 def test_dtype_and_scheduler_flags_equal_python_api(flags, dtype, scheduler, cached_demo, demo, tmp_path):
     out = tmp_path / "out.png"
-    assert main(["text2img", "--demo", "a red cat", "-o", str(out), *FAST, *flags]) == 0
+    assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), *FAST, *flags]) == 0
     pipe = Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"], dtype=dtype, scheduler=scheduler)
     assert pipe.decoder.dtype == (dtype or torch.float32)
     assert type(pipe.decoder.scheduler).__name__ == ("DDIMScheduler" if scheduler else "DDPMScheduler")
@@ -122,7 +122,7 @@ def test_dtype_and_scheduler_flags_equal_python_api(flags, dtype, scheduler, cac
 ])
 def test_bad_numbers_refused_by_the_parser(flags, message, cached_demo, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["text2img", "--demo", "a red cat", *flags])
+        main(["text2img", "--random-demo", "a red cat", *flags])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert cached_demo == []
@@ -130,19 +130,19 @@ def test_bad_numbers_refused_by_the_parser(flags, message, cached_demo, capsys):
 
 def test_bad_strength_refused(cached_demo, capsys):
     with pytest.raises(SystemExit):
-        main(["img2img", "--demo", "a red cat", "--image", "x.png", "--strength", "1.5"])
+        main(["img2img", "--random-demo", "a red cat", "--image", "x.png", "--strength", "1.5"])
     assert "--strength: 1.5 is not in (0, 1]" in capsys.readouterr().err
 
 
 def test_bad_devices_refused_before_building(cached_demo, tmp_path, capsys):
     out = str(tmp_path / "o.png")
-    assert main(["text2img", "--demo", "a cat", "-o", out, "--device", "nodevice"]) == 2
+    assert main(["text2img", "--random-demo", "a cat", "-o", out, "--device", "nodevice"]) == 2
     assert "not a device name" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(["text2img", "--demo", "a cat", "-o", out, "--device", "cuda"]) == 2
+        assert main(["text2img", "--random-demo", "a cat", "-o", out, "--device", "cuda"]) == 2
         assert "has no cuda device" in capsys.readouterr().err
     else:
-        assert main(["text2img", "--demo", "a cat", "-o", out, "--device", f"cuda:{torch.cuda.device_count()}"]) == 2
+        assert main(["text2img", "--random-demo", "a cat", "-o", out, "--device", f"cuda:{torch.cuda.device_count()}"]) == 2
         assert "cuda device(s)" in capsys.readouterr().err
     assert cached_demo == []
 
@@ -156,7 +156,7 @@ def test_pictures_read_like_the_python_api(cached_demo, demo, tmp_path):
     rgba[:10, :, 3] = 0  # a transparent band storing random colours
     PIL.Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
     no_prior = ["--width", "64", "--height", "64", "--steps", "2", "--no-progress", "--device", "cpu"]  # no prior
-    assert main(["variations", "--demo", "--image", str(tmp_path / "rgba.png"), "-o", str(tmp_path / "v.png"),
+    assert main(["variations", "--random-demo", "--image", str(tmp_path / "rgba.png"), "-o", str(tmp_path / "v.png"),
                  *no_prior]) == 0
     pipe = Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"])
     expected = pipe.variations(PIL.Image.fromarray(rgba, mode="RGBA"), generator=torch.Generator().manual_seed(0),
@@ -168,7 +168,7 @@ def test_pictures_read_like_the_python_api(cached_demo, demo, tmp_path):
 
     depth = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     PIL.Image.fromarray(depth).save(tmp_path / "depth.png")
-    assert main(["controlnet", "--demo", "a robot", "--hint", str(tmp_path / "depth.png"), "-o",
+    assert main(["controlnet", "--random-demo", "a robot", "--hint", str(tmp_path / "depth.png"), "-o",
                  str(tmp_path / "c.png"), *FAST]) == 0
     depth_pipe = Kandinsky.from_pretrained(demo["controlnet-depth"], prior=demo["prior"])
     hint = torch.from_numpy(depth.astype(np.float32) / 65535)[None]  # (1, H, W) in [0, 1]
@@ -179,7 +179,7 @@ def test_pictures_read_like_the_python_api(cached_demo, demo, tmp_path):
     exif = PIL.Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     PIL.Image.fromarray(photo).save(tmp_path / "photo.png", exif=exif)
-    assert main(["img2img", "--demo", "a cat", "--image", str(tmp_path / "photo.png"), "--strength", "0.5",
+    assert main(["img2img", "--random-demo", "a cat", "--image", str(tmp_path / "photo.png"), "--strength", "0.5",
                  "-o", str(tmp_path / "i.png"), *FAST, "--width", "64", "--height", "128", "--steps", "4"]) == 0
     upright = PIL.Image.fromarray(np.rot90(photo, k=-1).copy())  # 128 high, 64 wide, as viewers show it
     expected = pipe.img2img("a cat", upright, strength=0.5, generator=torch.Generator().manual_seed(0),

@@ -50,23 +50,23 @@ def embeds(pipe, n=1):
 def test_existing_output_is_not_overwritten(cached_demo, tmp_path, capsys):
     out = tmp_path / "o.png"
     out.write_bytes(b"my picture")
-    assert main(["text2img", "--demo", "a", "-o", str(out), *FAST]) == 2
+    assert main(["text2img", "--random-demo", "a", "-o", str(out), *FAST]) == 2
     assert out.read_bytes() == b"my picture"
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["text2img", "--demo", "a", "-o", str(out), "--overwrite", *FAST]) == 0
+    assert main(["text2img", "--random-demo", "a", "-o", str(out), "--overwrite", *FAST]) == 0
     assert PIL.Image.open(out).size == (64, 64)
 
 
 def test_unwritable_outputs_fail_before_work(cached_demo, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(Kandinsky, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
-    assert main(["text2img", "--demo", "a", "-o", str(tmp_path / "file" / "o.png"), *FAST]) == 2
+    assert main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "file" / "o.png"), *FAST]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     (tmp_path / "dir.png").mkdir()
-    assert main(["text2img", "--demo", "a", "-o", str(tmp_path / "dir.png"), *FAST]) == 2
+    assert main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "dir.png"), *FAST]) == 2
     assert "is a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["text2img", "--demo", "a", "--seed", str(2**64), *FAST])
+        main(["text2img", "--random-demo", "a", "--seed", str(2**64), *FAST])
     assert e.value.code == 2 and "64-bit" in capsys.readouterr().err
 
 
@@ -75,7 +75,7 @@ def test_failed_save_rescues_the_images(cached_demo, tmp_path, capsys, monkeypat
 
     target = tmp_path / "gone" / "o.png"
     monkeypatch.setattr(cli, "_check_writable", lambda paths, overwrite: (tmp_path / "gone").write_text("now a file"))
-    assert main(["text2img", "--demo", "a", "-o", str(target), *FAST]) == 1
+    assert main(["text2img", "--random-demo", "a", "-o", str(target), *FAST]) == 1
     err = capsys.readouterr().err
     assert "saved to" in err
     rescued = err.rsplit("saved to ", 1)[1].split(" instead")[0]
@@ -85,7 +85,7 @@ def test_failed_save_rescues_the_images(cached_demo, tmp_path, capsys, monkeypat
 def test_cli_flags_and_checkpoints(cached_demo, demo, tmp_path, capsys):
     image = tmp_path / "i.png"
     PIL.Image.new("RGB", (64, 64), (200, 10, 10)).save(image)
-    assert main(["variations", "--demo", "--image", str(image), "--negative", "x", "-o", str(tmp_path / "v.png"),
+    assert main(["variations", "--random-demo", "--image", str(image), "--negative", "x", "-o", str(tmp_path / "v.png"),
                  *FAST[:2], *FAST[4:]]) == 2
     assert "does not use --negative" in capsys.readouterr().err
     assert main(["inpaint", "a hat", "--image", str(image), "--mask", str(image), "--decoder", str(demo["decoder"]),
@@ -95,7 +95,7 @@ def test_cli_flags_and_checkpoints(cached_demo, demo, tmp_path, capsys):
 
 
 def test_cli_warnings_are_plain(cached_demo, tmp_path, capsys):
-    assert main(["text2img", "--demo", "a " * 90, "-o", str(tmp_path / "o.png"), *FAST]) == 0
+    assert main(["text2img", "--random-demo", "a " * 90, "-o", str(tmp_path / "o.png"), *FAST]) == 0
     err = capsys.readouterr().err
     assert "warning: " in err and "warnings.warn" not in err and ".py:" not in err
 
@@ -211,7 +211,7 @@ def test_cli_lora(cached_demo, demo, tmp_path, capsys):
 
     def run(*extra):
         out = tmp_path / f"o{len(list(tmp_path.glob('o*.png')))}.png"
-        assert main(["text2img", "--demo", "a", "-o", str(out), *FAST, *extra]) == 0, capsys.readouterr().err
+        assert main(["text2img", "--random-demo", "a", "-o", str(out), *FAST, *extra]) == 0, capsys.readouterr().err
         return np.asarray(PIL.Image.open(out), dtype=int)
 
     plain = run()
@@ -220,7 +220,7 @@ def test_cli_lora(cached_demo, demo, tmp_path, capsys):
     assert np.abs(half - plain).max() > 2
     assert np.abs(run("--lora", f"{tmp_path / 'style'}:0.5", "--lora", f"{tmp_path / 'style'}:0.5") - half).max() > 2
     with pytest.raises(SystemExit) as e:
-        main(["text2img", "--demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "nope"), *FAST])
+        main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "nope"), *FAST])
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
 
 
@@ -230,7 +230,7 @@ def test_cli_tile_offload_same_picture(cached_demo, tmp_path):
     demo decodes 64 px, so one 64 px tile covers it: tiling is then exact)."""
     def run(name, *extra):
         out = tmp_path / f"{name}.png"
-        assert main(["text2img", "--demo", "a", "-o", str(out), *FAST, *extra]) == 0
+        assert main(["text2img", "--random-demo", "a", "-o", str(out), *FAST, *extra]) == 0
         return np.asarray(PIL.Image.open(out))
 
     plain = run("plain")
@@ -238,7 +238,7 @@ def test_cli_tile_offload_same_picture(cached_demo, tmp_path):
     assert np.array_equal(run("model", "--offload", "model", "--device", "cpu"), plain)
     assert np.array_equal(run("seq", "--offload", "sequential", "--device", "cpu"), plain)
     with pytest.raises(SystemExit):
-        main(["text2img", "--demo", "a", "--tile", "big", *FAST])
+        main(["text2img", "--random-demo", "a", "--tile", "big", *FAST])
 
 
 def test_compile_keeps_outputs(demo):
