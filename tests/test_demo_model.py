@@ -126,7 +126,7 @@ def test_shipped_weights_draw_what_the_prompt_says():
 
 
 # measured (n=16, seed 0, 20 DDPM steps): colour 1.0, background 1.0 (8 stated), size 1.0 (8),
-# position 1.0 (6), shape 0.44; CLIP text -> image retrieval 1.0 (n=32). Shape is the weak attribute
+# position 1.0 (6), shape 0.62; CLIP text -> image retrieval 1.0 (n=32). Shape is the weak attribute
 # (the tiny MoVQ / UNet round corners off): its bar only says "better than never right".
-THRESHOLDS = {"colour": 0.85, "background": 0.85, "size": 0.85, "position": 0.8, "shape": 0.25}
+THRESHOLDS = {"colour": 0.85, "background": 0.85, "size": 0.85, "position": 0.8, "shape": 0.4}
 RETRIEVAL_THRESHOLD = 0.9
