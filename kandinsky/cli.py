@@ -21,7 +21,6 @@ import textwrap
 import time
 from pathlib import Path
 
-DEMO_FOLDERS = {"decoder": "decoder", "inpaint": "decoder-inpaint", "controlnet": "controlnet-depth"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -351,31 +350,19 @@ def _generate(args) -> int:
     width = args.width if args.width is not None or picture else (demo_size if args.demo or args.random_demo else 512)
     height = args.height if args.height is not None or picture else (demo_size if args.demo or args.random_demo else 512)
 
-    if args.demo or args.random_demo:
-        torch.set_num_threads(1)  # tiny models: more threads only wait on each other (10-100x slower on a busy CPU)
     tmp = None
-    if trained:
-        from kandinsky.data import demo_folders
+    if args.demo or args.random_demo:
+        from kandinsky.demo import demo_checkpoints
 
         try:
-            folders = demo_folders()
+            folders, tmp, message = demo_checkpoints(random=random_weights, seed=args.seed)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print("DEMO: tiny model trained on procedural shapes (kandinsky/demo_weights): it knows circles, squares "
-              "and triangles in 8 colours, 2 sizes and 5 positions, at 64 x 64.", file=sys.stderr)
+        fallback = " (the shapes model has no ControlNet: random weights)" if args.demo and random_weights else ""
+        print(message + fallback, file=sys.stderr)
         prior = args.prior or folders["prior"]
         decoder = args.decoder or folders[checkpoint_for(args.task)]
-    elif random_weights:
-        from kandinsky.demo import build_demo_checkpoints
-
-        tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
-        why = " (the shapes model has no ControlNet)" if args.demo else ""
-        print(f"DEMO: building tiny checkpoints with RANDOM weights{why} (the image will be noise) ...",
-              file=sys.stderr)
-        folders = build_demo_checkpoints(tmp.name, seed=args.seed)
-        prior = args.prior or folders["prior"]
-        decoder = args.decoder or folders[DEMO_FOLDERS[checkpoint_for(args.task)]]
     else:
         prior = args.prior or PRIOR_CHECKPOINT
         decoder = args.decoder or CHECKPOINTS[checkpoint_for(args.task)]

@@ -243,3 +243,28 @@ def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
         )
         folders[name] = repo
     return folders
+
+
+def demo_checkpoints(random: bool = False, seed: int = 0):
+    """The checkpoints behind every command's ``--demo`` / ``--random-demo``.
+
+    -> (folders {"prior", "decoder", "inpaint", "controlnet"}, a TemporaryDirectory to clean up or
+    None, a one-line message saying what they are). ``random=False``: the tiny model trained on
+    procedural shapes that ships in the package (no ControlNet: that entry is None); ``random=True``:
+    tiny random-weight checkpoints built now (``seed`` seeds the weights). Both run on one thread
+    (tiny models: more threads only wait on each other)."""
+    import tempfile
+
+    torch.set_num_threads(1)
+    if not random:
+        from kandinsky.data import demo_folders
+
+        folders = demo_folders()
+        message = ("DEMO: tiny model trained on procedural shapes (kandinsky/demo_weights): circles, squares and "
+                   "triangles in 8 colours, 2 sizes and 5 positions, at 64 x 64.")
+        return {**folders, "controlnet": None}, None, message
+    tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
+    built = build_demo_checkpoints(tmp.name, seed=seed)
+    folders = {"prior": built["prior"], "decoder": built["decoder"], "inpaint": built["decoder-inpaint"],
+               "controlnet": built["controlnet-depth"]}
+    return folders, tmp, "DEMO: tiny checkpoints with RANDOM weights built on the fly (the pictures are noise)."

@@ -145,7 +145,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT")
     parser.add_argument("--prior", help="prior checkpoint folder or hub id (default the hub's 2.2 prior)")
-    parser.add_argument("--demo", action="store_true", help="tiny random-weight prior built on the fly")
+    demo = parser.add_mutually_exclusive_group()
+    demo.add_argument("--demo", action="store_true",
+                      help="the tiny model trained on procedural shapes that ships with the package (offline)")
+    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight prior built on the fly")
     parser.add_argument("--json", help="also write the matrices to this JSON file")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
         print(f"error: --json {args.json} exists; choose a new path (nothing is overwritten)", file=sys.stderr)
         return 2
     try:
-        prior = _prior(args.prior, args.demo, args.device)
+        prior = _prior(args.prior, args.demo or args.random_demo, args.device, random=args.random_demo)
         sims = similarity(prior, images, prompts)
     except (ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -183,18 +186,17 @@ def main(argv=None) -> int:
 _DEMO_FOLDERS: list = []
 
 
-def _prior(folder, demo: bool, device):
+def _prior(folder, demo: bool, device, random: bool = False):
     from kandinsky.pipelines.prior import PriorPipeline
 
     if demo:
-        import tempfile
+        from kandinsky.demo import demo_checkpoints
 
-        from kandinsky.demo import build_demo_checkpoints
-
-        print("DEMO: tiny prior with RANDOM weights (the numbers mean nothing)", file=sys.stderr)
-        tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
-        _DEMO_FOLDERS.append(tmp)  # removed when the process ends
-        folder = folder or build_demo_checkpoints(tmp.name)["prior"]
+        folders, tmp, message = demo_checkpoints(random=random)
+        print(message, file=sys.stderr)
+        if tmp is not None:
+            _DEMO_FOLDERS.append(tmp)  # removed when the process ends
+        folder = folder or folders["prior"]
     if folder is None:
         from kandinsky.hub import DEFAULT_PRIOR
 

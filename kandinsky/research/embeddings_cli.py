@@ -65,12 +65,15 @@ def main(argv=None) -> int:
     parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT", help="a b (with --slerp) or a b c (a + b - c)")
     parser.add_argument("--slerp", type=_ts, default=None, help="fractions t from a (0) to b (1), e.g. 0,0.5,1")
     parser.add_argument("-o", "--output", default="mix.png", help="PNG to write (default mix.png)")
-    parser.add_argument("--demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
+    demo = parser.add_mutually_exclusive_group()
+    demo.add_argument("--demo", action="store_true",
+                      help="the tiny model trained on procedural shapes that ships with the package (offline)")
+    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
     parser.add_argument("--prior", help="prior checkpoint folder or hub id")
     parser.add_argument("--decoder", help="decoder checkpoint folder or hub id")
-    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; demo 4)")
-    parser.add_argument("--prior-steps", type=int, default=None, help="prior steps (default 25; demo 2)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demo 64x64)")
+    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 4)")
+    parser.add_argument("--prior-steps", type=int, default=None, help="prior steps (default 25; --random-demo 2)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demos 64x64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -85,11 +88,11 @@ def main(argv=None) -> int:
         missing = [x for x in args.items if is_image_path(x) and not Path(x).is_file()]
         if missing:
             raise ValueError(f"no such image file: {', '.join(missing)}")
-        steps = args.steps if args.steps is not None else (4 if args.demo else 50)
-        prior_steps = args.prior_steps if args.prior_steps is not None else (2 if args.demo else 25)
+        steps = args.steps if args.steps is not None else (20 if args.demo else 4 if args.random_demo else 50)
+        prior_steps = args.prior_steps if args.prior_steps is not None else (25 if args.demo else 2 if args.random_demo else 25)
         if steps < 1 or prior_steps < 1:
             raise ValueError("--steps and --prior-steps must be >= 1")
-        width, height = parse_size(args.size or ("64x64" if args.demo else "512x512"))
+        width, height = parse_size(args.size or ("64x64" if args.demo else "64x64" if args.random_demo else "512x512"))
         if output.suffix.lower() != ".png":
             raise ValueError(f"-o must be a .png path, got {output}")
         if output.exists():
@@ -105,12 +108,11 @@ def main(argv=None) -> int:
 
     tmp = None
     try:
-        if args.demo:
-            from kandinsky.demo import build_demo_checkpoints
+        if args.demo or args.random_demo:
+            from kandinsky.demo import demo_checkpoints
 
-            print("DEMO: tiny checkpoints with RANDOM weights (the pictures are noise)", file=sys.stderr)
-            tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
-            folders = build_demo_checkpoints(tmp.name, seed=args.seed)
+            folders, tmp, message = demo_checkpoints(random=args.random_demo, seed=args.seed)
+            print(message, file=sys.stderr)
             prior, decoder = args.prior or folders["prior"], args.decoder or folders["decoder"]
         else:
             prior, decoder = args.prior or DEFAULT_PRIOR, args.decoder or DEFAULT_DECODER

@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         prog="kandinsky attention",
         description="Attention as pictures: where the decoder looks at the image tokens (per UNet level, at "
                     "chosen steps, over the generated image) and which words the prior's output token reads.",
-        epilog='examples:\n  kandinsky attention --demo "a red cat" -o attn.png\n'
+        epilog='examples:\n  kandinsky attention --demo "a red circle on a blue background" -o attn.png\n'
                '  kandinsky attention "a red cat, 4k photo" --steps 50 --at 0,25,49 -o attn.png',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -259,14 +259,17 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", default="attention.png",
                         help="decoder grid PNG (default attention.png); the prior's words go to "
                              "<stem>-words.png, the image to <stem>-image.png, the x0 grid to <stem>-x0.png")
-    parser.add_argument("--demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
+    demo = parser.add_mutually_exclusive_group()
+    demo.add_argument("--demo", action="store_true",
+                      help="the tiny model trained on procedural shapes that ships with the package (offline)")
+    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
     parser.add_argument("--prior", help="prior checkpoint folder or hub id")
     parser.add_argument("--decoder", help="decoder checkpoint folder or hub id")
-    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; demo 6)")
+    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 6)")
     parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
     parser.add_argument("--at", type=_steps, default=None, help="decoder steps to show, e.g. 0,10,19 "
                         "(default first, middle, last)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demo 128x128)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; --demo 64x64, --random-demo 128x128)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -274,10 +277,10 @@ def main(argv=None) -> int:
     from kandinsky.research.inspect import parse_size
 
     try:
-        steps = args.steps if args.steps is not None else (6 if args.demo else 50)
+        steps = args.steps if args.steps is not None else (20 if args.demo else 6 if args.random_demo else 50)
         if steps < 1 or args.prior_steps < 1:
             raise ValueError(f"--steps and --prior-steps must be >= 1, got {steps}, {args.prior_steps}")
-        width, height = parse_size(args.size or ("128x128" if args.demo else "512x512"))
+        width, height = parse_size(args.size or ("64x64" if args.demo else "128x128" if args.random_demo else "512x512"))
         output = Path(args.output)
         if output.suffix.lower() != ".png":
             raise ValueError(f"-o must be a .png path, got {output}")
@@ -297,13 +300,11 @@ def main(argv=None) -> int:
 
     tmp = None
     try:
-        if args.demo:
-            from kandinsky.demo import build_demo_checkpoints
+        if args.demo or args.random_demo:
+            from kandinsky.demo import demo_checkpoints
 
-            tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
-            print("DEMO: tiny checkpoints with RANDOM weights (the pictures show the method, not a model)",
-                  file=sys.stderr)
-            folders = build_demo_checkpoints(tmp.name, seed=args.seed)
+            folders, tmp, message = demo_checkpoints(random=args.random_demo, seed=args.seed)
+            print(message, file=sys.stderr)
             prior, decoder = args.prior or folders["prior"], args.decoder or folders["decoder"]
         else:
             prior, decoder = args.prior or DEFAULT_PRIOR, args.decoder or DEFAULT_DECODER
