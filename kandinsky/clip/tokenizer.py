@@ -13,12 +13,12 @@ warning that names the dropped words.
 """
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from kandinsky.callsite import user_stacklevel
 
 CONTEXT_LENGTH = 77  # CLIP's text context (positions of the text encoder)
 
@@ -87,16 +87,7 @@ class Tokenizer:
             warnings.warn(
                 f"{which} is longer than CLIP's {self.max_length - 2} tokens; these words are dropped: "
                 f"{dropped!r}. Shorten it, or put what matters first.",
-                stacklevel=_caller_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that names the first line outside kandinsky (and torch's no_grad wrapper)."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_INTERNAL = (str(Path(__file__).resolve().parents[1]) + os.sep, str(Path(torch.utils.__file__).parent / "_contextlib"))

@@ -30,21 +30,14 @@ may serve a group of consecutive embeddings (one per prompt); inputs are checked
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
-import os
-import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kandinsky.hub import resolve
 from kandinsky.pipelines.images import (
@@ -102,26 +95,11 @@ def checkpoint_kind(unet_config, latent_channels: int) -> str:
     )
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of warnings.warn that names the user's line: the first frame (seen
-    from the function calling this one) outside kandinsky and torch's no_grad wrapper."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_INTERNAL = (str(Path(__file__).resolve().parents[1]) + os.sep, str(Path(torch.utils.__file__).parent / "_contextlib"))
 
 
 def _is_int(value) -> bool:
     """Python or numpy integers (not bools)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    """Python or numpy real numbers (not bools)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_generator(generator, batch: int) -> None:

@@ -42,6 +42,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from kandinsky.callsite import user_stacklevel
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Integer image dtypes and their white value.
 _INTEGER_RANGE = {torch.uint8: 255.0, torch.uint16: 65535.0}
@@ -275,22 +277,8 @@ def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch
             does = "repaints nothing (all black / transparent: the picture comes back as it was)" if share == 0 \
                 else "repaints everything (all white / painted: nothing of the picture is kept)"
             warnings.warn(f"{name} {does}; white or painted = repaint, black or transparent = keep.",
-                          stacklevel=_caller_stacklevel())
+                          stacklevel=user_stacklevel())
     return masks
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel naming the first frame outside kandinsky (and torch's no_grad wrapper)."""
-    import os
-    import sys
-    from pathlib import Path
-
-    internal = (str(Path(__file__).resolve().parents[1]) + os.sep,
-                str(Path(torch.utils.__file__).parent / "_contextlib"))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def check_same_size(image, mask) -> None:

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import warnings
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn

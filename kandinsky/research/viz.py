@@ -293,22 +293,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import tempfile
-
-    from kandinsky.hub import DEFAULT_DECODER, DEFAULT_PRIOR
-    from kandinsky.pipelines.combined import Kandinsky
+    from kandinsky.demo import load_pipeline
 
     tmp = None
     try:
-        if args.demo or args.random_demo:
-            from kandinsky.demo import demo_checkpoints
-
-            folders, tmp, message = demo_checkpoints(random=args.random_demo, seed=args.seed)
-            print(message, file=sys.stderr)
-            prior, decoder = args.prior or folders["prior"], args.decoder or folders["decoder"]
-        else:
-            prior, decoder = args.prior or DEFAULT_PRIOR, args.decoder or DEFAULT_DECODER
-        pipe = Kandinsky.from_pretrained(decoder, prior=prior, device=args.device)
+        pipe, tmp = load_pipeline(args.prior, args.decoder, demo=args.demo, random=args.random_demo, seed=args.seed,
+                                  device=args.device)
         pictures = attention_pictures(
             pipe, args.prompt, steps=at, trajectory=True, num_inference_steps=steps,
             prior_num_inference_steps=args.prior_steps, height=height, width=width,
