@@ -377,8 +377,8 @@ def _generate(args) -> int:
     args.prior_steps = 25 if args.prior_steps is None else args.prior_steps
     args.prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
     try:
-        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype,
-                                         device=None if args.offload else device, scheduler=args.scheduler,
+        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=None if args.offload else device,
+                                         scheduler=args.scheduler,
                                          revision=args.revision, prior_revision=args.prior_revision,
                                          local_files_only=args.offline)
         needed = checkpoint_for(args.task)
@@ -387,7 +387,7 @@ def _generate(args) -> int:
                              f"{pipe.decoder.kind} checkpoint, which cannot run {args.task} (it runs "
                              f"{', '.join(pipe.decoder.tasks)}); pass --decoder {CHECKPOINTS[needed]} or a local "
                              f"copy of it, or leave --decoder out.")
-        apply_lora_args(pipe, args.lora)
+        apply_lora_args(pipe, args.lora)  # adapters first: offload hooks the layers as they then are
         if args.offload:
             from kandinsky.offload import enable_offload
 

@@ -250,3 +250,15 @@ def test_compile_keeps_outputs(demo):
     kw["generator"] = torch.Generator().manual_seed(3)
     compiled = pipe.compile(backend="eager").text2img("a red cat", prior_num_inference_steps=2, **kw).images
     assert torch.allclose(compiled, plain, atol=1e-5)
+
+
+def test_from_pretrained_offload(demo):
+    """Kandinsky.from_pretrained(offload="model") keeps the weights on the CPU between calls and gives
+    the same latents as a plain pipeline (here the target device is the CPU itself)."""
+    kw = dict(output_type="latent", prior_num_inference_steps=2, **SMALL)
+    plain = Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"])
+    off = Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"], device="cpu", offload="model")
+    assert off.offloader is not None
+    a = plain.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
+    b = off.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
+    assert torch.equal(a, b)

@@ -46,10 +46,14 @@ class Kandinsky:
         prior_revision: str | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        offload: str | None = None,
     ) -> "Kandinsky":
         """Folders or hub ids. Without ``prior``, the decoder's model card (README.md
         front matter ``prior:``) names it, as on the hub. ``revision`` pins the decoder repo,
-        ``prior_revision`` the prior repo; ``token`` and ``local_files_only`` apply to both."""
+        ``prior_revision`` the prior repo; ``token`` and ``local_files_only`` apply to both.
+        ``offload="model"`` / ``"sequential"``: weights stay on the CPU and each component (or layer)
+        moves to ``device`` only while it runs (kandinsky.offload.enable_offload; to add LoRA adapters,
+        load without offload, add them, then call enable_offload)."""
         device = check_device(device)
         hub = dict(token=token, local_files_only=local_files_only)
         decoder_folder = resolve(decoder, "decoder checkpoint", revision=revision, **hub)
@@ -61,10 +65,16 @@ class Kandinsky:
                     "pass prior=<folder or hub id>, e.g. kandinsky-community/kandinsky-2-2-prior."
                 )
         prior_folder = resolve(prior, "prior checkpoint", revision=prior_revision, **hub)
-        return cls(
-            PriorPipeline.from_pretrained(prior_folder, dtype=dtype, device=device),
-            DecoderPipeline.from_pretrained(decoder_folder, dtype=dtype, device=device, scheduler=scheduler),
+        load_on = None if offload else device  # offloaded weights wait on the CPU
+        pipe = cls(
+            PriorPipeline.from_pretrained(prior_folder, dtype=dtype, device=load_on),
+            DecoderPipeline.from_pretrained(decoder_folder, dtype=dtype, device=load_on, scheduler=scheduler),
         )
+        if offload:
+            from kandinsky.offload import enable_offload
+
+            enable_offload(pipe, mode=offload, device=device or "cuda")
+        return pipe
 
     def compile(self, **options) -> "Kandinsky":
         """``torch.compile`` the UNet, the prior (both its cached and plain passes) and the MoVQ decoder
