@@ -136,7 +136,7 @@ def make_items(rows: list[dict], args) -> list[Item]:
 
 def fingerprint(items: list[Item], args) -> str:
     what = {"items": [asdict(item) for item in items], "prior": args.prior, "decoder": args.decoder,
-            "demo": args.demo, "dtype": args.dtype, "scheduler": args.scheduler}
+            "demo": args.demo, "random_demo": args.random_demo, "dtype": args.dtype, "scheduler": args.scheduler}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -225,13 +225,17 @@ def load_pipeline(args, device, tmp: str):
     from kandinsky import Kandinsky
 
     prior, decoder = args.prior, args.decoder
-    if args.demo:
-        from kandinsky.demo import build_demo_checkpoints
+    if args.demo or args.random_demo:
+        from kandinsky.demo import build_demo_checkpoints, demo_checkpoints
 
-        folders = build_demo_checkpoints(tmp)  # the same tiny random weights in every process
+        if args.random_demo:  # the same tiny random weights in every process (seed 0)
+            built = build_demo_checkpoints(tmp)
+            folders = {"prior": built["prior"], "decoder": built["decoder"]}
+        else:  # the tiny model trained on shapes that ships in the package
+            folders = demo_checkpoints()[0]
         prior, decoder = prior or folders["prior"], decoder or folders["decoder"]
     if decoder is None:
-        raise InputError("give --decoder (and --prior) checkpoint folders or hub ids, or --demo")
+        raise InputError("give --decoder (and --prior) checkpoint folders or hub ids, or --demo / --random-demo")
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.offload:  # loaded on the CPU; each part moves to the device while it runs
         from kandinsky.offload import enable_offload
@@ -298,7 +302,10 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="output folder (PNGs, manifest.jsonl, batch.json)")
     p.add_argument("--prior", help="prior folder or hub id")
     p.add_argument("--decoder", help="decoder folder or hub id")
-    p.add_argument("--demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
+    demo = p.add_mutually_exclusive_group()
+    demo.add_argument("--demo", action="store_true",
+                      help="the tiny model trained on procedural shapes that ships in the package (64 x 64)")
+    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
     p.add_argument("--seed", type=int, default=0, help="base seed: item i's seed is a hash of (seed, i)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--width", type=int, default=512)

@@ -28,6 +28,7 @@ first; then prior, decoder + inpaint and movq_decoder) and a stage can be traine
 EMA is what is saved.
 
     kandinsky train-demo --out demo-weights                      # everything, one after another
+    kandinsky train-demo --out demo-weights --jobs 2             # two processes: about half the wall-clock
     kandinsky train-demo --out demo-weights --stages clip --minutes 8 --resume   # one stage, longer
     kandinsky train-demo --out demo-weights --write-only          # the hub folders from the stages
 """
@@ -49,6 +50,8 @@ import torch.nn.functional as F
 from kandinsky.data import shapes
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
+MOVQ_FACTOR = 4  # pictures / latents: 16 x 16 latents (a small shape, 16 pixels, is 4 x 4 latent cells:
+#                  with 8 x 8 latents, 2 x 2 cells, the MoVQ rounded the corners of small squares and triangles)
 EMBED = 64  # CLIP projection = prior embedding = UNet encoder_hid_dim
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -111,7 +114,7 @@ CONFIGS = {
         "encoder_hid_dim": EMBED,
         "encoder_hid_dim_type": "image_proj",
         "addition_embed_type": "image",
-        "sample_size": IMAGE_SIZE // 8,
+        "sample_size": IMAGE_SIZE // MOVQ_FACTOR,
         "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
         "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
         "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
@@ -124,12 +127,12 @@ CONFIGS = {
         "latent_channels": 4,
         "vq_embed_dim": 4,
         "num_vq_embeddings": 256,
-        "block_out_channels": [32, 32, 64, 64],
+        "block_out_channels": [32, 64, 64],  # 3 levels: 2 downsamplings = MOVQ_FACTOR
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "norm_type": "spatial",
-        "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 2 + ["AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 2,
     },
 }
 INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
@@ -137,14 +140,16 @@ INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 # stage: (share of --minutes, batch size, learning rate)
 STAGES = {  # shares of the time the shipped weights trained (minutes of wall-clock on a loaded machine)
     "clip": (0.12, 128, 1e-3),
-    "movq": (0.17, 16, 1e-3),
-    "movq_decoder": (0.15, 8, 3e-4),
-    "prior": (0.18, 128, 5e-4),
-    "decoder": (0.29, 64, 5e-4),
-    "inpaint": (0.09, 64, 3e-4),
+    "movq": (0.15, 16, 1e-3),
+    "movq_decoder": (0.10, 8, 3e-4),
+    "prior": (0.20, 128, 5e-4),
+    "decoder": (0.33, 32, 5e-4),
+    "inpaint": (0.10, 32, 3e-4),
 }
 MOVQ_CROP = 32  # the autoencoder trains on crops of this side (4x cheaper steps than whole pictures)
 DATA_SIZE = 8192  # pictures whose latents and embeddings the prior and decoders train on
+# --jobs 2: the stages in two processes, phase after phase (a phase starts when the last one is done)
+PHASES = ((("clip",), ("movq",)), (("prior", "movq_decoder"), ("decoder", "inpaint")))
 NEEDS = {"prior": ("clip",), "decoder": ("clip", "movq"), "inpaint": ("clip", "movq")}  # stage -> encodings
 DROP_CONDITION = 0.1  # classifier-free guidance dropout
 EMA_DECAY = 0.999
@@ -284,6 +289,9 @@ def build(name: str, **overrides):
     return build_model({**CONFIGS[name], **overrides})
 
 
+# the shape is the one attribute contrast barely teaches (a 16-pixel triangle and circle share
+# colour, size and place): its head weighs more
+HEAD_WEIGHTS = {"shape": 3.0}
 ATTRIBUTE_VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
                     "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
 
@@ -310,12 +318,14 @@ def train_clip(models, clock, log, save, seed):
         contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
         labels = {name: torch.tensor([values.index(getattr(s, name)) for s in scenes])
                   for name, values in ATTRIBUTE_VALUES.items()}
-        attributes = sum(F.cross_entropy(heads[name](embeds), labels[name]) for name in heads)
+        attributes = sum(HEAD_WEIGHTS.get(name, 1.0) * F.cross_entropy(heads[name](embeds), labels[name])
+                         for name in heads)
         accuracy = (logits.argmax(1) == torch.arange(n)).float().mean()
         position = (heads["position"](embeds).argmax(1) == labels["position"]).float().mean()
+        shape = (heads["shape"](embeds).argmax(1) == labels["shape"]).float().mean()
         loss = contrastive + attributes
         return loss, {"loss": contrastive.item(), "acc": accuracy.item(), "attr": attributes.item(),
-                      "pos_acc": position.item()}
+                      "pos_acc": position.item(), "shape_acc": shape.item()}
 
     params = list(text.parameters()) + list(image.parameters()) + [logit_scale] + list(heads.parameters())
     train("clip", params, loss_fn, clock, log, lambda _: save(["text_encoder", "image_encoder"]))
@@ -336,7 +346,7 @@ def train_movq(models, clock, log, save, seed):
     def loss_fn(step):
         images, _ = batch(seed + 1, step * n, n)
         images = crop(images, MOVQ_CROP, step)  # (n, 3, 32, 32): flat colours and edges are local
-        z = movq.encode(images)  # (n, 4, 4, 4)
+        z = movq.encode(images)  # (n, 4, 8, 8)
         codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 8, 8, 4) nearest codebook vectors
         codes = codes.permute(0, 3, 1, 2)
         codebook = F.mse_loss(codes, z.detach())
@@ -344,7 +354,7 @@ def train_movq(models, clock, log, save, seed):
         # the decoder UNet's noise is N(0, 1): keep each latent channel near mean 0, std 1
         scale = z.mean((0, 2, 3)).pow(2).mean() + (z.std((0, 2, 3)) - 1).pow(2).mean()
         quantized = step % 2 == 1  # decode the codebook vectors half the time, the raw latents (as the pipelines do) else
-        zq = z + (codes - z).detach() if quantized else z  # (n, 4, 4, 4)
+        zq = z + (codes - z).detach() if quantized else z  # (n, 4, 8, 8)
         recon = movq.decoder(movq.post_quant_conv(zq), zq)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
         loss = l1 + l2 + codebook + 0.25 * commitment + 0.1 * scale
@@ -362,7 +372,7 @@ def train_movq_decoder(models, clock, log, save, seed):
     def loss_fn(step):
         images, _ = batch(seed + 3, step * n, n)  # (n, 3, 64, 64)
         with torch.no_grad():
-            z = movq.encode(images)  # (n, 4, 8, 8)
+            z = movq.encode(images)  # (n, 4, 16, 16)
             zq = movq.quantize(z)[0] if step % 2 else z
         recon = movq.decoder(movq.post_quant_conv(zq), zq)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
@@ -454,12 +464,12 @@ def train_unet(stage, models, data, clock, log, save, seed):
 
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
-        x0 = data["latents"][rows]  # (n, 4, 8, 8)
+        x0 = data["latents"][rows]  # (n, 4, 16, 16)
         drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
         embeds = drop_image_embeds(data["embeds"][rows], data["zero"], drop)
         inpaint = {}
         if stage == "inpaint":
-            keep = random_keep_masks(n, *x0.shape[-2:], g)  # (n, 1, 8, 8), 1 = keep, 0 = repaint
+            keep = random_keep_masks(n, *x0.shape[-2:], g)  # (n, 1, 16, 16), 1 = keep, 0 = repaint
             inpaint = {"masked_latents": x0 * keep, "mask": keep}
         loss = decoder_loss(unet, schedule, x0, embeds, generator=g, **inpaint)
         return loss, {"mse": loss.item()}
@@ -644,7 +654,36 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true",
                         help="start each trained stage from its checkpoint in OUT/stages/ (train it longer)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                        help="2: train in two processes of one thread each, clip beside movq, then prior and "
+                             "movq_decoder beside decoder and inpaint (each stage gets the same time as with 1; "
+                             "the wall-clock time is about half)")
     return parser.parse_args(argv)
+
+
+def run_parallel(args, stages: list[str], log) -> None:
+    """The PHASES in two child processes each (one thread each); each child trains its stages for
+    their share of --minutes, as a single process would. Raises when a child fails."""
+    import subprocess
+
+    total = sum(STAGES[name][0] for name in stages)
+    for phase in PHASES:
+        children = []
+        for group in phase:
+            group = [name for name in group if name in stages]
+            if not group:
+                continue
+            argv = [sys.executable, "-m", "kandinsky.data.train_demo", "--out", args.out, "--stages", *group,
+                    "--seed", str(args.seed), "--data-size", str(args.data_size), "--threads", "1",
+                    "--minutes", str(args.minutes * sum(STAGES[name][0] for name in group) / total)]
+            argv += ["--steps", str(args.steps)] if args.steps else []
+            argv += ["--resume"] if args.resume else []
+            log(f"started {' + '.join(group)}")
+            children.append((group, subprocess.Popen(argv)))
+        failed = [group for group, child in children if child.wait() != 0]
+        if failed:
+            raise RuntimeError(f"train-demo: stages {failed} failed (their output is above); fix and rerun them "
+                               f"with --stages, the finished ones are kept in {args.out}/stages/")
 
 
 def main(argv=None) -> int:
@@ -660,9 +699,13 @@ def main(argv=None) -> int:
         print(f"[{time.time() - start:7.1f}s] {message}", flush=True)
 
     stages = [] if args.write_only else args.stages or list(STAGES)
+    if args.jobs == 2 and stages:
+        run_parallel(args, stages, log)
+        stages = []  # everything trained: write the hub folders here
     folders = run(Path(args.out), args.minutes, args.steps, stages, args.seed, log,
                   args.data_size, args.resume)
-    log("wrote " + ", ".join(str(f) for f in folders.values()))
+    if folders:
+        log("wrote " + ", ".join(str(f) for f in folders.values()))
     return 0
 
 
