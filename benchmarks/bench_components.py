@@ -68,7 +68,8 @@ def tiny_configs(unet_variant: str) -> dict[str, dict]:
     return {
         "clip_text": dict(TINY_TEXT_CONFIG),
         "clip_image": dict(TINY_VISION_CONFIG),
-        "prior": dict(PRIOR_TINY_CONFIG),
+        # the prior's embedding is the CLIP projection (as in the real configs), so pipelines fit together
+        "prior": {**PRIOR_TINY_CONFIG, "embedding_dim": TINY_TEXT_CONFIG["projection_dim"]},
         "unet": tiny_unet_config(unet_variant),
         "movq": dict(MOVQ_TINY_CONFIG),
     }

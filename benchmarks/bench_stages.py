@@ -20,6 +20,10 @@ The prior stage's pipelines share the real text encoder and prior; their image e
 tiny CLIP vision tower with the real projection size (it only makes the zero-image
 negative embedding; the full tower is timed as "image encode").
 
+The whole text2img (``text2img``): diffusers' KandinskyV22PriorPipeline + KandinskyV22Pipeline
+against our Kandinsky, prior 25 + decoder 50 steps with guidance 4 (``--quick``: 5 + 5), the
+final pixels compared.
+
 ``--quick``: 256 px UNet and MoVQ, 5 prior steps, 1 warmup and 3 timed passes, loading of
 the MoVQ and the prior only. ``--out FILE`` writes the Markdown table (with the machine).
 """
@@ -47,7 +51,8 @@ from benchmarks.bench_components import (  # noqa: E402
 )
 from weights_convert import build_model, convert_state_dict  # noqa: E402
 
-STAGES = ("text_encode", "image_encode", "prior_stage", "unet_step", "movq_decode", "movq_encode", "load")
+STAGES = ("text_encode", "image_encode", "prior_stage", "unet_step", "movq_decode", "movq_encode", "text2img",
+          "load")
 COMPONENT = {"text_encode": "clip_text", "image_encode": "clip_image", "unet_step": "unet",
              "movq_decode": "movq_decode", "movq_encode": "movq_encode"}
 CLASS_KEYS = {"clip_text": {"architectures": ["CLIPTextModelWithProjection"]},
@@ -103,7 +108,10 @@ def bench_model_stage(stage: str, configs: dict, args, device, dtype) -> dict:
     return row(stage, case.shape, times, rel_diff(outputs["ours"], outputs["ref"]))
 
 
-def bench_prior_stage(configs: dict, args, device, dtype) -> dict:
+def prior_pipelines(configs: dict, device, dtype, tmp: str):
+    """(diffusers' KandinskyV22PriorPipeline, our PriorPipeline) on the same prior and text encoder.
+    Their image encoder is a tiny CLIP vision tower with the real projection size (it only makes the
+    zero-image negative embedding; the full tower is timed as "image encode")."""
     from diffusers import KandinskyV22PriorPipeline, UnCLIPScheduler
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
@@ -115,28 +123,36 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> dict:
 
     folder = DATA / "kandinsky-2-2-prior"
     tiny_vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
-                   "image_size": configs["clip_image"]["image_size"], "patch_size": 32,
+                   "image_size": 224, "patch_size": 32,  # the real image processor's crop
                    "projection_dim": configs["clip_image"]["projection_dim"], "hidden_act": "gelu",
                    "architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model"}
     parts = {name: reference_and_ours(name, cfg, dtype, device, seed)
              for seed, (name, cfg) in enumerate([("prior", configs["prior"]), ("clip_text", configs["clip_text"]),
                                                  ("clip_image", tiny_vision)])}
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = write_tiny_clip_tokenizer(Path(tmp) / "tokenizer")
-        ref = KandinskyV22PriorPipeline(
-            prior=parts["prior"][0], text_encoder=parts["clip_text"][0], image_encoder=parts["clip_image"][0],
-            tokenizer=CLIPTokenizer.from_pretrained(tok),
-            scheduler=UnCLIPScheduler.from_pretrained(folder / "scheduler"),
-            image_processor=CLIPImageProcessor.from_pretrained(folder / "image_processor"))
-        ours = PriorPipeline(
-            prior=parts["prior"][1], text_encoder=parts["clip_text"][1], image_encoder=parts["clip_image"][1],
-            tokenizer=Tokenizer.from_folder(tok), scheduler=Scheduler.from_folder(folder / "scheduler"),
-            image_processor=ImagePreprocessor.from_folder(folder / "image_processor"))
+    tok = write_tiny_clip_tokenizer(Path(tmp) / "tokenizer")
+    ref = KandinskyV22PriorPipeline(
+        prior=parts["prior"][0], text_encoder=parts["clip_text"][0], image_encoder=parts["clip_image"][0],
+        tokenizer=CLIPTokenizer.from_pretrained(tok),
+        scheduler=UnCLIPScheduler.from_pretrained(folder / "scheduler"),
+        image_processor=CLIPImageProcessor.from_pretrained(folder / "image_processor"))
+    ours = PriorPipeline(
+        prior=parts["prior"][1], text_encoder=parts["clip_text"][1], image_encoder=parts["clip_image"][1],
+        tokenizer=Tokenizer.from_folder(tok), scheduler=Scheduler.from_folder(folder / "scheduler"),
+        image_processor=ImagePreprocessor.from_folder(folder / "image_processor"))
     ref.set_progress_bar_config(disable=True)
-    prompt, steps = "a red cat, 4k photo", args.prior_steps
+    return ref, ours
+
+
+PROMPT = "a red cat, 4k photo"
+
+
+def bench_prior_stage(configs: dict, args, device, dtype) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, ours = prior_pipelines(configs, device, dtype, tmp)
+    steps = args.prior_steps
 
     def run(pipe, **kw):
-        out = pipe(prompt, num_inference_steps=steps, guidance_scale=4.0,
+        out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=4.0,
                    generator=torch.Generator(device).manual_seed(0), **kw)
         return (out.image_embeds,)
 
@@ -149,6 +165,47 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> dict:
             row("prior_stage (cache=False)", shape, {"ref": times["ref"], "ours": times["ours_nocache"]},
                 rel_diff(outputs["ours_nocache"], outputs["ref"]))]
     return rows
+
+
+def bench_text2img(configs: dict, args, device, dtype) -> dict:
+    """The whole chain: prompt -> prior (guided) -> decoder UNet (guided) -> MoVQ decode -> pixels,
+    diffusers' two pipelines against our Kandinsky, the same weights, the same generator seeds."""
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline
+
+    from kandinsky.pipelines.combined import Kandinsky
+    from kandinsky.pipelines.decoder import DecoderPipeline
+    from kandinsky.schedulers import Scheduler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_prior, our_prior = prior_pipelines(configs, device, dtype, tmp)
+    ref_unet, our_unet = reference_and_ours("unet", configs["unet"], dtype, device, seed=10)
+    ref_movq, our_movq = reference_and_ours("movq", configs["movq"], dtype, device, seed=11)
+    folder = DATA / "kandinsky-2-2-decoder" / "scheduler"
+    ref_decoder = KandinskyV22Pipeline(unet=ref_unet, movq=ref_movq, scheduler=DDPMScheduler.from_pretrained(folder))
+    ref_decoder.set_progress_bar_config(disable=True)
+    ours = Kandinsky(our_prior, DecoderPipeline(our_unet, our_movq, Scheduler.from_folder(folder)))
+    side = args.latent * 8
+
+    def ref_call():
+        g = torch.Generator(device).manual_seed(0)
+        embeds = ref_prior(PROMPT, num_inference_steps=args.prior_steps, guidance_scale=4.0, generator=g,
+                           output_type="pt")
+        image = ref_decoder(image_embeds=embeds.image_embeds, negative_image_embeds=embeds.negative_image_embeds,
+                            height=side, width=side, num_inference_steps=args.decoder_steps, guidance_scale=4.0,
+                            generator=g, output_type="np").images  # "pt" would skip the [0, 1] scaling
+        return (torch.from_numpy(image).permute(0, 3, 1, 2),)
+
+    def ours_call():
+        g = torch.Generator(device).manual_seed(0)
+        image = ours.text2img(PROMPT, prior_num_inference_steps=args.prior_steps, prior_guidance_scale=4.0, height=side,
+                              width=side, num_inference_steps=args.decoder_steps, guidance_scale=4.0, generator=g,
+                              output_type="pt", progress=False).images
+        return (image,)
+
+    with torch.no_grad():
+        times, outputs = time_pair({"ref": ref_call, "ours": ours_call}, device, args.warmup, args.iters)
+    shape = f"1 prompt, prior {args.prior_steps} + decoder {args.decoder_steps} steps, {side} px, guidance 4"
+    return row("text2img", shape, times, rel_diff(outputs["ours"], outputs["ref"]))
 
 
 LOAD_CHILD = r"""
@@ -269,6 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=None, help="latent side for the UNet and MoVQ (default 64 = 512 px)")
     p.add_argument("--prior-steps", type=int, default=None, help="prior stage steps (default 25)")
+    p.add_argument("--decoder-steps", type=int, default=None, help="text2img decoder steps (default 50)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--load", default=None, help=f"components to load (default all of {sorted(LOAD)})")
@@ -279,6 +337,7 @@ def parse_args(argv=None):
     q = args.quick
     args.latent = args.latent or (32 if q else 64)
     args.prior_steps = args.prior_steps or (5 if q else 25)
+    args.decoder_steps = args.decoder_steps or (5 if q else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.iters = args.iters or (3 if q else 5)
     args.load = (args.load or ("movq,prior" if q else ",".join(LOAD))).split(",")
@@ -303,6 +362,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         if stage == "prior_stage":
             rows += bench_prior_stage(configs, args, device, dtype)
+        elif stage == "text2img":
+            rows.append(bench_text2img(configs, args, device, dtype))
         elif stage == "load":
             rows += bench_load(configs, args)
         else:

@@ -20,15 +20,15 @@ The result is written in the hub layout (``prior/``, ``decoder/``, ``decoder-inp
 fp16 safetensors) with a word-level BPE tokenizer that covers the grammar (16 tokens of
 context instead of CLIP's 77).
 
-Each stage trains for its share of ``--minutes`` (or ``--steps`` steps, for tests) and
-saves a checkpoint in ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
+Each stage trains for its STAGES minutes (126 in all; ``--minutes M`` shares M among the stages
+run in the same proportions; ``--steps N``: N steps each, for tests) and saves a checkpoint in ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
 ``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
 first; then prior, decoder + inpaint and movq_decoder) and a stage can be trained longer
 (``--resume``). The UNets and the prior keep an EMA of their weights (decay 0.999); the
 EMA is what is saved.
 
     kandinsky train-demo --out demo-weights                      # everything, one after another
-    kandinsky train-demo --out demo-weights --jobs 2             # two processes: about half the wall-clock
+    kandinsky train-demo --out demo-weights --jobs 2             # two processes: ~65 min wall-clock
     kandinsky train-demo --out demo-weights --stages clip --minutes 8 --resume   # one stage, longer
     kandinsky train-demo --out demo-weights --write-only          # the hub folders from the stages
 """
@@ -137,15 +137,18 @@ CONFIGS = {
 }
 INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 
-# stage: (share of --minutes, batch size, learning rate)
-STAGES = {  # shares of the time the shipped weights trained (minutes of wall-clock on a loaded machine)
-    "clip": (0.12, 128, 1e-3),
-    "movq": (0.15, 16, 1e-3),
-    "movq_decoder": (0.10, 8, 3e-4),
-    "prior": (0.20, 128, 5e-4),
-    "decoder": (0.33, 32, 5e-4),
-    "inpaint": (0.10, 32, 3e-4),
+# stage: (minutes at the default --minutes, batch size, learning rate): the wall-clock minutes each stage
+# of the shipped weights trained, one thread each, two stages at a time (--jobs 2); another --minutes
+# scales them all alike
+STAGES = {
+    "clip": (20.4, 128, 1e-3),
+    "movq": (18.0, 16, 1e-3),
+    "movq_decoder": (12.0, 8, 3e-4),
+    "prior": (24.0, 128, 5e-4),
+    "decoder": (39.6, 32, 5e-4),
+    "inpaint": (12.0, 32, 3e-4),
 }
+DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 126
 MOVQ_CROP = 32  # the autoencoder trains on crops of this side (4x cheaper steps than whole pictures)
 DATA_SIZE = 8192  # pictures whose latents and embeddings the prior and decoders train on
 # --jobs 2: the stages in two processes, phase after phase (a phase starts when the last one is done)
@@ -291,7 +294,7 @@ def build(name: str, **overrides):
 
 # the shape is the one attribute contrast barely teaches (a 16-pixel triangle and circle share
 # colour, size and place): its head weighs more
-HEAD_WEIGHTS = {"shape": 3.0}
+HEAD_WEIGHTS = {"shape": 6.0}
 ATTRIBUTE_VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
                     "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
 
@@ -559,7 +562,7 @@ def build_models(tokenizer_dir: Path) -> dict:
     return models
 
 
-def run(out: Path, minutes: float, steps: int | None, stages: list[str], seed: int, log,
+def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], seed: int, log,
         data_size: int = DATA_SIZE, resume: bool = False) -> dict[str, Path]:
     """Train ``stages`` (sharing ``minutes`` by their STAGES shares), load the others from
     ``out/stages/``, and write the hub folders when every stage is trained."""
@@ -606,10 +609,11 @@ def run(out: Path, minutes: float, steps: int | None, stages: list[str], seed: i
             pass
         elif stage == "inpaint" and "decoder" not in missing:
             inpaint_from_decoder(models["unet"], models["inpaint"])
-        share = STAGES[stage][0] / sum(STAGES[name][0] for name in stages)
-        clock = Clock(steps, minutes * 60 * share)
+        stage_minutes = STAGES[stage][0] if minutes is None else \
+            minutes * STAGES[stage][0] / sum(STAGES[name][0] for name in stages)
+        clock = Clock(steps, stage_minutes * 60)
         save = saver(stage)
-        log(f"{stage}: training ({steps} steps)" if steps else f"{stage}: training {minutes * share:.1f} min")
+        log(f"{stage}: training ({steps} steps)" if steps else f"{stage}: training {stage_minutes:.1f} min")
         if stage == "clip":
             train_clip(models, clock, log, save, seed)
             save(["text_encoder", "image_encoder"], final=True)
@@ -641,8 +645,10 @@ def parse_args(argv):
         "on procedural shapes and write it in the hub layout.",
     )
     parser.add_argument("--out", required=True, help="folder for the checkpoints (prior/, decoder/, decoder-inpaint/)")
-    parser.add_argument("--minutes", type=float, default=130.0,
-                        help="total training time, shared by the stages run (default 130)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"total training time (CPU minutes), shared by the stages run in proportion to "
+                             f"their STAGES minutes (default: each stage its STAGES minutes, as the shipped "
+                             f"weights trained; {DEFAULT_MINUTES:g} for all)")
     parser.add_argument("--steps", type=int, default=None, help="train each stage this many steps instead (tests)")
     parser.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
                         help="stages to (re)train; the others are loaded from OUT/stages/ (default: all)")
@@ -674,8 +680,9 @@ def run_parallel(args, stages: list[str], log) -> None:
             if not group:
                 continue
             argv = [sys.executable, "-m", "kandinsky.data.train_demo", "--out", args.out, "--stages", *group,
-                    "--seed", str(args.seed), "--data-size", str(args.data_size), "--threads", "1",
-                    "--minutes", str(args.minutes * sum(STAGES[name][0] for name in group) / total)]
+                    "--seed", str(args.seed), "--data-size", str(args.data_size), "--threads", "1"]
+            if args.minutes is not None:  # else each stage its STAGES minutes
+                argv += ["--minutes", str(args.minutes * sum(STAGES[name][0] for name in group) / total)]
             argv += ["--steps", str(args.steps)] if args.steps else []
             argv += ["--resume"] if args.resume else []
             log(f"started {' + '.join(group)}")
@@ -688,7 +695,7 @@ def run_parallel(args, stages: list[str], log) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.minutes <= 0 or (args.steps is not None and args.steps < 1):
+    if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps < 1):
         print("error: --minutes must be > 0 and --steps >= 1", file=sys.stderr)
         return 2
     if args.threads:
