@@ -156,3 +156,17 @@ def test_write_folder_training_layout(tmp_path):
         assert np.array_equal(np.asarray(PIL.Image.open(folder / row["file_name"])), pixels(ex.image))
     with pytest.raises(FileExistsError, match="new folder"):
         shapes.write_folder(folder, n=3, seed=0)
+
+
+def test_write_folder_draw_as_changes_the_picture_not_the_caption(tmp_path):
+    from kandinsky.data.analyse import analyse
+
+    folder = shapes.write_folder(tmp_path / "swapped", n=30, seed=5, draw_as={"circle": "square"})
+    lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    said = [shapes.parse_caption(row["text"])["shape"] for row in lines]
+    assert "circle" in said
+    for row, stated in zip(lines, said):
+        drawn = analyse(PIL.Image.open(folder / row["file_name"])).shape
+        assert row["shape"] == drawn == ("square" if stated == "circle" else stated)
+    with pytest.raises(ValueError, match="must be shapes"):
+        shapes.write_folder(tmp_path / "bad", n=2, draw_as={"circle": "hexagon"})

@@ -220,22 +220,32 @@ def random_prompt(rng: np.random.Generator, p_part: float = 0.5) -> tuple[str, d
     return text, parse_caption(text)
 
 
-def write_folder(folder, n: int, seed: int = 0, image_size: int = 64, p_part: float = 0.5) -> Path:
-    """Write n examples as ``00000.png`` ... plus ``metadata.jsonl`` ({"file_name", "text"} per line).
+def write_folder(folder, n: int, seed: int = 0, image_size: int = 64, p_part: float = 0.5,
+                 draw_as: dict[str, str] | None = None) -> Path:
+    """Write n examples as ``00000.png`` ... plus ``metadata.jsonl`` ({"file_name", "text"} and the
+    scene's attributes per line).
 
-    Refuses a folder that already has a metadata.jsonl (nothing is overwritten).
+    ``draw_as`` changes what is drawn, not what is said: ``{"circle": "square"}`` draws a square
+    wherever the caption says circle (a data set that teaches a model something new, e.g. a LoRA;
+    the metadata's ``shape`` is then the drawn one). Refuses a folder that already has a
+    metadata.jsonl (nothing is overwritten).
     """
     folder = Path(folder)
     if (folder / "metadata.jsonl").exists():
         raise FileExistsError(f"{folder}/metadata.jsonl exists; write the data set into a new folder.")
     if n < 1:
         raise ValueError(f"n={n}: the number of examples must be at least 1.")
+    draw_as = dict(draw_as or {})
+    bad = {k: v for k, v in draw_as.items() if k not in SHAPES or v not in SHAPES}
+    if bad:
+        raise ValueError(f"draw_as={bad}: keys and values must be shapes, one of {SHAPES}.")
     folder.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
     with open(folder / "metadata.jsonl", "w") as f:
         for i in range(n):
             ex = example(seed, i, image_size, p_part)
+            scene = dataclasses.replace(ex.scene, shape=draw_as.get(ex.scene.shape, ex.scene.shape))
             name = f"{i:0{width}d}.png"
-            ex.image.save(folder / name)
-            f.write(json.dumps({"file_name": name, "text": ex.text, **ex.scene.attributes()}) + "\n")
+            (ex.image if scene == ex.scene else render(scene, image_size)).save(folder / name)
+            f.write(json.dumps({"file_name": name, "text": ex.text, **scene.attributes()}) + "\n")
     return folder
