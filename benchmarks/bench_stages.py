@@ -30,7 +30,6 @@ the MoVQ and the prior only. ``--out FILE`` writes the Markdown table (with the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -49,7 +48,7 @@ from benchmarks.bench_components import (  # noqa: E402
     DATA, DTYPES, build_reference, fill_random_, full_configs, make_case, quiet_reference_libraries, rel_diff,
     time_pair, tiny_configs,
 )
-from weights_convert import build_model, convert_state_dict  # noqa: E402
+from weights_convert import build_model, convert_state_dict, skip_init  # noqa: E402
 
 STAGES = ("text_encode", "image_encode", "prior_stage", "unet_step", "movq_decode", "movq_encode", "text2img",
           "load")
@@ -66,24 +65,9 @@ LOAD = {"movq": "VQModel", "prior": "PriorTransformer", "unet": "UNet2DCondition
 # ----------------------------------------------------------------------------- models
 
 
-@contextlib.contextmanager
-def no_init():
-    """Build modules without running torch.nn.init (fill_random_ overwrites every weight;
-    non-persistent buffers such as position ids are computed, not initialised, and stay)."""
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    for n in names:
-        setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
-
-
 def reference_and_ours(component: str, config: dict, dtype, device, seed: int = 0):
     """(reference, ours): random weights, ours holding the very same tensors."""
-    with no_init(), torch.device(device):
+    with skip_init(), torch.device(device):  # fill_random_ overwrites every weight
         ref = build_reference(component, dict(config))
     ref = ref.to(dtype).eval()
     fill_random_(ref, seed)

@@ -10,6 +10,7 @@ this module knows nothing about sampling, the pipelines know nothing about weigh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -44,6 +45,27 @@ __all__ = [
 LAYOUT_KEY = "_kandinsky_layout"
 # Weight files and shard indexes in any form the loader reads.
 _WEIGHT_FILE = re.compile(r"\.(safetensors|bin)$|\.(safetensors|bin)\.index(\.[\w-]+)?\.json$")
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without running ``torch.nn.init`` (their ``reset_parameters``): for models whose
+    every parameter is then assigned from a file. On the meta device the init computes nothing but
+    still costs Python time: 0.09 s of a 0.16 s full-size UNet build. Tensors that modules compute
+    themselves (buffers such as position ids) are not initialisers and are made as usual."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, _keep)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
 
 
 def build_model(config: dict) -> nn.Module:
@@ -126,7 +148,7 @@ def load_component(
     folder = Path(path)
     config = read_config(folder)
     comp = component_for(config)
-    with torch.device("meta"):
+    with skip_init(), torch.device("meta"):  # every tensor comes from the file
         model = build_model(config)
     ours = config.get(LAYOUT_KEY) == "kandinsky"
     stems = (KANDINSKY_STEM,) if ours else (comp.HUB_WEIGHTS, "pytorch_model", "model")
