@@ -211,3 +211,13 @@ def test_research_doc_examples_run(tmp_path):
     for name in linked:
         assert (ROOT / "docs" / "images" / name).is_file(), f"docs/images/{name} is not committed"
     assert ns["rec"] is not None
+
+
+def test_strip_lays_pictures_in_a_row_or_a_grid():
+    from kandinsky.research.embeddings_cli import strip
+
+    tiles = [PIL.Image.new("RGB", (10, 6), c) for c in ("red", "green", "blue")]
+    assert strip(tiles).size == (3 * 14 + 4, 6 + 8)
+    grid = strip(tiles, columns=2)  # two rows: red green / blue
+    assert grid.size == (2 * 14 + 4, 2 * 10 + 4)
+    assert grid.getpixel((4, 14)) == (0, 0, 255) and grid.getpixel((18, 14)) == (255, 255, 255)

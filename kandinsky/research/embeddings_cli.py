@@ -32,12 +32,14 @@ def mix(pipe, items: list, ts=None, generator=None, prior_steps: int = 25, **opt
     return decode(pipe, embeds, generator=generator, **options).images
 
 
-def strip(images: list[PIL.Image.Image], pad: int = 4) -> PIL.Image.Image:
-    """Pictures side by side on white."""
+def strip(images: list[PIL.Image.Image], pad: int = 4, columns: int | None = None) -> PIL.Image.Image:
+    """Pictures side by side on white; with ``columns``, in rows of that many (a grid)."""
     W, H = images[0].size
-    canvas = PIL.Image.new("RGB", (len(images) * (W + pad) + pad, H + 2 * pad), (255, 255, 255))
+    columns = columns or len(images)
+    rows = -(-len(images) // columns)
+    canvas = PIL.Image.new("RGB", (columns * (W + pad) + pad, rows * (H + pad) + pad), (255, 255, 255))
     for i, im in enumerate(images):
-        canvas.paste(im.convert("RGB"), (pad + i * (W + pad), pad))
+        canvas.paste(im.convert("RGB"), (pad + (i % columns) * (W + pad), pad + (i // columns) * (H + pad)))
     return canvas
 
 
