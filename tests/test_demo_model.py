@@ -81,12 +81,15 @@ def test_train_demo_resumes_from_its_checkpoints(trained_few_steps, tmp_path):
 
 def test_train_demo_two_jobs_trains_every_stage_and_writes_the_repos(tmp_path):
     # --jobs 2: the phases in child processes (clip | movq, then prior + movq_decoder | decoder + inpaint)
-    assert train_demo.main(["--out", str(tmp_path), "--steps", "1", "--data-size", "16", "--jobs", "2"]) == 0
+    assert train_demo.main(["--out", str(tmp_path), "--steps", "1", "--data-size", "16", "--jobs", "2",
+                            "--movq-factor", "4", "--shape-weight", "6"]) == 0
     for stage in train_demo.STAGES:
         assert torch.load(tmp_path / "stages" / f"{stage}.pt", weights_only=True)["done"], stage
     assert all((tmp_path / repo / "model_index.json").is_file() for repo in ("prior", "decoder", "decoder-inpaint"))
-    assert json.loads((tmp_path / "decoder" / "unet" / "config.json").read_text())["sample_size"] == \
-        train_demo.IMAGE_SIZE // train_demo.MOVQ_FACTOR
+    # --movq-factor 4 reached the children: 16 x 16 latents, a 3-level MoVQ
+    assert json.loads((tmp_path / "decoder" / "unet" / "config.json").read_text())["sample_size"] == 16
+    assert len(json.loads((tmp_path / "decoder" / "movq" / "config.json").read_text())["block_out_channels"]) == 3
+    train_demo.MOVQ_FACTOR, train_demo.HEAD_WEIGHTS["shape"] = 8, 1.0  # main() set them in this process
     assert 2 ** (len(train_demo.CONFIGS["movq"]["block_out_channels"]) - 1) == train_demo.MOVQ_FACTOR
 
 

@@ -20,7 +20,7 @@ The result is written in the hub layout (``prior/``, ``decoder/``, ``decoder-inp
 fp16 safetensors) with a word-level BPE tokenizer that covers the grammar (16 tokens of
 context instead of CLIP's 77).
 
-Each stage trains for its STAGES minutes (126 in all; ``--minutes M`` shares M among the stages
+Each stage trains for its STAGES minutes (130 in all; ``--minutes M`` shares M among the stages
 run in the same proportions; ``--steps N``: N steps each, for tests) and saves a checkpoint in ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
 ``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
 first; then prior, decoder + inpaint and movq_decoder) and a stage can be trained longer
@@ -28,7 +28,7 @@ first; then prior, decoder + inpaint and movq_decoder) and a stage can be traine
 EMA is what is saved.
 
     kandinsky train-demo --out demo-weights                      # everything, one after another
-    kandinsky train-demo --out demo-weights --jobs 2             # two processes: ~65 min wall-clock
+    kandinsky train-demo --out demo-weights --jobs 2             # two processes: about half the wall-clock
     kandinsky train-demo --out demo-weights --stages clip --minutes 8 --resume   # one stage, longer
     kandinsky train-demo --out demo-weights --write-only          # the hub folders from the stages
 """
@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from kandinsky.data import shapes
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
-MOVQ_FACTOR = 4  # pictures / latents: 16 x 16 latents (a small shape, 16 pixels, is 4 x 4 latent cells:
-#                  with 8 x 8 latents, 2 x 2 cells, the MoVQ rounded the corners of small squares and triangles)
+MOVQ_FACTOR = 8  # pictures / latents (8 x 8 latents), as the shipped weights; --movq-factor 4 (16 x 16
+#                  latents, a 3-level MoVQ) keeps the corners of small squares and triangles but needs a
+#                  longer decoder training than a CPU session gives it (kandinsky/demo_weights/README.md)
 EMBED = 64  # CLIP projection = prior embedding = UNet encoder_hid_dim
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -127,28 +128,32 @@ CONFIGS = {
         "latent_channels": 4,
         "vq_embed_dim": 4,
         "num_vq_embeddings": 256,
-        "block_out_channels": [32, 64, 64],  # 3 levels: 2 downsamplings = MOVQ_FACTOR
+        "block_out_channels": [32, 32, 64, 64],  # 4 levels: 3 downsamplings = MOVQ_FACTOR
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "norm_type": "spatial",
-        "down_block_types": ["DownEncoderBlock2D"] * 2 + ["AttnDownEncoderBlock2D"],
-        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 2,
+        "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
     },
 }
 INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 
 # stage: (minutes at the default --minutes, batch size, learning rate): the wall-clock minutes each stage
-# of the shipped weights trained, one thread each, two stages at a time (--jobs 2); another --minutes
-# scales them all alike
+# of the shipped weights trained (130 in all, on a loaded 2-core machine); another --minutes scales them
+# all alike
 STAGES = {
-    "clip": (20.4, 128, 1e-3),
-    "movq": (18.0, 16, 1e-3),
-    "movq_decoder": (12.0, 8, 3e-4),
-    "prior": (24.0, 128, 5e-4),
-    "decoder": (39.6, 32, 5e-4),
-    "inpaint": (12.0, 32, 3e-4),
+    "clip": (15.6, 128, 1e-3),
+    "movq": (22.1, 16, 1e-3),
+    "movq_decoder": (19.5, 8, 3e-4),
+    "prior": (23.4, 128, 5e-4),
+    "decoder": (37.7, 64, 5e-4),
+    "inpaint": (11.7, 64, 3e-4),
 }
-DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 126
+DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 130
+# --movq-factor 4: 16 x 16 latents (a small shape, 16 pixels, is 4 x 4 latent cells instead of 2 x 2)
+MOVQ_FACTOR_4 = {"block_out_channels": [32, 64, 64],
+                 "down_block_types": ["DownEncoderBlock2D"] * 2 + ["AttnDownEncoderBlock2D"],
+                 "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 2}
 MOVQ_CROP = 32  # the autoencoder trains on crops of this side (4x cheaper steps than whole pictures)
 DATA_SIZE = 8192  # pictures whose latents and embeddings the prior and decoders train on
 # --jobs 2: the stages in two processes, phase after phase (a phase starts when the last one is done)
@@ -294,7 +299,7 @@ def build(name: str, **overrides):
 
 # the shape is the one attribute contrast barely teaches (a 16-pixel triangle and circle share
 # colour, size and place): its head weighs more
-HEAD_WEIGHTS = {"shape": 6.0}
+HEAD_WEIGHTS = {"shape": 1.0}  # the shipped weights; --shape-weight 6 teaches it (see the README)
 ATTRIBUTE_VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
                     "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
 
@@ -554,10 +559,10 @@ def build_models(tokenizer_dir: Path) -> dict:
         "tokenizer": Tokenizer.from_folder(tokenizer_dir),
         "text_encoder": build("text_encoder", vocab_size=vocab_size),
         "image_encoder": build("image_encoder"),
-        "movq": build("movq"),
+        "movq": build("movq", **(MOVQ_FACTOR_4 if MOVQ_FACTOR == 4 else {})),
         "prior": build("prior"),
-        "unet": build("unet"),
-        "inpaint": build("unet", in_channels=INPAINT_CHANNELS),
+        "unet": build("unet", sample_size=IMAGE_SIZE // MOVQ_FACTOR),
+        "inpaint": build("unet", in_channels=INPAINT_CHANNELS, sample_size=IMAGE_SIZE // MOVQ_FACTOR),
     }
     return models
 
@@ -660,6 +665,12 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true",
                         help="start each trained stage from its checkpoint in OUT/stages/ (train it longer)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--movq-factor", type=int, default=8, choices=(8, 4),
+                        help="pictures / latents: 8 (8 x 8 latents, the shipped weights) or 4 (16 x 16 latents, "
+                             "a 3-level MoVQ: sharper small shapes, a slower decoder to train)")
+    parser.add_argument("--shape-weight", type=float, default=1.0,
+                        help="weight of the CLIP image tower's shape head (1 for the shipped weights; 6 puts the "
+                             "shape into the embedding: see kandinsky/demo_weights/README.md)")
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
                         help="2: train in two processes of one thread each, clip beside movq, then prior and "
                              "movq_decoder beside decoder and inpaint (each stage gets the same time as with 1; "
@@ -684,6 +695,7 @@ def run_parallel(args, stages: list[str], log) -> None:
             if args.minutes is not None:  # else each stage its STAGES minutes
                 argv += ["--minutes", str(args.minutes * sum(STAGES[name][0] for name in group) / total)]
             argv += ["--steps", str(args.steps)] if args.steps else []
+            argv += ["--movq-factor", str(args.movq_factor), "--shape-weight", str(args.shape_weight)]
             argv += ["--resume"] if args.resume else []
             log(f"started {' + '.join(group)}")
             children.append((group, subprocess.Popen(argv)))
@@ -700,6 +712,9 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    global MOVQ_FACTOR
+    MOVQ_FACTOR = args.movq_factor
+    HEAD_WEIGHTS["shape"] = args.shape_weight
     start = time.time()
 
     def log(message):
