@@ -21,7 +21,8 @@ fp16 safetensors) with a word-level BPE tokenizer that covers the grammar (16 to
 context instead of CLIP's 77).
 
 Each stage trains for its STAGES minutes (130 in all; ``--minutes M`` shares M among the stages
-run in the same proportions; ``--steps N``: N steps each, for tests) and saves a checkpoint in ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
+run in the same proportions; ``--steps N``: N steps each, for tests) and saves a checkpoint in
+``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
 ``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
 first; then prior, decoder + inpaint and movq_decoder) and a stage can be trained longer
 (``--resume``). The UNets and the prior keep an EMA of their weights (decay 0.999); the
@@ -297,9 +298,10 @@ def build(name: str, **overrides):
     return build_model({**CONFIGS[name], **overrides})
 
 
-# the shape is the one attribute contrast barely teaches (a 16-pixel triangle and circle share
-# colour, size and place): its head weighs more
-HEAD_WEIGHTS = {"shape": 1.0}  # the shipped weights; --shape-weight 6 teaches it (see the README)
+# weight of each attribute head in the CLIP loss (1 where absent). The shape is the one attribute contrast
+# barely teaches (a 16-pixel triangle and circle share colour, size and place): the shipped weights used 1,
+# --shape-weight 6 puts the shape into the embedding (kandinsky/demo_weights/README.md)
+HEAD_WEIGHTS = {"shape": 1.0}
 ATTRIBUTE_VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
                     "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
 
@@ -354,15 +356,15 @@ def train_movq(models, clock, log, save, seed):
     def loss_fn(step):
         images, _ = batch(seed + 1, step * n, n)
         images = crop(images, MOVQ_CROP, step)  # (n, 3, 32, 32): flat colours and edges are local
-        z = movq.encode(images)  # (n, 4, 8, 8)
-        codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 8, 8, 4) nearest codebook vectors
+        z = movq.encode(images)  # (n, 4, 32/f, 32/f), f = MOVQ_FACTOR
+        codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 32/f, 32/f, 4) nearest codebook vectors
         codes = codes.permute(0, 3, 1, 2)
         codebook = F.mse_loss(codes, z.detach())
         commitment = F.mse_loss(z, codes.detach())
         # the decoder UNet's noise is N(0, 1): keep each latent channel near mean 0, std 1
         scale = z.mean((0, 2, 3)).pow(2).mean() + (z.std((0, 2, 3)) - 1).pow(2).mean()
         quantized = step % 2 == 1  # decode the codebook vectors half the time, the raw latents (as the pipelines do) else
-        zq = z + (codes - z).detach() if quantized else z  # (n, 4, 8, 8)
+        zq = z + (codes - z).detach() if quantized else z  # (n, 4, 32/f, 32/f)
         recon = movq.decoder(movq.post_quant_conv(zq), zq)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
         loss = l1 + l2 + codebook + 0.25 * commitment + 0.1 * scale
@@ -380,7 +382,7 @@ def train_movq_decoder(models, clock, log, save, seed):
     def loss_fn(step):
         images, _ = batch(seed + 3, step * n, n)  # (n, 3, 64, 64)
         with torch.no_grad():
-            z = movq.encode(images)  # (n, 4, 16, 16)
+            z = movq.encode(images)  # (n, 4, 64/f, 64/f): 8 x 8 for the shipped f = 8
             zq = movq.quantize(z)[0] if step % 2 else z
         recon = movq.decoder(movq.post_quant_conv(zq), zq)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
@@ -472,12 +474,12 @@ def train_unet(stage, models, data, clock, log, save, seed):
 
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
-        x0 = data["latents"][rows]  # (n, 4, 16, 16)
+        x0 = data["latents"][rows]  # (n, 4, 64/f, 64/f)
         drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
         embeds = drop_image_embeds(data["embeds"][rows], data["zero"], drop)
         inpaint = {}
         if stage == "inpaint":
-            keep = random_keep_masks(n, *x0.shape[-2:], g)  # (n, 1, 16, 16), 1 = keep, 0 = repaint
+            keep = random_keep_masks(n, *x0.shape[-2:], g)  # (n, 1, 64/f, 64/f), 1 = keep, 0 = repaint
             inpaint = {"masked_latents": x0 * keep, "mask": keep}
         loss = decoder_loss(unet, schedule, x0, embeds, generator=g, **inpaint)
         return loss, {"mse": loss.item()}
@@ -569,7 +571,7 @@ def build_models(tokenizer_dir: Path) -> dict:
 
 def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], seed: int, log,
         data_size: int = DATA_SIZE, resume: bool = False) -> dict[str, Path]:
-    """Train ``stages`` (sharing ``minutes`` by their STAGES shares), load the others from
+    """Train ``stages`` (each its STAGES minutes, or ``minutes`` shared in those proportions), load the others from
     ``out/stages/``, and write the hub folders when every stage is trained."""
     torch.manual_seed(seed)
     work = out / "stages"
