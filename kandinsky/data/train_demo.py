@@ -54,6 +54,8 @@ IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
 MOVQ_FACTOR = 8  # pictures / latents (8 x 8 latents), as the shipped weights; --movq-factor 4 (16 x 16
 #                  latents, a 3-level MoVQ) keeps the corners of small squares and triangles but needs a
 #                  longer decoder training than a CPU session gives it (kandinsky/demo_weights/README.md)
+LATENT_CHANNELS = 8  # MoVQ latent channels (the real MoVQ has 4): a small shape is 2 x 2 latent cells, and 8
+#                     channels keep its corners (--latent-channels 4 rounds small squares and triangles)
 EMBED = 64  # CLIP projection = prior embedding = UNet encoder_hid_dim
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,8 +108,8 @@ CONFIGS = {
     },
     "unet": {
         "_class_name": "UNet2DConditionModel",
-        "in_channels": 4,
-        "out_channels": 8,
+        "in_channels": None,  # LATENT_CHANNELS (build_models)
+        "out_channels": None,  # 2 x LATENT_CHANNELS: eps and the variance interpolation
         "block_out_channels": [32, 64, 64, 96],
         "layers_per_block": 1,
         "attention_head_dim": 32,
@@ -126,8 +128,8 @@ CONFIGS = {
         "_class_name": "VQModel",
         "in_channels": 3,
         "out_channels": 3,
-        "latent_channels": 4,
-        "vq_embed_dim": 4,
+        "latent_channels": None,  # LATENT_CHANNELS (build_models)
+        "vq_embed_dim": None,
         "num_vq_embeddings": 256,
         "block_out_channels": [32, 32, 64, 64],  # 4 levels: 3 downsamplings = MOVQ_FACTOR
         "layers_per_block": 1,
@@ -137,18 +139,17 @@ CONFIGS = {
         "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
     },
 }
-INPAINT_CHANNELS = 9  # noisy latents 4, masked image latents 4, keep mask 1
 
 # stage: (minutes at the default --minutes, batch size, learning rate): the wall-clock minutes each stage
 # of the shipped weights trained (130 in all, on a loaded 2-core machine); another --minutes scales them
 # all alike
 STAGES = {
-    "clip": (15.6, 128, 1e-3),
-    "movq": (22.1, 16, 1e-3),
-    "movq_decoder": (19.5, 8, 3e-4),
-    "prior": (23.4, 128, 5e-4),
-    "decoder": (37.7, 64, 5e-4),
-    "inpaint": (11.7, 64, 3e-4),
+    "clip": (22.0, 128, 1e-3),
+    "movq": (25.0, 16, 1e-3),
+    "movq_decoder": (25.0, 8, 3e-4),
+    "prior": (30.0, 128, 5e-4),
+    "decoder": (47.0, 64, 5e-4),
+    "inpaint": (13.0, 64, 3e-4),
 }
 DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 130
 # --movq-factor 4: 16 x 16 latents (a small shape, 16 pixels, is 4 x 4 latent cells instead of 2 x 2)
@@ -301,7 +302,7 @@ def build(name: str, **overrides):
 # weight of each attribute head in the CLIP loss (1 where absent). The shape is the one attribute contrast
 # barely teaches (a 16-pixel triangle and circle share colour, size and place): the shipped weights used 1,
 # --shape-weight 6 puts the shape into the embedding (kandinsky/demo_weights/README.md)
-HEAD_WEIGHTS = {"shape": 1.0}
+HEAD_WEIGHTS = {"shape": 6.0}
 ATTRIBUTE_VALUES = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
                     "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
 
@@ -349,6 +350,19 @@ def crop(images: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return torch.stack([im[:, i:i + size, j:j + size] for im, i, j in zip(images, y.tolist(), x.tolist())])
 
 
+COMMITMENT = 0.05  # pull of the latents towards their nearest codebook vector (weak: nothing decodes codes)
+LATENT_NOISE = 0.1  # std of the noise added to the latents the MoVQ decoder learns from
+
+
+def decode_noisy(movq, z: torch.Tensor, step: int) -> torch.Tensor:
+    """Pictures from latents plus a little noise: the decoder UNet's samples are never exact latents, and a
+    decoder trained on exact ones turns small errors into blots (the encoder learns to keep its code
+    robust). The raw latents, as the pipelines decode them (force_not_quantize=True); no codebook."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    zn = z + LATENT_NOISE * torch.randn(z.shape, generator=g)  # (n, L, h, w)
+    return movq.decoder(movq.post_quant_conv(zn), zn)
+
+
 def train_movq(models, clock, log, save, seed):
     movq = models["movq"]
     n = STAGES["movq"][1]
@@ -356,18 +370,16 @@ def train_movq(models, clock, log, save, seed):
     def loss_fn(step):
         images, _ = batch(seed + 1, step * n, n)
         images = crop(images, MOVQ_CROP, step)  # (n, 3, 32, 32): flat colours and edges are local
-        z = movq.encode(images)  # (n, 4, 32/f, 32/f), f = MOVQ_FACTOR
-        codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 32/f, 32/f, 4) nearest codebook vectors
+        z = movq.encode(images)  # (n, L, 32/f, 32/f), f = MOVQ_FACTOR, L = LATENT_CHANNELS
+        codes = movq.quantizer.codebook(movq.quantize(z.detach())[1])  # (n, 32/f, 32/f, L) nearest codebook vectors
         codes = codes.permute(0, 3, 1, 2)
-        codebook = F.mse_loss(codes, z.detach())
+        codebook = F.mse_loss(codes, z.detach())  # the codebook follows the latents (pipelines never quantize)
         commitment = F.mse_loss(z, codes.detach())
         # the decoder UNet's noise is N(0, 1): keep each latent channel near mean 0, std 1
         scale = z.mean((0, 2, 3)).pow(2).mean() + (z.std((0, 2, 3)) - 1).pow(2).mean()
-        quantized = step % 2 == 1  # decode the codebook vectors half the time, the raw latents (as the pipelines do) else
-        zq = z + (codes - z).detach() if quantized else z  # (n, 4, 32/f, 32/f)
-        recon = movq.decoder(movq.post_quant_conv(zq), zq)
+        recon = decode_noisy(movq, z, step)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
-        loss = l1 + l2 + codebook + 0.25 * commitment + 0.1 * scale
+        loss = l1 + l2 + codebook + COMMITMENT * commitment + 0.1 * scale
         return loss, {"l1": l1.item(), "mse": l2.item(), "vq": codebook.item(), "scale": scale.item()}
 
     train("movq", list(movq.parameters()), loss_fn, clock, log, lambda _: save(["movq"]))
@@ -382,9 +394,8 @@ def train_movq_decoder(models, clock, log, save, seed):
     def loss_fn(step):
         images, _ = batch(seed + 3, step * n, n)  # (n, 3, 64, 64)
         with torch.no_grad():
-            z = movq.encode(images)  # (n, 4, 64/f, 64/f): 8 x 8 for the shipped f = 8
-            zq = movq.quantize(z)[0] if step % 2 else z
-        recon = movq.decoder(movq.post_quant_conv(zq), zq)
+            z = movq.encode(images)  # (n, L, 64/f, 64/f): 8 x 8 for the shipped f = 8
+        recon = decode_noisy(movq, z, step)
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
         return l1 + l2, {"l1": l1.item(), "mse": l2.item()}
 
@@ -557,14 +568,16 @@ def build_models(tokenizer_dir: Path) -> dict:
     from kandinsky.clip.tokenizer import Tokenizer
 
     vocab_size = write_tokenizer(tokenizer_dir)
+    L = LATENT_CHANNELS
     models = {
         "tokenizer": Tokenizer.from_folder(tokenizer_dir),
         "text_encoder": build("text_encoder", vocab_size=vocab_size),
         "image_encoder": build("image_encoder"),
-        "movq": build("movq", **(MOVQ_FACTOR_4 if MOVQ_FACTOR == 4 else {})),
+        "movq": build("movq", latent_channels=L, vq_embed_dim=L, **(MOVQ_FACTOR_4 if MOVQ_FACTOR == 4 else {})),
         "prior": build("prior"),
-        "unet": build("unet", sample_size=IMAGE_SIZE // MOVQ_FACTOR),
-        "inpaint": build("unet", in_channels=INPAINT_CHANNELS, sample_size=IMAGE_SIZE // MOVQ_FACTOR),
+        "unet": build("unet", in_channels=L, out_channels=2 * L, sample_size=IMAGE_SIZE // MOVQ_FACTOR),
+        # inpainting: noisy latents, masked picture latents, keep mask (9 channels for the real 4)
+        "inpaint": build("unet", in_channels=2 * L + 1, out_channels=2 * L, sample_size=IMAGE_SIZE // MOVQ_FACTOR),
     }
     return models
 
@@ -670,7 +683,10 @@ def parse_args(argv):
     parser.add_argument("--movq-factor", type=int, default=8, choices=(8, 4),
                         help="pictures / latents: 8 (8 x 8 latents, the shipped weights) or 4 (16 x 16 latents, "
                              "a 3-level MoVQ: sharper small shapes, a slower decoder to train)")
-    parser.add_argument("--shape-weight", type=float, default=1.0,
+    parser.add_argument("--latent-channels", type=int, default=LATENT_CHANNELS, choices=(4, 8, 16),
+                        help=f"MoVQ latent channels (default {LATENT_CHANNELS}, the shipped weights; the real "
+                             f"MoVQ has 4, which rounds the corners of small shapes at 8 x 8 latents)")
+    parser.add_argument("--shape-weight", type=float, default=HEAD_WEIGHTS["shape"],
                         help="weight of the CLIP image tower's shape head (1 for the shipped weights; 6 puts the "
                              "shape into the embedding: see kandinsky/demo_weights/README.md)")
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
@@ -697,7 +713,8 @@ def run_parallel(args, stages: list[str], log) -> None:
             if args.minutes is not None:  # else each stage its STAGES minutes
                 argv += ["--minutes", str(args.minutes * sum(STAGES[name][0] for name in group) / total)]
             argv += ["--steps", str(args.steps)] if args.steps else []
-            argv += ["--movq-factor", str(args.movq_factor), "--shape-weight", str(args.shape_weight)]
+            argv += ["--movq-factor", str(args.movq_factor), "--shape-weight", str(args.shape_weight),
+                     "--latent-channels", str(args.latent_channels)]
             argv += ["--resume"] if args.resume else []
             log(f"started {' + '.join(group)}")
             children.append((group, subprocess.Popen(argv)))
@@ -714,8 +731,8 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    global MOVQ_FACTOR
-    MOVQ_FACTOR = args.movq_factor
+    global MOVQ_FACTOR, LATENT_CHANNELS
+    MOVQ_FACTOR, LATENT_CHANNELS = args.movq_factor, args.latent_channels
     HEAD_WEIGHTS["shape"] = args.shape_weight
     start = time.time()
 
