@@ -51,7 +51,11 @@ def test_train_demo_writes_loadable_hub_folders(trained_few_steps):
                         "decoder-inpaint": ("unet", "movq", "scheduler")}.items():
         assert (out / repo / "model_index.json").is_file()
         assert all((out / repo / part).is_dir() for part in parts), repo
-    assert json.loads((out / "decoder-inpaint" / "unet" / "config.json").read_text())["in_channels"] == 9
+    # inpainting UNet: noisy latents, masked picture latents, keep mask (9 for the real 4 latent channels)
+    L = json.loads((out / "decoder" / "movq" / "config.json").read_text())["latent_channels"]
+    assert L == train_demo.LATENT_CHANNELS
+    assert json.loads((out / "decoder" / "unet" / "config.json").read_text())["in_channels"] == L
+    assert json.loads((out / "decoder-inpaint" / "unet" / "config.json").read_text())["in_channels"] == 2 * L + 1
     # fp16, and small enough to ship
     from safetensors import safe_open
 
@@ -81,15 +85,19 @@ def test_train_demo_resumes_from_its_checkpoints(trained_few_steps, tmp_path):
 
 def test_train_demo_two_jobs_trains_every_stage_and_writes_the_repos(tmp_path):
     # --jobs 2: the phases in child processes (clip | movq, then prior + movq_decoder | decoder + inpaint)
+    defaults = train_demo.MOVQ_FACTOR, train_demo.LATENT_CHANNELS, train_demo.HEAD_WEIGHTS["shape"]
     assert train_demo.main(["--out", str(tmp_path), "--steps", "1", "--data-size", "16", "--jobs", "2",
-                            "--movq-factor", "4", "--shape-weight", "6"]) == 0
+                            "--movq-factor", "4", "--shape-weight", "2", "--latent-channels", "4"]) == 0
     for stage in train_demo.STAGES:
         assert torch.load(tmp_path / "stages" / f"{stage}.pt", weights_only=True)["done"], stage
     assert all((tmp_path / repo / "model_index.json").is_file() for repo in ("prior", "decoder", "decoder-inpaint"))
     # --movq-factor 4 reached the children: 16 x 16 latents, a 3-level MoVQ
     assert json.loads((tmp_path / "decoder" / "unet" / "config.json").read_text())["sample_size"] == 16
     assert len(json.loads((tmp_path / "decoder" / "movq" / "config.json").read_text())["block_out_channels"]) == 3
-    train_demo.MOVQ_FACTOR, train_demo.HEAD_WEIGHTS["shape"] = 8, 1.0  # main() set them in this process
+    # --latent-channels 4 too: the real MoVQ's 4, the 9-channel inpainting UNet
+    assert json.loads((tmp_path / "decoder-inpaint" / "unet" / "config.json").read_text())["in_channels"] == 9
+    # main() set them in this process
+    train_demo.MOVQ_FACTOR, train_demo.LATENT_CHANNELS, train_demo.HEAD_WEIGHTS["shape"] = defaults
     assert 2 ** (len(train_demo.CONFIGS["movq"]["block_out_channels"]) - 1) == train_demo.MOVQ_FACTOR
 
 

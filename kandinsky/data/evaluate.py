@@ -3,7 +3,7 @@
     kandinsky eval shapes --prior P --decoder D [--inpaint I] [--n 64] [--seed 0] [--steps 20]
                           [--sampler ddpm] [--sweep] [--demo]
 
-Five measurements, each on items drawn at random from the seed (not a hand-picked list):
+Six measurements, each on items drawn at random from the seed (not a hand-picked list):
 
   text2img    random prompts of the grammar -> prior -> decoder -> analyse(picture); for each
               attribute the prompt states: accuracy, and a confusion table (stated x found)
@@ -14,6 +14,7 @@ Five measurements, each on items drawn at random from the seed (not a hand-picke
   inpaint     a small shape on one side; the opposite side masked and prompted with another
               small shape: the masked area's dominant colour is the prompted one, and the
               picture outside the mask keeps its colours
+  movq        real pictures through the MoVQ alone (encode, decode): the ceiling of the others
   variations  a picture's CLIP embedding decoded again: same shape, colours, size, position
 
 ``--sweep`` adds a table of text2img accuracy (mean over attributes) against steps for every
@@ -225,6 +226,31 @@ def variations_report(prior, decoder, n=32, seed=0, steps=20, sampler=None, guid
     return report
 
 
+def movq_report(decoder, n=64, seed=0, batch=16) -> dict:
+    """Real pictures through the MoVQ alone (encode, decode the raw latents as the pipelines do): the
+    ceiling of every decoder measurement, since a UNet's latents are decoded by the same MoVQ. Adds
+    "shape_by_size": {size: shape accuracy}."""
+    examples = [shapes.example(seed + 2, i, IMAGE_SIZE) for i in range(n)]
+    pixels = torch.from_numpy(np.stack([np.asarray(ex.image) for ex in examples])).permute(0, 3, 1, 2)
+    images = pixels.float() / 127.5 - 1  # (n, 3, 64, 64)
+    movq = decoder.movq
+    dtype = next(movq.parameters()).dtype
+    pictures = []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            chunk = images[start:start + batch].to(dtype)
+            out = movq.decode(movq.encode(chunk), force_not_quantize=True).float().clamp(-1, 1)
+            array = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # (b, 64, 64, 3)
+            pictures += [PIL.Image.fromarray(a) for a in array]
+    report = score(pictures, [ex.scene.attributes() for ex in examples])
+    by_size = defaultdict(list)
+    for picture, ex in zip(pictures, examples):
+        by_size[ex.scene.size].append(analyse(picture).shape == ex.scene.shape)
+    report["shape_by_size"] = {size: float(np.mean(ok)) for size, ok in sorted(by_size.items())}
+    report["pictures"] = pictures
+    return report
+
+
 # ----------------------------------------------------------------------------- printing
 
 
@@ -326,6 +352,10 @@ def main(argv=None) -> int:
     print("  the same classifier on real pictures' embeddings: "
           + "  ".join(f"{name} {value:.1%}" for name, value in report_prior["probe"].items()))
 
+    roundtrip = movq_report(decoder, n=args.n, seed=args.seed, batch=args.batch)
+    print(format_accuracy("MoVQ round trip (real pictures encoded and decoded: the decoder's ceiling)", roundtrip)
+          + "  shape by size: " + "  ".join(f"{k} {v:.1%}" for k, v in roundtrip["shape_by_size"].items()))
+
     variations = variations_report(prior, decoder, n=args.n, **common)
     print(format_accuracy("variations (picture -> CLIP embedding -> decoder)", variations))
     if args.save:
@@ -342,15 +372,15 @@ def main(argv=None) -> int:
     if args.sweep:
         embeddings = embed_prompts(prior, report["prompts"], args.seed, args.prior_steps, args.prior_guidance,
                                    args.batch)
-        print("text2img mean accuracy over the stated attributes, by sampler and steps:")
-        print(f"  {'sampler':<10}" + "".join(f"{s:>8}" for s in SWEEP_STEPS))
+        print("text2img accuracy by sampler and steps: mean over the stated attributes / shape")
+        print(f"  {'sampler':<10}" + "".join(f"{s:>15}" for s in SWEEP_STEPS))
         for sampler in SWEEP_SAMPLERS:
             row = []
             for steps in SWEEP_STEPS:
                 r = text2img_report(prior, decoder, n=args.n, seed=args.seed, steps=steps, sampler=sampler,
                                     guidance=args.guidance, batch=args.batch, embeddings=embeddings)
-                row.append(np.mean(list(r["accuracy"].values())))
-            print(f"  {sampler:<10}" + "".join(f"{a:8.1%}" for a in row))
+                row.append(f"{np.mean(list(r['accuracy'].values())):.1%} / {r['accuracy']['shape']:.0%}")
+            print(f"  {sampler:<10}" + "".join(f"{cell:>15}" for cell in row), flush=True)
     return 0
 
 
