@@ -6,12 +6,15 @@ losses of kandinsky.training for the prior and the UNets:
 
     stage         trains                                       on
     clip          text + image towers, contrastive (InfoNCE)   (caption, picture) pairs
-    movq          MoVQ autoencoder: L1 + MSE reconstruction,   32 x 32 crops of pictures
+                  + attribute heads (shape weighted 6x)
+    movq          MoVQ autoencoder, 8 latent channels: L1 +    32 x 32 crops of pictures
+                  MSE reconstruction of slightly noisy latents,
                   codebook + commitment, latents kept ~N(0, 1)
     movq_decoder  the MoVQ decoder alone (encoder frozen)      whole pictures
     prior         diffusion prior, x0-prediction, cosine       (caption, CLIP image embedding)
     decoder       UNet, eps-prediction, linear betas           (MoVQ latents, CLIP image embedding)
-    inpaint       9-channel UNet started from the decoder,     (latents, masked latents, keep mask,
+    inpaint       17-channel UNet (9 for 4 latent channels)    (latents, masked latents, keep mask,
+                  started from the decoder,
                   random rectangles to repaint                  CLIP image embedding)
 
 Captions are dropped to "" (prior) and image embeddings to the zero-image embedding
@@ -20,7 +23,7 @@ The result is written in the hub layout (``prior/``, ``decoder/``, ``decoder-inp
 fp16 safetensors) with a word-level BPE tokenizer that covers the grammar (16 tokens of
 context instead of CLIP's 77).
 
-Each stage trains for its STAGES minutes (130 in all; ``--minutes M`` shares M among the stages
+Each stage trains for its STAGES minutes (162 in all, 85 of wall-clock with ``--jobs 2``; ``--minutes M`` shares M among the stages
 run in the same proportions; ``--steps N``: N steps each, for tests) and saves a checkpoint in
 ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
 ``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
@@ -141,7 +144,7 @@ CONFIGS = {
 }
 
 # stage: (minutes at the default --minutes, batch size, learning rate): the wall-clock minutes each stage
-# of the shipped weights trained (130 in all, on a loaded 2-core machine); another --minutes scales them
+# of the shipped weights trained (162 in all, on a 2-core machine, two stages at a time); another --minutes scales them
 # all alike
 STAGES = {
     "clip": (22.0, 128, 1e-3),
@@ -151,7 +154,7 @@ STAGES = {
     "decoder": (47.0, 64, 5e-4),
     "inpaint": (13.0, 64, 3e-4),
 }
-DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 130
+DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 162
 # --movq-factor 4: 16 x 16 latents (a small shape, 16 pixels, is 4 x 4 latent cells instead of 2 x 2)
 MOVQ_FACTOR_4 = {"block_out_channels": [32, 64, 64],
                  "down_block_types": ["DownEncoderBlock2D"] * 2 + ["AttnDownEncoderBlock2D"],
@@ -485,7 +488,7 @@ def train_unet(stage, models, data, clock, log, save, seed):
 
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
-        x0 = data["latents"][rows]  # (n, 4, 64/f, 64/f)
+        x0 = data["latents"][rows]  # (n, L, 64/f, 64/f)
         drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
         embeds = drop_image_embeds(data["embeds"][rows], data["zero"], drop)
         inpaint = {}
@@ -505,7 +508,7 @@ def inpaint_from_decoder(unet, inpaint) -> None:
     for name, value in inpaint.state_dict().items():
         if value.shape == state[name].shape:
             value.copy_(state[name])
-        else:  # conv_in: (C0, 9, 3, 3) <- (C0, 4, 3, 3)
+        else:  # conv_in: (C0, 2L + 1, 3, 3) <- (C0, L, 3, 3)
             value.zero_()
             value[:, : state[name].shape[1]] = state[name]
 
