@@ -14,8 +14,8 @@ losses of kandinsky.training for the prior and the UNets:
     prior         diffusion prior, x0-prediction, cosine       (caption, CLIP image embedding)
     decoder       UNet, eps-prediction, linear betas           (MoVQ latents, CLIP image embedding)
     inpaint       17-channel UNet (9 for 4 latent channels)    (latents, masked latents, keep mask,
-                  started from the decoder,
-                  random rectangles to repaint                  CLIP image embedding)
+                  started from the decoder, random              CLIP image embedding)
+                  rectangles to repaint
 
 Captions are dropped to "" (prior) and image embeddings to the zero-image embedding
 (decoders) 10% of the time, so classifier-free guidance works as the pipelines use it.
