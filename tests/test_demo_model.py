@@ -83,6 +83,19 @@ def test_train_demo_resumes_from_its_checkpoints(trained_few_steps, tmp_path):
         assert a.read_bytes() == b.read_bytes()
 
 
+def test_train_demo_writes_no_repos_while_a_stage_is_unfinished(trained_few_steps, tmp_path, capsys):
+    # a --jobs 2 child finishing first must not write the hub folders from its sibling's half-trained stage
+    import shutil
+
+    shutil.copytree(trained_few_steps / "stages", tmp_path / "stages")
+    path = tmp_path / "stages" / "inpaint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "done": False}, path)
+    assert train_demo.main(["--out", str(tmp_path), "--write-only"]) == 0
+    assert "not writing the repos: stages ['inpaint']" in capsys.readouterr().out
+    assert not (tmp_path / "decoder-inpaint").exists()
+
+
 def test_train_demo_two_jobs_trains_every_stage_and_writes_the_repos(tmp_path):
     # --jobs 2: the phases in child processes (clip | movq, then prior + movq_decoder | decoder + inpaint)
     defaults = train_demo.MOVQ_FACTOR, train_demo.LATENT_CHANNELS, train_demo.HEAD_WEIGHTS["shape"]

@@ -606,6 +606,8 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
             partial.replace(checkpoint_path(stage))  # atomic: a parallel stage never reads half a file
         return save
 
+    unfinished = []
+
     def load(stage) -> bool:
         path = checkpoint_path(stage)
         if not path.exists():
@@ -614,6 +616,8 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
         for name, state in ckpt["state"].items():
             models[name].load_state_dict(state)
         log(f"{stage}: loaded {path} ({'done' if ckpt['done'] else 'unfinished'})")
+        if not ckpt["done"]:
+            unfinished.append(stage)
         return True
 
     missing = []
@@ -629,7 +633,8 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
         if stage in NEEDS:
             data = encoded_data(models, work, seed, data_size, NEEDS[stage], log)
         if resume and load(stage):
-            pass
+            if stage in unfinished:
+                unfinished.remove(stage)  # trained to its end below
         elif stage == "inpaint" and "decoder" not in missing:
             inpaint_from_decoder(models["unet"], models["inpaint"])
         stage_minutes = STAGES[stage][0] if minutes is None else \
@@ -655,8 +660,8 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
         else:
             train_unet("inpaint", models, data, clock, log, save, seed)
             save(["inpaint"], final=True)
-    if missing:
-        log(f"not writing the repos: stages {missing} are not trained yet")
+    if missing or unfinished:  # e.g. a --jobs 2 child whose sibling is still training
+        log(f"not writing the repos: stages {missing + unfinished} are not trained yet")
         return {}
     return write_repos(models, out)
 
