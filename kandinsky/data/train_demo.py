@@ -23,7 +23,7 @@ The result is written in the hub layout (``prior/``, ``decoder/``, ``decoder-inp
 fp16 safetensors) with a word-level BPE tokenizer that covers the grammar (16 tokens of
 context instead of CLIP's 77).
 
-Each stage trains for its STAGES minutes (162 in all, 85 of wall-clock with ``--jobs 2``; ``--minutes M`` shares M among the stages
+Each stage trains for its STAGES minutes (187 in all, 110 of wall-clock with ``--jobs 2``; ``--minutes M`` shares M among the stages
 run in the same proportions; ``--steps N``: N steps each, for tests) and saves a checkpoint in
 ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
 ``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
@@ -144,17 +144,17 @@ CONFIGS = {
 }
 
 # stage: (minutes at the default --minutes, batch size, learning rate): the wall-clock minutes each stage
-# of the shipped weights trained (162 in all, on a 2-core machine, two stages at a time); another --minutes scales them
+# of the shipped weights trained (187 in all, on a 2-core machine, two stages at a time); another --minutes scales them
 # all alike
 STAGES = {
     "clip": (22.0, 128, 1e-3),
     "movq": (25.0, 16, 1e-3),
     "movq_decoder": (25.0, 8, 3e-4),
     "prior": (30.0, 128, 5e-4),
-    "decoder": (47.0, 64, 5e-4),
+    "decoder": (72.0, 64, 5e-4),  # shipped: 47, then 25 more with --resume
     "inpaint": (13.0, 64, 3e-4),
 }
-DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 162
+DEFAULT_MINUTES = sum(minutes for minutes, _, _ in STAGES.values())  # 187
 # --movq-factor 4: 16 x 16 latents (a small shape, 16 pixels, is 4 x 4 latent cells instead of 2 x 2)
 MOVQ_FACTOR_4 = {"block_out_channels": [32, 64, 64],
                  "down_block_types": ["DownEncoderBlock2D"] * 2 + ["AttnDownEncoderBlock2D"],
