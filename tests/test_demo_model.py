@@ -158,10 +158,17 @@ def test_shipped_weights_draw_what_the_prompt_says():
             assert accuracy[name] >= threshold, (name, accuracy, report["prompts"])
     retrieval = evaluate.retrieval_report(prior, n=32, seed=0)
     assert retrieval["text_to_image"] >= RETRIEVAL_THRESHOLD
+    # the MoVQ alone keeps every attribute of real pictures (the ceiling of the decoder's pictures)
+    roundtrip = evaluate.movq_report(decoder, n=16, seed=0)
+    assert min(roundtrip["accuracy"].values()) >= 0.9, roundtrip["accuracy"]
+    inpaint = evaluate.inpaint_report(prior, DecoderPipeline.from_pretrained(folders["inpaint"]), n=16, seed=0)
+    assert inpaint["colour"] >= INPAINT_THRESHOLD and inpaint["kept"] >= 0.9, inpaint
 
 
 # measured (n=16, seed 0, 20 DDPM steps): colour 1.0, background 1.0 (8 stated), size 1.0 (8),
-# position 1.0 (6), shape 0.62; CLIP text -> image retrieval 1.0 (n=32). Shape is the weak attribute
-# (the tiny MoVQ / UNet round corners off): its bar only says "better than never right".
-THRESHOLDS = {"colour": 0.85, "background": 0.85, "size": 0.85, "position": 0.8, "shape": 0.4}
+# position 1.0 (6), shape 0.875; CLIP text -> image retrieval 1.0 (n=32); MoVQ round trip 1.0 on every
+# attribute; inpainting: prompted colour 0.94, pixels kept 0.99. The bars are issue 11's targets (the
+# n=16 sample is too small for closer ones: one picture is 6%)
+THRESHOLDS = {"colour": 0.9, "background": 0.85, "size": 0.85, "position": 0.8, "shape": 0.75}
 RETRIEVAL_THRESHOLD = 0.9
+INPAINT_THRESHOLD = 0.85
