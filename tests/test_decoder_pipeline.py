@@ -382,7 +382,9 @@ def test_bad_images(decoder):
     a = ours.img2img(e, pil_rgba, n, generator=gen(0), **kw).images
     b = ours.img2img(e, pil_rgba.convert("RGB"), n, generator=gen(0), **kw).images
     c = ours.img2img(e, rgba[..., :3], n, generator=gen(0), **kw).images  # uint8 numpy is 0..255
-    assert torch.equal(a, b) and rel_err(c, b) < 1e-6
+    # uint8 arrays and PIL images reach [-1, 1] by different float roundings: under 1e-6 of the output on earlier machines, 1.1e-6 with
+    # AMX kernels; an unscaled or channel-swapped path gives O(1)
+    assert torch.equal(a, b) and rel_err(c, b) < 1e-5
 
 
 def test_bad_masks(inpainter):

@@ -476,7 +476,8 @@ def test_uint8_0_255_mask_refused_with_hint(inpainter):
 # --------------------------------------------------------------------------- bfloat16
 # measured 0.03-0.04 on the raw decoder output, 0.09-0.10 on "pt" in [0, 1] (half the range, the
 # same absolute error) on these checkpoints; a real bug gives O(1)
-BF16_TOL = 0.15
+BF16_TOL = 0.25  # bf16 keeps 8 mantissa bits; two guided steps of random weights amplify them: 0.09-0.19
+#                  measured, by CPU (0.186 on a Xeon with AMX / AVX512-BF16 kernels, 2026-12-02)
 
 
 def test_bfloat16_chain_and_to(prior_pipeline_folder, decoder_pipeline_folder):
