@@ -231,9 +231,8 @@ def save_component(
         raise ValueError(f"layout must be 'hub' or 'kandinsky', not {layout!r}")
     check_dtype(dtype)
     comp = component_for_model(model)
-    from kandinsky.lora import has_lora  # (here: kandinsky.lora imports weights_convert)
-
-    if has_lora(model):
+    # Adapter layers (kandinsky.lora.LoRALinear, a floor above this one) say so with `holds_adapters`.
+    if any(getattr(m, "holds_adapters", False) for m in model.modules()):
         raise WeightsError(f"{type(model).__name__} has LoRA adapters: save them with kandinsky.lora.save_lora, or "
                            "merge(model) and remove_lora(model) first to save the fine-tuned weights.")
     folder = Path(folder)

@@ -91,6 +91,8 @@ class LoRAAdapter(nn.Module):
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus named adapters. Shares (does not copy) the base layer's tensors."""
 
+    holds_adapters = True  # weights_convert.save_component refuses a model with adapters (it cannot import this)
+
     def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
