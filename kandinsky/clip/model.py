@@ -166,6 +166,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
+    def token_layout(self) -> dict:
+        """What the keys of this layer's attention are (kandinsky.capture reads it): plain self-attention."""
+        return {"kind": "self"}
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         B, L, D = x.shape
         q = self.q_proj(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, D/heads)

@@ -210,6 +210,10 @@ class AttentionBlock(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.Linear(channels, channels)
 
+    def token_layout(self) -> dict:
+        """What the keys of this layer's attention are (kandinsky.capture reads it): the pixels only."""
+        return {"kind": "self"}
+
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         B, C, H, W = h.shape
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)

@@ -132,13 +132,19 @@ class TimestepEmbedding(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections."""
 
-    def __init__(self, dim: int, n_heads: int, head_dim: int):
+    def __init__(self, dim: int, n_heads: int, head_dim: int, text_tokens: int):
         super().__init__()
         self.n_heads = n_heads
+        self.text_tokens = text_tokens  # the sequence's first tokens; N_EXTRA_TOKENS follow (prd last)
         self.q = nn.Linear(dim, n_heads * head_dim)
         self.k = nn.Linear(dim, n_heads * head_dim)
         self.v = nn.Linear(dim, n_heads * head_dim)
         self.out = nn.Linear(n_heads * head_dim, dim)
+
+    def token_layout(self) -> dict:
+        """What the keys of this layer's attention are (kandinsky.capture reads it): the text tokens,
+        then text embedding, time, noisy image embedding and the prd token (the output), last."""
+        return {"kind": "prior", "text_tokens": self.text_tokens, "prd_token": -1}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple | None = None) -> torch.Tensor:
         """x (B, L, C) -> (B, L, C). ``past``: keys and values (B, heads, P, head_dim) of P earlier
@@ -172,10 +178,10 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, n_heads: int, head_dim: int):
+    def __init__(self, dim: int, n_heads: int, head_dim: int, text_tokens: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, n_heads, head_dim)
+        self.attn = SelfAttention(dim, n_heads, head_dim, text_tokens)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim)
 
@@ -222,7 +228,8 @@ class DiffusionPrior(nn.Module):
         self.prd_token = nn.Parameter(torch.zeros(1, 1, C))
         self.positional_embedding = nn.Parameter(torch.zeros(1, config.seq_len, C))
         self.blocks = nn.ModuleList(
-            [TransformerBlock(C, config.num_attention_heads, config.attention_head_dim) for _ in range(config.num_layers)]
+            [TransformerBlock(C, config.num_attention_heads, config.attention_head_dim, config.num_embeddings)
+             for _ in range(config.num_layers)]
         )
         self.norm_out = nn.LayerNorm(C)
         self.proj_out = nn.Linear(C, config.clip_dim)

@@ -173,6 +173,11 @@ class AddedKVAttention(nn.Module):
         self.add_v_proj = nn.Linear(token_dim, channels)
         self.to_out = nn.Linear(channels, channels)
 
+    def token_layout(self) -> dict:
+        """What the keys of this layer's attention are (kandinsky.capture reads it): keys [0, 32) are
+        the image tokens, the pixels follow."""
+        return {"kind": "added_kv", "image_tokens": NUM_IMAGE_TOKENS}
+
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
         return x.view(B, L, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, L, d)
