@@ -39,7 +39,7 @@ EMA is what is saved.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import math
 import sys
@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kandinsky.data import shapes
+from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
 MOVQ_FACTOR = 8  # pictures / latents (8 x 8 latents), as the shipped weights; --movq-factor 4 (16 x 16
@@ -258,39 +259,34 @@ class Clock:
         return self.fraction() < 1
 
 
-def cosine_lr(optimizer, base: float, fraction: float, warmup: float = 0.03) -> None:
-    lr = base * min(1.0, fraction / warmup) if fraction < warmup else base * 0.5 * (1 + math.cos(math.pi * min(fraction, 1)))
-    for group in optimizer.param_groups:
-        group["lr"] = max(lr, base * 0.02)
-
-
-def train(stage: str, params, loss_fn, clock: Clock, log, save, ema_models=()) -> None:
-    """Adam(W) steps of loss_fn(step) until the clock runs out; EMA of ema_models; save() every 2 min."""
+def train(stage: str, params, loss_fn, clock: Clock, log, save, ema_model=None) -> None:
+    """AdamW steps of loss_fn(step) until the clock runs out, through kandinsky.training.optim: a cosine
+    learning rate over the clock (after a 3% warm-up, never below 2% of the stage's rate), gradients
+    clipped to norm 1, an EMA of ``ema_model`` (decay EMA_DECAY, ramped up), save() every 2 minutes
+    (inside the EMA weights when there is one: they are the result, and ``ema_model`` ends holding them)."""
     _, _, lr = STAGES[stage]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    emas = [(model, copy.deepcopy(model).requires_grad_(False)) for model in ema_models]
+    optimizer.zero_grad(set_to_none=True)
+    ema_params = list(ema_model.parameters()) if ema_model is not None else []
+    ema = EMA(ema_params, EMA_DECAY, ramp=True) if ema_model is not None else None
     last_save, running = time.time(), None
     while clock.running():
-        cosine_lr(optimizer, lr, clock.fraction())
+        set_lr(optimizer, lr_at(clock.fraction(), lr, warmup=0.03, end=1.0, floor=0.02))
         loss, parts = loss_fn(clock.step)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay = min(EMA_DECAY, (1 + clock.step) / (10 + clock.step))
-        for model, ema in emas:
-            with torch.no_grad():
-                for p, q in zip(model.parameters(), ema.parameters()):
-                    q.lerp_(p, 1 - decay)
+        optimizer_step(optimizer, params, max_grad_norm=1.0)
+        if ema:
+            ema.update(ema_params)  # every weight of the model (the prior's fixed clip statistics too)
         clock.step += 1
         running = parts if running is None else {k: 0.98 * running[k] + 0.02 * v for k, v in parts.items()}
         if clock.step % 50 == 0 or not clock.running():
             log(f"{stage} step {clock.step} ({clock.fraction():.0%}) " + " ".join(f"{k} {v:.4f}" for k, v in running.items()))
         if time.time() - last_save > 120 or not clock.running():
-            save([ema for _, ema in emas] or None)
+            with ema.applied(ema_params) if ema else contextlib.nullcontext():
+                save()
             last_save = time.time()
-    for model, ema in emas:  # the EMA weights are the result
-        model.load_state_dict(ema.state_dict())
+    if ema:
+        ema.copy_to(ema_params)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -342,7 +338,7 @@ def train_clip(models, clock, log, save, seed):
                       "pos_acc": position.item(), "shape_acc": shape.item()}
 
     params = list(text.parameters()) + list(image.parameters()) + [logit_scale] + list(heads.parameters())
-    train("clip", params, loss_fn, clock, log, lambda _: save(["text_encoder", "image_encoder"]))
+    train("clip", params, loss_fn, clock, log, lambda: save(["text_encoder", "image_encoder"]))
 
 
 def crop(images: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -385,7 +381,7 @@ def train_movq(models, clock, log, save, seed):
         loss = l1 + l2 + codebook + COMMITMENT * commitment + 0.1 * scale
         return loss, {"l1": l1.item(), "mse": l2.item(), "vq": codebook.item(), "scale": scale.item()}
 
-    train("movq", list(movq.parameters()), loss_fn, clock, log, lambda _: save(["movq"]))
+    train("movq", list(movq.parameters()), loss_fn, clock, log, lambda: save(["movq"]))
 
 
 def train_movq_decoder(models, clock, log, save, seed):
@@ -403,7 +399,7 @@ def train_movq_decoder(models, clock, log, save, seed):
         return l1 + l2, {"l1": l1.item(), "mse": l2.item()}
 
     params = list(movq.decoder.parameters()) + list(movq.post_quant_conv.parameters())
-    train("movq_decoder", params, loss_fn, clock, log, lambda _: save(["movq"]))
+    train("movq_decoder", params, loss_fn, clock, log, lambda: save(["movq"]))
 
 
 # what each encoded part is made with: part -> (the stage whose model makes it, function)
@@ -473,7 +469,7 @@ def train_prior(models, data, clock, log, save, seed):
         return loss, {"mse": loss.item()}
 
     params = [p for name, p in prior.named_parameters() if name not in ("clip_mean", "clip_std")]
-    train("prior", params, loss_fn, clock, log, lambda ema: save(["prior"], ema), ema_models=[prior])
+    train("prior", params, loss_fn, clock, log, lambda: save(["prior"]), ema_model=prior)
 
 
 def train_unet(stage, models, data, clock, log, save, seed):
@@ -498,7 +494,7 @@ def train_unet(stage, models, data, clock, log, save, seed):
         loss = decoder_loss(unet, schedule, x0, embeds, generator=g, **inpaint)
         return loss, {"mse": loss.item()}
 
-    train(stage, list(unet.parameters()), loss_fn, clock, log, lambda ema: save([name], ema), ema_models=[unet])
+    train(stage, list(unet.parameters()), loss_fn, clock, log, lambda: save([name]), ema_model=unet)
 
 
 @torch.no_grad()
@@ -599,8 +595,8 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
         return work / f"{stage}.pt"
 
     def saver(stage):
-        def save(names, emas=None, final=False):
-            state = {name: (emas[k] if emas else models[name]).state_dict() for k, name in enumerate(names)}
+        def save(names, final=False):
+            state = {name: models[name].state_dict() for name in names}
             partial = checkpoint_path(stage).with_suffix(".partial")
             torch.save({"state": state, "done": final}, partial)
             partial.replace(checkpoint_path(stage))  # atomic: a parallel stage never reads half a file

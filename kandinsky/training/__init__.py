@@ -7,41 +7,43 @@ checkpoints, validation pictures, loss log) that runs data-parallel under torchr
                       prior="kandinsky-2-2-prior", steps=1000))
 
 or ``kandinsky train decoder --data pics --out runs/dec ...`` (docs/training.md).
+
+    kandinsky.training.config   TrainConfig (the settings), TASKS, TrainError
+    kandinsky.training.data     the data folder: scan_folder, encodings, inpainting masks
+    kandinsky.training.losses   prior_loss, decoder_loss, vlb_terms, condition dropout
+    kandinsky.training.optim    the learning-rate schedule, the end of a step, the EMA (shared with train-demo)
+    kandinsky.training.loop     train(config): the recipe
+    kandinsky.training.plot     the loss curve
+
+The names below are read from those modules when first used (this package imports none of them,
+so ``import kandinsky.training.optim`` loads only that module).
 """
-from kandinsky.training.config import TASKS, TrainConfig, TrainError
-from kandinsky.training.data import DataError, scan_folder
-from kandinsky.training.losses import (
-    NoiseSchedule,
-    decoder_loss,
-    drop_image_embeds,
-    drop_text,
-    dropped_rows,
-    prior_loss,
-    prior_schedule,
-    vlb_terms,
-)
+_LAZY = {
+    "TASKS": "kandinsky.training.config",
+    "TrainConfig": "kandinsky.training.config",
+    "TrainError": "kandinsky.training.config",
+    "DataError": "kandinsky.training.data",
+    "scan_folder": "kandinsky.training.data",
+    "NoiseSchedule": "kandinsky.training.losses",
+    "prior_schedule": "kandinsky.training.losses",
+    "prior_loss": "kandinsky.training.losses",
+    "decoder_loss": "kandinsky.training.losses",
+    "vlb_terms": "kandinsky.training.losses",
+    "drop_text": "kandinsky.training.losses",
+    "drop_image_embeds": "kandinsky.training.losses",
+    "dropped_rows": "kandinsky.training.losses",
+    "EMA": "kandinsky.training.optim",
+    "lr_at": "kandinsky.training.optim",
+    "train": "kandinsky.training.loop",
+}
 
 
-def train(config: TrainConfig) -> dict:
-    """Run a training (see kandinsky.training.loop)."""
-    from kandinsky.training.loop import train as _train
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-    return _train(config)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kandinsky.training' has no attribute {name!r}")
 
 
-__all__ = [
-    "TASKS",
-    "TrainConfig",
-    "TrainError",
-    "DataError",
-    "scan_folder",
-    "NoiseSchedule",
-    "prior_schedule",
-    "prior_loss",
-    "decoder_loss",
-    "vlb_terms",
-    "drop_text",
-    "drop_image_embeds",
-    "dropped_rows",
-    "train",
-]
+__all__ = list(_LAZY)

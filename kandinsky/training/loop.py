@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kandinsky.training import losses
+import kandinsky.training.losses as losses
 from kandinsky.training.config import TASKS, TrainConfig, TrainError
 from kandinsky.training.data import (
     encode_decoder_data,
@@ -45,6 +45,7 @@ from kandinsky.training.data import (
     random_keep_masks,
     scan_folder,
 )
+from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 from kandinsky.training.plot import plot_loss_curve
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "seconds")
@@ -81,10 +82,8 @@ def _train(config: TrainConfig, ctx) -> dict:
     loss = float("nan")
     t0 = time.time()
     for step in range(start, config.steps):
-        lr = set_lr(optimizer, config, step)
-        loss, grad_norm = train_step(ddp_model, task, data, optimizer, params, config, step, ctx)
-        if ema is not None:
-            ema.update(params)
+        lr = set_lr(optimizer, lr_at(step + 1, config.lr, config.warmup_steps))  # constant after the warm-up
+        loss, grad_norm = train_step(ddp_model, task, data, optimizer, params, config, step, ctx, ema)
         done = step + 1
         if ctx.rank == 0:
             append_log(out, done, loss, lr, grad_norm, time.time() - t0)
@@ -415,21 +414,15 @@ def step_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def set_lr(optimizer, config: TrainConfig, step: int) -> float:
-    """Constant learning rate after a linear warm-up of ``warmup_steps``."""
-    lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
 def step_generator(config: TrainConfig, step: int) -> torch.Generator:
     """The randomness of one step (noise, timesteps, dropout, masks): a function of (seed, step)."""
     return torch.Generator().manual_seed(config.seed * 7_919 + 1_000_003 * (step + 1))
 
 
-def train_step(model, task: Task, data: Dataset, optimizer, params, config: TrainConfig, step: int, ctx: DistContext):
-    """Forward / backward over the micro-batches of this rank; returns (global mean loss, grad norm)."""
+def train_step(model, task: Task, data: Dataset, optimizer, params, config: TrainConfig, step: int, ctx: DistContext,
+               ema: EMA | None = None):
+    """Forward / backward over the micro-batches of this rank, then the optimizer step (and the EMA
+    update); returns (global mean loss, grad norm)."""
     B = config.batch
     idx = step_indices(step, len(data), B, config.seed)  # (B,) the global batch
     batch = {k: v[idx] for k, v in data.tensors.items()}
@@ -447,10 +440,8 @@ def train_step(model, task: Task, data: Dataset, optimizer, params, config: Trai
                 loss = task_loss(model, task, data, batch, draws, rows, config, ctx.device)
             (loss / config.grad_accum).backward()
         total += loss.item() / config.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return all_mean(total, ctx), float(grad_norm)
+    grad_norm = optimizer_step(optimizer, params, config.max_grad_norm, ema)
+    return all_mean(total, ctx), grad_norm
 
 
 def draw_step(task: Task, config: TrainConfig, batch: dict, step: int) -> dict:
@@ -488,45 +479,6 @@ def task_loss(model, task: Task, data: Dataset, batch: dict, draws: dict, rows: 
     return losses.decoder_loss(model, task.schedule, b["latents"], image_embeds, noise=d["noise"],
                                timesteps=d["timesteps"], snr_gamma=config.snr_gamma,
                                vlb_weight=config.vlb_weight, **extra)
-
-
-# --------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of the trained parameters: ema = decay * ema + (1 - decay) * p."""
-
-    def __init__(self, params, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone().float() for p in params]
-
-    @torch.no_grad()
-    def update(self, params) -> None:
-        for s, p in zip(self.shadow, params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
-
-    @contextlib.contextmanager
-    def applied(self, params):
-        """Inside: the parameters hold the EMA weights; restored after."""
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, params):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for s, p in zip(saved, params):
-                    p.copy_(s)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
 
 
 # --------------------------------------------------------------------------------------
