@@ -25,3 +25,13 @@ torch.set_num_threads(1)
 def reference_configs() -> pathlib.Path:
     """Folder holding the real hub configs of the four Kandinsky 2.2 repos."""
     return DATA
+
+
+@pytest.fixture(scope="session")
+def random_demo(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """The tiny random demo folders, ``kandinsky.demo.build_demo_checkpoints(root, seed=0)``, built once:
+    name ("prior", "decoder", "decoder-inpaint", "controlnet-depth") -> folder. Read them; write nowhere
+    inside them (copy a folder first)."""
+    from kandinsky.demo import build_demo_checkpoints
+
+    return build_demo_checkpoints(tmp_path_factory.mktemp("demo"), seed=0)

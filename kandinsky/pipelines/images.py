@@ -150,21 +150,26 @@ def _high_bit_depth(img: PIL.Image.Image, what: str) -> np.ndarray:
 
 def _pil_to_tensor(img: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
     img = img.convert("RGB")
-    if img.size != (width, height):
+    if input_size(img) != (height, width):
         img = img.resize((width, height), resample=PIL.Image.BICUBIC, reducing_gap=1)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
 
 
-def _input_size(x, mask: bool = False) -> tuple[int, int]:
-    """(H, W) of one input item before any resizing."""
+def _channels_last(x, mask: bool = False) -> bool:
+    """Whether the loaders read this array's LAST axis as its channels: numpy images with a channel
+    axis ((H, W, C), (B, H, W, C)); numpy masks (H, W, 1 | 3), (B, H, W, 1 | 3); never torch
+    tensors (channels first) nor 2-D arrays."""
+    if not isinstance(x, np.ndarray) or x.ndim < 3:
+        return False
+    return not mask or (x.ndim in (3, 4) and x.shape[-1] in (1, 3))
+
+
+def input_size(x, mask: bool = False) -> tuple[int, int]:
+    """(H, W) of one input item (image, hint or, with ``mask=True``, mask) before any resizing, read
+    with the loaders' own layout rules: the loaders resize by it, check_same_size compares it."""
     if isinstance(x, PIL.Image.Image):
         return x.height, x.width
-    if isinstance(x, np.ndarray) and x.ndim >= 3 and (not mask or x.shape[-1] == 1):
-        return tuple(x.shape[-3:-1])  # channels last
-    return tuple(x.shape[-2:])
-
-
-input_size = _input_size
+    return tuple(x.shape[-3:-1]) if _channels_last(x, mask) else tuple(x.shape[-2:])
 
 
 def load_images(image, height: int, width: int, what: str = "image", hint: bool = False) -> torch.Tensor:
@@ -184,7 +189,7 @@ def load_images(image, height: int, width: int, what: str = "image", hint: bool 
         if isinstance(item, PIL.Image.Image):  # grey, > 8 bits: repeated to RGB like PIL's "L"
             item = np.repeat(_high_bit_depth(item, name)[..., None], 3, axis=-1)  # (H, W, 3)
         t = _array_to_tensor(item, name, hint)  # (b, 3, h, w)
-        if t.shape[-2:] != (height, width):
+        if input_size(item) != (height, width):
             t = F.interpolate(t, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
             t = t.clamp(0, 1)
         out.append(t)
@@ -227,7 +232,7 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
     if isinstance(m, np.ndarray):
         if m.dtype.kind not in "buif":
             raise TypeError(f"{what}: numpy mask of dtype {m.dtype} is not supported.")
-        if m.ndim in (3, 4) and m.shape[-1] in (1, 3):  # channels last (H, W, C) / (B, H, W, C)
+        if _channels_last(m, mask=True):  # (H, W, C) / (B, H, W, C)
             m = m.max(axis=-1)
         t = torch.from_numpy(np.array(m))
     elif isinstance(m, torch.Tensor):
@@ -260,13 +265,13 @@ def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch
         name = what if len(items) == 1 else f"{what}[{i}]"
         if isinstance(item, PIL.Image.Image):
             value = _pil_mask(item)  # (H, W) in [0, 1]
-            if value.shape != (height, width):
+            if input_size(item, mask=True) != (height, width):
                 img = PIL.Image.fromarray((value * 255).round().astype(np.uint8))
                 value = np.asarray(img.resize((width, height), resample=PIL.Image.LANCZOS), dtype=np.float32) / 255.0
             t = torch.from_numpy(np.array(value, dtype=np.float32))[None, None]
         else:
-            t = _mask_to_tensor(item, name)
-            if t.shape[-2:] != (height, width):
+            t = _mask_to_tensor(item, name)  # (b, 1, h, w)
+            if input_size(item, mask=True) != (height, width):
                 t = F.interpolate(t, size=(height, width), mode="nearest")
         out.append(t)
     masks = (torch.cat(out) >= 0.5).float()
@@ -282,9 +287,10 @@ def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch
 
 
 def check_same_size(image, mask) -> None:
-    """Refuse images and masks of different input sizes (call after loading both)."""
-    sizes_i = [_input_size(x) for x in _as_list(image)]
-    sizes_m = [_input_size(m, mask=True) for m in _as_list(mask)]
+    """Refuse images and masks of different input sizes, each read as its loader reads it (call after
+    loading both: the loaders name a bad layout first)."""
+    sizes_i = [input_size(x) for x in _as_list(image)]
+    sizes_m = [input_size(m, mask=True) for m in _as_list(mask)]
     pairs = zip(sizes_i, sizes_m) if len(sizes_i) == len(sizes_m) else [(a, b) for a in sizes_i for b in sizes_m]
     if any(a != b for a, b in pairs):
         raise ValueError(
