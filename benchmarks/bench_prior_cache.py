@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from smoke_full_size import DATA, DTYPES, random_model  # noqa: E402
 from kandinsky.sampling import samplers  # noqa: E402
 from kandinsky.sampling.denoisers import PriorDenoiser  # noqa: E402
-from kandinsky.schedulers import Scheduler  # noqa: E402
+from kandinsky.sampling.schedule import NoiseSchedule  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    schedule = Scheduler.from_folder(DATA / "kandinsky-2-2-prior" / "scheduler")
+    schedule = NoiseSchedule.from_folder(DATA / "kandinsky-2-2-prior" / "scheduler")
     print(f"| dtype | steps | uncached s | cached s | cached / uncached | max rel diff |")
     print(f"| --- | --- | --- | --- | --- | --- |")
     for name in args.dtypes.split(","):

@@ -102,7 +102,7 @@ def prior_pipelines(configs: dict, device, dtype, tmp: str):
     from kandinsky.clip.preprocess import ImagePreprocessor
     from kandinsky.clip.tokenizer import Tokenizer
     from kandinsky.pipelines.prior import PriorPipeline
-    from kandinsky.schedulers import Scheduler
+    from kandinsky.sampling.schedule import NoiseSchedule
     from tests.refs.prior_pipeline import write_tiny_clip_tokenizer
 
     folder = DATA / "kandinsky-2-2-prior"
@@ -121,7 +121,7 @@ def prior_pipelines(configs: dict, device, dtype, tmp: str):
         image_processor=CLIPImageProcessor.from_pretrained(folder / "image_processor"))
     ours = PriorPipeline(
         prior=parts["prior"][1], text_encoder=parts["clip_text"][1], image_encoder=parts["clip_image"][1],
-        tokenizer=Tokenizer.from_folder(tok), scheduler=Scheduler.from_folder(folder / "scheduler"),
+        tokenizer=Tokenizer.from_folder(tok), scheduler=NoiseSchedule.from_folder(folder / "scheduler"),
         image_processor=ImagePreprocessor.from_folder(folder / "image_processor"))
     ref.set_progress_bar_config(disable=True)
     return ref, ours
@@ -158,7 +158,7 @@ def bench_text2img(configs: dict, args, device, dtype) -> dict:
 
     from kandinsky.pipelines.combined import Kandinsky
     from kandinsky.pipelines.decoder import DecoderPipeline
-    from kandinsky.schedulers import Scheduler
+    from kandinsky.sampling.schedule import NoiseSchedule
 
     with tempfile.TemporaryDirectory() as tmp:
         ref_prior, our_prior = prior_pipelines(configs, device, dtype, tmp)
@@ -167,7 +167,7 @@ def bench_text2img(configs: dict, args, device, dtype) -> dict:
     folder = DATA / "kandinsky-2-2-decoder" / "scheduler"
     ref_decoder = KandinskyV22Pipeline(unet=ref_unet, movq=ref_movq, scheduler=DDPMScheduler.from_pretrained(folder))
     ref_decoder.set_progress_bar_config(disable=True)
-    ours = Kandinsky(our_prior, DecoderPipeline(our_unet, our_movq, Scheduler.from_folder(folder)))
+    ours = Kandinsky(our_prior, DecoderPipeline(our_unet, our_movq, NoiseSchedule.from_folder(folder)))
     side = args.latent * 8
 
     def ref_call():

@@ -30,7 +30,7 @@ from kandinsky.clip.tokenizer import Tokenizer  # noqa: E402
 from kandinsky.pipelines.combined import Kandinsky  # noqa: E402
 from kandinsky.pipelines.decoder import DecoderPipeline  # noqa: E402
 from kandinsky.pipelines.prior import PriorPipeline  # noqa: E402
-from kandinsky.schedulers import Scheduler  # noqa: E402
+from kandinsky.sampling.schedule import NoiseSchedule  # noqa: E402
 from weights_convert import build_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -80,13 +80,13 @@ def main() -> None:
             text_encoder=random_model(prior_dir / "text_encoder" / "config.json", dtype, device, 1),
             image_encoder=random_model(prior_dir / "image_encoder" / "config.json", dtype, device, 2),
             tokenizer=Tokenizer.from_folder(tokenizer_folder(Path(tmp))),
-            scheduler=Scheduler.from_folder(prior_dir / "scheduler"),
+            scheduler=NoiseSchedule.from_folder(prior_dir / "scheduler"),
             image_processor=ImagePreprocessor.from_folder(prior_dir / "image_processor"),
         )
     decoder = DecoderPipeline(
         unet=random_model(decoder_dir / "unet" / "config.json", dtype, device, 3),
         movq=random_model(decoder_dir / "movq" / "config.json", dtype, device, 4),
-        scheduler=Scheduler.from_folder(decoder_dir / "scheduler"),
+        scheduler=NoiseSchedule.from_folder(decoder_dir / "scheduler"),
     )
     pipe = Kandinsky(prior, decoder)
     built = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """kandinsky: a readable, from-scratch PyTorch implementation of Kandinsky 2.2.
 
 Components live in kandinsky.clip, kandinsky.prior, kandinsky.unet, kandinsky.movq;
-samplers in kandinsky.schedulers; pipelines in kandinsky.pipelines. Weights are
+the noise schedule and the samplers in kandinsky.sampling; pipelines in kandinsky.pipelines. Weights are
 read from Hugging Face checkpoint folders by the sibling package ``weights_convert``.
 """
 __version__ = "0.1.0"

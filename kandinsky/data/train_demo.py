@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kandinsky.data import shapes
+from kandinsky.demo import DECODER_SCHEDULER, PRIOR_SCHEDULER, TINY, bytes_to_unicode
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
@@ -66,82 +67,24 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 CONTEXT = 16  # text tokens (the real CLIP has 77): the longest caption is 11 words + 2 specials
 
+# the shapes model: kandinsky.demo's tiny configs, wider (64-wide embeddings, 16 tokens of context, 64 x 64 pictures)
 CONFIGS = {
-    "text_encoder": {
-        "architectures": ["CLIPTextModelWithProjection"],
-        "model_type": "clip_text_model",
-        "vocab_size": None,  # set from the tokenizer
-        "hidden_size": EMBED,
-        "intermediate_size": 128,
-        "projection_dim": EMBED,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": CONTEXT,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-        "eos_token_id": 2,  # legacy rule: the pooled token is the largest id (<|endoftext|>)
-    },
-    "image_encoder": {
-        "architectures": ["CLIPVisionModelWithProjection"],
-        "model_type": "clip_vision_model",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "projection_dim": EMBED,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_channels": 3,
-        "image_size": IMAGE_SIZE,
-        "patch_size": 8,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-    },
-    "prior": {
-        "_class_name": "PriorTransformer",
-        "num_attention_heads": 2,
-        "attention_head_dim": 32,
-        "num_layers": 4,
-        "embedding_dim": EMBED,
-        "num_embeddings": CONTEXT,
-        "additional_embeddings": 4,
-        "dropout": 0.0,
-        "time_embed_act_fn": "silu",
-        "norm_in_type": None,
-        "embedding_proj_norm_type": None,
-        "encoder_hid_proj_type": "linear",
-        "added_emb_type": "prd",
-    },
-    "unet": {
-        "_class_name": "UNet2DConditionModel",
-        "in_channels": None,  # LATENT_CHANNELS (build_models)
-        "out_channels": None,  # 2 x LATENT_CHANNELS: eps and the variance interpolation
-        "block_out_channels": [32, 64, 64, 96],
-        "layers_per_block": 1,
-        "attention_head_dim": 32,
-        "norm_num_groups": 16,
-        "cross_attention_dim": 64,
-        "encoder_hid_dim": EMBED,
-        "encoder_hid_dim_type": "image_proj",
-        "addition_embed_type": "image",
-        "sample_size": IMAGE_SIZE // MOVQ_FACTOR,
-        "down_block_types": ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
-        "up_block_types": ["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
-        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-        "resnet_time_scale_shift": "scale_shift",
-    },
-    "movq": {
-        "_class_name": "VQModel",
-        "in_channels": 3,
-        "out_channels": 3,
-        "latent_channels": None,  # LATENT_CHANNELS (build_models)
-        "vq_embed_dim": None,
-        "num_vq_embeddings": 256,
-        "block_out_channels": [32, 32, 64, 64],  # 4 levels: 3 downsamplings = MOVQ_FACTOR
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "norm_type": "spatial",
-        "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
-    },
+    "text_encoder": {**TINY["text_encoder"], "vocab_size": None,  # set from the tokenizer
+                     "hidden_size": EMBED, "intermediate_size": 128, "projection_dim": EMBED,
+                     "max_position_embeddings": CONTEXT},
+    "image_encoder": {**TINY["image_encoder"], "hidden_size": 64, "intermediate_size": 128, "projection_dim": EMBED,
+                      "num_hidden_layers": 3, "image_size": IMAGE_SIZE},
+    "prior": {**TINY["prior"], "attention_head_dim": 32, "num_layers": 4, "embedding_dim": EMBED,
+              "num_embeddings": CONTEXT},
+    "unet": {**TINY["unet"],
+             "in_channels": None,  # LATENT_CHANNELS (build_models)
+             "out_channels": None,  # 2 x LATENT_CHANNELS: eps and the variance interpolation
+             "block_out_channels": [32, 64, 64, 96], "attention_head_dim": 32, "norm_num_groups": 16,
+             "cross_attention_dim": 64, "encoder_hid_dim": EMBED, "sample_size": IMAGE_SIZE // MOVQ_FACTOR},
+    "movq": {**TINY["movq"],
+             "latent_channels": None,  # LATENT_CHANNELS (build_models)
+             "vq_embed_dim": None,
+             "num_vq_embeddings": 256},  # block_out_channels [32, 32, 64, 64]: 3 downsamplings = MOVQ_FACTOR
 }
 
 # stage: (minutes at the default --minutes, batch size, learning rate): the wall-clock minutes each stage
@@ -197,10 +140,8 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
 
 def write_tokenizer(folder: Path) -> int:
     """A CLIP tokenizer folder: byte tokens, the grammar's words as merges, specials last. -> vocab size."""
-    from kandinsky.demo import _bytes_to_unicode
-
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     merges = learn_merges(shapes.VOCABULARY)
     vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + list(SPECIAL_TOKENS)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
@@ -474,11 +415,13 @@ def train_prior(models, data, clock, log, save, seed):
 
 def train_unet(stage, models, data, clock, log, save, seed):
     from kandinsky.training.data import random_keep_masks
-    from kandinsky.training.losses import NoiseSchedule, decoder_loss, drop_image_embeds
+    from kandinsky.demo import DECODER_SCHEDULER
+    from kandinsky.sampling.schedule import NoiseSchedule
+    from kandinsky.training.losses import decoder_loss, drop_image_embeds
 
     name = "inpaint" if stage == "inpaint" else "unet"
     unet = models[name]
-    schedule = NoiseSchedule(torch.linspace(0.00085, 0.012, 1000))  # the decoder's "linear" betas
+    schedule = NoiseSchedule.from_config(DECODER_SCHEDULER)  # the decoder checkpoint's own
     g = torch.Generator().manual_seed(seed)
     n = STAGES[stage][1]
 
@@ -514,7 +457,6 @@ def inpaint_from_decoder(unet, inpaint) -> None:
 
 def write_repos(models, root: Path) -> dict[str, Path]:
     """The hub folders: prior/ (prior, towers, tokenizer, scheduler, image processor), decoder/, decoder-inpaint/."""
-    from kandinsky.demo import DECODER_SCHEDULER, PRIOR_SCHEDULER
     from weights_convert import save_component
 
     fp16 = torch.float16

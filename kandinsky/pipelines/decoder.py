@@ -56,8 +56,8 @@ from kandinsky.pipelines.stepping import progress as _progress, real_number, tic
 from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser
+from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.trajectory import Trajectory
-from kandinsky.schedulers import Scheduler, randn, scheduler_from_config
 from weights_convert import load_component
 
 # Kept for code that imported them from here: the tables live in tasks.py.
@@ -106,7 +106,7 @@ def _check_generator(generator, batch: int) -> None:
     check_generator(generator, batch, "pictures (image embeddings x num_images_per_prompt)")
 
 
-def sampler_name(scheduler, schedule: Scheduler) -> str:
+def sampler_name(scheduler, schedule: NoiseSchedule) -> str:
     """A sampler name from a name or a diffusers scheduler object (checked against this checkpoint)."""
     if isinstance(scheduler, str):
         name = samplers.get_sampler(scheduler).name
@@ -162,31 +162,24 @@ class DecoderPipeline:
     # ------------------------------------------------------------------ the sampler
     def set_scheduler(self, scheduler, schedule=None) -> None:
         """Choose the decoder's sampler: a name (``ddpm``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_karras``,
-        ``unipc``, ``euler``, ``euler_a``, ``heun``; case-insensitive), one of our schedules
-        (kandinsky.schedulers: DDPM / DDIM), or a diffusers scheduler object (its class picks the
-        sampler; its betas must be the checkpoint's). The noise schedule stays the checkpoint's."""
-        if schedule is not None and isinstance(schedule, Scheduler):
+        ``unipc``, ``euler``, ``euler_a``, ``heun``; case-insensitive), a
+        ``kandinsky.sampling.schedule.NoiseSchedule`` (its config's sampler: DDPM or DDIM), or a
+        diffusers scheduler object (its class picks the sampler; its betas must be the checkpoint's).
+        Every sampler runs on the checkpoint's noise schedule."""
+        if isinstance(schedule, NoiseSchedule):
             self._schedule = schedule
-        if isinstance(scheduler, Scheduler):
-            if scheduler.KIND == "unclip":
-                raise ValueError("the UnCLIP scheduler is the prior's (it predicts x_0 with a cosine schedule); "
+        if isinstance(scheduler, NoiseSchedule):
+            if scheduler.kind == "unclip":
+                raise ValueError("the UnCLIP schedule is the prior's (it predicts x_0 with a cosine schedule); "
                                  f"the decoder takes one of: {', '.join(samplers.sampler_names())}.")
-            self._schedule, self.sampler = scheduler, scheduler.KIND
+            self._schedule, self.sampler = scheduler, scheduler.kind
         else:
-            self.sampler = sampler_name(scheduler if scheduler is not None else self._schedule.KIND, self._schedule)
-        self._schedules = {self._schedule.KIND: self._schedule}
+            self.sampler = sampler_name(scheduler if scheduler is not None else self._schedule.kind, self._schedule)
 
     @property
-    def scheduler(self) -> Scheduler:
-        """The noise schedule the current sampler runs on (DDPM tables; DDIM for ``ddim``)."""
-        return self._schedule_for(self.sampler)
-
-    def _schedule_for(self, sampler: str) -> Scheduler:
-        kind = "ddim" if sampler == "ddim" else "ddpm"
-        if kind not in self._schedules:
-            config = self._schedule.config.to_dict()
-            self._schedules[kind] = scheduler_from_config(config, kind=kind, source=f"{self.source} scheduler")
-        return self._schedules[kind]
+    def scheduler(self) -> NoiseSchedule:
+        """The checkpoint's noise schedule (every sampler runs on it)."""
+        return self._schedule
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -204,13 +197,13 @@ class DecoderPipeline:
 
         ``dtype`` (default float32) and ``device`` apply to the UNet and MoVQ. ``scheduler``:
         None (the checkpoint's DDPM) or a sampler name (see :meth:`set_scheduler`), a
-        ``kandinsky.schedulers.Scheduler`` or a diffusers scheduler object. ``revision``,
+        ``NoiseSchedule`` or a diffusers scheduler object. ``revision``,
         ``token``, ``local_files_only``: for hub ids (a cached snapshot loads offline; see
         kandinsky.hub.resolve).
         """
         device = check_device(device)
         root = resolve(folder, "decoder checkpoint", revision=revision, token=token, local_files_only=local_files_only)
-        ours = isinstance(scheduler, Scheduler)
+        ours = isinstance(scheduler, NoiseSchedule)
         needed = ("unet", "movq") + (() if ours else ("scheduler",))
         missing = [sub for sub in needed if not (root / sub).is_dir()]
         if missing:
@@ -224,11 +217,10 @@ class DecoderPipeline:
         if ours:
             schedule = scheduler
         else:
-            config_file = root / "scheduler" / "scheduler_config.json"
-            schedule = scheduler_from_config(json.loads(config_file.read_text()), source=str(config_file))
-            if schedule.KIND == "unclip":
-                raise ValueError(f"{config_file} is an UnCLIPScheduler config: that is a prior checkpoint's, "
-                                 "not a decoder's.")
+            schedule = NoiseSchedule.from_folder(root / "scheduler")
+            if schedule.kind == "unclip":
+                raise ValueError(f"{root / 'scheduler'} holds an UnCLIPScheduler config: that is a prior "
+                                 "checkpoint's, not a decoder's.")
         # names are checked before the weights are read
         sampler = None if scheduler is None or ours else sampler_name(scheduler, schedule)
         unet = load_component(root / "unet", dtype=dtype, device=device)
@@ -430,7 +422,7 @@ class DecoderPipeline:
                     f"strength={strength} x num_inference_steps={steps} leaves no denoising step "
                     f"(int({steps * strength:g}) = 0); raise one of them."
                 )
-        plan = samplers.make_plan(sampler, self._schedule_for(sampler), steps)
+        plan = samplers.make_plan(sampler, self._schedule, steps)
         return plan.tail(kept) if spec.start == "image" else plan
 
     def _initial_latents(self, batch, height, width, generator, latents, plan) -> torch.Tensor:

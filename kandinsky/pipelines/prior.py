@@ -39,8 +39,8 @@ from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, 
 from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking, to_arguments
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import PriorDenoiser
+from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.trajectory import Trajectory
-from kandinsky.schedulers import Scheduler, randn
 from weights_convert import load_component
 
 SUBFOLDERS = ("prior", "text_encoder", "image_encoder", "tokenizer", "scheduler", "image_processor")
@@ -137,7 +137,7 @@ class PriorPipeline:
             text_encoder=load_component(folder / "text_encoder", dtype=dtype, device=device),
             image_encoder=load_component(folder / "image_encoder", dtype=dtype, device=device),
             tokenizer=Tokenizer.from_folder(folder / "tokenizer"),
-            scheduler=Scheduler.from_folder(folder / "scheduler"),
+            scheduler=NoiseSchedule.from_folder(folder / "scheduler"),
             image_processor=ImagePreprocessor.from_folder(folder / "image_processor"),
         )
 
@@ -307,7 +307,7 @@ class PriorPipeline:
         conditioning = self._conditioning(rows, uncond_rows, n, guidance_scale > 1)
 
         plan = samplers.make_plan("unclip", self.scheduler, steps)
-        latents = self._initial_latents(latents, N, generator, conditioning[0][0].dtype)  # (N, D)
+        latents = self._initial_latents(latents, N, generator, conditioning[0][0].dtype, plan)  # (N, D)
         recorder = Trajectory() if return_trajectory else None
         callback = _callbacks(recorder, callback_on_step_end)
         embeds = self._denoise(latents, plan, conditioning, guidance_scale, generator, progress, callback, cache)
@@ -315,7 +315,7 @@ class PriorPipeline:
         out.trajectory = recorder
         return out
 
-    def _initial_latents(self, latents, batch_size: int, generator, dtype) -> torch.Tensor:
+    def _initial_latents(self, latents, batch_size: int, generator, dtype, plan) -> torch.Tensor:
         shape = (batch_size, self.prior.config.embedding_dim)
         if latents is None:
             latents = randn(shape, generator, self.device, dtype)
@@ -327,7 +327,7 @@ class PriorPipeline:
                 f"prompt; embedding size), got {tuple(latents.shape)}."
             )
         check_finite_tensor(latents, "latents")
-        return latents.to(device=self.device, dtype=dtype) * self.scheduler.init_noise_sigma
+        return latents.to(device=self.device, dtype=dtype) * plan.init_noise_sigma
 
     @torch.no_grad()
     def interpolate(

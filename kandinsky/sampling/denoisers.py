@@ -4,7 +4,7 @@ A denoiser owns everything a sampler must not know about: the model, classifier-
 guidance (the [negative, positive] batch, ``guidance_scale``, one branch alone when
 guidance_scale <= 1), the prior's text conditioning (as a cached prefix), and the decoder's
 task inputs (inpainting: masked-image latents and mask; ControlNet: the hint). It marks each
-model evaluation with :func:`kandinsky.sampling.state.model_call`, so hooks know the stage,
+model evaluation with :func:`kandinsky.calls.model_call`, so hooks know the stage,
 the step and where each guidance branch sits in the batch.
 
     guided:    out = out_uncond + s * (out_cond - out_uncond)     (Ho & Salimans 2022)
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from kandinsky.sampling.samplers import Guided
-from kandinsky.sampling.state import BRANCHES_GUIDED, BRANCHES_SINGLE, model_call
+from kandinsky.calls import BRANCHES_GUIDED, BRANCHES_SINGLE, model_call
+from kandinsky.sampling.plan import Guided
 
 
 def guide(out: torch.Tensor, guidance_scale: float) -> Guided:

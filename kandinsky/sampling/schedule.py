@@ -226,6 +226,12 @@ def make_betas(config) -> torch.Tensor:
     raise ConfigError(f"beta_schedule={config.beta_schedule!r} is not implemented (one of {BETA_SCHEDULES}).")
 
 
+def alpha_tables(betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alphas = 1 - betas and alphas_cumprod = prod_{s <= t} alpha_s, in the betas' dtype. (T,), (T,)"""
+    alphas = 1.0 - betas
+    return alphas, torch.cumprod(alphas, dim=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The schedule
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +248,7 @@ class NoiseSchedule:
         self.config = config
         self.kind = next(kind for kind, cls in CONFIGS.items() if isinstance(config, cls))
         self.betas = make_betas(config)  # (T,) float32
-        self.alphas = 1.0 - self.betas  # (T,)
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
+        self.alphas, self.alphas_cumprod = alpha_tables(self.betas)  # (T,), (T,) alpha_bar_t
         self.one = torch.tensor(1.0, device="cpu")  # alpha_bar "before" t = 0
         # DDIM's level after the last step: 1 (clean), or alpha_bar_0 when set_alpha_to_one=False.
         final_is_one = getattr(config, "set_alpha_to_one", None) is not False
@@ -465,6 +470,24 @@ def posterior_mean(x0, x_t, alpha_bar_t, alpha_bar_prev, beta, alpha):
 def posterior_variance(alpha_bar_t, alpha_bar_prev, beta):
     """Variance of q(x_prev | x_t, x_0): (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta ("fixed_small")."""
     return (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta
+
+
+def posterior_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The q(x_{t-1} | x_t, x_0) coefficients of every timestep in float64, as guided-diffusion's
+    GaussianDiffusion tabulates them (the training losses' variational bound). Each (T,)."""
+    betas = betas.double()
+    alphas, ac = alpha_tables(betas)
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])  # alpha_bar_{t-1}, 1 before t = 0
+    coef_x0, coef_xt = posterior_coefficients(ac, ac_prev, betas, alphas)
+    var = posterior_variance(ac, ac_prev, betas)  # 0 at t = 0
+    return {
+        "sqrt_recip_ac": torch.sqrt(1.0 / ac),
+        "sqrt_recipm1_ac": torch.sqrt(1.0 / ac - 1),
+        "log_var_clipped": torch.log(torch.cat([var[1:2], var[1:]])),  # t = 0 uses t = 1's
+        "log_betas": torch.log(betas),
+        "coef1": coef_x0,  # multiplies x_0
+        "coef2": coef_xt,  # multiplies x_t
+    }
 
 
 # ---------------------------------------------------------------------------------------------

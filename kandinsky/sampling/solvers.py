@@ -1,6 +1,6 @@
 """The newer decoder solvers: DPM-Solver++ 2M (+ Karras sigmas), UniPC (bh2), Euler, Euler ancestral, Heun.
 
-Each is a pure function registered in ``kandinsky.sampling.samplers.SAMPLERS`` and equal to the
+Each is a pure function (listed in ``kandinsky.sampling.samplers.SAMPLERS``) equal to the
 reference library's scheduler of the same name built ``from_config`` on the decoder's
 ``scheduler_config.json`` and run in a correct loop (model input scaled by
 ``scale_model_input``). k-diffusion's sampling.py is the model for the shape of the code.
@@ -23,108 +23,58 @@ The solvers differ only in the d they plug in.
 Timestep spacing. Kandinsky 2.2's scheduler_config.json names no ``timestep_spacing``, so the
 reference's ``from_config`` gives every scheduler here its own default, "linspace" (the DDPM
 checkpoint sampler's "leading" is DDPM's default, not these). The plan makers take
-``timestep_spacing=`` for the other two ("leading", "trailing").
+``timestep_spacing=`` for the other two ("leading", "trailing"); the spacings themselves are
+in schedule.py.
 """
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import numpy as np
 import torch
 
-from kandinsky.sampling.samplers import (
-    Plan,
-    SamplerSpec,
-    _run_callback,
-    _state,
-    register,
-    sigma_from_alpha_bar,
+from kandinsky.sampling.plan import Plan, noise_like, run_callback, step_state
+from kandinsky.sampling.schedule import (
+    DEFAULT_SPACING,
+    SPACINGS,
+    NoiseSchedule,
+    karras_sigmas,
+    multistep_timesteps,
+    sigma_space_timesteps,
+    sigmas_at,
+    timestep_of_sigma,
 )
-from kandinsky.schedulers.common import randn
-
-SPACINGS = ("linspace", "leading", "trailing")
-DEFAULT_SPACING = "linspace"  # the reference's default for all five schedulers (see module doc)
-KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
 
 # ---------------------------------------------------------------------------------------------
-# Noise levels: which timesteps, which sigmas
+# Plans: which timesteps, which sigmas
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_args(name: str, schedule, n: int, spacing: str) -> int:
-    T = schedule.config.num_train_timesteps
+def _check_args(name: str, schedule: NoiseSchedule, n: int, spacing: str) -> int:
+    T = schedule.num_train_timesteps
     if not isinstance(n, int) or not 1 <= n <= T:
         raise ValueError(f"{name}: num_inference_steps={n!r} must be an integer between 1 and {T}.")
     if spacing not in SPACINGS:
         raise ValueError(f"{name}: timestep_spacing={spacing!r} must be one of {', '.join(SPACINGS)}.")
-    if schedule.config.prediction_type != "epsilon":
+    if schedule.prediction_type != "epsilon":
         raise ValueError(
-            f"{name}: the schedule's prediction_type={schedule.config.prediction_type!r} is not supported; "
+            f"{name}: the schedule's prediction_type={schedule.prediction_type!r} is not supported; "
             "these solvers take an epsilon-predicting model (Kandinsky 2.2's decoder)."
         )
     return T
-
-
-def multistep_timesteps(spacing: str, T: int, n: int, steps_offset: int) -> np.ndarray:
-    """DPM-Solver++ / UniPC: n integer timesteps, descending; "linspace" and "leading" space
-    n + 1 levels over [0, T) and drop the lowest."""
-    if spacing == "linspace":
-        t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        t = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + steps_offset
-    else:  # trailing
-        t = np.arange(T, 0, -T / n).round() - 1
-    return t.astype(np.int64)
-
-
-def sigma_space_timesteps(spacing: str, T: int, n: int, steps_offset: int) -> np.ndarray:
-    """Euler / Euler a / Heun: n float32 timesteps, descending ("linspace" is not rounded)."""
-    if spacing == "linspace":
-        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-    if spacing == "leading":
-        t = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32)
-        return t + np.float32(steps_offset)
-    return np.arange(T, 0, -T / n).round().astype(np.float32) - np.float32(1)
-
-
-def sigma_table(schedule) -> np.ndarray:
-    """(T,) float32: the noise-to-signal ratio s_t of every training timestep."""
-    return sigma_from_alpha_bar(schedule.alphas_cumprod).numpy()
-
-
-def sigmas_at(timesteps: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """s at (possibly fractional) timesteps: linear interpolation in s between training steps."""
-    return np.interp(timesteps, np.arange(len(table)), table)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
-    """n levels evenly spaced in s^(1/rho) from sigma_max down to sigma_min (Karras et al. 2022)."""
-    ramp = np.linspace(0, 1, n)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def timestep_of_sigma(sigma: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """The fractional timestep of each sigma: linear interpolation in log s between training steps."""
-    log_table = np.log(table)  # increasing in t
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    low = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(table) - 2)
-    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
 
 
 def _with_final_zero(sigmas: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (n + 1,)
 
 
-def make_multistep_plan(name: str, schedule, num_inference_steps: int, device=None, *,
+def make_multistep_plan(name: str, schedule: NoiseSchedule, num_inference_steps: int, *,
                         karras: bool = False, timestep_spacing: str = DEFAULT_SPACING) -> Plan:
     """DPM-Solver++ / UniPC: integer timesteps; with ``karras`` the levels are Karras sigmas and
     each timestep is the nearest integer to the sigma's fractional timestep (the model is asked
     at that rounded timestep, the solver keeps the exact sigma)."""
     T = _check_args(name, schedule, num_inference_steps, timestep_spacing)
-    cfg, table = schedule.config, sigma_table(schedule)
+    cfg, table = schedule.config, schedule.sigma_table()
     if karras:
         sigmas = karras_sigmas(table[0].item(), table[-1].item(), num_inference_steps)
         timesteps = timestep_of_sigma(sigmas, table)
@@ -134,20 +84,25 @@ def make_multistep_plan(name: str, schedule, num_inference_steps: int, device=No
     else:
         timesteps = multistep_timesteps(timestep_spacing, T, num_inference_steps, cfg.steps_offset)
         sigmas = sigmas_at(timesteps, table)
-    return Plan(name, schedule, torch.from_numpy(timesteps), sigmas=_with_final_zero(sigmas), space="vp",
-                init_noise_sigma=1.0, extra={"add_noise_sigma": True})
+    return Plan(schedule, torch.from_numpy(timesteps), sigmas=_with_final_zero(sigmas), space="vp",
+                levels="sigmas")
 
 
-def make_sigma_plan(name: str, schedule, num_inference_steps: int, device=None, *,
+def make_karras_plan(name: str, schedule: NoiseSchedule, num_inference_steps: int) -> Plan:
+    """DPM-Solver++ on Karras sigmas (see make_multistep_plan)."""
+    return make_multistep_plan(name, schedule, num_inference_steps, karras=True)
+
+
+def make_sigma_plan(name: str, schedule: NoiseSchedule, num_inference_steps: int, *,
                     timestep_spacing: str = DEFAULT_SPACING) -> Plan:
     """Euler / Euler a / Heun: float timesteps, sigmas interpolated at them, x_T ~ N(0, s_max^2)."""
     T = _check_args(name, schedule, num_inference_steps, timestep_spacing)
     timesteps = sigma_space_timesteps(timestep_spacing, T, num_inference_steps, schedule.config.steps_offset)
-    sigmas = _with_final_zero(sigmas_at(timesteps, sigma_table(schedule)))
+    sigmas = _with_final_zero(sigmas_at(timesteps, schedule.sigma_table()))
     s_max = sigmas.max()
     # "leading" starts below the top level, so its initial noise also carries the signal's unit variance
     init = s_max if timestep_spacing in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
-    return Plan(name, schedule, torch.from_numpy(timesteps), sigmas=sigmas, space="sigma",
+    return Plan(schedule, torch.from_numpy(timesteps), sigmas=sigmas, space="sigma", levels="sigmas",
                 init_noise_sigma=float(init))
 
 
@@ -243,7 +198,7 @@ def sample_dpmpp_2m(denoiser, x, plan: Plan, generator=None, callback=None):
         d = x0 if _order(plan, i) == 1 else multistep_d(x0, x0_prev, s[i - 1], s[i], s[i + 1])
         x_next = exp_step(x.float(), s[i], s[i + 1], d).to(eps.dtype)
         x0_prev = x0
-        x = _run_callback(callback, _state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
+        x = run_callback(callback, step_state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
     return x
 
 
@@ -269,7 +224,7 @@ def sample_unipc(denoiser, x, plan: Plan, generator=None, callback=None):
         d = x0 if order == 1 else multistep_d(x0, x0s[-2], s[i - 1], s[i], s[i + 1])
         x_prev, order_prev = x, order
         x_next = exp_step(x, s[i], s[i + 1], d).to(x.dtype)
-        x = _run_callback(callback, _state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
+        x = run_callback(callback, step_state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
     return x
 
 
@@ -300,7 +255,7 @@ def sample_euler(denoiser, x, plan: Plan, generator=None, callback=None):
         x32 = x.float()
         x0 = x32 - s[i] * eps
         x_next = (x32 + to_d(x32, s[i], x0) * (s[i + 1] - s[i])).to(eps.dtype)
-        x = _run_callback(callback, _state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
+        x = run_callback(callback, step_state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
     return x
 
 
@@ -315,9 +270,9 @@ def sample_euler_ancestral(denoiser, x, plan: Plan, generator=None, callback=Non
         x0 = x32 - s[i] * eps
         s_down, s_up = ancestral_step(s[i], s[i + 1])
         x_next = x32 + to_d(x32, s[i], x0) * (s_down - s[i])
-        noise = randn(eps.shape, generator, eps.device, eps.dtype)
+        noise = noise_like(eps, generator)
         x_next = (x_next + noise * s_up).to(eps.dtype)
-        x = _run_callback(callback, _state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
+        x = run_callback(callback, step_state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
     return x
 
 
@@ -344,30 +299,5 @@ def sample_heun(denoiser, x, plan: Plan, generator=None, callback=None):
             guided_2 = denoiser(plan.model_input(x_next, i + 1), plan.timesteps[i + 1], step)
             d_2 = to_d(x_next, s[i + 1], denoised(x_next, _eps(guided_2, x), s[i + 1]))
             x_next = x + (d + d_2) / 2 * dt
-        x = _run_callback(callback, _state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
+        x = run_callback(callback, step_state(denoiser, plan, i, x_next, x0, guided, sigma=s[i]))
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-ONE_EVAL = "1 model evaluation per step: num_inference_steps = model evaluations"
-
-for _spec in (
-    SamplerSpec("dpmpp_2m", sample_dpmpp_2m, make_multistep_plan, ONE_EVAL,
-                "DPM-Solver++(2M), deterministic, second order from the previous step's prediction"),
-    SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, partial(make_multistep_plan, karras=True), ONE_EVAL,
-                "DPM-Solver++(2M) on Karras et al.'s noise levels (denser near the clean end)"),
-    SamplerSpec("unipc", sample_unipc, make_multistep_plan, ONE_EVAL + " (the corrector reuses them)",
-                "UniPC bh2: DPM-Solver++(2M) predictor plus a free corrector, deterministic"),
-    SamplerSpec("euler", sample_euler, make_sigma_plan, ONE_EVAL,
-                "Euler on the probability-flow ODE in sigma space, deterministic"),
-    SamplerSpec("euler_a", sample_euler_ancestral, make_sigma_plan, ONE_EVAL + "; fresh noise every step",
-                "Euler ancestral: an Euler step down, then fresh noise (stochastic)"),
-    SamplerSpec("heun", sample_heun, make_sigma_plan,
-                "2 model evaluations per step except the last (1): num_inference_steps = n noise levels "
-                "costs 2n - 1 evaluations, as the reference's HeunDiscreteScheduler",
-                "Heun's second-order method in sigma space, deterministic"),
-):
-    register(_spec)

@@ -236,7 +236,7 @@ def _folder(path, what: str, subfolders: tuple[str, ...], flag: str) -> Path:
 
 def load_task(config: TrainConfig, device) -> Task:
     from kandinsky.clip import ImagePreprocessor, Tokenizer
-    from kandinsky.schedulers import Scheduler
+    from kandinsky.sampling.schedule import NoiseSchedule
     from weights_convert import load_component
 
     spec = TASKS[config.task]
@@ -263,7 +263,7 @@ def load_task(config: TrainConfig, device) -> Task:
     else:
         encoders["movq"] = load_component(decoder_root / "movq", device=device)
         model = load_component(decoder_root / "unet", device=device)
-        schedule = Scheduler.from_folder(decoder_root / "scheduler")
+        schedule = NoiseSchedule.from_folder(decoder_root / "scheduler")
         channels = model.config.in_channels
         if channels != spec.in_channels:
             raise TrainError(f"`train {config.task}` needs a UNet with {spec.in_channels} input channels, but "
@@ -448,10 +448,9 @@ def draw_step(task: Task, config: TrainConfig, batch: dict, step: int) -> dict:
     """Noise, timesteps, dropped rows and inpainting masks for every row of the global batch."""
     g = step_generator(config, step)
     x0 = batch["image_embeds"] if config.task == "prior" else batch["latents"]
-    ac = losses.alphas_cumprod_of(task.schedule)
     draws = {
         "noise": torch.randn(x0.shape, generator=g),
-        "timesteps": torch.randint(0, ac.shape[0], (x0.shape[0],), generator=g),
+        "timesteps": torch.randint(0, task.schedule.num_train_timesteps, (x0.shape[0],), generator=g),
         "drop": losses.dropped_rows(x0.shape[0], config.cond_drop, g),
     }
     if config.task == "inpaint":
@@ -598,7 +597,7 @@ def validate(config: TrainConfig, task: Task, data: Dataset, folder: Path, devic
     from kandinsky.clip import Tokenizer
     from kandinsky.pipelines.decoder import DecoderPipeline
     from kandinsky.pipelines.prior import PriorPipeline
-    from kandinsky.schedulers import Scheduler
+    from kandinsky.sampling.schedule import NoiseSchedule
     from weights_convert import load_component
 
     prompts = list(config.validation_prompts) or [c for c in data.captions if c][:2] or ["a picture"]
@@ -617,14 +616,14 @@ def validate(config: TrainConfig, task: Task, data: Dataset, folder: Path, devic
             e.get("text_encoder") or load_component(prior_root / "text_encoder", device=device),
             e["image_encoder"],
             e.get("tokenizer") or Tokenizer.from_folder(prior_root / "tokenizer"),
-            Scheduler.from_folder(prior_root / "scheduler"),
+            NoiseSchedule.from_folder(prior_root / "scheduler"),
             e["image_processor"],
         )
         embeds = prior(prompts, num_inference_steps=config.validation_steps, generator=g, progress=False)
         if config.task == "prior":
             decoder = DecoderPipeline.from_pretrained(decoder_root, device=device)
         else:
-            decoder = DecoderPipeline(model, e["movq"], Scheduler.from_folder(decoder_root / "scheduler"))
+            decoder = DecoderPipeline(model, e["movq"], NoiseSchedule.from_folder(decoder_root / "scheduler"))
         size = config.resolution
         common = dict(height=size, width=size, num_inference_steps=config.validation_steps, generator=g, progress=False)
         if config.task == "inpaint":

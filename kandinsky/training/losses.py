@@ -20,8 +20,8 @@ Min-SNR         (Hang et al. 2023) ``snr_gamma``: each sample's MSE is weighted 
 
 Every loss takes explicit ``noise`` and ``timesteps`` (for tests and for exact resumes) or
 draws them from ``generator`` (on the CPU, then moved: a seed means the same everywhere).
-``scheduler`` is anything with ``alphas_cumprod`` (our schedulers, ``NoiseSchedule``) or a
-plain (T,) alphas_cumprod tensor.
+``schedule`` is a ``kandinsky.sampling.schedule.NoiseSchedule`` (the samplers' own tables and
+``add_noise``; ``prior_schedule()`` for the prior).
 
 Condition dropout for classifier-free guidance (off by default) is applied to the batch
 before the loss: ``drop_text`` replaces a row's text with the empty prompt's encoding (what
@@ -36,65 +36,26 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kandinsky.schedulers.common import cosine_betas
-
+from kandinsky.sampling.schedule import NoiseSchedule, UnCLIPSchedulerConfig, posterior_tables
 
 # --------------------------------------------------------------------------------------
-# Noise schedules
+# Noise schedules: kandinsky.sampling.schedule.NoiseSchedule, the samplers' own
 # --------------------------------------------------------------------------------------
-
-
-class NoiseSchedule:
-    """A training noise schedule: ``betas``, ``alphas_cumprod`` (float32 CPU, as the samplers
-    build them) and ``add_noise``. ``prediction_type`` says what the model predicts."""
-
-    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon"):
-        self.betas = betas.float().cpu()  # (T,)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,)
-        self.prediction_type = prediction_type
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.betas.shape[0]
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return add_noise(self.alphas_cumprod, x0, noise, timesteps)
 
 
 def prior_schedule(num_train_timesteps: int = 1000) -> NoiseSchedule:
-    """The prior's training schedule: cosine betas (``squaredcos_cap_v2``), x_0 prediction."""
-    return NoiseSchedule(cosine_betas(num_train_timesteps), prediction_type="sample")
+    """The prior's training schedule: cosine betas (``squaredcos_cap_v2``), x_0 prediction (the
+    prior checkpoint's UnCLIP config)."""
+    return NoiseSchedule(UnCLIPSchedulerConfig(num_train_timesteps=num_train_timesteps, prediction_type="sample"))
 
 
-def alphas_cumprod_of(scheduler) -> torch.Tensor:
-    """(T,) alpha_bar of a scheduler-like object or of a tensor given directly."""
-    if isinstance(scheduler, torch.Tensor):
-        table = scheduler
-    elif hasattr(scheduler, "alphas_cumprod"):
-        table = scheduler.alphas_cumprod
-    else:
+def check_schedule(schedule) -> NoiseSchedule:
+    if not isinstance(schedule, NoiseSchedule):
         raise TypeError(
-            f"scheduler must have an `alphas_cumprod` table (a kandinsky scheduler, "
-            f"kandinsky.training.NoiseSchedule) or be a (T,) tensor, got {type(scheduler).__name__}."
+            f"schedule must be a kandinsky NoiseSchedule (prior_schedule(), or NoiseSchedule.from_folder("
+            f"'<decoder>/scheduler') for the decoder), got {type(schedule).__name__}."
         )
-    if table.ndim != 1 or not table.is_floating_point():
-        raise ValueError(f"alphas_cumprod must be a 1-d float tensor, got {table.dtype} {tuple(table.shape)}.")
-    return table
-
-
-def betas_of(scheduler) -> torch.Tensor:
-    """(T,) betas, read from the scheduler or recovered from alphas_cumprod."""
-    if not isinstance(scheduler, torch.Tensor) and hasattr(scheduler, "betas"):
-        return scheduler.betas
-    ac = alphas_cumprod_of(scheduler).double()
-    return (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).float()
-
-
-def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, in x0's dtype (as the reference)."""
-    ab = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]  # (B,)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    return (ab**0.5).reshape(shape) * x0 + ((1 - ab) ** 0.5).reshape(shape) * noise
+    return schedule
 
 
 def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -116,23 +77,23 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float,
 # --------------------------------------------------------------------------------------
 
 
-def draw_timesteps(batch: int, alphas_cumprod: torch.Tensor, generator, device) -> torch.Tensor:
+def draw_timesteps(batch: int, num_train_timesteps: int, generator, device) -> torch.Tensor:
     """(B,) long timesteps uniform in [0, T), drawn on the CPU."""
-    return torch.randint(0, alphas_cumprod.shape[0], (batch,), generator=generator).to(device)
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator).to(device)
 
 
 def draw_noise(like: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
 
 
-def _noise_and_timesteps(x0, alphas_cumprod, noise, timesteps, generator):
+def _noise_and_timesteps(x0, schedule: NoiseSchedule, noise, timesteps, generator):
     B = x0.shape[0]
     if noise is None:
         noise = draw_noise(x0, generator)
     elif noise.shape != x0.shape:
         raise ValueError(f"noise must have the shape of the clean sample {tuple(x0.shape)}, got {tuple(noise.shape)}.")
     if timesteps is None:
-        timesteps = draw_timesteps(B, alphas_cumprod, generator, x0.device)
+        timesteps = draw_timesteps(B, schedule.num_train_timesteps, generator, x0.device)
     timesteps = torch.as_tensor(timesteps, device=x0.device).long().reshape(-1).expand(B)
     return noise.to(x0.dtype), timesteps
 
@@ -157,7 +118,7 @@ def _unwrap(model):
 
 def prior_loss(
     prior,
-    scheduler,
+    schedule: NoiseSchedule,
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     text_hidden_states: torch.Tensor,
@@ -172,15 +133,15 @@ def prior_loss(
 
     image_embeds (B, D) CLIP image embeddings (the target, before normalisation);
     text_embeds (B, D), text_hidden_states (B, 77, D), text_mask (B, 77) bool: the CLIP text
-    encoding of the captions. ``scheduler``: the training schedule (``prior_schedule()``).
+    encoding of the captions. ``schedule``: the training schedule (``prior_schedule()``).
     """
-    ac = alphas_cumprod_of(scheduler)
+    check_schedule(schedule)
     stats = _unwrap(prior)
     x0 = (image_embeds - stats.clip_mean.detach()) / stats.clip_std.detach()  # (B, D) normalised target
-    noise, t = _noise_and_timesteps(x0, ac, noise, timesteps, generator)
-    x_t = add_noise(ac, x0, noise, t)  # (B, D)
+    noise, t = _noise_and_timesteps(x0, schedule, noise, timesteps, generator)
+    x_t = schedule.add_noise(x0, noise, t)  # (B, D)
     pred = prior(x_t, t, text_embeds, text_hidden_states, text_mask)  # (B, D) predicted x_0
-    weights = None if snr_gamma is None else min_snr_weights(ac, t, snr_gamma, "sample")
+    weights = None if snr_gamma is None else min_snr_weights(schedule.alphas_cumprod, t, snr_gamma, "sample")
     return _weighted_mse(pred, x0, weights)
 
 
@@ -191,7 +152,7 @@ def prior_loss(
 
 def decoder_loss(
     unet,
-    scheduler,
+    schedule: NoiseSchedule,
     latents: torch.Tensor,
     image_embeds: torch.Tensor,
     *,
@@ -214,20 +175,20 @@ def decoder_loss(
     """
     if (masked_latents is None) != (mask is None):
         raise ValueError("inpainting needs both masked_latents (B, 4, h, w) and mask (B, 1, h, w), or neither.")
-    ac = alphas_cumprod_of(scheduler)
-    noise, t = _noise_and_timesteps(latents, ac, noise, timesteps, generator)
-    x_t = add_noise(ac, latents, noise, t)  # (B, 4, h, w)
+    check_schedule(schedule)
+    noise, t = _noise_and_timesteps(latents, schedule, noise, timesteps, generator)
+    x_t = schedule.add_noise(latents, noise, t)  # (B, 4, h, w)
     model_input = x_t if mask is None else torch.cat([x_t, masked_latents, mask], dim=1)  # (B, 4 or 9, h, w)
     out = unet(model_input, t, image_embeds, hint=hint)  # (B, 8, h, w): eps, variance values
     C = latents.shape[1]
     eps_pred = out[:, :C]
-    weights = None if snr_gamma is None else min_snr_weights(ac, t, snr_gamma, "epsilon")
+    weights = None if snr_gamma is None else min_snr_weights(schedule.alphas_cumprod, t, snr_gamma, "epsilon")
     loss = _weighted_mse(eps_pred, noise, weights)
     if vlb_weight:
         if out.shape[1] != 2 * C:
             raise ValueError(f"vlb_weight > 0 trains the variance channels, but the UNet outputs "
                              f"{out.shape[1]} channels (expected {2 * C}).")
-        vb = vlb_terms(betas_of(scheduler), latents, x_t, t, eps_pred.detach(), out[:, C:])  # (B,)
+        vb = vlb_terms(schedule.betas, latents, x_t, t, eps_pred.detach(), out[:, C:])  # (B,)
         loss = loss + vlb_weight * vb.mean()
     return loss
 
@@ -235,23 +196,6 @@ def decoder_loss(
 # --------------------------------------------------------------------------------------
 # The variational bound (guided-diffusion, Nichol & Dhariwal 2021)
 # --------------------------------------------------------------------------------------
-
-
-def posterior_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
-    """q(x_{t-1} | x_t, x_0) coefficients in float64, as guided-diffusion's GaussianDiffusion."""
-    betas = betas.double()
-    alphas = 1.0 - betas
-    ac = torch.cumprod(alphas, 0)
-    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    var = betas * (1.0 - ac_prev) / (1.0 - ac)  # posterior variance (0 at t = 0)
-    return {
-        "sqrt_recip_ac": torch.sqrt(1.0 / ac),
-        "sqrt_recipm1_ac": torch.sqrt(1.0 / ac - 1),
-        "log_var_clipped": torch.log(torch.cat([var[1:2], var[1:]])),  # t = 0 uses t = 1's
-        "log_betas": torch.log(betas),
-        "coef1": betas * torch.sqrt(ac_prev) / (1.0 - ac),  # multiplies x_0
-        "coef2": (1.0 - ac_prev) * torch.sqrt(alphas) / (1.0 - ac),  # multiplies x_t
-    }
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
