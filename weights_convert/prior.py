@@ -7,8 +7,7 @@ HUB_WEIGHTS = "diffusion_pytorch_model"
 
 # (hub prefix, our prefix); positional_embedding, norm_out, clip_mean, clip_std keep their names.
 TABLE = [
-    ("time_embedding.linear_1", "time_embed.fc1"),
-    ("time_embedding.linear_2", "time_embed.fc2"),
+    ("time_embedding", "time_embed"),
     ("encoder_hidden_states_proj", "text_hidden_proj"),
     ("embedding_proj", "text_embed_proj"),
     ("proj_in", "image_embed_proj"),

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from kandinsky.attention import attention
+from kandinsky.checks import check_tensor, fail
 from kandinsky.config import ComponentConfig, ConfigError
 
 # --------------------------------------------------------------------------- configs
@@ -224,6 +225,8 @@ class TextEncoderOutput:
 class TextEncoder(nn.Module):
     """CLIP text tower with its projection (hub class CLIPTextModelWithProjection)."""
 
+    VARIABLE = "text_encoder"  # what users call it, for the fixes error messages suggest
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config
@@ -240,7 +243,7 @@ class TextEncoder(nn.Module):
         Without a mask every token sees itself and the tokens before it (causal);
         with one, padded positions are also hidden from every query.
         """
-        self._check_inputs(input_ids, attention_mask)
+        self.check_inputs(input_ids, attention_mask)
         B, L = input_ids.shape
         x = self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, width)
         mask = None if attention_mask is None else causal_padding_mask(attention_mask, L)  # (B, 1, L, L)
@@ -258,22 +261,17 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.token_embedding.weight.device
 
-    def _check_inputs(self, input_ids, attention_mask) -> None:
-        """Clear errors for wrong types, shapes and devices (token ids are not range-checked:
-        that would read the data; an id >= vocab_size fails in the embedding)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise TypeError(f"input_ids must be an integer tensor of token ids (kandinsky.clip.Tokenizer), got {got}.")
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"{input_ids.shape[1]} tokens, but the text encoder has {self.config.max_position_embeddings} positions."
-            )
-        for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-            if x is not None and x.device != self.device:
-                raise ValueError(f"{name} is on {x.device} but the text encoder is on {self.device}; "
-                                 f"pass {name}.to(text_encoder.device).")
+    def check_inputs(self, input_ids, attention_mask) -> None:
+        """Clear errors for wrong types, shapes and devices (kandinsky.checks). Token ids are not
+        range-checked: that would read the data; an id >= vocab_size fails in the embedding."""
+        check_tensor(self, "input_ids", input_ids, kind="int", hint=" of token ids (kandinsky.clip.Tokenizer)")
+        check_tensor(self, "attention_mask", attention_mask, kind="any", optional=True)
+        positions = self.config.max_position_embeddings
+        fail(self, [
+            input_ids.ndim != 2 and f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}",
+            input_ids.ndim == 2 and input_ids.shape[1] > positions and (
+                f"{input_ids.shape[1]} tokens, but the text encoder has {positions} positions"),
+        ])
 
     def end_of_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,) index of the token whose state is pooled (transformers' rule)."""
@@ -298,6 +296,8 @@ def causal_padding_mask(attention_mask: torch.Tensor, length: int) -> torch.Tens
 class ImageEncoder(nn.Module):
     """CLIP vision tower with its projection (hub class CLIPVisionModelWithProjection)."""
 
+    VARIABLE = "image_encoder"  # what users call it, for the fixes error messages suggest
+
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
         self.config = config
@@ -312,7 +312,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (B, C, image_size, image_size), normalised -> image embeddings (B, projection_dim)."""
-        self._check_inputs(pixel_values)
+        self.check_inputs(pixel_values)
         B = pixel_values.shape[0]
         x = self.patch_embedding(pixel_values.to(self.dtype))  # (B, width, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, N, width)
@@ -332,23 +332,16 @@ class ImageEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
-    def _check_inputs(self, pixel_values) -> None:
-        """Clear errors for wrong types, shapes and devices. Floating pixels of another dtype are
-        cast to the weights' (as transformers does); integer pixels are refused: they are raw
-        images that need ImagePreprocessor (resize, crop, CLIP mean / std)."""
+    def check_inputs(self, pixel_values) -> None:
+        """Clear errors for wrong types, shapes and devices (kandinsky.checks). Floating pixels of
+        another dtype are cast to the weights' (as transformers does); integer pixels are refused:
+        they are raw images that need ImagePreprocessor (resize, crop, CLIP mean / std)."""
         cfg = self.config
         shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise TypeError(
-                f"pixel_values must be a float tensor of CLIP-normalised pixels, got {got}; "
-                "make it from images with kandinsky.clip.ImagePreprocessor."
-            )
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != shape:
-            raise ValueError(
+        check_tensor(self, "pixel_values", pixel_values, kind="float",
+                     hint=" of CLIP-normalised pixels (make it from images with kandinsky.clip.ImagePreprocessor)")
+        fail(self, [
+            (pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != shape) and (
                 f"the image encoder takes pixel_values of shape (B, {shape[0]}, {shape[1]}, {shape[2]}), got "
-                f"{tuple(pixel_values.shape)}; ImagePreprocessor resizes and crops images to that."
-            )
-        if pixel_values.device != self.device:
-            raise ValueError(f"pixel_values is on {pixel_values.device} but the image encoder is on {self.device}; "
-                             "pass pixel_values.to(image_encoder.device).")
+                f"{tuple(pixel_values.shape)}; ImagePreprocessor resizes and crops images to that"),
+        ])

@@ -17,6 +17,7 @@ used when ``force_not_quantize=False`` (or through ``quantize``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import torch
@@ -24,7 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kandinsky.attention import attention
+from kandinsky.checks import check_tensor, fail
 from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.layers import ResBlock, group_norm
 from kandinsky.movq.tiling import resolve_tile, tiled_decode, tiled_encode
 
 EPS = 1e-6  # every GroupNorm of the autoencoder
@@ -121,10 +124,6 @@ class MoVQConfig(ComponentConfig):
 # ----------------------------------------------------------------------------- norms
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, channels, eps=EPS)
-
-
 class SpatialNorm(nn.Module):
     """GroupNorm of the features, scaled and shifted per pixel by the latents.
 
@@ -140,7 +139,7 @@ class SpatialNorm(nn.Module):
 
     def __init__(self, channels: int, zq_channels: int):
         super().__init__()
-        self.norm_layer = group_norm(channels, SPATIAL_NORM_GROUPS)
+        self.norm_layer = nn.GroupNorm(SPATIAL_NORM_GROUPS, channels, eps=EPS)
         self.conv_y = nn.Conv2d(zq_channels, channels, 1)
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
@@ -160,43 +159,13 @@ class SpatialNorm(nn.Module):
 # ----------------------------------------------------------------------------- blocks
 
 
-class ResBlock(nn.Module):
-    """Pre-norm residual block: x + conv(silu(norm(conv(silu(norm(x))))))."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        # a 1x1 conv on the shortcut where the width changes
-        self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.conv_shortcut(x) + h
+# The encoder's ResBlocks normalise with GroupNorms, the decoder's with SpatialNorms of the
+# latents (kandinsky.layers.ResBlock: norm1, conv1, norm2, conv2, conv_shortcut; no emb).
 
 
-class SpatialResBlock(nn.Module):
-    """The decoder's ResBlock: both norms are SpatialNorms of the latents zq."""
-
-    def __init__(self, in_channels: int, out_channels: int, zq_channels: int):
-        super().__init__()
-        self.norm1 = SpatialNorm(in_channels, zq_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = SpatialNorm(out_channels, zq_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, zq)))
-        h = self.conv2(F.silu(self.norm2(h, zq)))
-        return self.conv_shortcut(x) + h
+def spatial_norm(zq_channels: int):
+    """The decoder's ResBlock norm: channels -> SpatialNorm(channels, zq_channels)."""
+    return functools.partial(SpatialNorm, zq_channels=zq_channels)
 
 
 class AttentionBlock(nn.Module):
@@ -204,7 +173,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.norm = group_norm(channels, groups)
+        self.norm = nn.GroupNorm(groups, channels, eps=EPS)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -267,8 +236,9 @@ class EncoderLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_res: int, groups: int,
                  with_attention: bool, with_downsample: bool):
         super().__init__()
+        norm = group_norm(groups, EPS)
         self.res = nn.ModuleList(
-            ResBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(num_res)
+            ResBlock(in_channels if j == 0 else out_channels, out_channels, norm) for j in range(num_res)
         )
         # absent parts are None (no module, no name), as in the UNet
         self.attn = (
@@ -291,9 +261,9 @@ class EncoderMid(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, groups)
+        self.res1 = ResBlock(channels, channels, group_norm(groups, EPS))
         self.attn = AttentionBlock(channels, groups)
-        self.res2 = ResBlock(channels, channels, groups)
+        self.res2 = ResBlock(channels, channels, group_norm(groups, EPS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res2(self.attn(self.res1(x)))
@@ -311,7 +281,7 @@ class Encoder(nn.Module):
             for i in range(cfg.levels)
         )
         self.mid = EncoderMid(ch[-1], g)
-        self.norm_out = group_norm(ch[-1], g)
+        self.norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -359,12 +329,12 @@ class VectorQuantizer(nn.Module):
 class DecoderMid(nn.Module):
     def __init__(self, channels: int, zq_channels: int):
         super().__init__()
-        self.res1 = SpatialResBlock(channels, channels, zq_channels)
+        self.res1 = ResBlock(channels, channels, spatial_norm(zq_channels))
         self.attn = SpatialAttentionBlock(channels, zq_channels)
-        self.res2 = SpatialResBlock(channels, channels, zq_channels)
+        self.res2 = ResBlock(channels, channels, spatial_norm(zq_channels))
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(x, zq), zq), zq)
+        return self.res2(self.attn(self.res1(x, zq=zq), zq), zq=zq)
 
 
 class DecoderLevel(nn.Module):
@@ -374,7 +344,7 @@ class DecoderLevel(nn.Module):
                  with_attention: bool, with_upsample: bool):
         super().__init__()
         self.res = nn.ModuleList(
-            SpatialResBlock(in_channels if j == 0 else out_channels, out_channels, zq_channels)
+            ResBlock(in_channels if j == 0 else out_channels, out_channels, spatial_norm(zq_channels))
             for j in range(num_res)
         )
         self.attn = (
@@ -389,7 +359,7 @@ class DecoderLevel(nn.Module):
 
     def blocks(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(self.res):
-            x = res(x, zq)
+            x = res(x, zq=zq)
             if self.attn is not None:
                 x = self.attn[j](x, zq)
         return x
@@ -437,6 +407,8 @@ class Decoder(nn.Module):
 class MoVQ(nn.Module):
     """The Kandinsky 2.2 autoencoder (diffusers ``VQModel`` with ``norm_type="spatial"``)."""
 
+    VARIABLE = "movq"  # what users call it, for the fixes error messages suggest
+
     def __init__(self, config: MoVQConfig):
         super().__init__()
         self.config = config
@@ -454,27 +426,16 @@ class MoVQ(nn.Module):
     def device(self) -> torch.device:
         return self.quant_conv.weight.device
 
-    def _check(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
-        """Clear errors for the input mistakes torch would report deep inside a conv (shapes,
-        dtypes and devices only: nothing data-dependent, so it compiles away)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"{what} must be (B, {channels}, H, W); got {tuple(x.shape)}")
-        if x.shape[2] % multiple or x.shape[3] % multiple:
-            raise ValueError(
+    def check_inputs(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
+        """Clear errors for the input mistakes torch would report deep inside a conv (kandinsky.checks)."""
+        hint = " in [-1, 1] (convert uint8 images with x / 127.5 - 1)" if what == "images" else ""
+        check_tensor(self, what, x, hint=hint)
+        fail(self, [
+            (x.ndim != 4 or x.shape[1] != channels) and f"{what} must be (B, {channels}, H, W); got {tuple(x.shape)}",
+            x.ndim == 4 and (x.shape[2] % multiple or x.shape[3] % multiple) and (
                 f"{what} height and width must be multiples of {multiple} (the downsampling factor); "
-                f"got {tuple(x.shape[2:])}"
-            )
-        if not x.is_floating_point():
-            fix = " (images in [-1, 1]: convert uint8 ones with x / 127.5 - 1)" if what == "images" else ""
-            raise TypeError(f"{what} must be a floating-point tensor{fix}; got {x.dtype}")
-        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-        if x.device != self.device or (x.dtype != self.dtype and not autocast):
-            raise TypeError(
-                f"{what} are {x.dtype} on {x.device} but the MoVQ weights are {self.dtype} on {self.device}; "
-                f"pass {what}.to(movq.device, movq.dtype)"
-            )
+                f"got {tuple(x.shape[2:])}"),
+        ])
 
     def encode(self, images: torch.Tensor, tile: bool | int | None = None) -> torch.Tensor:
         """images (B, 3, H, W), H and W multiples of 8 -> continuous latents (B, 4, H/8, W/8), not quantized.
@@ -483,7 +444,7 @@ class MoVQ(nn.Module):
         int sets the tile side in pixels (see kandinsky.movq.tiling).
         """
         f = self.config.downsampling_factor
-        self._check(images, self.config.in_channels, "images", f)
+        self.check_inputs(images, self.config.in_channels, "images", f)
         size = resolve_tile(tile, images.shape[2], images.shape[3], f)
         if size is not None:
             return tiled_encode(self, images, size)
@@ -491,7 +452,7 @@ class MoVQ(nn.Module):
 
     def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents (B, 4, h, w) -> (nearest codebook vectors (B, 4, h, w), codebook indices (B, h, w))."""
-        self._check(latents, self.config.latent_channels, "latents")
+        self.check_inputs(latents, self.config.latent_channels, "latents")
         return self.quantizer(latents)
 
     def decode(self, latents: torch.Tensor, force_not_quantize: bool = False,
@@ -503,7 +464,7 @@ class MoVQ(nn.Module):
         more than 1024 x 1024 pixels, True always, False never, an int sets the tile side in
         pixels (see kandinsky.movq.tiling).
         """
-        self._check(latents, self.config.latent_channels, "latents")
+        self.check_inputs(latents, self.config.latent_channels, "latents")
         f = self.config.downsampling_factor
         size = resolve_tile(tile, latents.shape[2] * f, latents.shape[3] * f, f)
         if size is not None:

@@ -228,7 +228,7 @@ def tiled_decode(movq, latents: torch.Tensor, tile: int = DEFAULT_TILE, overlap:
     """latents (B, 4, h, w) -> images (B, 3, f*h, f*w), the upsampling levels run in tiles of
     ``tile`` x ``tile`` image pixels overlapping by ``overlap`` (default: a quarter tile)."""
     f = movq.config.downsampling_factor
-    movq._check(latents, movq.config.latent_channels, "latents")
+    movq.check_inputs(latents, movq.config.latent_channels, "latents")
     overlap = default_overlap(tile, f) if overlap is None else overlap
     check_overlap(overlap, tile, f)
     zq = latents if force_not_quantize else movq.quantizer(latents)[0]
@@ -251,7 +251,7 @@ def tiled_encode(movq, images: torch.Tensor, tile: int = DEFAULT_TILE, overlap: 
     """images (B, 3, H, W) -> latents (B, 4, H/f, W/f), the full-resolution levels run in
     tiles of ``tile`` x ``tile`` pixels overlapping by ``overlap`` (default: a quarter tile)."""
     f = movq.config.downsampling_factor
-    movq._check(images, movq.config.in_channels, "images", f)
+    movq.check_inputs(images, movq.config.in_channels, "images", f)
     overlap = default_overlap(tile, f) if overlap is None else overlap
     check_overlap(overlap, tile, f)
     encoder = movq.encoder

@@ -26,7 +26,6 @@ projection dim), 20 blocks; 1,026,225,920 parameters.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kandinsky.attention import attention
+from kandinsky.checks import check_tensor, check_timestep, fail
 from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.layers import TimestepEmbedding, timesteps
 
 MASK_VALUE = -10000.0  # the additive mask value the prior was trained with
 N_EXTRA_TOKENS = 4  # after the text: text embedding, time, noisy image embedding, prd token
@@ -105,28 +106,6 @@ class PriorConfig(ComponentConfig):
                 f"{source}: num_attention_heads * attention_head_dim = {self.inner_dim} must be even "
                 "(sinusoidal timestep features come in cos/sin pairs)."
             )
-
-
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal timestep features, [cos, sin] halves, max period 10000. (B,) -> (B, dim) fp32."""
-    half = dim // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
-
-
-class TimestepEmbedding(nn.Module):
-    """Sinusoidal features of the timestep -> Linear -> SiLU -> Linear."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.dim = dim
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, C)
-        x = timestep_features(t, self.dim).to(self.fc1.weight.dtype)
-        return self.fc2(F.silu(self.fc1(x)))
 
 
 class SelfAttention(nn.Module):
@@ -217,11 +196,13 @@ class DiffusionPrior(nn.Module):
         -> (B, clip_dim) predicted x_0
     """
 
+    VARIABLE = "prior"  # what users call it, for the fixes error messages suggest
+
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config
         C = config.inner_dim
-        self.time_embed = TimestepEmbedding(C, config.time_hidden_dim)
+        self.time_embed = TimestepEmbedding(C, config.time_hidden_dim, C)
         self.text_hidden_proj = nn.Linear(config.embedding_dim, C)
         self.text_embed_proj = nn.Linear(config.text_embed_dim, C)
         self.image_embed_proj = nn.Linear(config.embedding_dim, C)
@@ -245,7 +226,7 @@ class DiffusionPrior(nn.Module):
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
-        self._check_inputs(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)
+        self.check_inputs(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)
         prefix = self._prefix_tokens(proj_embedding, encoder_hidden_states)  # (B, 78, C)
         x = torch.cat([prefix, self._step_tokens(hidden_states, timestep)], dim=1)  # (B, 81, C)
         mask = attention_bias(attention_mask, N_EXTRA_TOKENS, x.dtype)  # (B, 1, 81, 81)
@@ -267,8 +248,7 @@ class DiffusionPrior(nn.Module):
 
     def _step_tokens(self, hidden_states, timestep) -> torch.Tensor:
         B = hidden_states.shape[0]
-        t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(B)  # (B,)
-        time_embed = self.time_embed(t)  # (B, C)
+        time_embed = self.time_embed(timesteps(timestep, B, hidden_states.device))  # (B, C)
         image_embed = self.image_embed_proj(hidden_states)  # (B, C)
         prd = self.prd_token.expand(B, -1, -1)  # (B, 1, C)
         x = torch.cat([time_embed[:, None], image_embed[:, None], prd], dim=1)  # (B, 3, C)
@@ -278,7 +258,7 @@ class DiffusionPrior(nn.Module):
         """The keys and values of the 78 constant tokens in every block, for :meth:`forward_cached`."""
         B = proj_embedding.shape[0]
         dummy = torch.zeros(B, self.config.embedding_dim, device=proj_embedding.device, dtype=proj_embedding.dtype)
-        self._check_inputs(dummy, 0, proj_embedding, encoder_hidden_states, attention_mask)
+        self.check_inputs(dummy, 0, proj_embedding, encoder_hidden_states, attention_mask)
         x = self._prefix_tokens(proj_embedding, encoder_hidden_states)  # (B, 78, C)
         P = x.shape[1]
         mask = attention_bias(attention_mask, N_EXTRA_TOKENS, x.dtype)  # (B, 1, 81, 81)
@@ -299,44 +279,31 @@ class DiffusionPrior(nn.Module):
         x = self.norm_out(x[:, -1])  # (B, C): the prd token
         return self.proj_out(x)  # (B, clip_dim)
 
-    def _check_inputs(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask):
-        """Clear errors for misshapen inputs and wrong dtypes / devices (no data-dependent checks)."""
+    def check_inputs(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask):
+        """Clear errors for misshapen inputs and wrong dtypes / devices (kandinsky.checks). The three
+        embeddings must match the weights; the mask only has to be on the same device."""
         cfg = self.config
         T = cfg.num_embeddings
         for name, x in (("hidden_states", hidden_states), ("proj_embedding", proj_embedding),
-                        ("encoder_hidden_states", encoder_hidden_states), ("attention_mask", attention_mask)):
-            if not isinstance(x, torch.Tensor) and not (name == "attention_mask" and x is None):
-                raise TypeError(f"DiffusionPrior: {name} must be a torch.Tensor, got {type(x).__name__}.")
-        problems = []
-        if hidden_states.ndim != 2 or hidden_states.shape[1] != cfg.embedding_dim:
-            problems.append(f"hidden_states (noisy image embedding) must be (B, {cfg.embedding_dim}), "
-                            f"got {tuple(hidden_states.shape)}")
+                        ("encoder_hidden_states", encoder_hidden_states)):
+            check_tensor(self, name, x)
+        check_tensor(self, "attention_mask", attention_mask, kind="any", optional=True)
         B = hidden_states.shape[0]
-        if tuple(proj_embedding.shape) != (B, cfg.text_embed_dim):
-            problems.append(f"proj_embedding (CLIP text embedding) must be ({B}, {cfg.text_embed_dim}), "
-                            f"got {tuple(proj_embedding.shape)}")
-        if tuple(encoder_hidden_states.shape) != (B, T, cfg.embedding_dim):
-            problems.append(f"encoder_hidden_states (CLIP last hidden state) must be ({B}, {T}, "
-                            f"{cfg.embedding_dim}), got {tuple(encoder_hidden_states.shape)}")
-        if attention_mask is None or tuple(attention_mask.shape) != (B, T):
-            shape = None if attention_mask is None else tuple(attention_mask.shape)
-            problems.append(f"attention_mask must be a ({B}, {T}) bool tensor (True = real token), got {shape}")
-        if isinstance(timestep, torch.Tensor) and timestep.numel() not in (1, B):
-            problems.append(f"timestep must be a number or hold 1 or {B} values, got shape {tuple(timestep.shape)}")
-        if problems:
-            raise ValueError("DiffusionPrior: " + "; ".join(problems) + ".")
-        # dtypes and devices: the three embeddings must match the weights (torch's own error
-        # names no argument); the mask only has to be on the same device
-        w = self.proj_out.weight
-        autocast = w.device.type != "meta" and torch.is_autocast_enabled(w.device.type)
-        for name, x in (("hidden_states", hidden_states), ("proj_embedding", proj_embedding),
-                        ("encoder_hidden_states", encoder_hidden_states), ("attention_mask", attention_mask)):
-            if x.device != w.device:
-                raise ValueError(f"DiffusionPrior: {name} is on {x.device} but the prior is on {w.device}; "
-                                 f"pass {name}.to(prior.device).")
-            if name != "attention_mask" and x.dtype != w.dtype and not autocast:
-                raise TypeError(f"DiffusionPrior: {name} is {x.dtype} but the prior's weights are {w.dtype}; "
-                                f"pass {name}.to(prior.dtype).")
+        mask_shape = None if attention_mask is None else tuple(attention_mask.shape)
+        fail(self, [
+            (hidden_states.ndim != 2 or hidden_states.shape[1] != cfg.embedding_dim) and (
+                f"hidden_states (noisy image embedding) must be (B, {cfg.embedding_dim}), "
+                f"got {tuple(hidden_states.shape)}"),
+            tuple(proj_embedding.shape) != (B, cfg.text_embed_dim) and (
+                f"proj_embedding (CLIP text embedding) must be ({B}, {cfg.text_embed_dim}), "
+                f"got {tuple(proj_embedding.shape)}"),
+            tuple(encoder_hidden_states.shape) != (B, T, cfg.embedding_dim) and (
+                f"encoder_hidden_states (CLIP last hidden state) must be ({B}, {T}, {cfg.embedding_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"),
+            mask_shape != (B, T) and (
+                f"attention_mask must be a ({B}, {T}) bool tensor (True = real token), got {mask_shape}"),
+            check_timestep(timestep, B),
+        ])
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,18 +1,15 @@
 """Building blocks of the Kandinsky 2.2 decoder UNet (guided-diffusion style).
 
-    timestep_embedding   sinusoidal features of the diffusion step
-    TimestepEmbedding    MLP from those features to the conditioning vector `emb`
     ImageEmbedding       CLIP image embedding -> a vector added to `emb`
     ImageTokens          CLIP image embedding -> 32 tokens the attention layers attend to
     HintEncoder          ControlNet hint image (B, 3, H, W) -> (B, 4, H/8, W/8)
-    ResBlock             GroupNorm-SiLU-conv twice, scale-shift conditioned on `emb`;
-                         also does the 2x up/down-sampling of the UNet
     AddedKVAttention     self-attention over the feature map whose keys and values are
                          prefixed with the image tokens
+
+The timestep embedding and the ResBlock (GroupNorm-SiLU-conv twice, scale-shift conditioned
+on `emb`, 2x up/down-sampling) are shared with the prior and MoVQ: kandinsky/layers.py.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -24,36 +21,6 @@ from kandinsky.attention import attention
 NUM_IMAGE_TOKENS = 32
 # Channels the hint encoder adds to the UNet input.
 HINT_CHANNELS = 4
-
-
-def timestep_embedding(timestep, batch: int, dim: int, device) -> torch.Tensor:
-    """Sinusoidal timestep features (B, dim), cosines first, float32.
-
-    timestep: int / float / 0-d tensor (same step for the whole batch) or (B,) tensor.
-    """
-    t = torch.as_tensor(timestep, device=device)
-    if t.ndim > 1 or t.numel() not in (1, batch):
-        raise ValueError(
-            f"timestep must be a number, a 0-d tensor or a ({batch},) tensor for a batch of {batch}, "
-            f"got shape {tuple(t.shape)}"
-        )
-    t = t.reshape(-1).expand(batch).float()  # (B,)
-    half = dim // 2
-    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=device) / half
-    angles = t[:, None] * torch.exp(exponent)[None, :]  # (B, dim/2)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, dim)
-
-
-class TimestepEmbedding(nn.Module):
-    """Linear-SiLU-Linear from the sinusoidal features to the conditioning width."""
-
-    def __init__(self, in_dim: int, emb_dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, emb_dim)
-        self.linear_2 = nn.Linear(emb_dim, emb_dim)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(t)))
 
 
 class ImageEmbedding(nn.Module):
@@ -100,54 +67,6 @@ class HintEncoder(nn.Module):
         for conv in self.convs[:-1]:
             x = F.silu(conv(x))
         return self.convs[-1](x)  # (B, 4, H/8, W/8)
-
-
-class Downsample(nn.Module):
-    """2x2 average pooling (no weights)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
-
-
-class Upsample(nn.Module):
-    """2x nearest-neighbour upsampling (no weights)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
-class ResBlock(nn.Module):
-    """Residual block with scale-shift conditioning on `emb`:
-
-        h = conv1(resample(silu(norm1(x))))
-        h = conv2(silu(norm2(h) * (1 + scale) + shift)),   (scale, shift) = time_emb_proj(silu(emb))
-        out = conv_shortcut(resample(x)) + h
-
-    `resample` is nothing, a 2x average pooling ("down") or a 2x nearest upsampling ("up"):
-    the UNet changes resolution with such ResBlocks instead of strided / transposed convs.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, groups: int, eps: float,
-                 resample: str | None = None):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.resample = {None: nn.Identity, "down": Downsample, "up": Upsample}[resample]()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.resample(F.silu(self.norm1(x)))  # (B, C_in, h', w')
-        x = self.resample(x)
-        h = self.conv1(h)  # (B, C_out, h', w')
-        scale, shift = self.time_emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
-        return self.conv_shortcut(x) + h
 
 
 class AddedKVAttention(nn.Module):

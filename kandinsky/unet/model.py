@@ -28,17 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kandinsky.checks import check_tensor, check_timestep, fail
 from kandinsky.config import AnyOf, ComponentConfig, ConfigError
-from kandinsky.unet.blocks import (
-    HINT_CHANNELS,
-    AddedKVAttention,
-    HintEncoder,
-    ImageEmbedding,
-    ImageTokens,
-    ResBlock,
-    TimestepEmbedding,
-    timestep_embedding,
-)
+from kandinsky.layers import ResBlock, TimestepEmbedding, group_norm, timesteps
+from kandinsky.unet.blocks import HINT_CHANNELS, AddedKVAttention, HintEncoder, ImageEmbedding, ImageTokens
 
 NUM_LEVELS = 4  # Kandinsky 2.2's depth (the default config); any depth >= 1 is accepted
 DOWN_PLAIN, DOWN_ATTN = "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"
@@ -168,9 +161,9 @@ class DownLevel(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, emb_dim: int, attention: bool, downsample: bool):
         super().__init__()
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        groups, norm = cfg.norm_num_groups, group_norm(cfg.norm_num_groups, cfg.norm_eps)
         self.res = nn.ModuleList(
-            ResBlock(in_ch if j == 0 else out_ch, out_ch, emb_dim, groups, eps) for j in range(cfg.layers_per_block)
+            ResBlock(in_ch if j == 0 else out_ch, out_ch, norm, emb_dim) for j in range(cfg.layers_per_block)
         )
         self.attn = (
             nn.ModuleList(
@@ -180,7 +173,7 @@ class DownLevel(nn.Module):
             if attention
             else None
         )
-        self.downsample = ResBlock(out_ch, out_ch, emb_dim, groups, eps, resample="down") if downsample else None
+        self.downsample = ResBlock(out_ch, out_ch, norm, emb_dim, resample="down") if downsample else None
 
     def forward(self, x, emb, tokens, skips: list):
         for j, res in enumerate(self.res):
@@ -199,9 +192,10 @@ class MidBlock(nn.Module):
 
     def __init__(self, ch: int, cfg: UNetConfig, emb_dim: int):
         super().__init__()
-        self.res_in = ResBlock(ch, ch, emb_dim, cfg.norm_num_groups, cfg.norm_eps)
+        norm = group_norm(cfg.norm_num_groups, cfg.norm_eps)
+        self.res_in = ResBlock(ch, ch, norm, emb_dim)
         self.attn = AddedKVAttention(ch, cfg.attention_head_dim, cfg.cross_attention_dim, cfg.norm_num_groups)
-        self.res_out = ResBlock(ch, ch, emb_dim, cfg.norm_num_groups, cfg.norm_eps)
+        self.res_out = ResBlock(ch, ch, norm, emb_dim)
 
     def forward(self, x, emb, tokens):
         return self.res_out(self.attn(self.res_in(x, emb), tokens), emb)
@@ -215,9 +209,9 @@ class UpLevel(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, skip_chs: list[int], cfg: UNetConfig, emb_dim: int,
                  attention: bool, upsample: bool):
         super().__init__()
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        groups, norm = cfg.norm_num_groups, group_norm(cfg.norm_num_groups, cfg.norm_eps)
         self.res = nn.ModuleList(
-            ResBlock((in_ch if j == 0 else out_ch) + skip_ch, out_ch, emb_dim, groups, eps)
+            ResBlock((in_ch if j == 0 else out_ch) + skip_ch, out_ch, norm, emb_dim)
             for j, skip_ch in enumerate(skip_chs)
         )
         self.attn = (
@@ -228,7 +222,7 @@ class UpLevel(nn.Module):
             if attention
             else None
         )
-        self.upsample = ResBlock(out_ch, out_ch, emb_dim, groups, eps, resample="up") if upsample else None
+        self.upsample = ResBlock(out_ch, out_ch, norm, emb_dim, resample="up") if upsample else None
 
     def forward(self, x, emb, tokens, skips: list):
         for j, res in enumerate(self.res):
@@ -252,6 +246,8 @@ class UNet(nn.Module):
     returns       (B, out_channels, h, w)
     """
 
+    VARIABLE = "unet"  # what users call it, for the fixes error messages suggest
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         config.validate()
@@ -259,7 +255,7 @@ class UNet(nn.Module):
         C, L = config.block_out_channels, config.layers_per_block
         emb_dim = 4 * C[0]
 
-        self.time_embed = TimestepEmbedding(C[0], emb_dim)
+        self.time_embed = TimestepEmbedding(C[0], emb_dim, emb_dim)
         self.image_embed = ImageEmbedding(config.encoder_hid_dim, emb_dim)
         self.image_tokens = ImageTokens(config.encoder_hid_dim, config.cross_attention_dim)
         self.hint_encoder = HintEncoder() if config.addition_embed_type == "image_hint" else None
@@ -293,56 +289,42 @@ class UNet(nn.Module):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    def check_inputs(self, sample, image_embeds, hint) -> None:
-        """Clear errors for the input mistakes torch would report deep inside a layer (shapes,
-        dtypes and devices only: nothing data-dependent, so it compiles away)."""
+    def check_inputs(self, sample, timestep, image_embeds, hint) -> None:
+        """Clear errors for the input mistakes torch would report deep inside a layer (kandinsky.checks)."""
         cfg = self.config
-        for name, x in (("sample", sample), ("image_embeds", image_embeds), ("hint", hint)):
-            if x is None and name == "hint":
-                continue
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if not x.is_floating_point():
-                fix = " in [0, 1] (convert a uint8 image with x / 255)" if name == "hint" else ""
-                raise TypeError(f"{name} must be a floating-point tensor{fix}, got {x.dtype}")
-            if x.device != self.device:
-                raise ValueError(f"{name} is on {x.device} but the UNet is on {self.device}; pass {name}.to(unet.device)")
-        # image_embeds and hint are cast to the sample's dtype; the sample must match the weights
-        autocast = sample.device.type != "meta" and torch.is_autocast_enabled(sample.device.type)
-        if sample.dtype != self.dtype and not autocast:
-            raise TypeError(f"sample is {sample.dtype} but the UNet weights are {self.dtype}; pass sample.to(unet.dtype)")
+        check_tensor(self, "sample", sample)  # image_embeds and hint are cast to the sample's dtype
+        check_tensor(self, "image_embeds", image_embeds, kind="float")
+        check_tensor(self, "hint", hint, kind="float", hint=" in [0, 1] (convert a uint8 image with x / 255)",
+                     optional=True)
         if sample.ndim != 4 or sample.shape[1] != cfg.sample_channels:
             extra = " (+4 hint channels added inside)" if cfg.addition_embed_type == "image_hint" else ""
-            raise ValueError(
-                f"sample must be (B, {cfg.sample_channels}, h, w){extra} for this UNet "
-                f"(in_channels={cfg.in_channels}), got {tuple(sample.shape)}"
-            )
+            fail(self, [f"sample must be (B, {cfg.sample_channels}, h, w){extra} for this UNet "
+                        f"(in_channels={cfg.in_channels}), got {tuple(sample.shape)}"])
         B, _, h, w = sample.shape
         factor = cfg.downsampling_factor
-        if h % factor or w % factor:
-            raise ValueError(f"sample height and width must be multiples of {factor}, got {h}x{w}")
-        if image_embeds.shape != (B, cfg.encoder_hid_dim):
-            raise ValueError(
+        hint_problem = None
+        if cfg.addition_embed_type == "image_hint" and hint is None:
+            hint_problem = "this ControlNet UNet (addition_embed_type 'image_hint') needs a `hint` image"
+        elif cfg.addition_embed_type == "image_hint" and tuple(hint.shape) != (B, 3, 8 * h, 8 * w):
+            hint_problem = f"hint must be (B, 3, 8h, 8w) = ({B}, 3, {8 * h}, {8 * w}), got {tuple(hint.shape)}"
+        elif cfg.addition_embed_type != "image_hint" and hint is not None:
+            hint_problem = ("`hint` was given but this UNet has no hint encoder (addition_embed_type "
+                            f"{cfg.addition_embed_type!r}); use the ControlNet-depth checkpoint")
+        fail(self, [
+            (h % factor or w % factor) and f"sample height and width must be multiples of {factor}, got {h}x{w}",
+            image_embeds.shape != (B, cfg.encoder_hid_dim) and (
                 f"image_embeds must be (B, encoder_hid_dim) = ({B}, {cfg.encoder_hid_dim}), "
-                f"got {tuple(image_embeds.shape)}"
-            )
-        if cfg.addition_embed_type == "image_hint":
-            if hint is None:
-                raise ValueError("this ControlNet UNet (addition_embed_type 'image_hint') needs a `hint` image")
-            if tuple(hint.shape) != (B, 3, 8 * h, 8 * w):
-                raise ValueError(f"hint must be (B, 3, 8h, 8w) = ({B}, 3, {8 * h}, {8 * w}), got {tuple(hint.shape)}")
-        elif hint is not None:
-            raise ValueError(
-                "`hint` was given but this UNet has no hint encoder (addition_embed_type "
-                f"{cfg.addition_embed_type!r}); use the ControlNet-depth checkpoint"
-            )
+                f"got {tuple(image_embeds.shape)}"),
+            hint_problem,
+            check_timestep(timestep, B),
+        ])
 
     def forward(self, sample: torch.Tensor, timestep, image_embeds: torch.Tensor,
                 hint: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_inputs(sample, image_embeds, hint)
+        self.check_inputs(sample, timestep, image_embeds, hint)
         image_embeds = image_embeds.to(sample.dtype)
-        t = timestep_embedding(timestep, sample.shape[0], self.config.block_out_channels[0], sample.device)
-        emb = self.time_embed(t.to(sample.dtype)) + self.image_embed(image_embeds)  # (B, 4*C0)
+        t = timesteps(timestep, sample.shape[0], sample.device)  # (B,)
+        emb = self.time_embed(t, sample.dtype) + self.image_embed(image_embeds)  # (B, 4*C0)
         tokens = self.image_tokens(image_embeds)  # (B, 32, cross_attention_dim)
         if self.hint_encoder is not None:
             sample = torch.cat([sample, self.hint_encoder(hint.to(sample.dtype))], dim=1)  # (B, in_channels, h, w)
