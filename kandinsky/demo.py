@@ -1,5 +1,8 @@
-"""A tiny RANDOM-WEIGHT Kandinsky 2.2 checkpoint set, built on the fly, for offline demos.
+"""The demo checkpoints: the tiny trained shapes model that ships in the package, and a tiny
+RANDOM-WEIGHT Kandinsky 2.2 checkpoint set, built on the fly, for offline demos.
 
+``demo_folders()`` gives the shipped checkpoints (kandinsky/demo_weights/, trained by
+``kandinsky train-demo``: kandinsky.data.train_demo).
 ``build_demo_checkpoints(folder)`` writes the four hub repos in their exact layout
 (``prior/`` with text_encoder, image_encoder, tokenizer, scheduler, image_processor;
 ``decoder/``, ``decoder-inpaint/``, ``controlnet-depth/`` with unet, movq, scheduler),
@@ -13,6 +16,9 @@ import json
 from pathlib import Path
 
 import torch
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights"  # the shipped tiny shapes model
+DEMO_REPOS = ("prior", "decoder", "decoder-inpaint")
 
 # Real scheduler / processor configs of the hub repos (tests/data holds the originals).
 PRIOR_SCHEDULER = {
@@ -38,6 +44,9 @@ DECODER_SCHEDULER = {
 EMBED = 32  # CLIP projection = prior embedding = UNet encoder_hid_dim
 IMAGE_SIZE = 32  # the tiny image tower's input (the real one is 224)
 
+# The tiny configs, declared once (config.json keys): the random demo checkpoints are built from them, and
+# every other tiny model starts from them and says what it changes: the shapes model that ships
+# (kandinsky.data.train_demo.CONFIGS) and the tests' random reference models (tests/refs/*.py).
 TINY = {
     "text_encoder": {
         "architectures": ["CLIPTextModelWithProjection"],
@@ -125,15 +134,21 @@ TINY = {
     },
 }
 
+# what each decoder task's UNet changes in TINY["unet"] (as the hub's three decoder repos do)
+UNET_VARIANTS = {
+    "decoder": {},  # text2img / img2img: the latents (4 channels)
+    "inpaint": {"in_channels": 9},  # latents + masked-picture latents + mask
+    "controlnet": {"in_channels": 8, "addition_embed_type": "image_hint"},  # latents + 4 hint channels
+}
 DECODER_REPOS = {
     # folder name: (model_index class, unet overrides)
-    "decoder": ("KandinskyV22Pipeline", {}),
-    "decoder-inpaint": ("KandinskyV22InpaintPipeline", {"in_channels": 9}),
-    "controlnet-depth": ("KandinskyV22ControlnetPipeline", {"in_channels": 8, "addition_embed_type": "image_hint"}),
+    "decoder": ("KandinskyV22Pipeline", UNET_VARIANTS["decoder"]),
+    "decoder-inpaint": ("KandinskyV22InpaintPipeline", UNET_VARIANTS["inpaint"]),
+    "controlnet-depth": ("KandinskyV22ControlnetPipeline", UNET_VARIANTS["controlnet"]),
 }
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """The 256 printable characters byte-level BPE uses for the 256 byte values."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -148,7 +163,7 @@ def _bytes_to_unicode() -> list[str]:
 def write_tokenizer(folder: Path) -> None:
     """A CLIP tokenizer folder with a byte-level vocabulary and no merges (514 tokens)."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
@@ -245,6 +260,22 @@ def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
     return folders
 
 
+def demo_folders() -> dict[str, Path]:
+    """{"prior", "decoder", "inpaint"} -> the shipped tiny trained checkpoint folders (hub layout).
+
+    Raises FileNotFoundError naming the fix when the package has no shipped weights.
+    """
+    folders = {"prior": DEMO_WEIGHTS / "prior", "decoder": DEMO_WEIGHTS / "decoder",
+               "inpaint": DEMO_WEIGHTS / "decoder-inpaint"}
+    missing = [str(f) for f in folders.values() if not (f / "model_index.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the shipped demo weights are missing ({', '.join(missing)}); reinstall the package, or "
+            f"rebuild them with `kandinsky train-demo --out {DEMO_WEIGHTS}`."
+        )
+    return folders
+
+
 def demo_checkpoints(random: bool = False, seed: int = 0):
     """The checkpoints behind every command's ``--demo`` / ``--random-demo``.
 
@@ -257,8 +288,6 @@ def demo_checkpoints(random: bool = False, seed: int = 0):
 
     torch.set_num_threads(1)
     if not random:
-        from kandinsky.data import demo_folders
-
         folders = demo_folders()
         message = ("DEMO: tiny model trained on procedural shapes (kandinsky/demo_weights): circles, squares and "
                    "triangles in 8 colours, 2 sizes and 5 positions, at 64 x 64.")

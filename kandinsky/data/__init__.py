@@ -5,27 +5,15 @@
     kandinsky.data.evaluate    ``kandinsky eval shapes``: accuracy of a checkpoint on the grammar
     kandinsky.data.train_demo  ``kandinsky train-demo``: reproduce the shipped weights
 
-``demo_folders()`` gives the shipped checkpoints (kandinsky/demo_weights/).
+The shipped checkpoints themselves belong to kandinsky.demo (``demo_folders()``, ``DEMO_WEIGHTS``);
+``from kandinsky.data import demo_folders`` reads them from there (kandinsky.demo never imports
+this package: the arrow runs one way).
 """
-from __future__ import annotations
-
-from pathlib import Path
-
-DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "demo_weights"
-DEMO_REPOS = ("prior", "decoder", "decoder-inpaint")
 
 
-def demo_folders() -> dict[str, Path]:
-    """{"prior", "decoder", "inpaint"} -> the shipped tiny trained checkpoint folders (hub layout).
+def __getattr__(name):
+    if name in ("demo_folders", "DEMO_WEIGHTS", "DEMO_REPOS"):
+        import kandinsky.demo
 
-    Raises FileNotFoundError naming the fix when the package has no shipped weights.
-    """
-    folders = {"prior": DEMO_WEIGHTS / "prior", "decoder": DEMO_WEIGHTS / "decoder",
-               "inpaint": DEMO_WEIGHTS / "decoder-inpaint"}
-    missing = [str(f) for f in folders.values() if not (f / "model_index.json").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the shipped demo weights are missing ({', '.join(missing)}); reinstall the package, or "
-            f"rebuild them with `kandinsky train-demo --out {DEMO_WEIGHTS}`."
-        )
-    return folders
+        return getattr(kandinsky.demo, name)
+    raise AttributeError(f"module 'kandinsky.data' has no attribute {name!r}")

@@ -40,43 +40,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from kandinsky.demo import bytes_to_unicode
 from tests.helpers import randomize_
+from tests.refs import tiny_kwargs
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "kandinsky-2-2-prior"
 
 # Tiny configs in the hub's config.json form (the keys transformers writes).
-TINY_TEXT_CONFIG = {
-    "architectures": ["CLIPTextModelWithProjection"],
-    "model_type": "clip_text_model",
-    "vocab_size": 49408,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "projection_dim": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
-TINY_VISION_CONFIG = {
-    "architectures": ["CLIPVisionModelWithProjection"],
-    "model_type": "clip_vision_model",
-    "hidden_size": 48,
-    "intermediate_size": 96,
-    "projection_dim": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_channels": 3,
-    "image_size": 32,
-    "patch_size": 8,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5,
-    "attention_dropout": 0.0,
-}
+# kandinsky.demo's tiny towers with the real vocabulary and the checkpoint's special-token ids
+TINY_TEXT_CONFIG = tiny_kwargs("text_encoder", vocab_size=49408, attention_dropout=0.0, bos_token_id=0, pad_token_id=1)
+TINY_VISION_CONFIG = tiny_kwargs("image_encoder", attention_dropout=0.0)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -86,19 +59,6 @@ def open_clip_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("open_clip_torch is not installed (it ships the CLIP BPE vocabulary)")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(2**8):
-        if b not in bs:
-            bs.append(b)
-            cs.append(2**8 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_clip_tokenizer_folder(folder: Path) -> Path:
@@ -112,7 +72,7 @@ def write_clip_tokenizer_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     bpe = open_clip_dir() / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
+    chars = bytes_to_unicode()  # the 256 byte tokens, in GPT-2 / CLIP order
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == 49408 and len(set(vocab)) == 49408

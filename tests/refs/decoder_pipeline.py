@@ -22,23 +22,17 @@ import torch
 
 from tests.conftest import DATA
 from tests.helpers import randomize_
+from tests.refs import tiny_kwargs
 from tests.refs.unet import UNET_TINY, make_reference_unet
 
 EMBED_DIM = UNET_TINY["encoder_hid_dim"]  # width of image_embeds for these pipelines
 
-# diffusers VQModel kwargs of the shared tiny MoVQ (hub values in comments).
-MOVQ_TINY = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
-    up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+# diffusers VQModel kwargs of the shared tiny MoVQ: kandinsky.demo's, narrower (hub values in comments;
+# as the demo's: layers_per_block 1 (hub 2), norm_num_groups 8 (hub 32)).
+MOVQ_TINY = tiny_kwargs(
+    "movq",
     block_out_channels=(32, 32, 32, 32),  # (128, 256, 256, 512); multiples of 32 (SpatialNorm groups)
-    layers_per_block=1,  # 2
-    latent_channels=4,
     num_vq_embeddings=16,  # 16384
-    norm_num_groups=8,  # 32
-    vq_embed_dim=4,
-    norm_type="spatial",
     sample_size=32,
     act_fn="silu",
 )

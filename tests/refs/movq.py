@@ -20,23 +20,10 @@ import pytest
 import torch
 
 from tests.helpers import randomize_
+from tests.refs import tiny_kwargs
 
-MOVQ_TINY_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-    "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [32, 32, 64, 64],
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "sample_size": 32,
-    "num_vq_embeddings": 64,
-    "norm_num_groups": 8,
-    "vq_embed_dim": 4,
-    "scaling_factor": 0.18215,
-    "norm_type": "spatial",
-}
+# kandinsky.demo's tiny MoVQ, with the keys the real config.json writes besides
+MOVQ_TINY_CONFIG = tiny_kwargs("movq", act_fn="silu", sample_size=32, scaling_factor=0.18215)
 
 
 def make_reference_movq(config: dict | None = None, seed: int = 0):

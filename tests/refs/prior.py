@@ -22,24 +22,12 @@ import pytest
 import torch
 
 from tests.helpers import randomize_
+from tests.refs import tiny_kwargs
 
-PRIOR_TINY_CONFIG = {
-    "num_attention_heads": 2,
-    "attention_head_dim": 12,
-    "num_layers": 2,
-    "embedding_dim": 16,
-    "num_embeddings": 77,
-    "additional_embeddings": 4,
-    "dropout": 0.0,
-    "time_embed_act_fn": "silu",
-    "norm_in_type": None,
-    "embedding_proj_norm_type": None,
-    "encoder_hid_proj_type": "linear",
-    "added_emb_type": "prd",
-    "time_embed_dim": None,
-    "embedding_proj_dim": None,
-    "clip_embed_dim": None,
-}
+# kandinsky.demo's tiny prior, narrower (embedding_dim 16, 2 heads x 12 = inner width 24), the optional sizes
+# written out as null (the real config.json writes them)
+PRIOR_TINY_CONFIG = tiny_kwargs("prior", attention_head_dim=12, embedding_dim=16, time_embed_dim=None,
+                                embedding_proj_dim=None, clip_embed_dim=None)
 
 
 def make_reference_prior(config: dict | None = None, seed: int = 0):

@@ -15,25 +15,14 @@ import shutil
 import pytest
 import torch
 
+from kandinsky.demo import TINY, bytes_to_unicode
 from tests.helpers import randomize_
+from tests.refs import tiny_kwargs
 
 # The embedding size of the tiny prior pipeline (image_embeds are (B, PRIOR_EMBED_DIM)).
-PRIOR_EMBED_DIM = 32
+PRIOR_EMBED_DIM = TINY["prior"]["embedding_dim"]  # 32
 # The tiny CLIP vision tower's input size (pixel_values are (B, 3, PRIOR_IMAGE_SIZE, PRIOR_IMAGE_SIZE)).
-PRIOR_IMAGE_SIZE = 32
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2 / CLIP byte -> printable unicode map
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+PRIOR_IMAGE_SIZE = TINY["image_encoder"]["image_size"]  # 32
 
 
 def write_tiny_clip_tokenizer(folder: pathlib.Path) -> pathlib.Path:
@@ -45,7 +34,7 @@ def write_tiny_clip_tokenizer(folder: pathlib.Path) -> pathlib.Path:
     """
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = bytes_to_unicode()
     vocab_list = chars + [c + "</w>" for c in chars]
     merges = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>", "b l", "bl u", "blu e</w>"]
     for m in merges:
@@ -84,45 +73,16 @@ def build_reference_prior_pipeline(tokenizer, seed: int = 0):
         CLIPVisionModelWithProjection,
     )
 
-    d = PRIOR_EMBED_DIM
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=d,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            projection_dim=d,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            bos_token_id=0,
-            eos_token_id=2,  # as the real checkpoint: legacy argmax pooling
-            pad_token_id=1,
-        )
-    ).eval()
-    image_encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=24,
-            image_size=PRIOR_IMAGE_SIZE,
-            patch_size=8,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            num_channels=3,
-            projection_dim=d,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-        )
-    ).eval()
-    prior = PriorTransformer(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        embedding_dim=d,
-        num_embeddings=77,
-        additional_embeddings=4,
-    ).eval()
+    def clip_kwargs(component, **changes):  # transformers' config classes know their own model_type
+        return {k: v for k, v in tiny_kwargs(component, **changes).items() if k not in ("architectures", "model_type")}
+
+    # kandinsky.demo's tiny towers and prior (embeddings of width PRIOR_EMBED_DIM), narrower inside; the text
+    # tower pools at the largest token id (eos_token_id 2), as the real checkpoint does
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_kwargs(
+        "text_encoder", vocab_size=len(tokenizer), intermediate_size=37, bos_token_id=0, pad_token_id=1))).eval()
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_kwargs(
+        "image_encoder", hidden_size=24, intermediate_size=37))).eval()
+    prior = PriorTransformer(**tiny_kwargs("prior", attention_head_dim=8)).eval()
     randomize_(text_encoder, seed)
     randomize_(image_encoder, seed + 1)
     causal = prior.causal_attention_mask.clone()  # a non-persistent buffer: keep it

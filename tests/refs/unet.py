@@ -17,54 +17,32 @@ import copy
 import pytest
 import torch
 
+from kandinsky.demo import UNET_VARIANTS as DEMO_UNET_VARIANTS
 from tests.helpers import randomize_
+from tests.refs import tiny_kwargs
 
-# Sizes of the tiny UNets (the full-size hub values in comments).
-UNET_TINY = dict(
+# kandinsky.demo's tiny UNet with other sizes (the full-size hub values in comments) and the hub's other
+# architecture keys written out; in_channels / addition_embed_type: UNET_VARIANTS (the same three as the demo's).
+# As the demo's: attention_head_dim 16 (hub 64 channels per head: here 4, 4, 6 heads), encoder_hid_dim 32 (hub
+# 1280: the width of image_embeds), norm_num_groups 8 (hub 32), out_channels 8 (eps + variance, as the hub).
+UNET_TINY = tiny_kwargs(
+    "unet",
     block_out_channels=(32, 64, 64, 96),  # (384, 768, 1152, 1536); time embedding width 4 * 32
     layers_per_block=2,  # 3
-    attention_head_dim=16,  # 64 (channels per head): 4, 4, 6 heads
     cross_attention_dim=24,  # 768: width of the 32 image tokens
-    encoder_hid_dim=32,  # 1280: width of the CLIP image embedding (image_embeds)
-    norm_num_groups=8,  # 32
-    out_channels=8,  # 8
-)
-
-# The hub's architecture keys (same for the three variants).
-_KANDINSKY_ARCH = dict(
-    down_block_types=(
-        "ResnetDownsampleBlock2D",
-        "SimpleCrossAttnDownBlock2D",
-        "SimpleCrossAttnDownBlock2D",
-        "SimpleCrossAttnDownBlock2D",
-    ),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-    up_block_types=(
-        "SimpleCrossAttnUpBlock2D",
-        "SimpleCrossAttnUpBlock2D",
-        "SimpleCrossAttnUpBlock2D",
-        "ResnetUpsampleBlock2D",
-    ),
-    encoder_hid_dim_type="image_proj",
-    resnet_time_scale_shift="scale_shift",
     addition_embed_type_num_heads=64,
     flip_sin_to_cos=True,
     freq_shift=0,
     act_fn="silu",
     sample_size=16,
 )
-
-# in_channels / addition_embed_type of each variant.
-UNET_VARIANTS = {
-    "decoder": dict(in_channels=4, addition_embed_type="image"),
-    "inpaint": dict(in_channels=9, addition_embed_type="image"),  # latents + masked-image latents + mask
-    "controlnet": dict(in_channels=8, addition_embed_type="image_hint"),  # latents + 4 hint channels
-}
+UNET_VARIANTS = {name: {"in_channels": 4, "addition_embed_type": "image", **changes}
+                 for name, changes in DEMO_UNET_VARIANTS.items()}  # "decoder", "inpaint", "controlnet"
 
 
 def tiny_unet_config(variant: str = "decoder", **overrides) -> dict:
     """kwargs for diffusers' UNet2DConditionModel of a tiny variant ("decoder", "inpaint", "controlnet")."""
-    return {**_KANDINSKY_ARCH, **UNET_TINY, **UNET_VARIANTS[variant], **overrides}
+    return {**UNET_TINY, **UNET_VARIANTS[variant], **overrides}
 
 
 def make_reference_unet(variant: str = "decoder", seed: int = 0, **overrides):
