@@ -60,7 +60,7 @@ def usage_steps(folder: Path) -> None:
 def research(folder: Path) -> None:
     """docs/research.md: its python blocks, run in order (the test does the same), pictures kept."""
     sys.path.insert(0, str(ROOT))
-    from tests.test_research_tools import run_research_doc
+    from tests.test_research_docs import run_research_doc
 
     run_research_doc(folder)
     for picture in sorted(folder.glob("research-*.png")):

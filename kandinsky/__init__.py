@@ -12,7 +12,7 @@ _LAZY = {
     "Kandinsky": "kandinsky.pipelines.combined",
     "capture": "kandinsky.research.capture",
     "intervene": "kandinsky.research.capture",
-    "module_names": "kandinsky.research.capture",
+    "module_names": "kandinsky.research.inspect",
     "viz": "kandinsky.research",  # kandinsky.viz.attention_pictures, ...
     "embeddings": "kandinsky.research",  # kandinsky.embeddings.similarity, slerp, ...
 }

@@ -27,9 +27,11 @@ that module runs, :func:`attention` passes its q, k, v through the layer's hooks
     with hook_layer(unet.mid.attn, record):
         unet(sample, t, image_embeds)
 
-Every other layer keeps calling the backend directly. With no hook installed the only
-extra work of a call is reading one module global (None), which torch.compile folds
-into a guard, so ``torch.compile(model, fullgraph=True)`` traces the plain backend.
+Every other layer keeps calling the backend directly. Which layer is running is part of the
+call in progress (:mod:`kandinsky.calls`, a context variable): the hooked module's forward
+pre-hook sets it and its forward hook resets it. Nothing is kept per module anywhere else.
+Under torch.compile the attention function does not look (context variables do not trace), so
+``torch.compile(model, fullgraph=True)`` traces the plain backend.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+import kandinsky.calls as calls
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -70,8 +74,10 @@ def attention(
     mask: bool (True = may attend) or additive float, broadcastable to (B, heads, Lq, Lk).
     The scale is 1/sqrt(d).
     """
-    if _active is not None:  # a hooked layer is running (see hook_layer)
-        return _run_hooks(_active, q, k, v, mask, causal)
+    if not torch.compiler.is_compiling():
+        layer = calls.now().layer
+        if layer is not None:  # a hooked layer is running (see hook_layer)
+            return _run_hooks(layer.hooks, q, k, v, mask, causal)
     return _backend(q, k, v, mask=mask, causal=causal)
 
 
@@ -99,12 +105,8 @@ def use_backend(fn: AttentionFn):
 # the inputs (drop keys, scale values) or change the output (ablate heads).
 LayerHook = Callable[..., torch.Tensor]
 
-_active: list[LayerHook] | None = None  # the hooks of the attention layer running now, else None
-_hooks: dict[int, list[LayerHook]] = {}  # id(module) -> its hooks, outermost first
-_handles: dict[int, list] = {}  # id(module) -> the pre/post forward hooks that switch _active
 
-
-def _run_hooks(hooks: list[LayerHook], q, k, v, mask, causal) -> torch.Tensor:
+def _run_hooks(hooks: tuple[LayerHook, ...], q, k, v, mask, causal) -> torch.Tensor:
     def call(i: int):
         if i == len(hooks):
             return lambda q, k, v, mask, causal: _backend(q, k, v, mask=mask, causal=causal)
@@ -119,29 +121,23 @@ def hook_layer(module: torch.nn.Module, fn: LayerHook):
     layer: it must call :func:`attention` directly, not through child layers) goes through
     ``fn(q, k, v, mask, causal, compute)``. Several hooks on one module nest (first
     installed = outermost). Nothing is left installed after the block."""
-    hooks = _hooks.setdefault(id(module), [])
-    hooks.append(fn)
-    if len(hooks) == 1:  # the module's pre/post hooks switch its list on and off
+    tokens = []  # one per run of the module in progress
 
-        def enter(mod, args):
-            global _active
-            _active = _hooks[id(mod)]
+    def enter(mod, args):  # joins the hooks installed before it on this module (their pre-hooks ran first)
+        running = calls.now().layer
+        outer = running.hooks if running is not None and running.module is mod else ()
+        tokens.append(calls.enter(layer=calls.LayerCall(mod, outer + (fn,))))
 
-        def leave(mod, args, output):
-            global _active
-            _active = None
+    def leave(mod, args, output):  # prepended: the last installed leaves first
+        calls.leave(tokens.pop())
 
-        _handles[id(module)] = [module.register_forward_pre_hook(enter),
-                                module.register_forward_hook(leave, always_call=True)]
+    handles = [module.register_forward_pre_hook(enter),
+               module.register_forward_hook(leave, prepend=True, always_call=True)]
     try:
         yield
     finally:
-        hooks.remove(fn)
-        if not hooks:
-            del _hooks[id(module)]
-            for h in _handles.pop(id(module)):
-                h.remove()
-
+        for h in handles:
+            h.remove()
 
 
 def attention_probs(

@@ -35,3 +35,12 @@ def random_demo(tmp_path_factory) -> dict[str, pathlib.Path]:
     from kandinsky.demo import build_demo_checkpoints
 
     return build_demo_checkpoints(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_demo_kandinsky(random_demo):
+    """A ``Kandinsky`` pipeline (prior + decoder) of the tiny random demo folders, loaded once. Run it;
+    do not change it (no adapters, no scheduler swaps left behind)."""
+    from kandinsky.pipelines.combined import Kandinsky
+
+    return Kandinsky.from_pretrained(random_demo["decoder"], prior=random_demo["prior"])

@@ -1,7 +1,8 @@
-"""Research instruments. ``kandinsky.capture`` / ``intervene`` / ``module_names`` (in
-kandinsky.research.capture) read and edit intermediate tensors by module name; the ready-made
-edits are re-exported here. Attention pictures: kandinsky.research.viz; CLIP embedding tools:
-kandinsky.research.embeddings; the module tree: kandinsky.research.inspect."""
+"""Research instruments. ``kandinsky.capture`` / ``intervene`` (kandinsky.research.capture) read
+and edit intermediate tensors by module name; the ready-made edits are re-exported here. What
+names mean (models, pipelines, attention layouts): kandinsky.research.targets; the module tree and
+``kandinsky.module_names``: kandinsky.research.inspect; attention pictures: kandinsky.research.viz;
+CLIP embedding tools: kandinsky.research.embeddings."""
 from kandinsky.research.capture import (  # noqa: F401
     AttentionEdit,
     Context,

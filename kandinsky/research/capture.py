@@ -8,105 +8,35 @@
         pipe.text2img(...)              # every step, both branches, edited
 
 Names are those of ``named_modules()``; in a pipeline they are prefixed with the component
-(``unet.``, ``movq.``, ``prior.``, ``text_encoder.``, ``image_encoder.``). The step and the
-guidance branches come from :func:`kandinsky.sampling.state.current_call`, which the
-pipelines set around every model forward: with ``("uncond", "cond")`` the first half of the
-batch is the unconditional pass, and records / edits are split accordingly.
+(``unet.``, ``movq.``, ``prior.``, ``text_encoder.``, ``image_encoder.``): see
+:mod:`kandinsky.research.targets`. The step and the guidance branches come from
+:func:`kandinsky.calls.current_call`, which the denoisers set around every model forward: with
+``("uncond", "cond")`` the first half of the batch is the unconditional pass, and records /
+edits are split accordingly.
 
 Everything is plain PyTorch forward hooks on the matched modules, installed when the
 ``with`` block starts and removed when it ends: outside the block the models carry no hooks.
 Attention probabilities and attention edits go through :func:`kandinsky.attention.hook_layer`,
-which reroutes the single :func:`~kandinsky.attention.attention` call of the chosen layers only.
+which reroutes the single :func:`~kandinsky.attention.attention` call of the chosen layers only;
+what their keys are (image tokens, text tokens) each layer declares (``token_layout()``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import warnings
 from typing import Callable
 
 import torch
-from torch import nn
 
-from kandinsky import attention as attn
-from kandinsky.sampling.state import current_call
-
-# Pipeline attribute -> the components it holds, as (name prefix, attribute path).
-PIPELINE_COMPONENTS = {
-    "PriorPipeline": [("prior", "prior"), ("text_encoder", "text_encoder"), ("image_encoder", "image_encoder")],
-    "DecoderPipeline": [("unet", "unet"), ("movq", "movq")],
-    "Kandinsky": [("prior", "prior.prior"), ("text_encoder", "prior.text_encoder"),
-                  ("image_encoder", "prior.image_encoder"), ("unet", "decoder.unet"), ("movq", "decoder.movq")],
-}
+import kandinsky.attention as attn
+from kandinsky.calls import current_call
+from kandinsky.research.targets import attention_layout, is_attention, map_tensors, match, tensors
 
 REDUCTIONS = {
     "mean": lambda t: t.mean(dim=0, keepdim=True),  # over the batch: (B, ...) -> (1, ...)
     "mean_heads": lambda t: t.mean(dim=1),  # attention (B, heads, Lq, Lk) -> (B, Lq, Lk)
 }
-
-
-# ----------------------------------------------------------------------------- names
-def components(target) -> list[tuple[str, nn.Module]]:
-    """[(name prefix, model)] of a model ("" prefix) or a pipeline (component prefixes)."""
-    if isinstance(target, nn.Module):
-        if hasattr(target, "_orig_mod"):  # torch.compile's wrapper
-            raise TypeError(
-                "target is a torch.compile'd model: a compiled graph does not run hooks added after "
-                "compiling, so nothing would be recorded or edited. Capture / edit the eager model "
-                "(target._orig_mod) and call that one."
-            )
-        return [("", target)]
-    table = PIPELINE_COMPONENTS.get(type(target).__name__)
-    if table is None:
-        raise TypeError(
-            f"target must be a torch model (nn.Module) or a pipeline ({', '.join(PIPELINE_COMPONENTS)}), "
-            f"got {type(target).__name__}"
-        )
-    out = []
-    for prefix, path in table:
-        obj = target
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not None:
-            out.append((prefix, obj))
-    return out
-
-
-def named_modules(target) -> dict[str, nn.Module]:
-    """Every module of ``target`` by name (pipelines: component-prefixed, the component itself included)."""
-    names = {}
-    for prefix, model in components(target):
-        for name, module in model.named_modules():
-            full = ".".join(p for p in (prefix, name) if p)
-            if full:
-                names[full] = module
-    return names
-
-
-def match(target, patterns, *, only: Callable[[nn.Module], bool] | None = None,
-          what: str = "module") -> dict[str, nn.Module]:
-    """The modules whose names match any glob in ``patterns`` (``*`` also crosses dots).
-    A pattern that matches nothing is an error naming it."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"patterns must be a glob string or a list of them (e.g. 'unet.mid', 'unet.up.*.attn.*'), "
-                        f"got {patterns!r}")
-    modules = {n: m for n, m in named_modules(target).items() if only is None or only(m)}
-    found = {}
-    for pattern in patterns:
-        hits = {n: m for n, m in modules.items() if fnmatch.fnmatchcase(n, pattern)}
-        if not hits:
-            close = [n for n in modules if fnmatch.fnmatchcase(n, pattern.split(".")[0] + "*")][:8]
-            raise ValueError(
-                f"pattern {pattern!r} matches no {what} of this {type(target).__name__}"
-                + (f"; names near it: {', '.join(close)}" if close else "")
-                + "; list them with kandinsky.module_names(target)"
-            )
-        found.update(hits)
-    return found
 
 
 # ----------------------------------------------------------------------------- steps, branches
@@ -161,17 +91,7 @@ def _chunk(x, part):
     if part is None:
         return x
     i, n = part
-    return _map(lambda t: t.chunk(n, dim=0)[i], x)
-
-
-def _map(fn, x):
-    if isinstance(x, torch.Tensor):
-        return fn(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map(fn, y) for y in x)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: _map(fn, getattr(x, f.name)) for f in dataclasses.fields(x)})
-    return x
+    return map_tensors(lambda t: t.chunk(n, dim=0)[i], x)
 
 
 # ----------------------------------------------------------------------------- the record
@@ -250,7 +170,7 @@ class Record:
         seen, total = set(), 0
         for values in self.data.values():
             for v in values:
-                for t in _tensors(v):
+                for t in tensors(v):
                     s = t.untyped_storage()
                     if s.data_ptr() not in seen:
                         seen.add(s.data_ptr())
@@ -272,12 +192,6 @@ def _warn_if_silent(fired: list, what: str, patterns, stacklevel: int) -> None:
             "(torch.compile), its graph does not run hooks added after compiling: use the eager model.",
             stacklevel=stacklevel,  # the user's `with` line
         )
-
-
-def _tensors(x):
-    out = []
-    _map(out.append, x)
-    return out
 
 
 def _shrink(reduce, to, dtype):
@@ -309,28 +223,6 @@ def _shrink(reduce, to, dtype):
     return shrink
 
 
-# ----------------------------------------------------------------------------- attention layers
-def attention_layout(module: nn.Module) -> dict | None:
-    """For an attention layer, what its keys are ({} when plain self-attention); None otherwise."""
-    from kandinsky.clip.model import Attention as ClipAttention
-    from kandinsky.movq.model import AttentionBlock
-    from kandinsky.prior.model import SelfAttention
-    from kandinsky.unet.blocks import NUM_IMAGE_TOKENS, AddedKVAttention
-
-    if isinstance(module, AddedKVAttention):
-        return {"kind": "added_kv", "image_tokens": NUM_IMAGE_TOKENS}  # keys [0, 32) are the image tokens
-    if isinstance(module, SelfAttention):
-        # queries / keys: 77 text tokens, text embedding, time, noisy image embedding, prd (the output)
-        return {"kind": "prior", "text_tokens": 77, "prd_token": -1}
-    if isinstance(module, (ClipAttention, AttentionBlock)):
-        return {"kind": "self"}
-    return None
-
-
-def is_attention(module: nn.Module) -> bool:
-    return attention_layout(module) is not None
-
-
 # ----------------------------------------------------------------------------- capture
 @contextlib.contextmanager
 def capture(target, patterns, *, steps=None, branch=None, attention: bool = False, reduce=None, to=None,
@@ -352,8 +244,10 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
     keep_step, keep_branch = step_filter(steps), branch_filter(branch)
     shrink = _shrink(reduce, to, dtype)
     rec = Record()
-    only = is_attention if attention else None
-    modules = match(target, patterns, only=only, what="attention layer" if attention else "module")
+    modules = match(target, patterns, only=is_attention if attention else None,
+                    what="attention layer" if attention else "module")
+    if attention:
+        rec.meta.update({name: attention_layout(module) for name, module in modules.items()})
 
     fired = []
 
@@ -364,12 +258,11 @@ def capture(target, patterns, *, steps=None, branch=None, attention: bool = Fals
             fired.append(True)
         for ctx, part in _calls(name):
             if keep_step(ctx.step) and keep_branch(ctx.branch):
-                rec.add(name, ctx.step, ctx.branch, _map(shrink, get(part)))
+                rec.add(name, ctx.step, ctx.branch, map_tensors(shrink, get(part)))
 
     with contextlib.ExitStack() as stack:
         for name, module in modules.items():
             if attention:
-                rec.meta[name] = attention_layout(module)
                 stack.enter_context(attn.hook_layer(module, _probability_recorder(name, store)))
             else:
                 handle = module.register_forward_hook(
@@ -398,8 +291,10 @@ def _probability_recorder(name, store):
 # ----------------------------------------------------------------------------- intervene
 class AttentionEdit:
     """An edit made inside an attention layer (on q, k, v or the per-head output) rather than
-    on a module's output. ``fn(q, k, v, mask, causal, compute, rows)`` where ``rows`` is a
-    (B,) bool tensor of the batch rows to edit (the chosen branches) or None for all."""
+    on a module's output. ``fn(q, k, v, mask, causal, compute, rows, layout)`` where ``rows`` is a
+    (B,) bool tensor of the batch rows to edit (the chosen branches) or None for all, and
+    ``layout`` the layer's token layout (``token_layout()``). ``needs``: the layout kind the edit
+    works on ("added_kv": the UNet's), None for any."""
 
     def __init__(self, fn, needs: str | None = None, what: str = "attention edit"):
         self.fn, self.needs, self.what = fn, needs, what
@@ -480,20 +375,20 @@ def _intervene_attention(target, pattern, edit: AttentionEdit, keep_step, keep_b
 
     fired = []
 
-    def layer_hook(name):
+    def layer_hook(name, layout):
         def hook(q, k, v, mask, causal, compute):
             if not fired:
                 fired.append(True)
             rows = _rows(name, keep_step, keep_branch, q.shape[0], q.device)
             if rows is False:
                 return compute(q, k, v, mask, causal)
-            return edit.fn(q, k, v, mask, causal, compute, rows)
+            return edit.fn(q, k, v, mask, causal, compute, rows, layout)
 
         return hook
 
     with contextlib.ExitStack() as stack:
         for name, module in modules.items():
-            stack.enter_context(attn.hook_layer(module, layer_hook(name)))
+            stack.enter_context(attn.hook_layer(module, layer_hook(name, attention_layout(module))))
         yield
     _warn_if_silent(fired, "intervene", pattern, stacklevel=6)
 
@@ -507,7 +402,7 @@ def ablate_heads(heads) -> AttentionEdit:
     """Zero the outputs of these attention heads (indices) before the output projection."""
     heads = [heads] if isinstance(heads, int) else list(heads)
 
-    def fn(q, k, v, mask, causal, compute, rows):
+    def fn(q, k, v, mask, causal, compute, rows, layout):
         out = compute(q, k, v, mask, causal)  # (B, heads, Lq, d)
         H = out.shape[1]
         if any(not -H <= h < H for h in heads):
@@ -521,30 +416,26 @@ def ablate_heads(heads) -> AttentionEdit:
 
 
 def scale_image_tokens(scale: float) -> AttentionEdit:
-    """Multiply what the 32 image tokens contribute to a UNet attention layer by ``scale``
+    """Multiply what the image tokens (32) contribute to a UNet attention layer by ``scale``
     (their values scaled; the attention weights are not renormalised, as prompt-to-prompt's
     reweighting). scale=0 removes their contribution but keeps their share of the softmax."""
 
-    def fn(q, k, v, mask, causal, compute, rows):
-        from kandinsky.unet.blocks import NUM_IMAGE_TOKENS
-
+    def fn(q, k, v, mask, causal, compute, rows, layout):
         factor = torch.ones(v.shape[0], 1, v.shape[2], 1, dtype=v.dtype, device=v.device)  # (B, 1, Lk, 1)
         sel = _row_mask(rows, v.shape[0], v.device)
-        factor[sel, :, :NUM_IMAGE_TOKENS] = scale
+        factor[sel, :, :layout["image_tokens"]] = scale
         return compute(q, k, v * factor, mask, causal)
 
     return AttentionEdit(fn, needs="added_kv", what="scale_image_tokens")
 
 
 def drop_image_tokens() -> AttentionEdit:
-    """Hide the 32 image tokens from a UNet attention layer: the pixels attend to each other only."""
+    """Hide the image tokens (32) from a UNet attention layer: the pixels attend to each other only."""
 
-    def fn(q, k, v, mask, causal, compute, rows):
-        from kandinsky.unet.blocks import NUM_IMAGE_TOKENS
-
+    def fn(q, k, v, mask, causal, compute, rows, layout):
         allowed = torch.ones(k.shape[0], 1, 1, k.shape[2], dtype=torch.bool, device=k.device)  # (B, 1, 1, Lk)
         sel = _row_mask(rows, k.shape[0], k.device)
-        allowed[sel, :, :, :NUM_IMAGE_TOKENS] = False
+        allowed[sel, :, :, :layout["image_tokens"]] = False
         if mask is not None:
             allowed = allowed & mask if mask.dtype == torch.bool else torch.where(allowed, mask, float("-inf"))
         return compute(q, k, v, allowed, causal)
@@ -578,19 +469,3 @@ def patch_from(record: Record):
         return y.to(device=x.device, dtype=x.dtype)
 
     return fn
-
-
-# ----------------------------------------------------------------------------- names and shapes
-def module_names(target, pattern: str = "*", size=(512, 512), batch: int = 1) -> dict[str, tuple | None]:
-    """{name: output shape} of the modules matching ``pattern``, for images of ``size``
-    ((width, height) or "WxH"), computed on the meta device (no memory, no weights touched).
-    A module the example forward does not reach (e.g. the hint encoder of a text2img UNet)
-    has shape None; a module with several outputs has a tuple of shapes."""
-    from kandinsky.research.inspect import output_shapes
-
-    names = match(target, pattern)
-    shapes = {}
-    for prefix, model in components(target):
-        for name, shape in output_shapes(model, size, batch).items():
-            shapes[".".join(p for p in (prefix, name) if p)] = shape
-    return {n: shapes.get(n) for n in names}

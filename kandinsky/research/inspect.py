@@ -6,7 +6,8 @@ of every block at a given image size, computed on the meta device (no weights, n
     kandinsky inspect movq --checkpoint ./my-decoder          # a checkpoint or component folder
 
 The real hub configs of the four Kandinsky 2.2 checkpoints ship in ``kandinsky/configs``, so
-this works offline. ``output_shapes(model, size)`` is what :func:`kandinsky.module_names` uses.
+this works offline. :func:`module_names` (``kandinsky.module_names``) gives the shapes of the
+modules a glob names, on a model or a pipeline.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from kandinsky.research.targets import components, match, prefixed, tensors
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -103,9 +106,7 @@ def example_call(model: nn.Module, size, batch: int = 1):
 
 
 def _shape(x):
-    from kandinsky.research.capture import _tensors
-
-    shapes = [tuple(t.shape) for t in _tensors(x)]
+    shapes = [tuple(t.shape) for t in tensors(x)]
     return shapes[0] if len(shapes) == 1 else (tuple(shapes) or None)
 
 
@@ -122,6 +123,19 @@ def output_shapes(model: nn.Module, size=(512, 512), batch: int = 1) -> dict[str
         for hd in handles:
             hd.remove()
     return shapes
+
+
+def module_names(target, pattern: str = "*", size=(512, 512), batch: int = 1) -> dict[str, tuple | None]:
+    """{name: output shape} of the modules matching ``pattern``, for images of ``size``
+    ((width, height) or "WxH"), computed on the meta device (no memory, no weights touched).
+    A module the example forward does not reach (e.g. the hint encoder of a text2img UNet)
+    has shape None; a module with several outputs has a tuple of shapes."""
+    names = match(target, pattern)
+    shapes = {}
+    for prefix, model in components(target):
+        for name, shape in output_shapes(model, size, batch).items():
+            shapes[prefixed(prefix, name)] = shape
+    return {n: shapes.get(n) for n in names}
 
 
 # ----------------------------------------------------------------------------- the tree

@@ -12,6 +12,7 @@ and returns the three pictures; ``kandinsky attention PROMPT`` is its command li
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -23,6 +24,8 @@ import PIL.ImageDraw
 import torch
 
 from kandinsky.research.capture import Record, capture
+from kandinsky.research.targets import attention_layout, is_attention, match
+from kandinsky.unet.blocks import NUM_IMAGE_TOKENS
 
 # A perceptually ordered dark-to-bright map (anchors close to matplotlib's "magma").
 COLORMAP = np.array([
@@ -62,9 +65,10 @@ def unet_level(name: str) -> str:
     return re.sub(r"\.attn(\.\d+)?$", "", name)
 
 
-def image_token_share(probs: torch.Tensor, image_tokens: int = 32) -> torch.Tensor:
+def image_token_share(probs: torch.Tensor, image_tokens: int = NUM_IMAGE_TOKENS) -> torch.Tensor:
     """UNet attention (B, heads, h*w, 32 + h*w) -> (B, h*w): the share of each location's
-    attention that goes to the image tokens, averaged over heads. Use as capture's reduce."""
+    attention that goes to the image tokens (the layer's layout["image_tokens"]: 32), averaged
+    over heads. Use as capture's reduce."""
     return probs[..., :image_tokens].sum(-1).mean(1)
 
 
@@ -129,10 +133,11 @@ def _colorbar(canvas, draw, xy, width: int, label: str):
 
 
 # ----------------------------------------------------------------------------- (b) prior
-def prd_to_text(probs: torch.Tensor, text_tokens: int = 77) -> torch.Tensor:
-    """Prior attention (B, heads, Lq, 81) -> (B, 77): how much the prd token (the last query,
-    whose output is the image embedding) attends to each text token, averaged over heads.
-    Use as capture's reduce."""
+def prd_to_text(probs: torch.Tensor, text_tokens: int) -> torch.Tensor:
+    """Prior attention (B, heads, Lq, T + 4) -> (B, T): how much the prd token (the last query,
+    whose output is the image embedding) attends to each of the T text tokens (the layer's
+    layout["text_tokens"]: 77 in Kandinsky 2.2), averaged over heads. With ``functools.partial``
+    (text_tokens given), use as capture's reduce."""
     return probs[:, :, -1, :text_tokens].mean(1)
 
 
@@ -222,9 +227,12 @@ def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, 
             return user_callback(state) if user_callback else None
 
         options["callback_on_step_end"] = callback
-    with capture(pipe, "unet.*", attention=True, steps=steps, branch="cond", reduce=image_token_share,
-                 to="cpu") as dec, \
-            capture(pipe, "prior.*", attention=True, steps=slice(0, None), branch="cond", reduce=prd_to_text,
+    layout = {key: _one_layout_value(pipe, pattern, key)
+              for pattern, key in (("unet.*", "image_tokens"), ("prior.*", "text_tokens"))}
+    share = functools.partial(image_token_share, image_tokens=layout["image_tokens"])
+    prd_row = functools.partial(prd_to_text, text_tokens=layout["text_tokens"])
+    with capture(pipe, "unet.*", attention=True, steps=steps, branch="cond", reduce=share, to="cpu") as dec, \
+            capture(pipe, "prior.*", attention=True, steps=slice(0, None), branch="cond", reduce=prd_row,
                     to="cpu") as pri:
         image = pipe.text2img(prompt, **options).images[0]
     aspect = image.width / image.height
@@ -236,6 +244,14 @@ def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, 
 
         out["trajectory"] = grid_image(x0_previews(recorder, pipe.decoder.movq, size=cell))
     return out
+
+
+def _one_layout_value(pipe, pattern: str, key: str) -> int:
+    """The ``key`` of the token layouts of the attention layers ``pattern`` names (the same in all)."""
+    values = {attention_layout(m).get(key) for m in match(pipe, pattern, only=is_attention).values()} - {None}
+    if len(values) != 1:
+        raise ValueError(f"the attention layers {pattern!r} declare {key} {sorted(values)}; expected one value")
+    return values.pop()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,6 +1,4 @@
-"""What a sampling run tells the outside world: the step state and the model call in progress.
-
-Two objects, both plain data:
+"""What a sampling run tells the outside world: the step state (and, re-exported, the model call).
 
 * :class:`StepState` is handed to a step callback after every sampler step (both stages):
   stage ("prior" / "decoder"), step index, timestep (and sigma for sigma-space samplers),
@@ -8,23 +6,18 @@ Two objects, both plain data:
   branch outputs when classifier-free guidance ran. A callback may return a tensor to
   replace x.
 
-* :class:`ModelCall` describes the model evaluation that is running *right now*: which
-  stage, which step, which timestep, and how the batch is laid out into guidance branches
-  (``("uncond", "cond")`` when the [negative, positive] batch is evaluated in one pass,
-  ``("cond",)`` otherwise). The denoisers set it around every model forward with
-  :func:`model_call`; hooks (capture / intervene in ``kandinsky.research``) read it with
-  :func:`current_call`. Outside a sampling run it is None.
+* The model evaluation running *right now* (:class:`ModelCall`: stage, step, timestep and the
+  guidance branches of the batch) is part of the call in progress, owned by
+  :mod:`kandinsky.calls`; the denoisers set it with :func:`model_call`, hooks read it with
+  :func:`current_call`. The names are re-exported here for callers of this module.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-BRANCHES_GUIDED = ("uncond", "cond")
-BRANCHES_SINGLE = ("cond",)
+from kandinsky.calls import BRANCHES_GUIDED, BRANCHES_SINGLE, ModelCall, current_call, model_call  # noqa: F401
 
 
 @dataclass
@@ -41,32 +34,3 @@ class StepState:
     cond: torch.Tensor | None = None  # the conditional branch's output (guidance only)
     sigma: float | None = None  # the noise level, for sigma-space samplers
     num_steps: int | None = None  # the number of sampler steps in this run
-
-
-@dataclass(frozen=True)
-class ModelCall:
-    """The model evaluation in progress (set by the denoisers, read by hooks)."""
-
-    stage: str  # "prior" or "decoder"
-    step: int  # sampler step index (several evaluations may share one step: Heun, ...)
-    timestep: float
-    branches: tuple[str, ...] = BRANCHES_SINGLE  # the batch split into equal chunks, in this order
-    extra: dict = field(default_factory=dict, compare=False)
-
-
-_CURRENT: contextvars.ContextVar[ModelCall | None] = contextvars.ContextVar("kandinsky_model_call", default=None)
-
-
-def current_call() -> ModelCall | None:
-    """The model call in progress, or None outside a sampling run."""
-    return _CURRENT.get()
-
-
-@contextlib.contextmanager
-def model_call(stage: str, step: int, timestep, branches: tuple[str, ...] = BRANCHES_SINGLE, **extra):
-    """Mark the model evaluation(s) inside the block as ``stage``/``step``/``timestep``/``branches``."""
-    token = _CURRENT.set(ModelCall(stage, int(step), float(timestep), tuple(branches), dict(extra)))
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)

@@ -1,6 +1,7 @@
-"""kandinsky inspect: parameter counts and shapes from the shipped real configs on the meta
-device, checked against the published counts, the reference library's own model, and the shape
-listings of docs/architecture.md (a test fails when the doc drifts)."""
+"""kandinsky/research/inspect.py (`kandinsky inspect`, `kandinsky.module_names`): parameter counts
+and shapes from the shipped real configs on the meta device, checked against the published counts,
+the reference library's own model, a real forward, and the shape listings of docs/architecture.md
+(a test fails when the doc drifts)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,10 @@ import re
 import pytest
 import torch
 
+import kandinsky
+from kandinsky.demo import TINY
 from kandinsky.research import inspect as ki
+from weights_convert import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCH = ROOT / "docs" / "architecture.md"
@@ -61,6 +65,24 @@ def test_unet_shapes_equal_the_reference_unet_on_meta(unet_rows):
             added_cond_kwargs={"image_embeds": torch.empty(1, 1280, device="meta")})
     for name, shape in seen.items():
         assert unet_rows[name].shape == shape, name
+
+
+def test_module_names_shapes_equal_a_real_forward():
+    unet = build_model(TINY["unet"]).eval()
+    names = kandinsky.module_names(unet, "*", size=(64, 128), batch=2)
+    sample = torch.randn(2, 4, 16, 8)  # latents of a 64 wide, 128 high image
+    seen = {}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, tuple(o.shape)))
+               for n, m in unet.named_modules() if n]
+    with torch.no_grad():
+        unet(sample, 10, torch.randn(2, 32))
+    for hd in handles:
+        hd.remove()
+    assert set(names) == {n for n, _ in unet.named_modules() if n}
+    for n, shape in names.items():
+        assert shape == seen.get(n), n
+    assert kandinsky.module_names(unet, "mid.attn") == {"mid.attn": (1, 64, 8, 8)}  # 512 px: 64 / 8
+
 
 
 def test_architecture_doc_unet_listing_is_current(unet_rows):

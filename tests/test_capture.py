@@ -1,6 +1,7 @@
-"""kandinsky.capture / intervene / module_names on tiny models: records equal what plain
-forward hooks see, branch splits equal separate runs, attention probabilities equal the
-explicit softmax of the layer's own projections, edits match the reference UNet's."""
+"""kandinsky.capture / intervene (kandinsky/research/capture.py) and what names mean
+(kandinsky/research/targets.py) on tiny models: records equal what plain forward hooks see,
+branch splits equal separate runs, attention probabilities equal the explicit softmax of the
+layer's own projections, edits match the reference UNet's."""
 from __future__ import annotations
 
 import contextlib
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 import kandinsky
-from kandinsky import attention as attn
-from kandinsky.demo import TINY
+import kandinsky.attention as attn
 import kandinsky.research as cap
-from kandinsky.sampling.state import BRANCHES_GUIDED, model_call
+from kandinsky.calls import BRANCHES_GUIDED, model_call, now
+from kandinsky.demo import TINY
+from kandinsky.research import targets
 from tests.helpers import rel_err
 from weights_convert import build_model
 
@@ -49,7 +51,7 @@ def plain_hook_outputs(model, names, *inputs):
 
 
 def no_hooks_left(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()) and not attn._hooks
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()) and now().layer is None
 
 
 # ----------------------------------------------------------------------------- capture
@@ -208,6 +210,43 @@ def test_attention_true_matches_attention_layers_only(unet):
     assert rec.names and all(n.endswith(("attn", "attn.0", "attn.1")) for n in rec.names)
 
 
+def test_layouts_are_what_the_layers_declare():
+    """Each attention layer says what its keys are (token_layout); the prior's text length is its
+    config's num_embeddings, and the keys it records are that many text tokens and 4 more."""
+    prior = build_model({**TINY["prior"], "num_embeddings": 9}).eval()
+    g = gen(4)
+    x, text, hidden = torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g), torch.randn(1, 9, 32, generator=g)
+    with kandinsky.capture(prior, "blocks.0.attn", attention=True) as rec, torch.no_grad():
+        prior(x, 10, text, hidden, torch.ones(1, 9, dtype=torch.bool))
+    assert rec.meta["blocks.0.attn"] == {"kind": "prior", "text_tokens": 9, "prd_token": -1}
+    assert rec["blocks.0.attn"].shape == (1, 2, 9 + 4, 9 + 4)  # text, text embedding, time, x, prd
+    kinds = {}
+    for component in ("unet", "movq", "text_encoder", "image_encoder"):
+        for name, module in build_model(TINY[component]).named_modules():
+            if targets.is_attention(module):
+                kinds.setdefault(component, []).append(targets.attention_layout(module))
+    assert kinds["unet"] and all(lay == {"kind": "added_kv", "image_tokens": 32} for lay in kinds["unet"])
+    for component in ("movq", "text_encoder", "image_encoder"):
+        assert kinds[component] and all(lay == {"kind": "self"} for lay in kinds[component]), component
+    assert targets.attention_layout(torch.nn.Linear(2, 2)) is None
+
+
+def test_map_tensors_walks_tuples_lists_and_dataclasses():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        a: torch.Tensor
+        b: tuple
+        name: str
+
+    x = Out(torch.ones(2), (torch.zeros(3), [torch.full((1,), 2.0)]), "n")
+    y = targets.map_tensors(lambda t: t + 1, x)
+    assert torch.equal(y.a, torch.full((2,), 2.0)) and torch.equal(y.b[0], torch.ones(3))
+    assert torch.equal(y.b[1][0], torch.full((1,), 3.0)) and y.name == "n"
+    assert [t.numel() for t in targets.tensors(x)] == [2, 3, 1]
+
+
 # ----------------------------------------------------------------------------- intervene
 def test_identity_interventions_are_bit_identical(unet):
     sample, t, embeds = unet_inputs(batch=4)
@@ -333,23 +372,7 @@ def test_intervention_on_mid_block_matches_reference_unet(decoder):
     assert no_hooks_left(ours.unet)
 
 
-# ----------------------------------------------------------------------------- names, errors, cost
-def test_module_names_shapes_equal_a_real_forward(unet):
-    names = kandinsky.module_names(unet, "*", size=(64, 128), batch=2)
-    sample = torch.randn(2, 4, 16, 8)  # latents of a 64 wide, 128 high image
-    seen = {}
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, tuple(o.shape)))
-               for n, m in unet.named_modules() if n]
-    with torch.no_grad():
-        unet(sample, 10, torch.randn(2, 32))
-    for hd in handles:
-        hd.remove()
-    assert set(names) == {n for n, _ in unet.named_modules() if n}
-    for n, shape in names.items():
-        assert shape == seen.get(n), n
-    assert kandinsky.module_names(unet, "mid.attn") == {"mid.attn": (1, 64, 8, 8)}  # 512 px: 64 / 8
-
-
+# ----------------------------------------------------------------------------- errors, cost
 def test_clear_errors(unet):
     with pytest.raises(ValueError, match="'midd' matches no module"):
         with kandinsky.capture(unet, "midd"):
@@ -395,7 +418,7 @@ def test_compile_fullgraph_without_capture(unet):
 def measure_overhead(reps: int = 15, calls: int = 10) -> None:
     """CPU time per guided step of the tiny demo UNet (batch 2, 8 x 8 latents, 1 thread) with
     nothing captured and with one layer captured, interleaved so load changes hit every case.
-    Run by hand: ``python -m tests.test_research`` (not a test: timings don't belong in tests)."""
+    Run by hand: ``python -m tests.test_capture`` (not a test: timings don't belong in tests)."""
     import statistics
     import time
 
