@@ -6,10 +6,19 @@ fixed by the Kandinsky 2.2 architecture live in ``FIXED``: a checkpoint may stat
 them, but only with the value we implement. Keys that change nothing we compute
 (library versions, init ranges, ...) live in ``IGNORED``. Anything else is an
 error that names the key: we never silently build a different network.
+
+Every field's value is checked against its declared type, once, here (``check_field_types``):
+``int`` fields hold positive integers (a field declared with ``any_sign(default)`` takes any
+integer), ``int | None`` fields null or a positive integer, ``float`` fields positive numbers,
+``bool`` / ``str`` fields booleans / strings, ``tuple[int, ...]`` fields non-empty lists of
+positive integers (``tuple[str, ...]``, ``tuple[float, ...]`` likewise). A subclass's
+``check_sizes`` then checks the relations between sizes (divisibility, level counts, ...).
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 
@@ -76,6 +85,12 @@ class ComponentConfig:
         return cfg
 
     def validate(self, source: str = "config.json") -> None:
+        """Raise ConfigError naming the key, the value and ``source`` unless every field has its
+        declared type (check_field_types) and the sizes fit together (check_sizes)."""
+        check_field_types(self, source)
+        self.check_sizes(source)
+
+    def check_sizes(self, source: str = "config.json") -> None:
         """Subclasses check relations between sizes here (raise ConfigError)."""
 
     def to_dict(self) -> dict:
@@ -117,3 +132,66 @@ _ALWAYS_IGNORED = frozenset(
         "_name_or_path",
     }
 )
+
+
+# ----------------------------------------------------------------------------- field types
+ANY_SIGN = "any_sign"  # field metadata key: numbers of any sign, not only positive ones
+
+
+def any_sign(default):
+    """A dataclass field of numbers (``int``, ``float`` or a tuple of them) that may be zero or
+    negative: a token id, a mean."""
+    return dataclasses.field(default=default, metadata={ANY_SIGN: True})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_positive_int(v) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_positive_number(v) -> bool:
+    return _is_number(v) and v > 0
+
+
+# declared type -> (test of one value, what it must be, what a list of them must hold)
+_ANY_SIGN = {int: (_is_int, "a single integer", "integers"), float: (_is_number, "a number", "numbers")}
+_SCALARS = {
+    int: (_is_positive_int, "a positive integer", "positive integers"),
+    float: (_is_positive_number, "a positive number", "positive numbers"),
+    bool: (lambda v: isinstance(v, bool), "true or false", "booleans"),
+    str: (lambda v: isinstance(v, str), "a string", "strings"),
+}
+
+
+def _rule(tp, any_sign: bool) -> tuple:
+    """(test, what the value must be) of a declared field type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    scalars = {**_SCALARS, **_ANY_SIGN} if any_sign else _SCALARS
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        test, what = _rule(inner, any_sign)
+        return (lambda v: v is None or test(v)), f"null or {what}"
+    if origin is tuple:  # tuple[X, ...]
+        test, _, plural = scalars[args[0]]
+        return (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(test(x) for x in v)), \
+            f"a non-empty list of {plural}"
+    test, what, _ = scalars[tp]
+    return test, what
+
+
+def check_field_types(config, source: str) -> None:
+    """Raise ConfigError naming the key, the value and the file for the first field whose value
+    is not of its declared type."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        test, what = _rule(hints[f.name], f.metadata.get(ANY_SIGN, False))
+        value = getattr(config, f.name)
+        if not test(value):
+            raise ConfigError(f"{source}: {f.name}={value!r} must be {what}.")

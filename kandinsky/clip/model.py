@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, fail
-from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.config import ComponentConfig, ConfigError, any_sign
 
 # --------------------------------------------------------------------------- configs
 # Defaults are the reference library's (transformers' CLIPTextConfig / CLIPVisionConfig),
@@ -31,10 +31,6 @@ from kandinsky.config import ComponentConfig, ConfigError
 
 
 def _check_tower(cfg, source: str) -> None:
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim"):
-        value = getattr(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{source}: {key}={value!r} must be a positive integer.")
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ConfigError(
             f"{source}: hidden_size={cfg.hidden_size} is not a multiple of "
@@ -92,16 +88,10 @@ class CLIPTextConfig(ComponentConfig):
     layer_norm_eps: float = 1e-5
     # Picks the pooled position: 2 (legacy configs, Kandinsky 2.2's) means "the largest
     # token id", anything else means "the first occurrence of this id" (transformers' rule).
-    eos_token_id: int = 49407
+    eos_token_id: int = any_sign(49407)
 
-    def validate(self, source: str = "config.json") -> None:
+    def check_sizes(self, source: str = "config.json") -> None:
         _check_tower(self, source)
-        for key in ("vocab_size", "max_position_embeddings"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{source}: {key}={value!r} must be a positive integer.")
-        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
-            raise ConfigError(f"{source}: eos_token_id={self.eos_token_id!r} must be a single integer.")
 
 
 @dataclasses.dataclass
@@ -122,20 +112,13 @@ class CLIPVisionConfig(ComponentConfig):
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 224
+    image_size: int = 224  # one side: square images and patches only
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
-    def validate(self, source: str = "config.json") -> None:
+    def check_sizes(self, source: str = "config.json") -> None:
         _check_tower(self, source)
-        for key in ("num_channels", "image_size", "patch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(
-                    f"{source}: {key}={value!r} is not supported by kandinsky's CLIP (a positive integer; "
-                    "square images and patches only)."
-                )
         if self.patch_size > self.image_size:
             raise ConfigError(f"{source}: patch_size={self.patch_size} is larger than image_size={self.image_size}.")
 

@@ -34,7 +34,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.config import ComponentConfig, ConfigError, any_sign
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,8 +58,8 @@ class ImageProcessorConfig(ComponentConfig):
 
     size: int = 224  # shortest edge after the resize ({"shortest_edge": n} in newer files)
     crop_size: int = 224  # side of the square centre crop ({"height": n, "width": n})
-    image_mean: tuple = OPENAI_CLIP_MEAN
-    image_std: tuple = OPENAI_CLIP_STD
+    image_mean: tuple[float, ...] = any_sign(OPENAI_CLIP_MEAN)
+    image_std: tuple[float, ...] = any_sign(OPENAI_CLIP_STD)
     rescale_factor: float = 1 / 255
 
     def __post_init__(self):
@@ -80,11 +80,7 @@ class ImageProcessorConfig(ComponentConfig):
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
 
-    def validate(self, source: str = "preprocessor_config.json") -> None:
-        for key in ("size", "crop_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{source}: {key}={value!r} must be a positive integer.")
+    def check_sizes(self, source: str = "preprocessor_config.json") -> None:
         if self.crop_size > self.size:
             raise ConfigError(
                 f"{source}: crop_size={self.crop_size} > size={self.size} would need padding, which "

@@ -64,9 +64,9 @@ class MoVQConfig(ComponentConfig):
 
     in_channels: int = 3
     out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",)
-    up_block_types: tuple = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3
-    block_out_channels: tuple = (128, 256, 256, 512)
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
     num_vq_embeddings: int = 16384
@@ -93,13 +93,11 @@ class MoVQConfig(ComponentConfig):
     def downsampling_factor(self) -> int:
         return 2 ** (self.levels - 1)
 
-    def validate(self, source: str = "config.json") -> None:
+    def check_sizes(self, source: str = "config.json") -> None:
         def bad(key, why):
             raise ConfigError(f"{source}: {key}={getattr(self, key)!r} is not supported: {why}")
 
         n = self.levels
-        if n < 1:
-            bad("block_out_channels", "need at least one level")
         # Kandinsky's topology: attention only at the lowest resolution
         down = ("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",)
         up = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1)
@@ -107,13 +105,8 @@ class MoVQConfig(ComponentConfig):
             bad("down_block_types", f"with {n} levels (len(block_out_channels)) MoVQ uses {list(down)}")
         if tuple(self.up_block_types) != up:
             bad("up_block_types", f"with {n} levels (len(block_out_channels)) MoVQ uses {list(up)}")
-        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
-                    "num_vq_embeddings", "norm_num_groups"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(key, "must be a positive integer")
         for c in self.block_out_channels:
-            if not isinstance(c, int) or c < 1 or c % self.norm_num_groups or c % SPATIAL_NORM_GROUPS:
+            if c % self.norm_num_groups or c % SPATIAL_NORM_GROUPS:
                 bad("block_out_channels", f"every width must be a multiple of norm_num_groups="
                     f"{self.norm_num_groups} and of {SPATIAL_NORM_GROUPS} (the SpatialNorm groups)")
         if self.vq_embed_dim not in (None, self.latent_channels):

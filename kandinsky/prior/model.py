@@ -92,15 +92,7 @@ class PriorConfig(ComponentConfig):
     def seq_len(self) -> int:
         return self.num_embeddings + N_EXTRA_TOKENS
 
-    def validate(self, source: str = "config.json") -> None:
-        for name in ("num_attention_heads", "attention_head_dim", "num_layers", "embedding_dim", "num_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{source}: {name}={value!r} must be a positive integer.")
-        for name in ("time_embed_dim", "embedding_proj_dim", "clip_embed_dim"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{source}: {name}={value!r} must be null or a positive integer.")
+    def check_sizes(self, source: str = "config.json") -> None:
         if self.inner_dim % 2:
             raise ConfigError(
                 f"{source}: num_attention_heads * attention_head_dim = {self.inner_dim} must be even "

@@ -94,9 +94,9 @@ class UNetConfig(ComponentConfig):
 
     in_channels: int = 4  # 4 (text2img/img2img), 9 (inpaint), 8 (ControlNet-depth: 4 + hint)
     out_channels: int = 8  # predicted noise (4) and variance (4)
-    block_out_channels: tuple = (384, 768, 1152, 1536)
-    down_block_types: tuple = tuple(block_types(NUM_LEVELS)[0])  # must follow block_out_channels' length
-    up_block_types: tuple = tuple(block_types(NUM_LEVELS)[1])
+    block_out_channels: tuple[int, ...] = (384, 768, 1152, 1536)
+    down_block_types: tuple[str, ...] = tuple(block_types(NUM_LEVELS)[0])  # must follow block_out_channels' length
+    up_block_types: tuple[str, ...] = tuple(block_types(NUM_LEVELS)[1])
     layers_per_block: int = 3
     attention_head_dim: int = 64  # channels per head (diffusers' misnomer is right here)
     cross_attention_dim: int = 768  # width of the image tokens
@@ -106,21 +106,11 @@ class UNetConfig(ComponentConfig):
     addition_embed_type: str = "image"  # "image", or "image_hint" (ControlNet-depth)
     sample_size: int = 64  # latent size the model was trained at; no effect on the network
 
-    def validate(self, source: str = "config.json") -> None:
+    def check_sizes(self, source: str = "config.json") -> None:
         def fail(key, why):
             raise ConfigError(f"{source}: {key}={getattr(self, key)!r} is not supported: {why}.")
 
-        for key in ("in_channels", "out_channels", "layers_per_block", "attention_head_dim",
-                    "cross_attention_dim", "encoder_hid_dim", "norm_num_groups"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(key, "expected one positive integer (per-level lists are not implemented)")
-        if not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
-            fail("norm_eps", "expected a positive number")
         channels = self.block_out_channels
-        if (not isinstance(channels, tuple) or len(channels) < 1
-                or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
-            fail("block_out_channels", "expected a list of positive widths, one per level")
         down, up = block_types(len(channels))
         if list(self.down_block_types) != down:
             fail("down_block_types", f"with {len(channels)} levels this UNet's topology is {down}")
