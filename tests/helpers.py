@@ -45,6 +45,12 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> No
     assert err < tol, f"relative error {err:.3e} >= {tol:.0e}"
 
 
+# bfloat16 pipelines vs the fp32 reference: measured 0.03-0.04 on the raw decoder output, 0.09-0.10 on "pt"
+# in [0, 1] (half the range, the same absolute error) on the tiny checkpoints; a real bug gives O(1).
+BF16_TOL = 0.25  # bf16 keeps 8 mantissa bits; two guided steps of random weights amplify them: 0.09-0.19
+#                  measured, by CPU (0.186 on a Xeon with AMX / AVX512-BF16 kernels, 2026-12-02)
+
+
 def unit(x: torch.Tensor) -> torch.Tensor:
     """A raw decoder output in ~[-1, 1] -> [0, 1], what our ``output_type="pt"`` returns (the reference's
     text2img, inpaint and controlnet pipelines return the raw tensor for "pt": test_pt_output_range)."""

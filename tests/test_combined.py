@@ -16,46 +16,20 @@ import torch
 from kandinsky.pipelines.combined import Kandinsky
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
-from tests.helpers import unit, rel_err
+from tests.helpers import (
+    BF16_TOL,
+    combined_reference,
+    gen,
+    reference_variant,
+    rel_err,
+    repaint_mask,
+    rgb,
+    unit,
+)
 
 TOL = 1e-4
 SIZE = dict(height=64, width=64)
 STEPS = dict(num_inference_steps=2, prior_num_inference_steps=2)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rgb(seed: int, size: int = 64) -> PIL.Image.Image:
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-def repaint_mask(seed: int, size: int = 64) -> np.ndarray:
-    """float {0, 1} (H, W), 1 = repaint: a block and a few scattered pixels."""
-    rng = np.random.default_rng(seed)
-    m = (rng.random((size, size)) < 0.03).astype(np.float32)
-    m[8:30, 20:44] = 1
-    return m
-
-
-def combined_reference(cls_name: str, prior_ref, decoder_ref):
-    """A diffusers combined pipeline built from the components of two reference pipelines."""
-    import diffusers
-
-    pipe = getattr(diffusers, cls_name)(
-        unet=decoder_ref.unet,
-        scheduler=decoder_ref.scheduler,
-        movq=decoder_ref.movq,
-        prior_prior=prior_ref.prior,
-        prior_image_encoder=prior_ref.image_encoder,
-        prior_text_encoder=prior_ref.text_encoder,
-        prior_tokenizer=prior_ref.tokenizer,
-        prior_scheduler=prior_ref.scheduler,
-        prior_image_processor=prior_ref.image_processor,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +47,7 @@ def text2img(prior, decoder_pipeline_folder):
 
 
 @pytest.fixture(scope="module")
-def inpainter(prior_pipeline_folder, inpaint_pipeline_folder):
+def combined_inpaint(prior_pipeline_folder, inpaint_pipeline_folder):
     """(ours via Kandinsky.from_pretrained(decoder, prior=...), reference combined inpaint pipeline)."""
     ours = Kandinsky.from_pretrained(inpaint_pipeline_folder[0], prior=prior_pipeline_folder[0])
     ref = combined_reference("KandinskyV22InpaintCombinedPipeline", prior_pipeline_folder[1],
@@ -82,7 +56,7 @@ def inpainter(prior_pipeline_folder, inpaint_pipeline_folder):
 
 
 @pytest.fixture(scope="module")
-def controlnet(prior, controlnet_pipeline_folder):
+def combined_controlnet(prior, controlnet_pipeline_folder):
     folder, ref = controlnet_pipeline_folder
     return Kandinsky(prior[0], DecoderPipeline.from_pretrained(folder)), ref
 
@@ -108,11 +82,8 @@ def test_text2img_prompt_list_np(text2img):
 
 
 def test_img2img(text2img):
-    from diffusers import KandinskyV22Img2ImgCombinedPipeline
-
     ours, base = text2img
-    ref = KandinskyV22Img2ImgCombinedPipeline(**base.components)
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_variant(base, "KandinskyV22Img2ImgCombinedPipeline")
     kw = dict(negative_prompt="a blue dog", num_images_per_prompt=2, strength=0.5, **SIZE,
               num_inference_steps=4, prior_num_inference_steps=2)
     image = rgb(1)
@@ -122,8 +93,8 @@ def test_img2img(text2img):
     assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
 
 
-def test_inpaint(inpainter):
-    ours, ref = inpainter
+def test_inpaint(combined_inpaint):
+    ours, ref = combined_inpaint
     kw = dict(negative_prompt="a blue dog", **SIZE, **STEPS)
     image, mask = rgb(2), repaint_mask(0)
     got = ours.inpaint("a hat", image, mask, generator=gen(3), output_type="pt", progress=False, **kw).images
@@ -159,7 +130,7 @@ def test_reference_latents_are_our_prior_latents(text2img):
 def test_variations(text2img):
     """variations = decoder text2img on the image's CLIP embedding, the zero image's as negative."""
     ours, ref = text2img
-    image = rgb(3, size=48)
+    image = rgb(3, 48, 48)
     prior_ref, decoder_ref = ref.prior_pipe, ref.decoder_pipe
     pixels = prior_ref.image_processor(image, return_tensors="pt").pixel_values
     embeds = prior_ref.image_encoder(pixels).image_embeds
@@ -175,7 +146,7 @@ def test_variations(text2img):
 def test_interpolate(text2img):
     """interpolate = the prior's interpolate, then decoder text2img, one generator for both."""
     ours, ref = text2img
-    items, weights = ["a red cat", rgb(4, size=40), "a blue dog"], [0.5, 0.3, 0.2]
+    items, weights = ["a red cat", rgb(4, 40, 40), "a blue dog"], [0.5, 0.3, 0.2]
     g = gen(7)
     out = ref.prior_pipe.interpolate(items, weights, num_inference_steps=2, generator=g, negative_prompt="blurry")
     exp = unit(ref.decoder_pipe(image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
@@ -185,9 +156,9 @@ def test_interpolate(text2img):
     assert rel_err(got, exp) < TOL
 
 
-def test_controlnet(prior, controlnet):
+def test_controlnet(prior, combined_controlnet):
     """controlnet = prior then decoder controlnet, one generator; one hint for every image."""
-    ours, decoder_ref = controlnet
+    ours, decoder_ref = combined_controlnet
     prior_ref = prior[1]
     hint = torch.rand(1, 3, 64, 64, generator=gen(8))
     g = gen(9)
@@ -201,19 +172,16 @@ def test_controlnet(prior, controlnet):
     assert rel_err(got, exp) < TOL
 
 
-def test_controlnet_img2img(prior, controlnet):
+def test_controlnet_img2img(prior, combined_controlnet):
     """controlnet_img2img (new at the prompt level) = the reference prior, then the reference's
     controlnet img2img pipeline, one generator."""
-    import diffusers
-
-    ours, decoder_ref = controlnet
+    ours, decoder_ref = combined_controlnet
     prior_ref = prior[1]
     hint = torch.rand(1, 3, 64, 64, generator=gen(12))
     image = rgb(12)
     g = gen(13)
     embeds, negative = prior_ref("a robot", num_inference_steps=2, generator=g, return_dict=False)
-    ref = diffusers.KandinskyV22ControlnetImg2ImgPipeline(**decoder_ref.components)
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_variant(decoder_ref, "KandinskyV22ControlnetImg2ImgPipeline")
     exp = ref(image_embeds=embeds, negative_image_embeds=negative, image=image, hint=hint, strength=0.5,
               generator=g, num_inference_steps=2, output_type="np", **SIZE).images
     got = ours.controlnet_img2img("a robot", image, hint, strength=0.5, generator=gen(13), output_type="np",
@@ -224,13 +192,10 @@ def test_controlnet_img2img(prior, controlnet):
 def test_emb2emb(text2img):
     """emb2emb (new at the prompt level) = the reference's KandinskyV22PriorEmb2EmbPipeline, then its
     decoder, one generator."""
-    import diffusers
-
     ours, ref = text2img
-    image = rgb(14, size=48)
+    image = rgb(14, 48, 48)
     g = gen(15)
-    emb2emb = diffusers.KandinskyV22PriorEmb2EmbPipeline(**ref.prior_pipe.components)
-    emb2emb.set_progress_bar_config(disable=True)
+    emb2emb = reference_variant(ref.prior_pipe, "KandinskyV22PriorEmb2EmbPipeline")
     out = emb2emb("a red cat", image, strength=0.5, num_inference_steps=4, generator=g)
     exp = unit(ref.decoder_pipe(image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
                                 generator=g, num_inference_steps=2, output_type="pt", **SIZE).images)
@@ -294,3 +259,117 @@ def test_wrong_checkpoint_fails_before_the_prior_runs(text2img, monkeypatch):
         ours.inpaint("a hat", rgb(0), repaint_mask(0), progress=False, **SIZE, **STEPS)
     with pytest.raises(ValueError, match=r"controlnet\(\) needs a controlnet checkpoint"):
         ours.controlnet("a robot", torch.rand(3, 64, 64), progress=False, **SIZE, **STEPS)
+
+
+# --------------------------------------------------------------------------- deviations from the reference
+def test_combined_reference_cannot_take_decoder_latents(text2img):
+    """diffusers' combined pipeline hands ``latents`` to the prior: decoder-shaped latents fail
+    there. Ours takes them (``latents``) and equals the reference's two pipelines chained by hand."""
+    ours, ref = text2img
+    latents = torch.randn(1, 4, 8, 8, generator=gen(18))
+    kw = dict(**SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+    with pytest.raises(ValueError, match="Unexpected latents shape"):
+        ref("a red cat", latents=latents, generator=gen(19), **kw)
+    got = ours.text2img("a red cat", latents=latents, generator=gen(19), output_type="latent", progress=False,
+                        **kw).images
+    g = gen(19)
+    e, n = ref.prior_pipe("a red cat", generator=g, num_inference_steps=2, return_dict=False)
+    exp = ref.decoder_pipe(image_embeds=e, negative_image_embeds=n, latents=latents, generator=g,
+                           num_inference_steps=2, output_type="latent", **SIZE).images
+    assert rel_err(got, exp) < TOL
+
+
+def test_one_picture_per_prompt_with_several_images_per_prompt(prior_pipeline_folder, decoder_pipeline_folder,
+                                                              controlnet_pipeline_folder):
+    """Kandinsky with B prompts, B pictures (or hints) and num_images_per_prompt = n: each picture
+    serves its prompt's n images, as the reference prior and decoder chained by hand with every
+    picture repeated n times (the reference's combined pipeline fails on this)."""
+    prior_folder, prior_ref = prior_pipeline_folder
+    prompts, pictures = ["a red cat", "a blue dog"], [rgb(30), rgb(31)]
+    kw = dict(**SIZE, num_inference_steps=2, num_images_per_prompt=2)
+
+    folder, ref = decoder_pipeline_folder
+    ref = reference_variant(ref, "KandinskyV22Img2ImgPipeline")
+    ours = Kandinsky.from_pretrained(folder, prior=prior_folder)
+    got = ours.img2img(prompts, pictures, strength=1.0, prior_num_inference_steps=2, generator=gen(32),
+                       output_type="latent", progress=False, **kw).images
+    g = gen(32)
+    e, n = prior_ref(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=g, return_dict=False)
+    repeated = [pictures[0], pictures[0], pictures[1], pictures[1]]
+    exp = ref(image_embeds=e, image=repeated, negative_image_embeds=n, strength=1.0, generator=g,
+              output_type="latent", **SIZE, num_inference_steps=2).images
+    assert got.shape == (4, 4, 8, 8)
+    assert rel_err(got, exp) < TOL
+
+    folder, ref = controlnet_pipeline_folder
+    ours = Kandinsky.from_pretrained(folder, prior=prior_folder)
+    hints = torch.rand(2, 3, 64, 64, generator=gen(33))
+    got = ours.controlnet(prompts, hints, prior_num_inference_steps=2, generator=gen(34), output_type="pt",
+                          progress=False, **kw).images
+    g = gen(34)
+    e, n = prior_ref(prompts, num_images_per_prompt=2, num_inference_steps=2, generator=g, return_dict=False)
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hints.repeat_interleave(2, dim=0), generator=g,
+              output_type="pt", **SIZE, num_inference_steps=2).images)
+    assert rel_err(got, exp) < TOL
+
+
+# --------------------------------------------------------------------------- dtypes, devices, compile
+def test_bfloat16_chain_and_to(prior_pipeline_folder, decoder_pipeline_folder):
+    """The whole chain loaded in bf16 runs on the CPU and stays close to the fp32 reference;
+    ``.to(dtype=bf16)`` on an fp32 pipeline gives exactly the bf16-loaded result."""
+    (prior_folder, prior_ref), (decoder_folder, decoder_ref) = prior_pipeline_folder, decoder_pipeline_folder
+    ref = combined_reference("KandinskyV22CombinedPipeline", prior_ref, decoder_ref)
+    kw = dict(negative_prompt="a dog", **SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+    half = Kandinsky.from_pretrained(decoder_folder, prior=prior_folder, dtype=torch.bfloat16)
+    assert half.prior.dtype == half.decoder.dtype == torch.bfloat16
+    got = half.text2img("a red cat", generator=gen(26), output_type="pt", progress=False, **kw).images
+    assert got.dtype == torch.bfloat16
+    exp = unit(ref("a red cat", generator=gen(26), output_type="pt", **kw).images)
+    assert rel_err(got.float(), exp) < BF16_TOL
+    arr = half.text2img("a red cat", generator=gen(26), output_type="np", progress=False, **kw).images
+    assert arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+
+    moved = Kandinsky.from_pretrained(decoder_folder, prior=prior_folder).to(dtype=torch.bfloat16)
+    assert moved.prior.dtype == moved.decoder.dtype == torch.bfloat16
+    again = moved.text2img("a red cat", generator=gen(26), output_type="pt", progress=False, **kw).images
+    assert torch.equal(again, got)
+
+
+def test_pipe_to_dtype_and_devices(prior_pipeline_folder, decoder_pipeline_folder, monkeypatch):
+    """``.to(bfloat16)`` moves both stages; a device that does not exist or is no device is refused
+    before any weight is read."""
+    decoder, prior = decoder_pipeline_folder[0], prior_pipeline_folder[0]
+    pipe = Kandinsky.from_pretrained(decoder, prior=prior).to(torch.bfloat16)
+    assert pipe.prior.dtype == pipe.decoder.dtype == torch.bfloat16
+    import kandinsky.pipelines.decoder as decoder_module
+    import kandinsky.pipelines.prior as prior_module
+
+    monkeypatch.setattr(decoder_module, "load_component", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr(prior_module, "load_component", lambda *a, **k: pytest.fail("weights were read"))
+    for device in ("cuda:7", "nonsense"):
+        with pytest.raises(ValueError, match="device"):
+            Kandinsky.from_pretrained(decoder, prior=prior, device=device)
+        with pytest.raises(ValueError, match="device"):
+            PriorPipeline.from_pretrained(prior, device=device)
+
+
+def test_compile_keeps_outputs(prior_pipeline_folder, decoder_pipeline_folder):
+    """Kandinsky.compile() (here with the eager backend: the same tracing, no C++ build) gives the
+    same latents."""
+    pipe = Kandinsky.from_pretrained(decoder_pipeline_folder[0], prior=prior_pipeline_folder[0])
+    kw = dict(output_type="latent", progress=False, **SIZE, **STEPS)
+    plain = pipe.text2img("a red cat", generator=gen(3), **kw).images
+    compiled = pipe.compile(backend="eager").text2img("a red cat", generator=gen(3), **kw).images
+    assert torch.allclose(compiled, plain, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- arguments
+def test_non_finite_and_misnamed_arguments(text2img):
+    ours, _ = text2img
+    kw = dict(progress=False, **SIZE, **STEPS)
+    with pytest.raises(ValueError, match="`weights\\[i\\]` must be a finite number"):
+        ours.interpolate(["a", "b"], [0.5, float("nan")], **kw)
+    with pytest.raises(ValueError, match="`prior_latents` must have shape"):
+        ours.text2img("a", prior_latents=torch.zeros(3, 7), **kw)
+    with pytest.raises(TypeError, match="unexpected argument.*negative_prompt"):
+        ours.variations(rgb(0), negative_prompt="x", progress=False, num_inference_steps=2, **SIZE)

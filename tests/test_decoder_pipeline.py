@@ -1,5 +1,10 @@
-"""DecoderPipeline vs diffusers' KandinskyV22{,Img2Img,Inpaint,Controlnet,ControlnetImg2Img}Pipeline
-on tiny random checkpoints (tests/refs/decoder_pipeline.py), same seeds, 1e-4 relative error."""
+"""DecoderPipeline (kandinsky/pipelines/decoder.py) vs diffusers'
+KandinskyV22{,Img2Img,Inpaint,Controlnet,ControlnetImg2Img}Pipeline on tiny random checkpoints
+(tests/refs/decoder_pipeline.py), same seeds, fp32, 1e-4 relative error: every task and its options
+(schedulers, given latents, several images per embedding, generator lists, guidance <= 1, strength,
+callbacks, output types, sizes, dtypes), the deliberate deviations from the reference, and the
+checks on bad arguments. The picture inputs themselves (forms, modes, masks) are tests/test_images.py's.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,45 +13,26 @@ import pytest
 import torch
 
 from kandinsky.pipelines.decoder import DecoderPipeline
-from kandinsky.pipelines.images import grow_repaint_area
-from tests.helpers import unit, rel_err
+from tests.helpers import BF16_TOL, embeds, gen, reference_variant, rel_err, repaint_mask, rgb, unit, with_ddim
 from tests.refs.decoder_pipeline import EMBED_DIM
 
 TOL = 1e-4
 STEPS = 2
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def embeds(batch: int = 1, seed: int = 0):
-    g = gen(100 + seed)
-    return torch.randn(batch, EMBED_DIM, generator=g), torch.randn(batch, EMBED_DIM, generator=g)
-
-
-def rgb(height: int = 64, width: int = 64, seed: int = 0) -> PIL.Image.Image:
-    a = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(a)
-
-
-def repaint_mask(height: int = 64, width: int = 64, seed: int = 0) -> np.ndarray:
-    """float {0, 1} (H, W): 1 = repaint. A block plus scattered pixels, so the growth matters."""
-    rng = np.random.default_rng(seed)
-    m = (rng.random((height, width)) < 0.03).astype(np.float32)
-    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    m[top : top + height // 3, left : left + width // 4] = 1
-    return m
+SIZE = dict(height=64, width=64)
+IMG2IMG = "KandinskyV22Img2ImgPipeline"
+CONTROLNET_IMG2IMG = "KandinskyV22ControlnetImg2ImgPipeline"
 
 
 # fixtures `decoder`, `inpainter`, `controlnet`: (our DecoderPipeline, reference) in tests/refs/decoder_pipeline.py
 
 
 # --------------------------------------------------------------------------- text2img
-def test_text2img_guided(decoder):
+@pytest.mark.parametrize("scale, batch, per_prompt", [(4.0, 1, 2), (1.0, 2, 1), (0.5, 2, 1)])
+def test_text2img(decoder, scale, batch, per_prompt):
+    """Guided (two images per embedding) and unguided (guidance_scale <= 1: the positive embedding alone)."""
     ours, ref = decoder
-    e, n = embeds(1)
-    kw = dict(height=64, width=64, num_inference_steps=STEPS, guidance_scale=4.0, num_images_per_prompt=2)
+    e, n = embeds(batch, seed=9)
+    kw = dict(**SIZE, num_inference_steps=STEPS, guidance_scale=scale, num_images_per_prompt=per_prompt)
     out = ours.text2img(e, n, generator=gen(1), output_type="pt", progress=False, **kw).images
     exp = unit(ref(image_embeds=e, negative_image_embeds=n, generator=gen(1), output_type="pt", **kw).images)
     assert out.shape == (2, 3, 64, 64)
@@ -67,12 +53,9 @@ def test_text2img_unguided_non_square(decoder):
 
 
 def test_text2img_ddim(decoder_pipeline_folder):
-    from diffusers import DDIMScheduler, KandinskyV22Pipeline
-
     folder, ref = decoder_pipeline_folder
     ours = DecoderPipeline.from_pretrained(folder, scheduler="ddim")
-    ref = KandinskyV22Pipeline(unet=ref.unet, movq=ref.movq, scheduler=DDIMScheduler.from_config(ref.scheduler.config))
-    ref.set_progress_bar_config(disable=True)
+    ref = with_ddim(ref)
     e, n = embeds(1, seed=2)
     kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=4.0)
     out = ours.text2img(e, n, generator=gen(3), output_type="pt", progress=False, **kw).images
@@ -157,13 +140,10 @@ def test_progress_bar(decoder, capsys):
 
 # --------------------------------------------------------------------------- img2img
 def test_img2img_square(decoder):
-    from diffusers import KandinskyV22Img2ImgPipeline
-
     ours, ref = decoder
-    ref = KandinskyV22Img2ImgPipeline(**ref.components)
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_variant(ref, IMG2IMG)
     e, n = embeds(2, seed=5)
-    images = [rgb(64, 64, 1), rgb(64, 64, 2)]
+    images = [rgb(1), rgb(2)]
     kw = dict(height=64, width=64, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
     out = ours.img2img(e, images, n, generator=gen(7), output_type="np", progress=False, **kw).images
     exp = ref(image_embeds=e, image=images, negative_image_embeds=n, generator=gen(7), output_type="np", **kw).images
@@ -178,13 +158,10 @@ def test_img2img_square(decoder):
 
 def test_img2img_non_square_size(decoder):
     """The reference resizes to (width, height) swapped; we return the requested size."""
-    from diffusers import KandinskyV22Img2ImgPipeline
-
     ours, ref = decoder
-    ref = KandinskyV22Img2ImgPipeline(**ref.components)
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_variant(ref, IMG2IMG)
     e, n = embeds(1, seed=6)
-    image = rgb(64, 128, 3)  # 64 high, 128 wide
+    image = rgb(3, 64, 128)  # 64 high, 128 wide
     kw = dict(num_inference_steps=2, guidance_scale=4.0, strength=1.0)
     out = ours.img2img(e, image, n, height=64, width=128, generator=gen(9), output_type="np", progress=False,
                        **kw).images
@@ -203,8 +180,8 @@ def test_img2img_non_square_size(decoder):
 def test_inpaint(inpainter, mask_kind):
     ours, ref = inpainter
     e, n = embeds(1, seed=7)
-    image = rgb(64, 64, 4)
-    mask = repaint_mask(64, 64, seed=1)
+    image = rgb(4)
+    mask = repaint_mask(1)
     if mask_kind == "pil":
         mask = PIL.Image.fromarray((mask * 255).astype(np.uint8), mode="L")
     kw = dict(height=64, width=64, num_inference_steps=3, guidance_scale=4.0, num_images_per_prompt=2)
@@ -220,8 +197,8 @@ def test_inpaint_unguided_tensor_inputs(inpainter):
     """Tensor image ([0, 1] for us, [-1, 1] for the reference) and a (1, H, W) tensor mask."""
     ours, ref = inpainter
     e, n = embeds(1, seed=8)
-    image = torch.from_numpy(np.array(rgb(64, 64, 5))).permute(2, 0, 1).float() / 255  # (3, H, W)
-    mask = torch.from_numpy(repaint_mask(64, 64, seed=2))[None]  # (1, H, W)
+    image = torch.from_numpy(np.array(rgb(5))).permute(2, 0, 1).float() / 255  # (3, H, W)
+    mask = torch.from_numpy(repaint_mask(2))[None]  # (1, H, W)
     kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=1.0)
     out = ours.inpaint(e, image, mask, n, generator=gen(11), output_type="latent", progress=False, **kw).images
     exp = ref(image_embeds=e, image=image * 2 - 1, mask_image=mask.clone(), negative_image_embeds=n,
@@ -234,8 +211,8 @@ def test_inpaint_batch_uses_each_images_own_mask(inpainter):
     one's own: a batch of two equals the two done alone (one generator per image)."""
     ours, ref = inpainter
     e, n = embeds(2, seed=9)
-    images = [rgb(64, 64, 6), rgb(64, 64, 7)]
-    masks = [repaint_mask(64, 64, seed=3), repaint_mask(64, 64, seed=4)]
+    images = [rgb(6), rgb(7)]
+    masks = [repaint_mask(3), repaint_mask(4)]
     kw = dict(height=64, width=64, num_inference_steps=2, guidance_scale=4.0, output_type="pt", progress=False)
     batch = ours.inpaint(e, images, masks, n, generator=[gen(12), gen(13)], **kw).images
     alone = [ours.inpaint(e[i : i + 1], images[i], masks[i], n[i : i + 1], generator=gen(12 + i), **kw).images
@@ -251,22 +228,6 @@ def test_inpaint_batch_uses_each_images_own_mask(inpainter):
     ref_batch = ref(image_embeds=e, image=images, mask_image=[m.copy() for m in masks], negative_image_embeds=n,
                     generator=[gen(12), gen(13)], **kw).images
     assert rel_err(ref_batch[1:], alone[1]) > 1e-2
-
-
-def test_grow_repaint_area_equals_reference_loop():
-    from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2_inpainting import prepare_mask
-
-    g = gen(14)
-    for shape, p in [((3, 1, 8, 8), 0.1), ((2, 1, 7, 13), 0.3), ((1, 1, 16, 9), 0.05), ((2, 1, 1, 5), 0.4)]:
-        keep = (torch.rand(shape, generator=g) > p).float()
-        assert torch.equal(grow_repaint_area(keep), prepare_mask(keep.clone()))
-    # values other than 0 / 1 count as "repaint" and are left as they are, as in the loop
-    keep = torch.tensor([0.0, 0.5, 1.0])[torch.randint(0, 3, (2, 1, 9, 9), generator=g)]
-    assert torch.equal(grow_repaint_area(keep), prepare_mask(keep.clone()))
-    # the growth is not symmetric under a left-right flip: (-1, +1) / (+1, -1) are not neighbours
-    keep = torch.ones(1, 1, 3, 3)
-    keep[0, 0, 1, 1] = 0
-    assert grow_repaint_area(keep)[0, 0].tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]
 
 
 # --------------------------------------------------------------------------- controlnet
@@ -286,13 +247,10 @@ def test_controlnet(controlnet):
 
 
 def test_controlnet_img2img(controlnet):
-    from diffusers import KandinskyV22ControlnetImg2ImgPipeline
-
     ours, ref = controlnet
-    ref = KandinskyV22ControlnetImg2ImgPipeline(**ref.components)
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_variant(ref, CONTROLNET_IMG2IMG)
     e, n = embeds(1, seed=11)
-    image, hint = rgb(64, 64, 8), torch.rand(1, 3, 64, 64, generator=gen(17))
+    image, hint = rgb(8), torch.rand(1, 3, 64, 64, generator=gen(17))
     kw = dict(height=64, width=64, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
     out = ours.controlnet_img2img(e, image, n, hint, generator=gen(18), output_type="np", progress=False,
                                   **kw).images
@@ -305,7 +263,7 @@ def test_controlnet_img2img(controlnet):
 # --------------------------------------------------------------------------- errors
 def test_wrong_task_for_checkpoint(decoder, inpainter, controlnet):
     e, n = embeds(1)
-    image, mask, hint = rgb(), repaint_mask(), torch.rand(1, 3, 64, 64)
+    image, mask, hint = rgb(0), repaint_mask(0), torch.rand(1, 3, 64, 64)
     cases = [
         (decoder[0].inpaint, (e, image, mask, n), "decoder checkpoint", "kandinsky-2-2-decoder-inpaint"),
         (decoder[0].controlnet, (e, n, hint), "decoder checkpoint", "kandinsky-2-2-controlnet-depth"),
@@ -357,54 +315,357 @@ def test_bad_embeddings_and_arguments(decoder):
         ours.text2img(e, n, height=64, width=64, num_inference_steps=0, progress=False)
     for strength in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="strength"):
-            ours.img2img(e, rgb(), n, strength=strength, **kw)
+            ours.img2img(e, rgb(0), n, strength=strength, **kw)
     with pytest.raises(ValueError, match="no denoising step"):
-        ours.img2img(e, rgb(), n, height=64, width=64, num_inference_steps=2, strength=0.3, progress=False)
+        ours.img2img(e, rgb(0), n, height=64, width=64, num_inference_steps=2, strength=0.3, progress=False)
     with pytest.raises(ValueError, match="2 image embedding"):
-        ours.img2img(e, [rgb(), rgb(), rgb()], n, strength=1.0, **kw)
-
-
-def test_bad_images(decoder):
-    ours, _ = decoder
-    e, n = embeds(1)
-    kw = dict(height=64, width=64, num_inference_steps=1, strength=1.0, output_type="latent", progress=False)
-    rgba = np.random.default_rng(0).integers(0, 256, (64, 64, 4), dtype=np.uint8)
-    with pytest.raises(ValueError, match="4 channels"):
-        ours.img2img(e, rgba, n, **kw)
-    with pytest.raises(ValueError, match="1 channel"):
-        ours.img2img(e, torch.rand(1, 1, 64, 64), n, **kw)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        ours.img2img(e, torch.rand(1, 3, 64, 64) * 2 - 1, n, **kw)
-    with pytest.raises(TypeError, match="PIL image, numpy array or torch tensor"):
-        ours.img2img(e, "cat.png", n, **kw)
-    # PIL images with alpha are converted to RGB (alpha dropped): same result as the RGB image
-    pil_rgba = PIL.Image.fromarray(rgba, mode="RGBA")
-    a = ours.img2img(e, pil_rgba, n, generator=gen(0), **kw).images
-    b = ours.img2img(e, pil_rgba.convert("RGB"), n, generator=gen(0), **kw).images
-    c = ours.img2img(e, rgba[..., :3], n, generator=gen(0), **kw).images  # uint8 numpy is 0..255
-    # uint8 arrays and PIL images reach [-1, 1] by different float roundings: under 1e-6 of the output on earlier machines, 1.1e-6 with
-    # AMX kernels; an unscaled or channel-swapped path gives O(1)
-    assert torch.equal(a, b) and rel_err(c, b) < 1e-5
-
-
-def test_bad_masks(inpainter):
-    ours, _ = inpainter
-    e, n = embeds(1)
-    image = rgb(64, 64)
-    kw = dict(height=64, width=64, num_inference_steps=1, output_type="latent", progress=False)
-    with pytest.raises(ValueError, match="same size"):
-        ours.inpaint(e, image, repaint_mask(64, 128), n, **kw)
-    with pytest.raises(ValueError, match="same size"):
-        ours.inpaint(e, image, PIL.Image.new("L", (32, 32)), n, **kw)
-    with pytest.raises(ValueError, match=r"mask values .*must lie in \[0, 1\]"):
-        ours.inpaint(e, image, repaint_mask() * 255, n, **kw)
-    with pytest.raises(ValueError, match=r"mask values .*must lie in \[0, 1\]"):
-        ours.inpaint(e, image, torch.from_numpy(repaint_mask()) - 0.5, n, **kw)
-    with pytest.raises(ValueError, match="masks are"):
-        ours.inpaint(e, image, np.zeros((1, 3, 64, 64), np.float32), n, **kw)
+        ours.img2img(e, [rgb(0), rgb(0), rgb(0)], n, strength=1.0, **kw)
 
 
 def test_not_a_decoder_folder(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22PriorPipeline"}')
     with pytest.raises(ValueError, match="KandinskyV22PriorPipeline.*no unet, movq, scheduler"):
         DecoderPipeline.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- DDIM
+def test_ddim_img2img(decoder_pipeline_folder):
+    from diffusers import DDIMScheduler
+
+    folder, ref = decoder_pipeline_folder
+    ours = DecoderPipeline.from_pretrained(folder, scheduler="ddim")
+    ref = reference_variant(ref, IMG2IMG, scheduler=DDIMScheduler.from_config(ref.scheduler.config))
+    e, n = embeds(1, seed=1)
+    image = rgb(1)
+    kw = dict(**SIZE, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
+    got = ours.img2img(e, image, n, generator=gen(1), output_type="np", progress=False, **kw).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(1), output_type="np", **kw).images
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+
+
+def test_ddim_inpaint(inpaint_pipeline_folder):
+    folder, ref = inpaint_pipeline_folder
+    ours = DecoderPipeline.from_pretrained(folder, scheduler="ddim")
+    ref = with_ddim(ref)
+    e, n = embeds(1, seed=2)
+    image, mask = rgb(2), repaint_mask(2)
+    kw = dict(**SIZE, num_inference_steps=3, guidance_scale=4.0)
+    got = ours.inpaint(e, image, mask, n, generator=gen(2), output_type="pt", progress=False, **kw).images
+    exp = unit(ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n, generator=gen(2),
+              output_type="pt", **kw).images)
+    assert rel_err(got, exp) < TOL
+
+
+# --------------------------------------------------------------------------- latents given
+def test_inpaint_given_latents(inpainter):
+    ours, ref = inpainter
+    e, n = embeds(1, seed=3)
+    image, mask = rgb(3), repaint_mask(3)
+    latents = torch.randn(2, 4, 8, 8, generator=gen(30))
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0, num_images_per_prompt=2)
+    got = ours.inpaint(e, image, mask, n, latents=latents, generator=gen(3), output_type="latent", progress=False,
+                       **kw).images
+    exp = ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n, latents=latents,
+              generator=gen(3), output_type="latent", **kw).images
+    assert rel_err(got, exp) < TOL
+
+
+def test_controlnet_given_latents(controlnet):
+    ours, ref = controlnet
+    e, n = embeds(1, seed=4)
+    hint = torch.rand(1, 3, 64, 64, generator=gen(40))
+    latents = torch.randn(1, 4, 8, 8, generator=gen(41))
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
+    got = ours.controlnet(e, n, hint, latents=latents, generator=gen(4), output_type="pt", progress=False,
+                          **kw).images
+    exp = unit(ref(image_embeds=e, negative_image_embeds=n, hint=hint, latents=latents, generator=gen(4),
+              output_type="pt", **kw).images)
+    assert rel_err(got, exp) < TOL
+
+
+# --------------------------------------------------------------------------- several images, generator lists
+def test_img2img_images_per_prompt_and_generator_list(decoder):
+    ours, ref = decoder
+    ref = reference_variant(ref, IMG2IMG)
+    e, n = embeds(1, seed=5)
+    image = rgb(5)
+    kw = dict(**SIZE, num_inference_steps=4, guidance_scale=4.0, strength=0.5, num_images_per_prompt=2)
+    got = ours.img2img(e, image, n, generator=[gen(50), gen(51)], output_type="np", progress=False, **kw).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=[gen(50), gen(51)], output_type="np",
+              **kw).images
+    assert got.shape == (2, 64, 64, 3)
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # the two pictures differ
+
+
+def test_controlnet_img2img_images_per_prompt(controlnet):
+    ours, ref = controlnet
+    ref = reference_variant(ref, CONTROLNET_IMG2IMG)
+    e, n = embeds(1, seed=6)
+    image, hint = rgb(6), torch.rand(1, 3, 64, 64, generator=gen(60))
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0, strength=1.0, num_images_per_prompt=2)
+    got = ours.controlnet_img2img(e, image, n, hint, generator=gen(6), output_type="np", progress=False,
+                                  **kw).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, generator=gen(6), output_type="np",
+              **kw).images
+    assert got.shape == (2, 64, 64, 3)
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+
+
+def test_text2img_generator_list(decoder):
+    ours, ref = decoder
+    e, n = embeds(2, seed=7)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
+    got = ours.text2img(e, n, generator=[gen(70), gen(71)], output_type="latent", progress=False, **kw).images
+    exp = ref(image_embeds=e, negative_image_embeds=n, generator=[gen(70), gen(71)], output_type="latent",
+              **kw).images
+    assert rel_err(got, exp) < TOL
+    # one generator per image: the second picture is the second embedding run alone with its generator
+    alone = ours.text2img(e[1:], n[1:], generator=gen(71), output_type="latent", progress=False, **kw).images
+    assert rel_err(got[1:], alone) < TOL
+
+
+def test_inpaint_generator_list(inpainter):
+    ours, ref = inpainter
+    e, n = embeds(1, seed=8)
+    image, mask = rgb(8), repaint_mask(8)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0, num_images_per_prompt=2)
+    got = ours.inpaint(e, image, mask, n, generator=[gen(80), gen(81)], output_type="latent", progress=False,
+                       **kw).images
+    exp = ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n,
+              generator=[gen(80), gen(81)], output_type="latent", **kw).images
+    assert rel_err(got, exp) < TOL
+
+
+def test_wrong_number_of_generators(decoder):
+    ours, _ = decoder
+    e, n = embeds(2)
+    with pytest.raises(ValueError, match="generator"):
+        ours.text2img(e, n, generator=[gen(0)] * 3, **SIZE, num_inference_steps=1, progress=False)
+
+
+# --------------------------------------------------------------------------- strength 1 unguided
+def test_img2img_strength_one_unguided(decoder):
+    ours, ref = decoder
+    ref = reference_variant(ref, IMG2IMG)
+    e, n = embeds(1, seed=10)
+    image = rgb(10)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=1.0, strength=1.0)
+    got = ours.img2img(e, image, n, generator=gen(10), output_type="latent", progress=False, **kw).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(10), output_type="latent",
+              **kw).images
+    assert rel_err(got, exp) < TOL
+
+
+# --------------------------------------------------------------------------- callbacks
+def test_inpaint_callback_replacing_latents(inpainter):
+    ours, ref = inpainter
+    e, n = embeds(1, seed=11)
+    image, mask = rgb(11), repaint_mask(11)
+
+    def ours_cb(state):
+        return state.x * 0.5 + 0.1
+
+    def ref_cb(pipe, step, t, kwargs):
+        return {"latents": kwargs["latents"] * 0.5 + 0.1}
+
+    kw = dict(**SIZE, num_inference_steps=3, guidance_scale=4.0)
+    got = ours.inpaint(e, image, mask, n, generator=gen(11), output_type="latent", progress=False,
+                       callback_on_step_end=ours_cb, **kw).images
+    exp = ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n, generator=gen(11),
+              output_type="latent", callback_on_step_end=ref_cb, **kw).images
+    plain = ours.inpaint(e, image, mask, n, generator=gen(11), output_type="latent", progress=False, **kw).images
+    assert rel_err(got, exp) < TOL
+    assert rel_err(got, plain) > 1e-2  # the callback changed the result
+
+
+def test_img2img_callback_replacing_latents(decoder):
+    ours, ref = decoder
+    ref = reference_variant(ref, IMG2IMG)
+    e, n = embeds(1, seed=12)
+    image = rgb(12)
+    kw = dict(**SIZE, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
+    got = ours.img2img(e, image, n, generator=gen(12), output_type="latent", progress=False,
+                       callback_on_step_end=lambda state: -state.x, **kw).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(12), output_type="latent",
+              callback_on_step_end=lambda p, i, t, k: {"latents": -k["latents"]}, **kw).images
+    assert rel_err(got, exp) < TOL
+
+
+# --------------------------------------------------------------------------- output ranges
+def test_inpaint_np_and_pil_outputs(inpainter):
+    ours, ref = inpainter
+    e, n = embeds(1, seed=13)
+    image, mask = rgb(13), repaint_mask(13)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
+    for kind in ("np", "pil"):
+        got = ours.inpaint(e, image, mask, n, generator=gen(13), output_type=kind, progress=False, **kw).images
+        exp = ref(image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n, generator=gen(13),
+                  output_type=kind, **kw).images
+        if kind == "np":
+            assert got.dtype == exp.dtype and got.min() >= 0 and got.max() <= 1
+            assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+        else:
+            assert len(got) == len(exp) == 1 and got[0].mode == exp[0].mode == "RGB"
+            diff = np.abs(np.asarray(got[0], dtype=int) - np.asarray(exp[0], dtype=int))
+            assert diff.max() <= 1
+
+
+# --------------------------------------------------------------------------- deviations from the reference
+def test_unguided_images_per_prompt(decoder, inpainter):
+    """With guidance_scale <= 1 and num_images_per_prompt > 1 the reference does not repeat the
+    embeddings and fails; ours equals the reference given the embeddings repeated."""
+    ours, ref = decoder
+    e, n = embeds(1, seed=15)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=1.0)
+    with pytest.raises(RuntimeError):
+        ref(image_embeds=e, negative_image_embeds=n, num_images_per_prompt=2, generator=gen(15), **kw)
+    got = ours.text2img(e, n, num_images_per_prompt=2, generator=gen(15), output_type="pt", progress=False,
+                        **kw).images
+    exp = unit(ref(image_embeds=e.repeat(2, 1), negative_image_embeds=n.repeat(2, 1), generator=gen(15),
+              output_type="pt", **kw).images)
+    assert rel_err(got, exp) < TOL
+
+    ours, ref = inpainter
+    image, mask = rgb(15), repaint_mask(15)
+    got = ours.inpaint(e, image, mask, n, num_images_per_prompt=2, generator=gen(16), output_type="latent",
+                       progress=False, **kw).images
+    exp = ref(image_embeds=e.repeat(2, 1), image=[image, image], mask_image=[mask.copy(), mask.copy()],
+              negative_image_embeds=n.repeat(2, 1), generator=gen(16), output_type="latent", **kw).images
+    assert rel_err(got, exp) < TOL
+
+
+def test_controlnet_img2img_non_square(controlnet):
+    """The reference's controlnet_img2img also swaps height and width; ours gives height x width."""
+    ours, ref = controlnet
+    ref = reference_variant(ref, CONTROLNET_IMG2IMG)
+    e, n = embeds(1, seed=16)
+    image, hint = rgb(16, 64, 128), torch.rand(1, 3, 64, 128, generator=gen(160))
+    kw = dict(num_inference_steps=2, guidance_scale=4.0, strength=1.0)
+    got = ours.controlnet_img2img(e, image, n, hint, height=64, width=128, generator=gen(17), output_type="np",
+                                  progress=False, **kw).images
+    assert got.shape == (1, 64, 128, 3)
+    with pytest.raises(RuntimeError):  # its image latents come out 16 x 8, its hint is 8 x 16
+        ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, height=64, width=128,
+            generator=gen(17), **kw)
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, height=128, width=64,
+              generator=gen(17), output_type="np", **kw).images
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
+
+
+def test_sizes_not_a_multiple_of_64(decoder, controlnet):
+    """Generated at the next multiple of 64 (the reference's numbers), returned at the size asked:
+    the reference's 128 x 128 picture resized (bicubic, antialiased) to 100 x 70."""
+    import torch.nn.functional as F
+
+    ours, ref = decoder
+    e, n = embeds(1, seed=17)
+    kw = dict(height=100, width=70, num_inference_steps=2, guidance_scale=4.0)
+    got = ours.text2img(e, n, generator=gen(20), output_type="np", progress=False, **kw).images
+    raw = ref(image_embeds=e, negative_image_embeds=n, generator=gen(20), output_type="pt", **kw).images
+    assert raw.shape == (1, 3, 128, 128) and got.shape == (1, 100, 70, 3)
+    exp = unit(F.interpolate(raw, size=(100, 70), mode="bicubic", antialias=True, align_corners=False))
+    assert rel_err(torch.from_numpy(got), exp.permute(0, 2, 3, 1)) < TOL
+    latents = ours.text2img(e, n, generator=gen(20), output_type="latent", progress=False, **kw).images
+    assert latents.shape == (1, 4, 16, 16)  # the same latents as a 128 x 128 request
+    # a multiple of 64 is generated exactly as asked
+    assert ours.text2img(e, n, generator=gen(20), output_type="np", progress=False,
+                         **{**kw, "height": 128, "width": 64}).images.shape == (1, 128, 64, 3)
+
+
+# --------------------------------------------------------------------------- bfloat16
+def test_bfloat16_decoder_tasks(inpainter, controlnet, inpaint_pipeline_folder, controlnet_pipeline_folder):
+    e, n = embeds(1, seed=27)
+    image, mask = rgb(27), repaint_mask(27)
+    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0)
+    half = DecoderPipeline.from_pretrained(inpaint_pipeline_folder[0], dtype=torch.bfloat16)
+    got = half.inpaint(e, image, mask, n, generator=gen(27), output_type="pt", progress=False, **kw).images
+    exp = unit(inpainter[1](image_embeds=e, image=image, mask_image=mask.copy(), negative_image_embeds=n,
+                       generator=gen(27), output_type="pt", **kw).images)
+    assert rel_err(got.float(), exp) < BF16_TOL
+
+    hint = torch.rand(1, 3, 64, 64, generator=gen(28))
+    half = DecoderPipeline.from_pretrained(controlnet_pipeline_folder[0], dtype=torch.bfloat16)
+    got = half.controlnet(e, n, hint, generator=gen(28), output_type="pt", progress=False, **kw).images
+    exp = unit(controlnet[1](image_embeds=e, negative_image_embeds=n, hint=hint, generator=gen(28), output_type="pt",
+                        **kw).images)
+    assert rel_err(got.float(), exp) < BF16_TOL
+    ref = reference_variant(controlnet[1], CONTROLNET_IMG2IMG)
+    got = half.controlnet_img2img(e, image, n, hint, strength=0.5, generator=gen(29), output_type="np",
+                                  progress=False, **{**kw, "num_inference_steps": 4}).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, strength=0.5, generator=gen(29),
+              output_type="np", **{**kw, "num_inference_steps": 4}).images
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < BF16_TOL
+
+
+# --------------------------------------------------------------------------- one picture per prompt
+def test_inpaint_one_picture_per_prompt(inpainter):
+    """Two pictures and masks for four embeddings (two prompts x 2): each pair serves two."""
+    ours, _ = inpainter
+    e, n = embeds(4, seed=35)
+    pictures, masks = [rgb(35), rgb(36)], [repaint_mask(35), repaint_mask(36)[::-1].copy()]
+    kw = dict(**SIZE, num_inference_steps=2, output_type="latent", progress=False)
+    got = ours.inpaint(e, pictures, masks, n, generator=gen(37), **kw).images
+    exp = ours.inpaint(e, [pictures[0]] * 2 + [pictures[1]] * 2, [masks[0]] * 2 + [masks[1]] * 2, n,
+                       generator=gen(37), **kw).images
+    assert torch.equal(got, exp)
+    with pytest.raises(ValueError, match="3 images for 4 image embeddings"):
+        ours.inpaint(e, pictures + [rgb(38)], masks[0], n, **kw)
+
+
+# --------------------------------------------------------------------------- argument kinds
+def test_numpy_scalar_arguments(decoder):
+    """Sizes, counts and scales computed with numpy (np.int64, np.float32) work like Python numbers."""
+    ours, ref = decoder
+    ref = reference_variant(ref, IMG2IMG)
+    e, n = embeds(1, seed=39)
+    image = rgb(39)
+    got = ours.img2img(e, image, n, height=np.int64(64), width=np.int64(64), num_inference_steps=np.int64(4),
+                       guidance_scale=np.float32(3.0), strength=np.float32(0.5), num_images_per_prompt=np.int64(2),
+                       generator=gen(39), output_type="latent", progress=False).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, **SIZE, num_inference_steps=4, guidance_scale=3.0,
+              strength=0.5, num_images_per_prompt=2, generator=gen(39), output_type="latent").images
+    assert rel_err(got, exp) < TOL
+
+
+def test_diffusers_style_callback_explained(decoder):
+    """A callback written for diffusers ((pipe, step, t, kwargs) -> dict) fails with a message
+    saying what ours expects, not with an AttributeError deep in the loop."""
+    ours, _ = decoder
+    e, n = embeds(1)
+    kw = dict(**SIZE, num_inference_steps=1, progress=False, output_type="latent")
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(state\) receives one kandinsky.sampling.StepState"):
+        ours.text2img(e, n, callback_on_step_end=lambda step, t, latents: {"latents": latents}, **kw)
+    with pytest.raises(TypeError, match=r"callback_on_step_end\(state\) receives one kandinsky.sampling.StepState"):
+        ours.text2img(e, n, callback_on_step_end=lambda pipe, step, t, kwargs: None, **kw)
+    with pytest.raises(TypeError, match=r"returned a dict"):
+        ours.text2img(e, n, callback_on_step_end=lambda state: {"latents": state.x}, **kw)
+
+
+# --------------------------------------------------------------------------- non-finite values
+def test_non_finite_inputs_are_refused_by_name(decoder):
+    ours, _ = decoder
+    e, n = embeds(1)
+    nan = float("nan")
+    kw = dict(**SIZE, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="`image_embeds` holds NaN"):
+        ours.text2img(e * nan, n, **kw)
+    with pytest.raises(ValueError, match="`negative_image_embeds` holds NaN"):
+        ours.text2img(e, n * float("inf"), **kw)
+    with pytest.raises(ValueError, match="latents hold NaN"):
+        ours.text2img(e, n, latents=torch.full((1, 4, 8, 8), nan), **kw)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        ours.text2img(e, n, guidance_scale=nan, **kw)
+    with pytest.raises(TypeError, match=r"torch.Generator\(\).manual_seed"):
+        ours.text2img(e, n, generator=0, **kw)
+    # a one-element tensor is a number, not "non-finite"
+    out = ours.text2img(e, n, guidance_scale=torch.tensor(4.0), output_type="latent", **kw).images
+    assert torch.isfinite(out).all()
+
+
+def test_a_run_that_turns_non_finite_stops_naming_stage_and_step(decoder):
+    ours, _ = decoder
+    e, n = embeds(1)
+    with pytest.raises(FloatingPointError, match="decoder sample became NaN or inf at step 1"):
+        ours.text2img(e, n, callback_on_step_end=lambda s: s.x * float("nan") if s.step == 0 else None,
+                      **SIZE, num_inference_steps=2, progress=False)

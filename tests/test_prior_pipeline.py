@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kandinsky.pipelines.prior import PriorOutput, PriorPipeline
-from tests.helpers import assert_close
+from tests.helpers import assert_close, gen, rel_err
 from tests.refs.prior_pipeline import PRIOR_EMBED_DIM, PRIOR_IMAGE_SIZE
 
 TOL = 1e-4
@@ -25,10 +25,6 @@ def pipes(prior_pipeline_folder):
     ref_emb2emb = KandinskyV22PriorEmb2EmbPipeline(**ref.components)
     ref_emb2emb.set_progress_bar_config(disable=True)
     return ours, ref, ref_emb2emb
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def assert_same(ours: PriorOutput, ref) -> None:
@@ -59,8 +55,8 @@ CASES = {
 def test_call_matches_reference(pipes, case):
     ours, ref, _ = pipes
     kwargs = CASES[case]
-    expected = ref(**kwargs, num_inference_steps=STEPS, generator=seeded(1))
-    got = ours(**kwargs, num_inference_steps=STEPS, generator=seeded(1), progress=False)
+    expected = ref(**kwargs, num_inference_steps=STEPS, generator=gen(1))
+    got = ours(**kwargs, num_inference_steps=STEPS, generator=gen(1), progress=False)
     n = len(kwargs["prompt"]) if isinstance(kwargs["prompt"], list) else 1
     assert got.image_embeds.shape == (n * kwargs.get("num_images_per_prompt", 1), PRIOR_EMBED_DIM)
     assert_same(got, expected)
@@ -68,10 +64,10 @@ def test_call_matches_reference(pipes, case):
 
 def test_call_with_latents_and_generator_list(pipes):
     ours, ref, _ = pipes
-    latents = torch.randn(4, PRIOR_EMBED_DIM, generator=seeded(5))  # (2 prompts x 2 rows: prompt + negative)
+    latents = torch.randn(4, PRIOR_EMBED_DIM, generator=gen(5))  # (2 prompts x 2 rows: prompt + negative)
     kwargs = dict(prompt="a red cat", negative_prompt="dog", num_images_per_prompt=2, num_inference_steps=STEPS)
-    expected = ref(**kwargs, latents=latents, generator=[seeded(s) for s in range(4)])
-    got = ours(**kwargs, latents=latents, generator=[seeded(s) for s in range(4)], progress=False)
+    expected = ref(**kwargs, latents=latents, generator=[gen(s) for s in range(4)])
+    got = ours(**kwargs, latents=latents, generator=[gen(s) for s in range(4)], progress=False)
     assert_same(got, expected)
 
 
@@ -79,7 +75,7 @@ def test_default_negative_is_zero_image_embedding(pipes):
     ours, ref, _ = pipes
     zero = ref.get_zero_embed(batch_size=2)
     assert_close(ours.zero_image_embeds(2), zero, TOL)
-    got = ours("a red cat", num_images_per_prompt=2, num_inference_steps=STEPS, generator=seeded(0), progress=False)
+    got = ours("a red cat", num_images_per_prompt=2, num_inference_steps=STEPS, generator=gen(0), progress=False)
     assert_close(got.negative_image_embeds, zero, TOL)
     image_embeds, negative = got  # unpacks
     assert image_embeds is got.image_embeds and negative is got.negative_image_embeds
@@ -93,19 +89,19 @@ def test_prompt_list_with_one_negative_string(pipes):
     ours, ref, _ = pipes
     prompts = ["a red cat", "a blue dog"]
     with pytest.raises(ValueError, match="batch size"):
-        ref(prompts, negative_prompt="dog", num_inference_steps=STEPS, generator=seeded(0))
+        ref(prompts, negative_prompt="dog", num_inference_steps=STEPS, generator=gen(0))
 
-    got = ours(prompts, negative_prompt="dog", num_inference_steps=STEPS, generator=seeded(3), progress=False)
-    expected = ref(prompts, negative_prompt=["dog", "dog"], num_inference_steps=STEPS, generator=seeded(3))
+    got = ours(prompts, negative_prompt="dog", num_inference_steps=STEPS, generator=gen(3), progress=False)
+    expected = ref(prompts, negative_prompt=["dog", "dog"], num_inference_steps=STEPS, generator=gen(3))
     assert_same(got, expected)
 
     # batch rows: [cat, dog-prompt, negative for cat, negative for dog-prompt], one generator each
     seeds = [10, 11, 12, 13]
     got = ours(prompts, negative_prompt="dog", num_inference_steps=STEPS,
-               generator=[seeded(s) for s in seeds], progress=False)
+               generator=[gen(s) for s in seeds], progress=False)
     for i, prompt in enumerate(prompts):
         alone = ref(prompt, negative_prompt="dog", num_inference_steps=STEPS,
-                    generator=[seeded(seeds[i]), seeded(seeds[2 + i])])
+                    generator=[gen(seeds[i]), gen(seeds[2 + i])])
         assert_close(got.image_embeds[i : i + 1], alone.image_embeds, TOL)
         assert_close(got.negative_image_embeds[i : i + 1], alone.negative_image_embeds, TOL)
 
@@ -113,12 +109,12 @@ def test_prompt_list_with_one_negative_string(pipes):
 # --------------------------------------------------------------------------- interpolate
 def test_interpolate_texts_and_images(pipes):
     ours, ref, _ = pipes
-    pixel_values = torch.randn(1, 3, PRIOR_IMAGE_SIZE, PRIOR_IMAGE_SIZE, generator=seeded(7))
+    pixel_values = torch.randn(1, 3, PRIOR_IMAGE_SIZE, PRIOR_IMAGE_SIZE, generator=gen(7))
     items = ["a red cat", pil_image(0), "a blue dog", pixel_values]
     weights = [0.3, 0.2, 0.4, 0.1]
     kwargs = dict(num_images_per_prompt=2, num_inference_steps=STEPS)
-    expected = ref.interpolate(items, weights, generator=seeded(2), **kwargs)
-    got = ours.interpolate(items, weights, generator=seeded(2), progress=False, **kwargs)
+    expected = ref.interpolate(items, weights, generator=gen(2), **kwargs)
+    got = ours.interpolate(items, weights, generator=gen(2), progress=False, **kwargs)
     assert got.image_embeds.shape == (2, PRIOR_EMBED_DIM)
     assert_same(got, expected)
 
@@ -128,8 +124,8 @@ def test_interpolate_negatives(pipes, negative_prior_prompt, negative_prompt):
     ours, ref, _ = pipes
     items, weights = ["a red cat", pil_image(1)], [0.6, 0.4]
     kwargs = dict(num_inference_steps=STEPS, negative_prior_prompt=negative_prior_prompt, negative_prompt=negative_prompt)
-    expected = ref.interpolate(items, weights, generator=seeded(4), **kwargs)
-    got = ours.interpolate(items, weights, generator=seeded(4), progress=False, **kwargs)
+    expected = ref.interpolate(items, weights, generator=gen(4), **kwargs)
+    got = ours.interpolate(items, weights, generator=gen(4), progress=False, **kwargs)
     assert_same(got, expected)
 
 
@@ -147,21 +143,21 @@ EMB2EMB_CASES = {
 def test_emb2emb_matches_reference(pipes, case):
     ours, _, ref = pipes
     kwargs = dict(EMB2EMB_CASES[case], num_inference_steps=6)
-    expected = ref(image=pil_image(2), generator=seeded(6), **kwargs)
-    got = ours.emb2emb(image=pil_image(2), generator=seeded(6), progress=False, **kwargs)
+    expected = ref(image=pil_image(2), generator=gen(6), **kwargs)
+    got = ours.emb2emb(image=pil_image(2), generator=gen(6), progress=False, **kwargs)
     assert_same(got, expected)
 
 
 def test_emb2emb_image_inputs(pipes):
     """Embeddings (B, D), pixel_values tensors and one image per prompt, vs the reference."""
     ours, _, ref = pipes
-    embeds = torch.randn(2, PRIOR_EMBED_DIM, generator=seeded(8))
-    pixels = torch.randn(2, 3, PRIOR_IMAGE_SIZE, PRIOR_IMAGE_SIZE, generator=seeded(9))
+    embeds = torch.randn(2, PRIOR_EMBED_DIM, generator=gen(8))
+    pixels = torch.randn(2, 3, PRIOR_IMAGE_SIZE, PRIOR_IMAGE_SIZE, generator=gen(9))
     prompts = ["a red cat", "a dog"]
     for image in (embeds, pixels, [pil_image(3), pil_image(4)]):
         kwargs = dict(prompt=prompts, negative_prompt=["blue", "red"], strength=0.5, num_inference_steps=6)
-        expected = ref(image=image, generator=seeded(11), **kwargs)
-        got = ours.emb2emb(image=image, generator=seeded(11), progress=False, **kwargs)
+        expected = ref(image=image, generator=gen(11), **kwargs)
+        got = ours.emb2emb(image=image, generator=gen(11), progress=False, **kwargs)
         assert_same(got, expected)
 
 
@@ -191,9 +187,9 @@ def test_encode_image(pipes):
 def test_bfloat16(prior_pipeline_folder, pipes):
     folder, ref = prior_pipeline_folder
     half = PriorPipeline.from_pretrained(folder, dtype=torch.bfloat16)
-    got = half("a red cat", num_inference_steps=STEPS, generator=seeded(0), progress=False)
+    got = half("a red cat", num_inference_steps=STEPS, generator=gen(0), progress=False)
     assert got.image_embeds.dtype == got.negative_image_embeds.dtype == torch.bfloat16
-    expected = ref("a red cat", num_inference_steps=STEPS, generator=seeded(0))
+    expected = ref("a red cat", num_inference_steps=STEPS, generator=gen(0))
     assert_close(got.image_embeds.float(), expected.image_embeds, 0.1)
     assert_close(got.negative_image_embeds.float(), expected.negative_image_embeds, 0.05)
 
@@ -263,3 +259,26 @@ def test_from_pretrained_errors(prior_pipeline_folder, tmp_path):
     (tmp_path / "prior").mkdir()
     with pytest.raises(FileNotFoundError, match="lacks the subfolder"):
         PriorPipeline.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- two steps, non-finite values, arguments
+def test_prior_two_steps(pipes):
+    ours, ref, _ = pipes
+    for kw in (dict(prompt="a red cat", negative_prompt="a dog"), dict(prompt=["a red cat", "a dog"])):
+        got = ours(**kw, num_inference_steps=2, generator=gen(14), progress=False)
+        exp = ref(**kw, num_inference_steps=2, generator=gen(14))
+        assert rel_err(got.image_embeds, exp.image_embeds) < TOL
+        assert rel_err(got.negative_image_embeds, exp.negative_image_embeds) < TOL
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ours("a red cat", num_inference_steps=1, progress=False)
+
+
+def test_non_finite_and_misnamed_arguments(pipes):
+    ours = pipes[0]
+    with pytest.raises(ValueError, match="`guidance_scale` must be a finite number"):
+        ours("a", guidance_scale=float("inf"), progress=False)
+    with pytest.raises(TypeError, match=r"torch.Generator\(\).manual_seed"):
+        ours("a", generator=0, progress=False)
+    out = ours.interpolate(["a", "b"], [0.5, 0.5], negative_prompt=None, num_inference_steps=2,
+                           progress=False)  # None accepted, as by every other method
+    assert out.image_embeds.shape[0] == 1
