@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kandinsky.demo import DECODER_SCHEDULER
-from kandinsky.schedulers import scheduler_from_config
+from kandinsky.demo import DECODER_SCHEDULER, PRIOR_SCHEDULER
+from kandinsky.sampling.schedule import NoiseSchedule
 from kandinsky.training.losses import (
     decoder_loss,
     discretized_gaussian_log_likelihood,
@@ -88,6 +88,19 @@ def test_prior_loss_equals_reference_recipe(prior_pair, snr_gamma):
     assert abs(got.item() - expected.item()) <= 1e-5 * expected.item(), (got.item(), expected.item())
 
 
+def test_training_schedules_are_the_samplers_schedule(prior_pair):
+    """One schedule class for training and sampling: the prior's training schedule has the prior
+    checkpoint's tables, the decoder's is read from its scheduler_config.json; anything else is refused."""
+    from kandinsky.training import NoiseSchedule as exported
+
+    ours = prior_schedule()
+    hub = NoiseSchedule.from_config(PRIOR_SCHEDULER)
+    assert exported is NoiseSchedule and isinstance(ours, NoiseSchedule) and ours.prediction_type == "sample"
+    assert torch.equal(ours.betas, hub.betas) and torch.equal(ours.alphas_cumprod, hub.alphas_cumprod)
+    with pytest.raises(TypeError, match="NoiseSchedule"):
+        prior_loss(prior_pair[0], hub.alphas_cumprod, *prior_inputs(batch=2, seed=1))
+
+
 def test_prior_loss_draws_from_the_generator(prior_pair):
     ours, _ = prior_pair
     x = prior_inputs(batch=2, seed=2)
@@ -112,7 +125,7 @@ def test_decoder_loss_equals_reference_recipe(unet_checkpoint, unet_inpaint_chec
     folder, ref = unet_checkpoint if variant == "decoder" else unet_inpaint_checkpoint
     ours = load_component(folder)
     ref_sched = DDPMScheduler.from_config(DECODER_SCHEDULER)
-    sched = scheduler_from_config(DECODER_SCHEDULER)
+    sched = NoiseSchedule.from_config(DECODER_SCHEDULER)
     latents, embeds, noise, t = _decoder_inputs()
     extra = {}
     if variant == "inpaint":
@@ -173,7 +186,7 @@ def guided_diffusion_vb(betas, x0, x_t, t, eps, v):
 
 
 def test_vlb_equals_guided_diffusion():
-    sched = scheduler_from_config(DECODER_SCHEDULER)
+    sched = NoiseSchedule.from_config(DECODER_SCHEDULER)
     g = torch.Generator().manual_seed(5)
     B = 4
     x0 = torch.rand(B, 4, 8, 8, generator=g) * 2.2 - 1.1  # some values beyond +-0.999 (the edge bins)
@@ -198,7 +211,7 @@ def test_vlb_hand_checked():
     logp = discretized_gaussian_log_likelihood(torch.ones(1), torch.ones(1), torch.full((1,), math.log(1e-3)))
     assert abs(logp.item()) < 1e-4  # log 1 (the tanh approximation of the CDF is off by ~3e-5 at 3.9 sigma)
     # a perfect model (eps exact) with the posterior's own variance (v = -1) has KL 0 for t >= 1
-    sched = scheduler_from_config(DECODER_SCHEDULER)
+    sched = NoiseSchedule.from_config(DECODER_SCHEDULER)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([1, 40, 999])
@@ -216,7 +229,7 @@ def test_vlb_hand_checked():
 
 def test_hybrid_loss_stops_the_mean_gradient():
     """With vlb_weight, eps channels get exactly the MSE gradient; variance channels get the VLB's."""
-    sched = scheduler_from_config(DECODER_SCHEDULER)
+    sched = NoiseSchedule.from_config(DECODER_SCHEDULER)
     g = torch.Generator().manual_seed(1)
     latents, embeds = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, generator=g)
     noise, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 600])
