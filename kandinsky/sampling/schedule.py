@@ -321,6 +321,13 @@ class NoiseSchedule:
             return self.alphas_cumprod[t]
         return self.one if final is None else final
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = alpha_bar_t / (1 - alpha_bar_t) at timesteps ``t`` (B,), as the reference's
+        ``compute_snr`` computes it (Min-SNR loss weights). (B,) float32 on t's device"""
+        alphas_cumprod = self.alphas_cumprod.to(t.device)
+        alpha, sigma = (alphas_cumprod**0.5)[t].float(), ((1.0 - alphas_cumprod) ** 0.5)[t].float()
+        return (alpha / sigma) ** 2
+
     def sigma_table(self) -> np.ndarray:
         """(T,) float32: the noise-to-signal ratio sigma_t of every training timestep."""
         return sigma_from_alpha_bar(self.alphas_cumprod).numpy()

@@ -58,16 +58,9 @@ def check_schedule(schedule) -> NoiseSchedule:
     return schedule
 
 
-def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """SNR_t = alpha_bar_t / (1 - alpha_bar_t), computed as the reference's compute_snr. (B,) float32"""
-    ab = alphas_cumprod.to(t.device)
-    alpha, sigma = (ab**0.5)[t].float(), ((1.0 - ab) ** 0.5)[t].float()
-    return (alpha / sigma) ** 2
-
-
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, target: str) -> torch.Tensor:
+def min_snr_weights(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, target: str) -> torch.Tensor:
     """Min-SNR-gamma weights per sample: min(SNR, gamma) (x_0 target) or that / SNR (eps target)."""
-    s = snr(alphas_cumprod, t)  # (B,)
+    s = schedule.snr(t)  # (B,)
     w = torch.clamp(s, max=gamma)
     return w if target == "sample" else w / s
 
@@ -141,7 +134,7 @@ def prior_loss(
     noise, t = _noise_and_timesteps(x0, schedule, noise, timesteps, generator)
     x_t = schedule.add_noise(x0, noise, t)  # (B, D)
     pred = prior(x_t, t, text_embeds, text_hidden_states, text_mask)  # (B, D) predicted x_0
-    weights = None if snr_gamma is None else min_snr_weights(schedule.alphas_cumprod, t, snr_gamma, "sample")
+    weights = None if snr_gamma is None else min_snr_weights(schedule, t, snr_gamma, "sample")
     return _weighted_mse(pred, x0, weights)
 
 
@@ -182,7 +175,7 @@ def decoder_loss(
     out = unet(model_input, t, image_embeds, hint=hint)  # (B, 8, h, w): eps, variance values
     C = latents.shape[1]
     eps_pred = out[:, :C]
-    weights = None if snr_gamma is None else min_snr_weights(schedule.alphas_cumprod, t, snr_gamma, "epsilon")
+    weights = None if snr_gamma is None else min_snr_weights(schedule, t, snr_gamma, "epsilon")
     loss = _weighted_mse(eps_pred, noise, weights)
     if vlb_weight:
         if out.shape[1] != 2 * C:
