@@ -30,7 +30,7 @@ def demo_shapes(folder: Path) -> None:
     """README.md: ``kandinsky text2img --demo PROMPT -o out.png`` (defaults: 20 steps, seed 0) for each prompt,
     64 x 64 shown at 128."""
     from kandinsky.cli import main
-    from kandinsky.research.embeddings_cli import strip
+    from kandinsky.research.embeddings import strip
 
     tiles = []
     for k, prompt in enumerate(README_PROMPTS):

@@ -77,19 +77,19 @@ def test_mix_decodes_the_slerp_embeddings(random_demo_kandinsky):
     """mix() paints exactly the slerp of the two embeddings (same seed -> same picture)."""
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     opts = dict(num_inference_steps=2, height=64, width=64, progress=False, output_type="pt")
-    got = embeddings_cli.mix(random_demo_kandinsky, ["a red cat", "a dog"], ts=[0.5], generator=g(), prior_steps=2, **opts)
+    got = emb.mix(random_demo_kandinsky, ["a red cat", "a dog"], ts=[0.5], generator=g(), prior_steps=2, **opts)
     gen = g()  # one generator, first drawn by the prior, then by the decoder (as mix does)
     e = emb.embed(random_demo_kandinsky, ["a red cat", "a dog"], generator=gen, prior_steps=2)
     expected = emb.decode(random_demo_kandinsky, emb.slerp(e[0], e[1], [0.5]), generator=gen, **opts).images
     torch.testing.assert_close(got, expected)
-    endpoint = embeddings_cli.mix(random_demo_kandinsky, ["a red cat", "a dog"], ts=[0.0], generator=g(), prior_steps=2, **opts)
+    endpoint = emb.mix(random_demo_kandinsky, ["a red cat", "a dog"], ts=[0.0], generator=g(), prior_steps=2, **opts)
     assert not torch.equal(endpoint, got)  # t matters
 
 
 
 def test_strip_lays_pictures_in_a_row_or_a_grid():
     tiles = [PIL.Image.new("RGB", (10, 6), c) for c in ("red", "green", "blue")]
-    assert embeddings_cli.strip(tiles).size == (3 * 14 + 4, 6 + 8)
-    grid = embeddings_cli.strip(tiles, columns=2)  # two rows: red green / blue
+    assert emb.strip(tiles).size == (3 * 14 + 4, 6 + 8)
+    grid = emb.strip(tiles, columns=2)  # two rows: red green / blue
     assert grid.size == (2 * 14 + 4, 2 * 10 + 4)
     assert grid.getpixel((4, 14)) == (0, 0, 255) and grid.getpixel((18, 14)) == (255, 255, 255)

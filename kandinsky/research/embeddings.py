@@ -5,9 +5,11 @@
     slerp(a, b, [0, 0.5, 1])                                             # (3, D) on the sphere
     arithmetic(a, b, c)                                                  # a + b - c, at a's norm
     decode(pipe, embeds)                                                 # Kandinsky: embeddings -> images
+    mix(pipe, ["cat.png", "dog.png"], ts=[0, 0.5, 1])                     # embed, slerp, decode
+    strip(images)                                                        # pictures side by side
 
 ``kandinsky score IMAGE... PROMPT...`` prints (and with --json writes) the cosine matrices;
-``kandinsky mix`` (kandinsky.research.embeddings_cli) decodes slerps and sums.
+``kandinsky mix`` paints slerps and sums (``mix``).
 
 Text-image scores use the text tower's projected end-of-text state (``text_embeds``) and the
 image tower's projected class token, both L2-normalised, as CLIP was trained; the decoder
@@ -121,6 +123,31 @@ def decode(pipe, embeds: torch.Tensor, **options):
     negative = prior.zero_image_embeds(embeds.shape[0]).to(device=decoder.device, dtype=decoder.dtype)
     return decoder.text2img(embeds, negative, **options)
 
+
+# ----------------------------------------------------------------------------- mix: slerps and sums, painted
+def mix(pipe, items: list, ts=None, generator=None, prior_steps: int = 25, **options) -> list[PIL.Image.Image]:
+    """Two items and ``ts``: the slerp pictures at each t; three items: the picture of a + b - c."""
+    if ts is not None and len(items) != 2:
+        raise ValueError(f"a slerp needs exactly 2 items (a b), got {len(items)}")
+    if ts is None and len(items) != 3:
+        raise ValueError(f"embedding arithmetic needs exactly 3 items (a + b - c), got {len(items)}; "
+                         "for an interpolation give 2 items and --slerp")
+    e = embed(pipe, items, generator=generator, prior_steps=prior_steps)  # (N, D)
+    embeds = slerp(e[0], e[1], ts) if ts is not None else arithmetic(e[0], e[1], e[2])
+    return decode(pipe, embeds, generator=generator, **options).images
+
+
+def strip(images: list[PIL.Image.Image], pad: int = 4, columns: int | None = None) -> PIL.Image.Image:
+    """Pictures side by side on white; with ``columns``, in rows of that many (a grid)."""
+    import PIL.Image
+
+    W, H = images[0].size
+    columns = columns or len(images)
+    rows = -(-len(images) // columns)
+    canvas = PIL.Image.new("RGB", (columns * (W + pad) + pad, rows * (H + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        canvas.paste(im.convert("RGB"), (pad + (i % columns) * (W + pad), pad + (i // columns) * (H + pad)))
+    return canvas
 
 # ----------------------------------------------------------------------------- kandinsky score
 def format_matrix(matrix: torch.Tensor, rows: list[str], cols: list[str]) -> str:

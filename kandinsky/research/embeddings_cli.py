@@ -14,33 +14,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
-from kandinsky.research.embeddings import arithmetic, decode, embed, is_image_path, slerp
-
-
-def mix(pipe, items: list, ts=None, generator=None, prior_steps: int = 25, **options) -> list[PIL.Image.Image]:
-    """Two items and ``ts``: the slerp pictures at each t; three items: the picture of a + b - c."""
-    if ts is not None and len(items) != 2:
-        raise ValueError(f"a slerp needs exactly 2 items (a b), got {len(items)}")
-    if ts is None and len(items) != 3:
-        raise ValueError(f"embedding arithmetic needs exactly 3 items (a + b - c), got {len(items)}; "
-                         "for an interpolation give 2 items and --slerp")
-    e = embed(pipe, items, generator=generator, prior_steps=prior_steps)  # (N, D)
-    embeds = slerp(e[0], e[1], ts) if ts is not None else arithmetic(e[0], e[1], e[2])
-    return decode(pipe, embeds, generator=generator, **options).images
-
-
-def strip(images: list[PIL.Image.Image], pad: int = 4, columns: int | None = None) -> PIL.Image.Image:
-    """Pictures side by side on white; with ``columns``, in rows of that many (a grid)."""
-    W, H = images[0].size
-    columns = columns or len(images)
-    rows = -(-len(images) // columns)
-    canvas = PIL.Image.new("RGB", (columns * (W + pad) + pad, rows * (H + pad) + pad), (255, 255, 255))
-    for i, im in enumerate(images):
-        canvas.paste(im.convert("RGB"), (pad + (i % columns) * (W + pad), pad + (i // columns) * (H + pad)))
-    return canvas
+from kandinsky.research.embeddings import is_image_path, mix, strip  # noqa: F401 (mix, strip: their home)
 
 
 def _ts(text: str) -> list[float]:
