@@ -2,9 +2,9 @@
 
     kandinsky batch prompts.txt --out pictures/ --prior P --decoder D
     kandinsky batch prompts.jsonl --out pictures/ --demo --steps 2 --width 64 --height 64
-    torchrun --nproc_per_node 8 -m kandinsky.batch prompts.jsonl --out pictures/ ...
+    torchrun --nproc_per_node 8 -m kandinsky.cli batch prompts.jsonl --out pictures/ ...
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
-             --nproc_per_node 8 -m kandinsky.batch prompts.jsonl --out /shared/pictures/ ...
+             --nproc_per_node 8 -m kandinsky.cli batch prompts.jsonl --out /shared/pictures/ ...
 
 The prompts file: ``.txt`` holds one prompt per line (blank lines skipped); ``.jsonl`` one
 JSON object per line with ``prompt`` and optionally the per-item keys of ``ITEM_KEYS``.
@@ -22,22 +22,24 @@ Item ``i`` (0-based, in file order) is written to ``OUT/000i.png`` (six digits).
   ``OUT/manifest.rank<r>.jsonl`` (item, file, prompt, seed, settings, seconds, time); at
   the end rank 0 merges them into ``OUT/manifest.jsonl`` (one line per item, by item).
 * ``OUT/batch.json`` records the items' fingerprint: a second run into the same folder
-  with a different prompts file or settings is refused instead of mixing two batches.
+  with a different prompts file or settings is refused instead of mixing two batches
+  (``--overwrite``: ``start_over`` clears the folder's batch files first).
+
+The command line (flags, torch.distributed set-up, the summary line) is kandinsky/cli/batch.py.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # per-item keys of a .jsonl line, with their types; the defaults come from the command line
 ITEM_KEYS = {
     "prompt": str,
@@ -211,40 +213,6 @@ def distributed() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def pick_device(name: str | None, local_rank: int):
-    import torch
-
-    if name is not None:
-        return torch.device(name)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_pipeline(args, device, tmp: str):
-    import torch
-
-    from kandinsky import Kandinsky
-
-    prior, decoder = args.prior, args.decoder
-    if args.demo or args.random_demo:
-        from kandinsky.demo import build_demo_checkpoints, demo_checkpoints
-
-        if args.random_demo:  # the same tiny random weights in every process (seed 0)
-            built = build_demo_checkpoints(tmp)
-            folders = {"prior": built["prior"], "decoder": built["decoder"]}
-        else:  # the tiny model trained on shapes that ships in the package
-            folders = demo_checkpoints()[0]
-        prior, decoder = prior or folders["prior"], decoder or folders["decoder"]
-    if decoder is None:
-        raise InputError("give --decoder (and --prior) checkpoint folders or hub ids, or --demo / --random-demo")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    if args.offload:  # loaded on the CPU; each part moves to the device while it runs
-        from kandinsky.offload import enable_offload
-
-        pipe = Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, scheduler=args.scheduler)
-        return enable_offload(pipe, mode=args.offload, device=device)
-    return Kandinsky.from_pretrained(decoder, prior=prior, dtype=dtype, device=device, scheduler=args.scheduler)
-
-
 def generate(pipe, item: Item):
     import torch
 
@@ -257,25 +225,37 @@ def generate(pipe, item: Item):
     return out.images[0]
 
 
-def run(args) -> dict:
-    """Generate this rank's unfinished items; returns this rank's counts."""
+def start_over(out: Path) -> None:
+    """Remove a batch's own files from ``out`` (batch.json, the manifests, the six-digit PNGs), so that the
+    next run starts the folder over; anything else in it is left alone."""
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if path.name in ("batch.json", "manifest.jsonl") or re.fullmatch(r"manifest\.rank\d+\.jsonl|\d{6}\.png",
+                                                                          path.name):
+            path.unlink()
+
+
+def run(args, items: list[Item], open_pipeline, counts: dict | None = None) -> dict:
+    """Generate this rank's unfinished ``items`` into ``args.out`` with the pipeline that
+    ``open_pipeline()`` (a context manager yielding (pipeline, anything)) loads, only when there is
+    work; returns this rank's counts, updated in ``counts`` as each item finishes."""
     from tqdm import tqdm
 
-    rank, world, local = distributed()
+    rank, world, _ = distributed()
     out = Path(args.out)
-    items = make_items(read_rows(Path(args.prompts)), args)
     out.mkdir(parents=True, exist_ok=True)
     check_batch_file(out, items, args, rank)
     mine = [item for item in items if item.index % world == rank]
     todo = [item for item in mine if not (out / item.file).exists()]
-    counts = {"items": len(items), "mine": len(mine), "done": 0, "skipped": len(mine) - len(todo), "seconds": 0.0}
+    counts = {} if counts is None else counts
+    counts.update(items=len(items), mine=len(mine), done=0, skipped=len(mine) - len(todo), seconds=0.0)
     if args.limit is not None:
         todo = todo[: args.limit]
     if not todo:
         return counts
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = load_pipeline(args, pick_device(args.device, local), tmp)
+    with open_pipeline() as (pipe, _):
         manifest = out / f"manifest.rank{rank}.jsonl"
         bar = tqdm(todo, desc=f"rank {rank}/{world}", position=rank, disable=args.quiet, file=sys.stderr)
         for item in bar:
@@ -290,74 +270,3 @@ def run(args) -> dict:
             counts["done"] += 1
     counts["seconds"] = time.perf_counter() - start
     return counts
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="kandinsky batch", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompts", help="prompts file: .txt (one prompt per line) or .jsonl (one item per line)")
-    p.add_argument("--out", required=True, help="output folder (PNGs, manifest.jsonl, batch.json)")
-    p.add_argument("--prior", help="prior folder or hub id")
-    p.add_argument("--decoder", help="decoder folder or hub id")
-    demo = p.add_mutually_exclusive_group()
-    demo.add_argument("--demo", action="store_true",
-                      help="the tiny model trained on procedural shapes that ships in the package (64 x 64)")
-    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
-    p.add_argument("--seed", type=int, default=0, help="base seed: item i's seed is a hash of (seed, i)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50, help="decoder steps")
-    p.add_argument("--prior-steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--scheduler", default=None, help="decoder sampler name (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
-    p.add_argument("--offload", choices=("model", "sequential"), default=None,
-                   help="low-memory mode (kandinsky.offload): weights in CPU memory, on the device only while used")
-    p.add_argument("--limit", type=int, default=None, help="generate at most this many items per rank, then stop")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, world, _ = distributed()
-    dist = None
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-    try:
-        try:
-            counts = run(args)
-        except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        totals = dict(counts)
-        if dist is not None:
-            import torch
-
-            t = torch.tensor([counts["done"], counts["skipped"], counts["seconds"]], dtype=torch.float64)
-            dist.all_reduce(t)  # also the barrier: every rank has finished writing
-            totals.update(done=int(t[0]), skipped=int(t[1]), seconds=float(t[2]))
-        if rank == 0:
-            out = Path(args.out)
-            items = make_items(read_rows(Path(args.prompts)), args)
-            manifest = merge_manifests(out, items)
-            finished = sum((out / item.file).exists() for item in items)
-            print(f"batch: {totals['items']} items, {totals['done']} generated now "
-                  f"({totals['seconds']:.1f} s over {world} process(es)), {totals['skipped']} already there; "
-                  f"{finished}/{totals['items']} finished in {out}; manifest {manifest}")
-        return 0
-    finally:
-        if dist is not None:
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``kandinsky batch`` (kandinsky/batch.py): the same files from 1 and 2 processes (torchrun
+"""``kandinsky batch`` (kandinsky/batch.py, its command line kandinsky/cli/batch.py): the same files from 1 and 2 processes (torchrun
 on gloo), resuming a stopped run, the manifest, and input errors. Tiny demo weights, 64 px,
 2 steps."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kandinsky import batch
+from kandinsky.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--demo", "--steps", "2", "--prior-steps", "2", "--width", "64", "--height", "64", "--quiet"]
@@ -37,7 +38,7 @@ def run_here(argv) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return batch.main([str(a) for a in argv])
+        return main(["batch", *argv])
     finally:
         torch.set_num_threads(threads)
 
@@ -76,7 +77,7 @@ def test_torchrun_two_processes_same_files(prompts, one_process, tmp_path):
     out = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kandinsky.batch", str(prompts), "--out", str(out), *FAST]
+           "-m", "kandinsky.cli", "batch", str(prompts), "--out", str(out), *FAST]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "5 items, 5 generated now" in done.stdout

@@ -22,7 +22,6 @@ from kandinsky.lora import (
     LoRALinear,
     adapters,
     add_lora,
-    add_lora_argument,
     apply_lora_args,
     load_lora,
     lora_format,
@@ -33,6 +32,7 @@ from kandinsky.lora import (
     set_scale,
     unmerge,
 )
+from kandinsky.cli.common import add_lora_argument
 from tests.helpers import assert_close, rel_err
 from tests.refs.clip import make_text_reference
 from tests.refs.prior import prior_inputs

@@ -71,10 +71,11 @@ def test_unwritable_outputs_fail_before_work(cached_demo, tmp_path, capsys, monk
 
 
 def test_failed_save_rescues_the_images(cached_demo, tmp_path, capsys, monkeypatch):
-    import kandinsky.cli as cli
+    from kandinsky.cli import common
 
     target = tmp_path / "gone" / "o.png"
-    monkeypatch.setattr(cli, "_check_writable", lambda paths, overwrite: (tmp_path / "gone").write_text("now a file"))
+    monkeypatch.setattr(common, "check_outputs",
+                        lambda paths, overwrite, image: (tmp_path / "gone").write_text("now a file"))
     assert main(["text2img", "--random-demo", "a", "-o", str(target), *FAST]) == 1
     err = capsys.readouterr().err
     assert "saved to" in err

@@ -8,7 +8,7 @@ Kandinsky 2.2 LoRA files in the wild, mix several with their own scales, merge t
 
     layers.py   the adapted layer (LoRALinear) and what acts on adapters in memory
     files.py    saving and loading files, the formats in the wild
-    cli.py      the --lora FILE[:SCALE] option
+    args.py     the FILE[:SCALE] form of the CLI's --lora (the option itself: kandinsky.cli.common)
 
 Names load lazily (``import kandinsky.lora`` does not import torch: the CLI's ``--help`` stays fast).
 See docs/lora.md.
@@ -23,7 +23,7 @@ _LAZY = {
     **dict.fromkeys(["COMPONENTS", "LoRAAdapter", "LoRALinear", "adapters", "add_lora", "has_lora", "lora_layers",
                      "lora_parameters", "merge", "remove_lora", "set_scale", "unmerge"], "kandinsky.lora.layers"),
     **dict.fromkeys(["load_lora", "lora_format", "save_lora"], "kandinsky.lora.files"),
-    **dict.fromkeys(["add_lora_argument", "apply_lora_args", "parse_lora_arg"], "kandinsky.lora.cli"),
+    **dict.fromkeys(["apply_lora_args", "parse_lora_arg"], "kandinsky.lora.args"),
 }
 
 

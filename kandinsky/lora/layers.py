@@ -181,7 +181,7 @@ def find_models(obj, what: str = "the object") -> list[tuple[str, nn.Module]]:
 
 def hub_name(model: nn.Module, name: str) -> str:
     """Our module name -> the reference library's (weights_convert's renaming table, reversed)."""
-    return rename(name, component_for_model(model).TABLE, reverse=True)
+    return rename(name, component_for_model(model).table, reverse=True)
 
 
 def lora_layers(obj) -> dict[str, LoRALinear]:

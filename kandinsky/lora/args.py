@@ -1,31 +1,11 @@
-"""``--lora FILE[:SCALE]`` for the command-line tasks: parse the argument, load the files."""
+"""The ``FILE[:SCALE]`` form of a LoRA argument (the CLI's ``--lora``, kandinsky.cli.common): parse it,
+load the files into a pipeline."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from kandinsky.lora import LoRAError  # (no torch here: parsers build fast; load_lora is imported on use)
-
-HELP = ("LoRA file (or folder) to apply, optionally with its strength: --lora style.safetensors:0.8 "
-        "(default 1.0); repeat for several")
-
-
-def add_lora_argument(parser) -> None:
-    """The ``--lora FILE[:SCALE]`` option (repeatable; ``args.lora`` is a list of the arguments as
-    given) on an argparse parser. Bad forms and missing files are usage errors, before anything loads."""
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_checked, help=HELP)
-
-
-def _checked(arg: str) -> str:
-    import argparse
-
-    try:
-        path, _ = parse_lora_arg(arg)
-    except LoRAError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--lora {arg}: ")) from None
-    if not Path(path).exists():
-        raise argparse.ArgumentTypeError(f"{path}: no such file or folder")
-    return arg
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:

@@ -1,0 +1,76 @@
+"""The ``kandinsky`` command line: every subcommand, declared once in ``COMMANDS``.
+
+    kandinsky text2img --demo "a red circle on a blue background" -o out.png
+    kandinsky COMMAND --help
+
+``COMMANDS`` (name -> Command) is the one table: the argparse subcommands, ``kandinsky --help`` and
+the command list of docs/usage.md derive from it. Each command's module adds its arguments and runs
+it; what they share (loading pipelines, output checks, errors and exit codes, Ctrl-C, warnings) is
+kandinsky/cli/common.py. ``python -m kandinsky.cli`` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from kandinsky.cli import batch, common, eval as evaluate, generate, research, train
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str  # one line: `kandinsky --help` and the docs' list
+    add_arguments: Callable  # (parser) -> None
+    run: Callable  # (args) -> exit status
+    description: str | None = None  # `kandinsky NAME --help`'s paragraph (default: help)
+    epilog: str | None = None  # its examples
+
+
+def _table() -> dict[str, Command]:
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+
+    tasks = [Command(name, add_arguments=functools.partial(generate.add_arguments, name=name), run=generate.run,
+                     **generate.describe(name)) for name in PROMPT_TASKS]
+    others = [
+        Command("train", "train a prior, decoder or inpainting UNet (full or LoRA)", train.add_train_arguments,
+                train.run_train, train.TRAIN_DESCRIPTION, train.TRAIN_EXAMPLES),
+        Command("train-demo", "reproduce the shipped tiny demo model from scratch", train.add_train_demo_arguments,
+                train.run_train_demo, train.TRAIN_DEMO_DESCRIPTION),
+        Command("eval", "evaluate the tiny shapes model (accuracy per attribute)", evaluate.add_arguments,
+                evaluate.run, evaluate.DESCRIPTION),
+        Command("batch", "generate many prompts (resumable, torchrun-aware)", batch.add_arguments, batch.run,
+                batch.DESCRIPTION),
+        Command("inspect", "module tree, parameter counts and output shapes", research.add_inspect_arguments,
+                research.run_inspect, research.INSPECT_DESCRIPTION, research.INSPECT_EXAMPLES),
+        Command("attention", "attention maps as pictures", research.add_attention_arguments, research.run_attention,
+                research.ATTENTION_DESCRIPTION, research.ATTENTION_EXAMPLES),
+        Command("score", "CLIP similarity of images and prompts", research.add_score_arguments, research.run_score,
+                research.score_description(), research.SCORE_EXAMPLES),
+        Command("mix", "embedding arithmetic and slerp, decoded", research.add_mix_arguments, research.run_mix,
+                research.MIX_DESCRIPTION, research.MIX_EXAMPLES),
+    ]
+    return {c.name: c for c in tasks + others}
+
+
+COMMANDS = _table()
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kandinsky", description="Kandinsky 2.2 image generation and tools. `kandinsky COMMAND --help` for a "
+                                      "command's options.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS.values():
+        sub = commands.add_parser(command.name, help=command.help, description=command.description or command.help,
+                                  epilog=command.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(sub)
+    return top
+
+
+def main(argv=None) -> int:
+    """``kandinsky ARGS``: the exit status (0 done, 1 the pictures were saved elsewhere, 2 an error, 130 Ctrl-C)."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    return common.run(args.command, COMMANDS[args.command].run, args)

@@ -1,0 +1,78 @@
+"""``kandinsky batch``: many prompts to PNGs, resumable, torchrun-aware (kandinsky.batch does the work).
+
+    kandinsky batch prompts.jsonl --out pictures/ --demo --steps 2 --width 64 --height 64
+    torchrun --nproc_per_node 8 -m kandinsky.cli batch prompts.jsonl --out pictures/ ...
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kandinsky.cli import common
+
+DESCRIPTION = "many prompts to PNGs, resumable, on one process or many (torchrun)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("prompts", help="prompts file: .txt (one prompt per line) or .jsonl (one item per line)")
+    parser.add_argument("--out", required=True, help="output folder (PNGs, manifest.jsonl, batch.json)")
+    common.add_pipeline_arguments(
+        parser, dtype=True, offload=True,
+        demo_help="the tiny model trained on procedural shapes that ships in the package (64 x 64)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: item i's seed is a hash of (seed, i)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50, help="decoder steps")
+    parser.add_argument("--prior-steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--scheduler", default=None, help="decoder sampler name (default: the checkpoint's)")
+    parser.add_argument("--limit", type=int, default=None, help="generate at most this many items per rank, then stop")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the folder over when it holds another batch (its batch.json, manifest and "
+                             "PNGs are replaced); without it such a folder is refused, and an item whose PNG "
+                             "exists is kept (resumed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    import torch
+
+    from kandinsky import batch
+
+    rank, world, local = batch.distributed()
+    out = Path(args.out)
+    items = batch.make_items(batch.read_rows(Path(args.prompts)), args)
+    if out.exists() and not out.is_dir():
+        raise common.InputError(f"--out {out} is a file; name a folder")
+    if args.overwrite and rank == 0:
+        batch.start_over(out)
+    counts = {"done": 0}
+    common.on_interrupt(lambda: f"the {counts['done']} pictures finished now and those before in {out} "
+                                "(the same command resumes)")
+    dist = None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+        if args.overwrite:
+            dist.barrier()  # rank 0 has cleared the folder
+    try:
+        default = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        counts.update(batch.run(args, items, lambda: common.pipeline(args, weights_seed=0, device_default=default),
+                                counts))
+        totals = dict(counts)
+        if dist is not None:
+            t = torch.tensor([counts["done"], counts["skipped"], counts["seconds"]], dtype=torch.float64)
+            dist.all_reduce(t)  # also the barrier: every rank has finished writing
+            totals.update(done=int(t[0]), skipped=int(t[1]), seconds=float(t[2]))
+        if rank == 0:
+            manifest = batch.merge_manifests(out, items)
+            finished = sum((out / item.file).exists() for item in items)
+            print(f"batch: {totals['items']} items, {totals['done']} generated now "
+                  f"({totals['seconds']:.1f} s over {world} process(es)), {totals['skipped']} already there; "
+                  f"{finished}/{totals['items']} finished in {out}; manifest {manifest}")
+        return 0
+    finally:
+        if dist is not None:
+            dist.destroy_process_group()

@@ -1,0 +1,289 @@
+"""What every ``kandinsky`` command shares, written once.
+
+* ``run(command, args)``: the one way a command ends. Expected errors (``EXPECTED``: ValueError and
+  its kin ConfigError, TrainError, DataError, LoRAError, InputError; OSError and its kin WeightsError,
+  CheckpointNotFound; TypeError, RuntimeError, FloatingPointError) print ``error: <message>`` and
+  exit 2, never a traceback; Ctrl-C prints ``interrupted: ...; kept ...`` (what the command says it
+  kept, via ``on_interrupt``) and exits 130; warnings print as ``warning: ...``.
+* ``check_outputs(paths, overwrite)``: every output can be written, and none is replaced without
+  ``--overwrite``, checked before any work.
+* ``add_pipeline_arguments`` / ``checkpoints`` / ``pipeline``: --demo / --random-demo / --prior /
+  --decoder / --device / --dtype / --offload / --lora, and the pipeline they name (temporary demo
+  folders removed on exit, whatever happens).
+* argparse types: ``at_least(n)``, ``seed``, ``fraction``, ``numbers``; ``add_overwrite``; ``add_lora_argument``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# every one of ConfigError, TrainError, DataError, LoRAError, InputError is a ValueError; WeightsError and
+# CheckpointNotFound are OSErrors; finite_guard raises FloatingPointError
+EXPECTED = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class InputError(ValueError):
+    """A bad command-line input (missing image file, output that exists, unknown output format)."""
+
+
+# ----------------------------------------------------------------------------- ending a command
+_kept = "nothing written"
+
+
+def on_interrupt(kept) -> None:
+    """What a Ctrl-C keeps, for the ``interrupted: ...; kept <kept>`` line: a string, or a function
+    returning one (called when the interrupt comes)."""
+    global _kept
+    _kept = kept
+
+
+def run(name: str, function, args) -> int:
+    """``function(args)`` as command ``name``: its exit status (None: 0), errors and Ctrl-C as above."""
+    on_interrupt("nothing written")
+    with plain_warnings():
+        try:
+            return function(args) or 0
+        except KeyboardInterrupt:
+            kept = _kept() if callable(_kept) else _kept
+            print(f"interrupted: kandinsky {name} stopped by Ctrl-C; kept {kept}", file=sys.stderr)
+            return 130
+        except EXPECTED as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """Warnings printed as `warning: ...` (not as a line of the console-script wrapper)."""
+    import warnings
+
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, category, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
+# ----------------------------------------------------------------------------- argparse types
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (checked before anything is loaded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small (at least {minimum})")
+        return value
+
+    return parse
+
+
+def seed(text: str) -> int:
+    """An integer torch.Generator.manual_seed takes: -2**63 .. 2**64 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (a seed is a 64-bit integer: 0 .. 2**64 - 1)")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (--strength, --prior-strength)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
+
+
+# ----------------------------------------------------------------------------- outputs
+OVERWRITE_HELP = ("replace output files that exist (without it an existing file is never overwritten: the command "
+                  "stops before any work)")
+
+
+def add_overwrite(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def check_outputs(paths, overwrite: bool, image: bool = False) -> None:
+    """Every output can be written (checked before any weights are loaded); an existing file is refused
+    unless ``overwrite``; ``image``: the suffix must name an image format PIL writes."""
+    for path in map(Path, paths):
+        if image:
+            from PIL import Image
+
+            if path.suffix.lower() not in Image.registered_extensions():
+                raise InputError(f"cannot tell the image format of the output {str(path)!r}: name it e.g. out.png")
+        if path.is_dir():
+            raise InputError(f"the output {str(path)!r} is a folder; name a file, e.g. {path / 'out.png'}")
+        if path.exists() and not overwrite:
+            raise InputError(f"{str(path)!r} exists; pass --overwrite to replace it, or choose another -o")
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise InputError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write {str(path)!r}: no permission to write in {str(ancestor)!r}")
+
+
+def open_image(path: str):
+    """The picture as stored (any mode: the pipelines convert it as the Python API does), turned upright by
+    its EXIF orientation as image viewers show it."""
+    from PIL import Image, ImageOps
+
+    if not Path(path).is_file():
+        raise InputError(f"no such image file: {path!r}")
+    try:
+        image = Image.open(path)
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read image {path!r}: {e}") from None
+
+
+def is_image_path(item: str) -> bool:
+    """An IMAGE_OR_PROMPT argument that names an image file (by its suffix, or because it exists)."""
+    return Path(item).suffix.lower() in IMAGE_SUFFIXES or Path(item).is_file()
+
+
+# ----------------------------------------------------------------------------- checkpoints and pipelines
+LORA_HELP = ("LoRA file (or folder) to apply, optionally with its strength: --lora style.safetensors:0.8 "
+             "(default 1.0); repeat for several")
+
+
+def add_lora_argument(parser) -> None:
+    """The ``--lora FILE[:SCALE]`` option (repeatable; ``args.lora`` is a list of the arguments as
+    given) on an argparse parser. Bad forms and missing files are usage errors, before anything loads."""
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", type=_lora, help=LORA_HELP)
+
+
+def _lora(arg: str) -> str:
+    from kandinsky.lora import LoRAError
+    from kandinsky.lora.args import parse_lora_arg
+
+    try:
+        path, _ = parse_lora_arg(arg)
+    except LoRAError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--lora {arg}: ")) from None
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such file or folder")
+    return arg
+
+
+DEMO_HELP = ("the tiny model trained on procedural shapes that ships with the package (offline; prompts like "
+             "'a large red circle on the left on a blue background', 64 x 64)")
+RANDOM_DEMO_HELP = "tiny RANDOM-weight checkpoints built on the fly (offline; the picture is noise)"
+
+
+def add_pipeline_arguments(parser, *, decoder: bool = True, device: str | None = None, demo_help: str = DEMO_HELP,
+                           dtype: bool = False, offload: bool = False, lora: bool = False) -> None:
+    """--prior, --decoder, --demo / --random-demo, --device; and where the command takes them --dtype,
+    --offload, --lora. ``device``: the default --device (None: cuda if available, else cpu)."""
+    parser.add_argument("--prior", help="prior folder or hub id (default: kandinsky-community/kandinsky-2-2-prior)")
+    if decoder:
+        parser.add_argument("--decoder",
+                            help="decoder folder or hub id (default: the kandinsky-community repo for the task)")
+    demo = parser.add_mutually_exclusive_group()
+    demo.add_argument("--demo", action="store_true", help=demo_help)
+    demo.add_argument("--random-demo", action="store_true", help=RANDOM_DEMO_HELP)
+    if dtype:
+        parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                            help="weights and compute precision (default fp32; fp16 is for GPUs, slow on a CPU)")
+    parser.add_argument("--device", default=device,
+                        help=f"cpu, cuda, cuda:1, ... (default: {device or 'cuda if available'})")
+    if offload:
+        parser.add_argument("--offload", choices=("model", "sequential"), default=None,
+                            help="low memory: keep the weights on the CPU and move each component (model) or each "
+                                 "layer (sequential) to --device only while it runs")
+    if lora:
+        add_lora_argument(parser)
+
+
+def device(name: str | None, default: str | None = None):
+    """--device as a torch.device (None: ``default``, else cuda if available); one this machine lacks is an
+    input error (the library's check, kandinsky.pipelines.stepping.check_device)."""
+    import torch
+
+    from kandinsky.pipelines.stepping import check_device
+
+    if name is None:
+        name = default or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return check_device(name)
+    except ValueError as e:
+        raise InputError(f"--device: {e}") from None
+
+
+@contextlib.contextmanager
+def checkpoints(args, task: str = "text2img", weights_seed: int | None = None):
+    """{"prior", "decoder" (for ``task``), "inpaint", "random"}: --prior / --decoder, else the --demo /
+    --random-demo checkpoints (a one-line message on stderr), else the hub repos. A --random-demo's
+    temporary folder is removed when the block ends. ``weights_seed``: the random weights' seed
+    (default --seed). The shapes model has no ControlNet: its controlnet tasks use random weights."""
+    from kandinsky.pipelines.tasks import CHECKPOINTS, PRIOR_CHECKPOINT, checkpoint_for
+
+    needed = checkpoint_for(task)
+    prior, decoder = args.prior, getattr(args, "decoder", None)
+    if not (args.demo or getattr(args, "random_demo", False)):
+        yield {"prior": prior or PRIOR_CHECKPOINT, "decoder": decoder or CHECKPOINTS[needed], "inpaint": None,
+               "random": False}
+        return
+    from kandinsky.demo import demo_checkpoints
+
+    random = getattr(args, "random_demo", False) or needed == "controlnet"
+    seed = getattr(args, "seed", 0) if weights_seed is None else weights_seed
+    folders, tmp, message = demo_checkpoints(random=random, seed=seed)
+    fallback = " (the shapes model has no ControlNet: random weights)" if args.demo and random else ""
+    print(message + fallback, file=sys.stderr)
+    try:
+        yield {"prior": prior or folders["prior"], "decoder": decoder or folders[needed],
+               "inpaint": folders["inpaint"], "random": random}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+@contextlib.contextmanager
+def pipeline(args, task: str = "text2img", weights_seed: int | None = None, device_default: str | None = None):
+    """-> (the Kandinsky pipeline the arguments name, the ``checkpoints`` it came from): on --device in
+    --dtype, with --lora applied and --offload set up; every optional flag the command lacks takes its
+    default. The decoder must be able to run ``task``."""
+    import torch
+
+    from kandinsky.lora.args import apply_lora_args
+    from kandinsky.pipelines.combined import Kandinsky
+    from kandinsky.pipelines.tasks import CHECKPOINTS, checkpoint_for
+
+    where = device(args.device, device_default)
+    offload = getattr(args, "offload", None)
+    with checkpoints(args, task, weights_seed) as folders:
+        pipe = Kandinsky.from_pretrained(
+            folders["decoder"], prior=folders["prior"], dtype=getattr(torch, DTYPES[getattr(args, "dtype", "fp32")]),
+            device=None if offload else where, scheduler=getattr(args, "scheduler", None),
+            revision=getattr(args, "revision", None), prior_revision=getattr(args, "prior_revision", None),
+            local_files_only=getattr(args, "offline", False))
+        needed = checkpoint_for(task)
+        if pipe.decoder.kind != needed:
+            raise ValueError(f"--decoder {folders['decoder']} is {('an ' if pipe.decoder.kind[0] in 'aeiou' else 'a ')}"
+                             f"{pipe.decoder.kind} checkpoint, which cannot run {task} (it runs "
+                             f"{', '.join(pipe.decoder.tasks)}); pass --decoder {CHECKPOINTS[needed]} or a local "
+                             f"copy of it, or leave --decoder out.")
+        apply_lora_args(pipe, getattr(args, "lora", ()))  # adapters first: offload hooks the layers as they then are
+        if offload:
+            from kandinsky.offload import enable_offload
+
+            enable_offload(pipe, mode=offload, device=where)
+        yield pipe, folders

@@ -1,0 +1,244 @@
+"""The research commands (kandinsky.research does the work):
+
+    kandinsky inspect unet --size 768x768 --depth 2          module tree, parameters, output shapes
+    kandinsky attention --demo "a red circle" -o attn.png     attention maps as pictures
+    kandinsky score cat.png "a cat" "a dog"                   CLIP similarity
+    kandinsky mix cat.png dog.png --slerp 0,0.5,1 -o mix.png  embedding arithmetic and slerp, decoded
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from kandinsky.cli import common
+
+
+# ----------------------------------------------------------------------------- inspect
+INSPECT_DESCRIPTION = ("Module tree, parameter counts and output shapes of a component, on the meta device "
+                       "(real configs shipped with kandinsky, or --checkpoint).")
+INSPECT_EXAMPLES = ("examples:\n  kandinsky inspect unet --size 768x768\n  kandinsky inspect prior --depth 1\n"
+                    "  kandinsky inspect movq --checkpoint ./kandinsky-2-2-decoder --format markdown")
+
+
+def add_inspect_arguments(parser) -> None:
+    from kandinsky.research.inspect import COMPONENTS
+
+    parser.add_argument("component", choices=list(COMPONENTS), metavar="COMPONENT",
+                        help="one of: " + ", ".join(COMPONENTS))
+    parser.add_argument("--size", default="512x512", help="image size WIDTHxHEIGHT (default 512x512)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder (or component folder) whose config.json to read")
+    parser.add_argument("--depth", type=int, default=2, help="levels of the tree to show (default 2; 0 = all)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the shapes (default 1)")
+    parser.add_argument("--format", choices=["text", "markdown"], default="text")
+
+
+def _config_for(component: str, checkpoint: str | None) -> tuple[dict, str]:
+    """The component's config.json: shipped, or read from --checkpoint (a checkpoint, component folder or
+    shipped checkpoint name). -> (config, where it came from)."""
+    from kandinsky.research.inspect import COMPONENTS, CONFIGS, shipped_config
+
+    if checkpoint is None:
+        c, f = COMPONENTS[component]
+        return shipped_config(component), f"shipped config {c}/{f}"
+    folder = Path(checkpoint)
+    if not folder.exists() and (CONFIGS / checkpoint).is_dir():  # a shipped checkpoint by name
+        folder = CONFIGS / checkpoint
+    sub = COMPONENTS[component][1]
+    for candidate in (folder / sub, folder):
+        if (candidate / "config.json").is_file():
+            return json.loads((candidate / "config.json").read_text()), str(candidate)
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: no {sub}/config.json or config.json there; pass a "
+                            f"checkpoint folder holding {sub}/ or the component folder itself")
+
+
+def run_inspect(args) -> int:
+    from kandinsky.research.inspect import format_markdown, format_text, meta_model, parse_size, tree
+
+    parse_size(args.size)
+    if args.batch < 1:
+        raise common.InputError(f"--batch must be >= 1, got {args.batch}")
+    config, source = _config_for(args.component, args.checkpoint)
+    model = meta_model(config)
+    rows = tree(model, args.size, args.depth or None, args.batch)
+    fmt = format_markdown if args.format == "markdown" else format_text
+    print(f"# {args.component} ({type(model).__name__}) from {source}, images {args.size}\n")
+    print(fmt(rows))
+    return 0
+
+
+# ----------------------------------------------------------------------------- attention
+ATTENTION_DESCRIPTION = ("Attention as pictures: where the decoder looks at the image tokens (per UNet level, at "
+                         "chosen steps, over the generated image) and which words the prior's output token reads.")
+ATTENTION_EXAMPLES = ('examples:\n  kandinsky attention --demo "a red circle on a blue background" -o attn.png\n'
+                      '  kandinsky attention "a red cat, 4k photo" --steps 50 --at 0,25,49 -o attn.png')
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--at must be comma-separated step indices like 0,10,19, got {text!r}")
+
+
+def add_attention_arguments(parser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", default="attention.png",
+                        help="decoder grid PNG (default attention.png); the prior's words go to "
+                             "<stem>-words.png, the image to <stem>-image.png, the x0 grid to <stem>-x0.png")
+    common.add_overwrite(parser)
+    common.add_pipeline_arguments(parser, device="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 6)")
+    parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    parser.add_argument("--at", type=_steps, default=None, help="decoder steps to show, e.g. 0,10,19 "
+                        "(default first, middle, last)")
+    parser.add_argument("--size", default=None,
+                        help="WIDTHxHEIGHT (default 512x512; --demo 64x64, --random-demo 128x128)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _png(output: str) -> Path:
+    """-o: a .png path in a folder that exists."""
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise common.InputError(f"-o must be a .png path, got {output}")
+    if not output.parent.is_dir():
+        raise common.InputError(f"-o {output}: folder {output.parent} does not exist")
+    return output
+
+
+def run_attention(args) -> int:
+    import torch
+
+    from kandinsky.research.inspect import parse_size
+    from kandinsky.research.viz import attention_pictures
+
+    steps = args.steps if args.steps is not None else (20 if args.demo else 6 if args.random_demo else 50)
+    if steps < 1 or args.prior_steps < 1:
+        raise common.InputError(f"--steps and --prior-steps must be >= 1, got {steps}, {args.prior_steps}")
+    width, height = parse_size(args.size or ("64x64" if args.demo else "128x128" if args.random_demo else "512x512"))
+    output = _png(args.output)
+    if args.at is not None and any(not 0 <= s < steps for s in args.at):
+        raise common.InputError(f"--at steps must be in [0, {steps - 1}] for --steps {steps}, got {args.at}")
+    paths = {"decoder": output, "prior": output.with_name(output.stem + "-words.png"),
+             "image": output.with_name(output.stem + "-image.png"),
+             "trajectory": output.with_name(output.stem + "-x0.png")}
+    common.check_outputs(paths.values(), args.overwrite)
+    with common.pipeline(args, device_default="cpu") as (pipe, _):
+        pictures = attention_pictures(
+            pipe, args.prompt, steps=args.at, trajectory=True, num_inference_steps=steps,
+            prior_num_inference_steps=args.prior_steps, height=height, width=width,
+            generator=torch.Generator().manual_seed(args.seed), progress=False)
+    for key, path in paths.items():
+        pictures[key].save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- score
+def score_description() -> str:
+    from kandinsky.research.embeddings import IMAGE_SUFFIXES
+
+    return ("CLIP cosine similarity (bigG towers of a prior checkpoint): text-image for every image and prompt, "
+            "image-image when several images are given. Arguments ending in an image suffix "
+            f"({', '.join(IMAGE_SUFFIXES)}) are images, the others prompts.")
+
+
+SCORE_EXAMPLES = ('examples:\n  kandinsky score cat.png "a cat" "a dog"\n'
+                  "  kandinsky score a.png b.png c.png --json sims.json")
+
+
+def add_score_arguments(parser) -> None:
+    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT")
+    common.add_pipeline_arguments(parser, decoder=False, device="cpu")
+    parser.add_argument("--json", help="also write the matrices to this JSON file")
+    common.add_overwrite(parser)
+
+
+def run_score(args) -> int:
+    from kandinsky.hub import resolve
+    from kandinsky.pipelines.prior import PriorPipeline
+    from kandinsky.research.embeddings import format_matrix, is_image_path, similarity
+
+    images = [x for x in args.items if is_image_path(x)]
+    prompts = [x for x in args.items if not is_image_path(x)]
+    missing = [x for x in images if not Path(x).is_file()]
+    if missing:
+        raise common.InputError(f"no such image file: {', '.join(missing)}")
+    if not images:
+        raise common.InputError("give at least one image (IMAGE_OR_PROMPT arguments ending in .png, .jpg, ...)")
+    if args.json:
+        common.check_outputs([args.json], args.overwrite)
+    where = common.device(args.device, "cpu")
+    with common.checkpoints(args, weights_seed=0) as folders:
+        prior = PriorPipeline.from_pretrained(resolve(folders["prior"], "prior checkpoint"), device=where)
+    sims = similarity(prior, images, prompts)
+    if "text" in sims:
+        print("text-image cosine (rows: images, columns: prompts)")
+        print(format_matrix(sims["text"], images, prompts))
+    if len(images) > 1:
+        print("\nimage-image cosine")
+        print(format_matrix(sims["image"], images, images))
+    if args.json:
+        data = {"images": images, "prompts": prompts, **{k: v.tolist() for k, v in sims.items()}}
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- mix
+MIX_DESCRIPTION = ("Embedding arithmetic and spherical interpolation, painted by the decoder. Items are images "
+                   "(paths ending in .png, .jpg, ...) or prompts (turned into image embeddings by the prior).")
+MIX_EXAMPLES = ('examples:\n  kandinsky mix cat.png dog.png --slerp 0,0.5,1 -o strip.png\n'
+                '  kandinsky mix photo.png "a watercolour painting" "a photo" -o out.png   (a + b - c)\n'
+                '  kandinsky mix --demo "a red cat" "a blue dog" --slerp 0,0.5,1 -o demo.png')
+
+
+def _ts(text: str) -> list[float]:
+    try:
+        ts = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        ts = []
+    if not ts or any(not math.isfinite(t) for t in ts):
+        raise argparse.ArgumentTypeError(f"--slerp takes comma-separated fractions like 0,0.5,1, got {text!r}")
+    return ts
+
+
+def add_mix_arguments(parser) -> None:
+    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT", help="a b (with --slerp) or a b c (a + b - c)")
+    parser.add_argument("--slerp", type=_ts, default=None, help="fractions t from a (0) to b (1), e.g. 0,0.5,1")
+    parser.add_argument("-o", "--output", default="mix.png", help="PNG to write (default mix.png)")
+    common.add_overwrite(parser)
+    common.add_pipeline_arguments(parser, device="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 4)")
+    parser.add_argument("--prior-steps", type=int, default=None, help="prior steps (default 25; --random-demo 2)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demos 64x64)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_mix(args) -> int:
+    import torch
+
+    from kandinsky.research.embeddings import is_image_path, mix, strip
+    from kandinsky.research.inspect import parse_size
+
+    n = len(args.items)
+    if (args.slerp is not None and n != 2) or (args.slerp is None and n != 3):
+        raise common.InputError(f"give 2 items with --slerp, or 3 items for a + b - c; got {n}")
+    missing = [x for x in args.items if is_image_path(x) and not Path(x).is_file()]
+    if missing:
+        raise common.InputError(f"no such image file: {', '.join(missing)}")
+    steps = args.steps if args.steps is not None else (20 if args.demo else 4 if args.random_demo else 50)
+    prior_steps = args.prior_steps if args.prior_steps is not None else (2 if args.random_demo else 25)
+    if steps < 1 or prior_steps < 1:
+        raise common.InputError("--steps and --prior-steps must be >= 1")
+    width, height = parse_size(args.size or ("64x64" if args.demo or args.random_demo else "512x512"))
+    output = _png(args.output)
+    common.check_outputs([output], args.overwrite)
+    with common.pipeline(args, device_default="cpu") as (pipe, _):
+        images = mix(pipe, args.items, ts=args.slerp, generator=torch.Generator().manual_seed(args.seed),
+                     prior_steps=prior_steps, num_inference_steps=steps, height=height, width=width, progress=False)
+    strip(images).save(output)
+    print(f"wrote {output}")
+    return 0
