@@ -140,12 +140,15 @@ UNET_VARIANTS = {
     "inpaint": {"in_channels": 9},  # latents + masked-picture latents + mask
     "controlnet": {"in_channels": 8, "addition_embed_type": "image_hint"},  # latents + 4 hint channels
 }
+# the hub folder of each decoder task's checkpoint: (folder, model_index class)
 DECODER_REPOS = {
-    # folder name: (model_index class, unet overrides)
-    "decoder": ("KandinskyV22Pipeline", UNET_VARIANTS["decoder"]),
-    "decoder-inpaint": ("KandinskyV22InpaintPipeline", UNET_VARIANTS["inpaint"]),
-    "controlnet-depth": ("KandinskyV22ControlnetPipeline", UNET_VARIANTS["controlnet"]),
+    "decoder": ("decoder", "KandinskyV22Pipeline"),
+    "inpaint": ("decoder-inpaint", "KandinskyV22InpaintPipeline"),
+    "controlnet": ("controlnet-depth", "KandinskyV22ControlnetPipeline"),
 }
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image processor's normalisation (the hub's)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
 def bytes_to_unicode() -> list[str]:
@@ -160,26 +163,24 @@ def bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A CLIP tokenizer folder with a byte-level vocabulary and no merges (514 tokens)."""
+def write_tokenizer(folder: Path, merges=(), context: int = 77) -> int:
+    """A CLIP tokenizer folder: the 256 byte tokens alone and word-final, one token per merge (pairs of
+    strings, in order), the two specials last (the largest ids, as in CLIP: the text tower pools at the
+    largest id). No merges: 514 tokens. -> the vocabulary size."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + list(SPECIAL_TOKENS)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "unk_token": "<|endoftext|>",
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "model_max_length": 77,
-                "tokenizer_class": "CLIPTokenizer",
-            },
-            indent=2,
-        )
-    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    _json(folder / "tokenizer_config.json", {
+        "unk_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": context,
+        "tokenizer_class": "CLIPTokenizer",
+    })
+    return len(vocab)
 
 
 def _json(path: Path, data: dict) -> None:
@@ -187,9 +188,61 @@ def _json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_checkpoint_set(root: str | Path, models: dict, image_size: int, merges=(), context: int = 77,
+                         dtype: torch.dtype | None = None) -> dict[str, Path]:
+    """The hub folders of a Kandinsky 2.2 checkpoint set under ``root``, as the hub lays them out:
+
+        prior/     models "prior", "text_encoder", "image_encoder"; the tokenizer (``merges``, ``context``
+                   tokens), PRIOR_SCHEDULER, the image processor (``image_size``), model_index.json
+        decoder/, decoder-inpaint/, controlnet-depth/   one per UNet in ``models`` ("decoder", "inpaint",
+                   "controlnet": DECODER_REPOS), each with models["movq"], DECODER_SCHEDULER, model_index.json
+
+    Weights in ``dtype`` (None: as they are). -> {folder name: path}."""
+    from weights_convert import save_component
+
+    root = Path(root)
+    prior = root / "prior"
+    for name in ("prior", "text_encoder", "image_encoder"):
+        save_component(models[name], prior / name, dtype=dtype)
+    write_tokenizer(prior / "tokenizer", merges, context)
+    _json(prior / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
+    _json(prior / "image_processor" / "preprocessor_config.json", {
+        "crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "resample": 3, "size": image_size,
+    })
+    _json(prior / "model_index.json", {
+        "_class_name": "KandinskyV22PriorPipeline",
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+        "prior": ["diffusers", "PriorTransformer"],
+        "scheduler": ["diffusers", "UnCLIPScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    })
+    folders = {"prior": prior}
+    for task, (name, pipeline_class) in DECODER_REPOS.items():
+        if task not in models:
+            continue
+        repo = root / name
+        save_component(models[task], repo / "unet", dtype=dtype)
+        save_component(models["movq"], repo / "movq", dtype=dtype)
+        _json(repo / "scheduler" / "scheduler_config.json", DECODER_SCHEDULER)
+        _json(repo / "model_index.json", {
+            "_class_name": pipeline_class,
+            "movq": ["diffusers", "VQModel"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+        })
+        folders[name] = repo
+    return folders
+
+
 @torch.no_grad()
-def _random_component(config: dict, folder: Path, seed: int) -> None:
-    from weights_convert import build_model, save_component
+def random_model(config: dict, seed: int):
+    """The model of ``config`` with random weights drawn from ``seed``: norm weights 1 + 0.05 N(0, 1),
+    every other float 0.05 N(0, 1)."""
+    from weights_convert import build_model
 
     torch.manual_seed(seed)
     model = build_model(config)
@@ -198,65 +251,24 @@ def _random_component(config: dict, folder: Path, seed: int) -> None:
         if p.is_floating_point():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.05 * noise if (p.ndim == 1 and name.endswith("weight")) else 0.05 * noise)
-    save_component(model, folder, layout="hub")
+    return model
 
 
 def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write tiny random prior / decoder / decoder-inpaint / controlnet-depth folders under ``root``."""
-    root = Path(root)
-    prior = root / "prior"
-    _random_component(TINY["prior"], prior / "prior", seed)
-    _random_component(TINY["text_encoder"], prior / "text_encoder", seed + 1)
-    _random_component(TINY["image_encoder"], prior / "image_encoder", seed + 2)
-    write_tokenizer(prior / "tokenizer")
-    _json(prior / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
-    _json(
-        prior / "image_processor" / "preprocessor_config.json",
-        {
-            "crop_size": IMAGE_SIZE,
-            "do_center_crop": True,
-            "do_normalize": True,
-            "do_resize": True,
-            "feature_extractor_type": "CLIPFeatureExtractor",
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "resample": 3,
-            "size": IMAGE_SIZE,
-        },
-    )
-    _json(
-        prior / "model_index.json",
-        {
-            "_class_name": "KandinskyV22PriorPipeline",
-            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-            "image_processor": ["transformers", "CLIPImageProcessor"],
-            "prior": ["diffusers", "PriorTransformer"],
-            "scheduler": ["diffusers", "UnCLIPScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-        },
-    )
-    folders = {"prior": prior}
-    for i, (name, (pipeline_class, overrides)) in enumerate(DECODER_REPOS.items()):
-        repo = root / name
-        _random_component({**TINY["unet"], **overrides}, repo / "unet", seed + 10 + i)
-        _random_component(TINY["movq"], repo / "movq", seed + 20)
-        _json(repo / "scheduler" / "scheduler_config.json", DECODER_SCHEDULER)
-        _json(
-            repo / "model_index.json",
-            {
-                "_class_name": pipeline_class,
-                "movq": ["diffusers", "VQModel"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-            },
-        )
+    models = {"prior": random_model(TINY["prior"], seed),
+              "text_encoder": random_model(TINY["text_encoder"], seed + 1),
+              "image_encoder": random_model(TINY["image_encoder"], seed + 2)}
+    for i, (task, changes) in enumerate(UNET_VARIANTS.items()):
+        models[task] = random_model({**TINY["unet"], **changes}, seed + 10 + i)
+    models["movq"] = random_model(TINY["movq"], seed + 20)
+    folders = write_checkpoint_set(root, models, IMAGE_SIZE)
+    for task, (name, _) in DECODER_REPOS.items():
         # the prior as a path relative to this card's folder: the set works wherever it is used from
-        (repo / "README.md").write_text(
-            f"---\nprior:\n- ../{prior.name}\ntags:\n- random-weights-demo\n---\n"
+        (folders[name] / "README.md").write_text(
+            "---\nprior:\n- ../prior\ntags:\n- random-weights-demo\n---\n"
             "# RANDOM WEIGHTS: a kandinsky demo checkpoint, not a trained model\n"
         )
-        folders[name] = repo
     return folders
 
 

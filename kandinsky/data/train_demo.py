@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
@@ -52,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from kandinsky.data import shapes
-from kandinsky.demo import DECODER_SCHEDULER, PRIOR_SCHEDULER, TINY, bytes_to_unicode
+import kandinsky.demo as demo
+from kandinsky.demo import CLIP_MEAN, CLIP_STD, TINY
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
@@ -62,9 +62,6 @@ MOVQ_FACTOR = 8  # pictures / latents (8 x 8 latents), as the shipped weights; -
 LATENT_CHANNELS = 8  # MoVQ latent channels (the real MoVQ has 4): a small shape is 2 x 2 latent cells, and 8
 #                     channels keep its corners (--latent-channels 4 rounds small squares and triangles)
 EMBED = 64  # CLIP projection = prior embedding = UNet encoder_hid_dim
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 CONTEXT = 16  # text tokens (the real CLIP has 77): the longest caption is 11 words + 2 specials
 
 # the shapes model: kandinsky.demo's tiny configs, wider (64-wide embeddings, 16 tokens of context, 64 x 64 pictures)
@@ -140,26 +137,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
 
 def write_tokenizer(folder: Path) -> int:
     """A CLIP tokenizer folder: byte tokens, the grammar's words as merges, specials last. -> vocab size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = bytes_to_unicode()
-    merges = learn_merges(shapes.VOCABULARY)
-    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + list(SPECIAL_TOKENS)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    write_json(folder / "tokenizer_config.json", {
-        "unk_token": "<|endoftext|>",
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "model_max_length": CONTEXT,
-        "tokenizer_class": "CLIPTokenizer",
-    })
-    return len(vocab)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    return demo.write_tokenizer(folder, learn_merges(shapes.VOCABULARY), CONTEXT)
 
 
 # ----------------------------------------------------------------------------- data
@@ -415,13 +393,12 @@ def train_prior(models, data, clock, log, save, seed):
 
 def train_unet(stage, models, data, clock, log, save, seed):
     from kandinsky.training.data import random_keep_masks
-    from kandinsky.demo import DECODER_SCHEDULER
     from kandinsky.sampling.schedule import NoiseSchedule
     from kandinsky.training.losses import decoder_loss, drop_image_embeds
 
     name = "inpaint" if stage == "inpaint" else "unet"
     unet = models[name]
-    schedule = NoiseSchedule.from_config(DECODER_SCHEDULER)  # the decoder checkpoint's own
+    schedule = NoiseSchedule.from_config(demo.DECODER_SCHEDULER)  # the decoder checkpoint's own
     g = torch.Generator().manual_seed(seed)
     n = STAGES[stage][1]
 
@@ -456,43 +433,11 @@ def inpaint_from_decoder(unet, inpaint) -> None:
 
 
 def write_repos(models, root: Path) -> dict[str, Path]:
-    """The hub folders: prior/ (prior, towers, tokenizer, scheduler, image processor), decoder/, decoder-inpaint/."""
-    from weights_convert import save_component
-
-    fp16 = torch.float16
-    prior = root / "prior"
-    for name in ("prior", "text_encoder", "image_encoder"):
-        save_component(models[name], prior / name, dtype=fp16)
-    write_tokenizer(prior / "tokenizer")
-    write_json(prior / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
-    write_json(prior / "image_processor" / "preprocessor_config.json", {
-        "crop_size": IMAGE_SIZE, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD), "resample": 3, "size": IMAGE_SIZE,
-    })
-    write_json(prior / "model_index.json", {
-        "_class_name": "KandinskyV22PriorPipeline",
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "image_processor": ["transformers", "CLIPImageProcessor"],
-        "prior": ["diffusers", "PriorTransformer"],
-        "scheduler": ["diffusers", "UnCLIPScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-    })
-    folders = {"prior": prior}
-    for repo_name, unet_name, pipeline in (("decoder", "unet", "KandinskyV22Pipeline"),
-                                           ("decoder-inpaint", "inpaint", "KandinskyV22InpaintPipeline")):
-        repo = root / repo_name
-        save_component(models[unet_name], repo / "unet", dtype=fp16)
-        save_component(models["movq"], repo / "movq", dtype=fp16)
-        write_json(repo / "scheduler" / "scheduler_config.json", DECODER_SCHEDULER)
-        write_json(repo / "model_index.json", {
-            "_class_name": pipeline,
-            "movq": ["diffusers", "VQModel"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-        })
-        folders[repo_name] = repo
+    """The hub folders (kandinsky.demo.write_checkpoint_set, fp16): prior/ (prior, towers, tokenizer, scheduler,
+    image processor), decoder/, decoder-inpaint/; and a README."""
+    unets = {"decoder": models["unet"], "inpaint": models["inpaint"]}
+    folders = demo.write_checkpoint_set(root, {**models, **unets}, IMAGE_SIZE, learn_merges(shapes.VOCABULARY),
+                                        CONTEXT, dtype=torch.float16)
     (root / "README.md").write_text(
         "# Tiny Kandinsky 2.2 trained on procedural shapes\n\n"
         "Pictures 64 x 64 of one circle, square or triangle on a plain background; prompts of the grammar\n"
