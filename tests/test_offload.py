@@ -1,4 +1,4 @@
-"""Low-memory mode (kandinsky.offload) on the tiny demo checkpoints.
+"""Low-memory mode (kandinsky.offload) on the tiny random demo checkpoints (the session's `random_demo`).
 
 There is no accelerator here, so the tests run the offload code path with device="cpu"
 and the weights "away" as empty meta tensors (``_home="meta"``): a weight that the hooks
@@ -7,26 +7,18 @@ without offload exactly (same weights, same code, same device).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from kandinsky import Kandinsky
-from kandinsky.demo import build_demo_checkpoints
 from kandinsky.offload import disable_offload, enable_offload
 
 RUN = dict(height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2, output_type="pt",
            progress=False)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo_checkpoints(tmp_path_factory.mktemp("offload_demo"))
-
-
-def load(demo) -> Kandinsky:
-    return Kandinsky.from_pretrained(demo["decoder"], prior=demo["prior"])
+def load(folders) -> Kandinsky:
+    return Kandinsky.from_pretrained(folders["decoder"], prior=folders["prior"])
 
 
 def text2img(pipe, seed=0):
@@ -34,13 +26,13 @@ def text2img(pipe, seed=0):
 
 
 @pytest.fixture(scope="module")
-def expected(demo):
-    return text2img(load(demo))
+def expected(random_demo):
+    return text2img(load(random_demo))
 
 
 @pytest.mark.parametrize("mode", ["model", "sequential"])
-def test_same_images_with_offload(demo, expected, mode):
-    pipe = enable_offload(load(demo), mode=mode, device="cpu", _home="meta")
+def test_same_images_with_offload(random_demo, expected, mode):
+    pipe = enable_offload(load(random_demo), mode=mode, device="cpu", _home="meta")
     images = text2img(pipe)
     assert torch.equal(images, expected)
     log = pipe.offloader.log
@@ -63,16 +55,16 @@ def test_same_images_with_offload(demo, expected, mode):
     assert torch.equal(text2img(pipe), expected)
 
 
-def test_components_are_usable_directly(demo):
-    pipe = enable_offload(load(demo), mode="model", device="cpu", _home="meta")
+def test_components_are_usable_directly(random_demo):
+    pipe = enable_offload(load(random_demo), mode="model", device="cpu", _home="meta")
     z = torch.randn(1, 4, 8, 8)
     images = pipe.decoder.movq.decode(z, force_not_quantize=True)  # an entry point besides forward
     assert images.shape == (1, 3, 64, 64)
     assert pipe.offloader.active == "decoder.movq"
 
 
-def test_offload_errors(demo):
-    pipe = load(demo)
+def test_offload_errors(random_demo):
+    pipe = load(random_demo)
     with pytest.raises(ValueError, match="mode must be one of"):
         enable_offload(pipe, mode="layers", device="cpu")
     with pytest.raises(TypeError, match="PriorPipeline, DecoderPipeline or Kandinsky"):
@@ -82,18 +74,18 @@ def test_offload_errors(demo):
         enable_offload(pipe, device="cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            enable_offload(load(demo), device="cuda")
+            enable_offload(load(random_demo), device="cuda")
 
 
-def test_performance_doc_examples_run(capsys):
-    """docs/performance.md's python blocks run as written (tiny models, CPU)."""
-    import re
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 2
-    namespace: dict = {"__name__": "performance_md"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"docs/performance.md python block {i}", "exec"), namespace)
-    assert namespace["tiled"].shape == namespace["whole"].shape == (1, 3, 128, 192)
-    assert namespace["pipe"].offloader is None and namespace["image"].size == (64, 64)
+def test_from_pretrained_offload(random_demo):
+    """Kandinsky.from_pretrained(offload="model") keeps the weights on the CPU between calls and gives
+    the same latents as a plain pipeline (here the target device is the CPU itself)."""
+    kw = dict(output_type="latent", prior_num_inference_steps=2, height=64, width=64, num_inference_steps=2,
+              progress=False)
+    plain = load(random_demo)
+    off = Kandinsky.from_pretrained(random_demo["decoder"], prior=random_demo["prior"], device="cpu",
+                                    offload="model")
+    assert off.offloader is not None
+    a = plain.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
+    b = off.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
+    assert torch.equal(a, b)
