@@ -215,7 +215,8 @@ def test_layouts_are_what_the_layers_declare():
     config's num_embeddings, and the keys it records are that many text tokens and 4 more."""
     prior = build_model({**TINY["prior"], "num_embeddings": 9}).eval()
     g = gen(4)
-    x, text, hidden = torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g), torch.randn(1, 9, 32, generator=g)
+    x, text = torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g)
+    hidden = torch.randn(1, 9, 32, generator=g)  # (B, num_embeddings, D)
     with kandinsky.capture(prior, "blocks.0.attn", attention=True) as rec, torch.no_grad():
         prior(x, 10, text, hidden, torch.ones(1, 9, dtype=torch.bool))
     assert rec.meta["blocks.0.attn"] == {"kind": "prior", "text_tokens": 9, "prd_token": -1}

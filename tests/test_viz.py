@@ -57,7 +57,8 @@ def test_attention_pictures(pictures, random_demo_kandinsky):
 
 def test_prior_word_matrix_equals_the_recorded_probabilities(random_demo_kandinsky):
     g = torch.Generator().manual_seed(1)
-    with kandinsky.capture(random_demo_kandinsky, "prior.blocks.1.attn", attention=True, steps=[0], branch="cond") as rec:
+    pipe = random_demo_kandinsky
+    with kandinsky.capture(pipe, "prior.blocks.1.attn", attention=True, steps=[0], branch="cond") as rec:
         random_demo_kandinsky.prior("a red cat", num_inference_steps=2, generator=g, progress=False)
     probs = rec["prior.blocks.1.attn", 0, "cond"]  # (1, heads, Lq, 81)
     words = viz.words_of(random_demo_kandinsky.prior.tokenizer, "a red cat")
