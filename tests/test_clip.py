@@ -21,7 +21,7 @@ from kandinsky.config import ConfigError
 from tests.conftest import DATA
 from tests.helpers import assert_close
 from tests.refs.clip import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, make_text_reference, make_vision_reference
-from weights_convert import clip_text, clip_vision, convert_state_dict, load_component
+from weights_convert import build_model, clip_text, clip_vision, convert_state_dict, load_component
 from weights_convert.naming import rename
 
 PRIOR = DATA / "kandinsky-2-2-prior"
@@ -189,7 +189,7 @@ def test_full_size_tensor_table(component, module, count):
     ref_cls = {"text_encoder": CLIPTextModelWithProjection, "image_encoder": CLIPVisionModelWithProjection}[component]
     with torch.device("meta"):
         ref = ref_cls(AutoConfig.from_pretrained(PRIOR / component))
-        ours = module.MODEL(module.CONFIG.from_dict(config))
+        ours = build_model(config)
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     # hub -> ours: every reference tensor maps to exactly one of ours, same shape, none left over

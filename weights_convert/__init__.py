@@ -5,7 +5,8 @@
     load_component(folder)           a component folder (hub or kandinsky layout) -> loaded model
     save_component(model, folder)    write a folder the reference library (or kandinsky) loads
 
-Renaming rules live as data, one table per component (weights_convert/<component>.py);
+Renaming rules live as data, one table per component (weights_convert/<component>.py), and
+one row per component says which classes and files it is (weights_convert/registry.py);
 this module knows nothing about sampling, the pipelines know nothing about weight names.
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ def build_model(config: dict) -> nn.Module:
     config values kandinsky does not implement, naming the key and value.
     """
     comp = component_for(config)
-    return comp.MODEL(comp.CONFIG.from_dict(config, source=f"{class_name(config)} config"))
+    return comp.model(comp.config.from_dict(config, source=f"{class_name(config)} config"))
 
 
 def convert_state_dict(config: dict, state_dict: dict, reverse: bool = False) -> dict:
@@ -83,16 +84,14 @@ def convert_state_dict(config: dict, state_dict: dict, reverse: bool = False) ->
 
     Pure renaming: the tensors themselves are the same objects (no copies), so this
     works on meta tensors and memory-mapped ones alike. Keys the hub carries that hold
-    no weights (``DROP_KEYS`` of the component, e.g. old CLIP ``position_ids``) are dropped.
+    no weights (the component's ``drop_keys``, e.g. old CLIP ``position_ids``) are dropped.
     """
     comp = component_for(config)
     if not reverse:
-        # older hub files use names the reference library renames on load (LEGACY_TABLE:
-        # old hub name -> current hub name) and extra keys that hold no weights (DROP_KEYS)
-        drop = set(getattr(comp, "DROP_KEYS", ()))
-        legacy = getattr(comp, "LEGACY_TABLE", ())
-        state_dict = {rename(k, legacy): v for k, v in state_dict.items() if k not in drop}
-    mapping = rename_all(state_dict, comp.TABLE, reverse=reverse)
+        # older hub files use names the reference library renames on load (legacy_table:
+        # old hub name -> current hub name) and extra keys that hold no weights (drop_keys)
+        state_dict = {rename(k, comp.legacy_table): v for k, v in state_dict.items() if k not in comp.drop_keys}
+    mapping = rename_all(state_dict, comp.table, reverse=reverse)
     return {mapping[k]: v for k, v in state_dict.items()}
 
 
@@ -151,7 +150,7 @@ def load_component(
     with skip_init(), torch.device("meta"):  # every tensor comes from the file
         model = build_model(config)
     ours = config.get(LAYOUT_KEY) == "kandinsky"
-    stems = (KANDINSKY_STEM,) if ours else (comp.HUB_WEIGHTS, "pytorch_model", "model")
+    stems = (KANDINSKY_STEM,) if ours else (comp.hub_weights, "pytorch_model", "model")
     files = find_weight_files(folder, tuple(dict.fromkeys(stems)), variant=variant)
     raw = read_weights(files)
     state = raw if ours else convert_state_dict(config, raw)
@@ -243,7 +242,7 @@ def save_component(
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     if layout == "hub":
         state = convert_state_dict(config, state, reverse=True)
-        stem = comp.HUB_WEIGHTS
+        stem = comp.hub_weights
     else:
         config[LAYOUT_KEY] = "kandinsky"
         stem = KANDINSKY_STEM

@@ -29,7 +29,7 @@ import torch
 
 from kandinsky.config import ConfigError
 from weights_convert import WeightsError, WeightsNotFoundError, load_component, save_component
-from weights_convert.registry import _MODULES, class_name
+from weights_convert.registry import BY_CLASS_NAME, class_name
 
 DTYPES = {"keep": "keep", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,7 +39,7 @@ def _is_component(folder: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return class_name(json.loads(cfg.read_text())) in _MODULES
+        return class_name(json.loads(cfg.read_text())) in BY_CLASS_NAME
     except (ValueError, ConfigError):
         return False
 
@@ -55,7 +55,7 @@ def plan(src: Path) -> tuple[list[Path], list[Path]]:
     items = sorted(src.iterdir())
     components = [p for p in items if p.is_dir() and _is_component(p)]
     if not components:
-        raise WeightsError(f"SRC {src}: found no component folder (a config.json naming {sorted(_MODULES)}).")
+        raise WeightsError(f"SRC {src}: found no component folder (a config.json naming {sorted(BY_CLASS_NAME)}).")
     return components, [p for p in items if p not in components]
 
 

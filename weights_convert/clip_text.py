@@ -4,10 +4,6 @@ Hub checkpoints written by transformers < 4.31 also hold the non-persistent buff
 ``text_model.embeddings.position_ids``; it is not a weight (positions are computed on
 the fly) and is dropped on load, as transformers does.
 """
-from kandinsky.clip.model import CLIPTextConfig as CONFIG
-from kandinsky.clip.model import TextEncoder as MODEL
-
-HUB_WEIGHTS = "model"
 
 # (hub prefix, our prefix); `text_projection` keeps its name.
 TABLE = [

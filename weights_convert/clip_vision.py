@@ -4,10 +4,6 @@ Hub checkpoints written by transformers < 4.31 also hold the non-persistent buff
 ``vision_model.embeddings.position_ids``; it is not a weight and is dropped on load,
 as transformers does.
 """
-from kandinsky.clip.model import CLIPVisionConfig as CONFIG
-from kandinsky.clip.model import ImageEncoder as MODEL
-
-HUB_WEIGHTS = "model"
 
 # (hub prefix, our prefix); `visual_projection` keeps its name. (`pre_layrnorm` is the hub's spelling.)
 TABLE = [

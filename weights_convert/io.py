@@ -49,8 +49,8 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-# The stem of the weight files for a layout: hub stems come from the component
-# module (HUB_WEIGHTS), transformers also used "pytorch_model" for .bin files.
+# The stem of the weight files for a layout: hub stems come from the component's
+# row in registry.py (hub_weights), transformers also used "pytorch_model" for .bin files.
 KANDINSKY_STEM = "kandinsky"
 
 

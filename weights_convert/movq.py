@@ -11,11 +11,6 @@ Hub names that differ from ours:
     {encoder|decoder}.conv_norm_out                              -> {...}.norm_out
     quantize.embedding                                           -> quantizer.codebook
 """
-from kandinsky.movq.model import MoVQ, MoVQConfig
-
-CONFIG = MoVQConfig
-MODEL = MoVQ
-HUB_WEIGHTS = "diffusion_pytorch_model"
 
 
 def _attention(hub: str, ours: str, norm: str) -> list[tuple[str, str]]:

@@ -1,9 +1,4 @@
 """diffusers PriorTransformer (kandinsky-2-2-prior/prior) <-> kandinsky.prior.DiffusionPrior."""
-from kandinsky.prior import DiffusionPrior, PriorConfig
-
-CONFIG = PriorConfig
-MODEL = DiffusionPrior
-HUB_WEIGHTS = "diffusion_pytorch_model"
 
 # (hub prefix, our prefix); positional_embedding, norm_out, clip_mean, clip_std keep their names.
 TABLE = [

@@ -1,26 +1,46 @@
-"""Which table module handles which checkpoint class.
+"""Which checkpoint class is which kandinsky component: one row per component.
 
-Each module ``weights_convert/<component>.py`` defines:
-    CONFIG      the kandinsky ComponentConfig subclass (CONFIG.CLASS_NAME = hub class name)
-    MODEL       the kandinsky nn.Module class, built as MODEL(config)
-    TABLE       list of (hub_prefix, our_prefix) renaming rules (see naming.py)
-    HUB_WEIGHTS file stem the reference library writes ("diffusion_pytorch_model" or "model")
+A row (``Component``) holds what the loader needs to know about a component and nothing else:
+
+    config       the kandinsky ComponentConfig subclass (config.CLASS_NAME = the hub class name)
+    model        the kandinsky nn.Module class, built as model(config)
+    hub_weights  the file stem the reference library writes ("diffusion_pytorch_model" or "model")
+    table        (hub_prefix, our_prefix) renaming rules (naming.py), from weights_convert/<component>.py
+    legacy_table old hub name -> current hub name, for files older libraries wrote (read only)
+    drop_keys    hub tensors that hold no weights (old persistent buffers), dropped on load
 """
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+import dataclasses
 
+from kandinsky.clip.model import CLIPTextConfig, CLIPVisionConfig, ImageEncoder, TextEncoder
 from kandinsky.config import ConfigError
+from kandinsky.movq.model import MoVQ, MoVQConfig
+from kandinsky.prior.model import DiffusionPrior, PriorConfig
+from kandinsky.unet.model import UNet, UNetConfig
+from weights_convert import clip_text, clip_vision, movq, prior, unet
+from weights_convert.naming import Table
 
-# hub class name (diffusers `_class_name`, transformers `architectures[0]`) -> module
-_MODULES = {
-    "CLIPTextModelWithProjection": "clip_text",
-    "CLIPVisionModelWithProjection": "clip_vision",
-    "PriorTransformer": "prior",
-    "UNet2DConditionModel": "unet",
-    "VQModel": "movq",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    config: type
+    model: type
+    hub_weights: str
+    table: Table
+    legacy_table: Table = ()
+    drop_keys: tuple[str, ...] = ()
+
+
+COMPONENTS = [
+    Component(CLIPTextConfig, TextEncoder, "model", clip_text.TABLE, drop_keys=clip_text.DROP_KEYS),
+    Component(CLIPVisionConfig, ImageEncoder, "model", clip_vision.TABLE, drop_keys=clip_vision.DROP_KEYS),
+    Component(PriorConfig, DiffusionPrior, "diffusion_pytorch_model", prior.TABLE),
+    Component(UNetConfig, UNet, "diffusion_pytorch_model", unet.TABLE),
+    Component(MoVQConfig, MoVQ, "diffusion_pytorch_model", movq.TABLE, legacy_table=movq.LEGACY_TABLE),
+]
+# hub class name (diffusers `_class_name`, transformers `architectures[0]`) -> component
+BY_CLASS_NAME = {c.config.CLASS_NAME: c for c in COMPONENTS}
 
 
 def class_name(config: dict) -> str:
@@ -34,22 +54,19 @@ def class_name(config: dict) -> str:
         "config has neither `_class_name` (diffusers) nor `architectures` (transformers), so the model "
         f"class is unknown{hint}; add the class, e.g. \"architectures\": [\"CLIPTextModelWithProjection\"] "
         "or \"_class_name\": \"UNet2DConditionModel\" (kandinsky builds "
-        f"{', '.join(sorted(_MODULES))})."
+        f"{', '.join(sorted(BY_CLASS_NAME))})."
     )
 
 
-def component_for(config: dict) -> ModuleType:
+def component_for(config: dict) -> Component:
     name = class_name(config)
-    if name not in _MODULES:
-        raise ConfigError(
-            f"unknown model class {name!r}; kandinsky builds {sorted(_MODULES)}"
-        )
-    return importlib.import_module(f"weights_convert.{_MODULES[name]}")
+    if name not in BY_CLASS_NAME:
+        raise ConfigError(f"unknown model class {name!r}; kandinsky builds {sorted(BY_CLASS_NAME)}")
+    return BY_CLASS_NAME[name]
 
 
-def component_for_model(model) -> ModuleType:
-    for mod_name in _MODULES.values():
-        mod = importlib.import_module(f"weights_convert.{mod_name}")
-        if type(model) is mod.MODEL:
-            return mod
+def component_for_model(model) -> Component:
+    for component in COMPONENTS:
+        if type(model) is component.model:
+            return component
     raise TypeError(f"{type(model).__name__} is not a kandinsky component model")

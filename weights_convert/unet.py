@@ -4,11 +4,6 @@ Inside ResBlocks (norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut) and 
 layers (group_norm, to_q/k/v, add_k_proj, add_v_proj) the names are the hub's; only the
 containers and the top-level embeddings are renamed.
 """
-from kandinsky.unet import UNet, UNetConfig
-
-CONFIG = UNetConfig
-MODEL = UNet
-HUB_WEIGHTS = "diffusion_pytorch_model"
 
 TABLE = [
     # conditioning
