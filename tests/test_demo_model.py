@@ -1,6 +1,7 @@
 """The tiny demo model: `kandinsky train-demo` (a few steps) and the shipped weights, measured with the
 shapes analyser (kandinsky.data.evaluate)."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,38 @@ def test_train_demo_two_jobs_trains_every_stage_and_writes_the_repos(tmp_path):
     # main() set them in this process
     train_demo.MOVQ_FACTOR, train_demo.LATENT_CHANNELS, train_demo.HEAD_WEIGHTS["shape"] = defaults
     assert 2 ** (len(train_demo.CONFIGS["movq"]["block_out_channels"]) - 1) == train_demo.MOVQ_FACTOR
+
+
+def test_train_demo_steps_through_the_shared_schedule_and_ema(monkeypatch):
+    """A stage's loop: the learning rate of kandinsky.training.optim.lr_at at the stage's fraction done
+    (a 3% warm-up, a cosine, a floor of 2% of the stage's rate), and the EMA with the ramped decay
+    min(0.999, (1 + n) / (10 + n)): what the stage ends holding, and what it saves."""
+    from kandinsky.training import optim
+
+    lrs, raw, saved = [], [], []
+    monkeypatch.setattr(train_demo, "set_lr", lambda opt, lr: lrs.append(optim.set_lr(opt, lr)))
+
+    def step(*args, **kwargs):
+        norm = optim.optimizer_step(*args, **kwargs)
+        raw.append(model.weight.detach().clone())  # the weights after each step
+        return norm
+
+    monkeypatch.setattr(train_demo, "optimizer_step", step)
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    base = train_demo.STAGES["prior"][2]
+    clock = train_demo.Clock(steps=4, seconds=0)
+    train_demo.train("prior", list(model.parameters()), lambda s: ((model.weight * (s + 1)).sum(), {"x": 0.0}),
+                     clock, lambda message: None, lambda: saved.append(model.weight.detach().clone()), ema_model=model)
+    cosine = [base * 0.5 * (1 + math.cos(math.pi * f)) for f in (0.25, 0.5, 0.75)]
+    assert lrs == pytest.approx([0.02 * base] + [max(lr, 0.02 * base) for lr in cosine])  # step 0: in the warm-up
+    ema = torch.ones(1, 1)
+    for n, w in enumerate(raw):
+        decay = min(0.999, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25, 0.31
+        ema = decay * ema + (1 - decay) * w
+    assert len(raw) == 4 and torch.allclose(model.weight, ema) and torch.allclose(saved[-1], ema)
+    assert not torch.allclose(raw[-1], ema)
 
 
 def test_train_demo_bad_arguments(tmp_path, capsys):

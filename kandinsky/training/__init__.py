@@ -24,7 +24,7 @@ _LAZY = {
     "TrainError": "kandinsky.training.config",
     "DataError": "kandinsky.training.data",
     "scan_folder": "kandinsky.training.data",
-    "NoiseSchedule": "kandinsky.training.losses",
+    "NoiseSchedule": "kandinsky.sampling.schedule",  # the one schedule, which the losses read
     "prior_schedule": "kandinsky.training.losses",
     "prior_loss": "kandinsky.training.losses",
     "decoder_loss": "kandinsky.training.losses",
