@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from kandinsky.demo import build_demo_checkpoints
-from kandinsky.training.cli import main
+from kandinsky.cli import main as kandinsky_main
 from kandinsky.training.config import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
@@ -86,7 +86,7 @@ def test_training_doc_runs(tmp_path, monkeypatch, one_thread):
                 pytest.fail(f"docs/training.md python block {i} failed: {e!r}\n---\n{block}")
         else:
             for argv in commands(code):
-                assert main(argv) == 0, f"docs/training.md: kandinsky train {shlex.join(argv)}"
+                assert kandinsky_main(["train", *argv]) == 0, f"docs/training.md: kandinsky train {shlex.join(argv)}"
                 ran += 1
     assert ran >= 6
     # a few documented results

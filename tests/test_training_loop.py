@@ -24,8 +24,14 @@ import pytest
 import torch
 
 from kandinsky.demo import build_demo_checkpoints
-from kandinsky.training.cli import main
+from kandinsky.cli import main as kandinsky_main
 from weights_convert import load_component, save_component
+
+
+def main(argv) -> int:
+    """``kandinsky train ARGV`` in this process."""
+    return kandinsky_main(["train", *argv])
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +145,7 @@ def test_two_processes_follow_one(demo, data, tmp_path):
     assert main(prior_args(demo, data, one, "--steps", 3, "--lr", "1e-3")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kandinsky.training.cli", *prior_args(demo, data, two, "--steps", 3, "--lr", "1e-3")]
+           "-m", "kandinsky.cli", "train", *prior_args(demo, data, two, "--steps", 3, "--lr", "1e-3")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert np.allclose(losses(one), losses(two), rtol=1e-6)
@@ -181,8 +187,6 @@ def test_ema_and_bf16(demo, data, tmp_path):
 
 
 def test_kandinsky_train_dispatches_here(capsys):
-    from kandinsky.cli import main as kandinsky_main
-
     with pytest.raises(SystemExit) as e:
         kandinsky_main(["train", "--help"])
     assert e.value.code == 0
