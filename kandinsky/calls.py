@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 BRANCHES_GUIDED = ("uncond", "cond")
@@ -37,7 +37,6 @@ class ModelCall:
     step: int  # sampler step index (several evaluations may share one step: Heun, ...)
     timestep: float
     branches: tuple[str, ...] = BRANCHES_SINGLE  # the batch split into equal chunks, in this order
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,6 @@ def current_call() -> ModelCall | None:
     return _NOW.get().model
 
 
-def model_call(stage: str, step: int, timestep, branches: tuple[str, ...] = BRANCHES_SINGLE, **extra):
+def model_call(stage: str, step: int, timestep, branches: tuple[str, ...] = BRANCHES_SINGLE):
     """Mark the model evaluation(s) inside the block as ``stage``/``step``/``timestep``/``branches``."""
-    return scope(model=ModelCall(stage, int(step), float(timestep), tuple(branches), dict(extra)))
+    return scope(model=ModelCall(stage, int(step), float(timestep), tuple(branches)))
