@@ -37,6 +37,17 @@ def random_demo(tmp_path_factory) -> dict[str, pathlib.Path]:
     return build_demo_checkpoints(tmp_path_factory.mktemp("demo"), seed=0)
 
 
+@pytest.fixture
+def demo_as_hub(random_demo, tmp_path, monkeypatch) -> dict[str, pathlib.Path]:
+    """Work in ``tmp_path``, where the random demo folders stand under their hub names
+    (``./kandinsky-2-2-prior``, ``./kandinsky-2-2-decoder``, ...): a docs example whose
+    ``kandinsky-community/NAME`` becomes ``./NAME`` runs there as written. -> ``random_demo``."""
+    for name, folder in random_demo.items():
+        (tmp_path / f"kandinsky-2-2-{name}").symlink_to(folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return random_demo
+
+
 @pytest.fixture(scope="session")
 def random_demo_kandinsky(random_demo):
     """A ``Kandinsky`` pipeline (prior + decoder) of the tiny random demo folders, loaded once. Run it;

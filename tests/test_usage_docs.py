@@ -1,9 +1,10 @@
-"""docs/usage.md's python examples run as written, on the tiny random demo checkpoints.
+"""docs/usage.md's python examples run as written, on the tiny random demo checkpoints; so do the
+self-contained examples of docs/architecture.md and docs/components.md.
 
-All ```python blocks are executed in order in one namespace (like a notebook), in a temporary
-folder holding the demo repos under their hub names (``./kandinsky-2-2-prior``, ...). Hub ids
-``kandinsky-community/NAME`` become ``./NAME``; picture sizes (512, 768) and step counts are shrunk
-so the whole page runs in seconds on a CPU.
+usage.md's ```python blocks are executed in order in one namespace (like a notebook), in a temporary
+folder holding the demo repos under their hub names (``./kandinsky-2-2-prior``, ...: the ``demo_as_hub``
+fixture). Hub ids ``kandinsky-community/NAME`` become ``./NAME``; picture sizes (512, 768) and step
+counts are shrunk so the whole page runs in seconds on a CPU.
 """
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ import re
 
 import pytest
 
-from kandinsky.demo import build_demo_checkpoints
+from tests.helpers import python_blocks, run_python_blocks
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md"
-REPOS = {"prior": "kandinsky-2-2-prior", "decoder": "kandinsky-2-2-decoder",
-         "decoder-inpaint": "kandinsky-2-2-decoder-inpaint", "controlnet-depth": "kandinsky-2-2-controlnet-depth"}
-
-
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def shrink(code: str) -> str:
@@ -31,20 +26,9 @@ def shrink(code: str) -> str:
     return re.sub(r"prior_num_inference_steps=\d+", "prior_num_inference_steps=2", code)
 
 
-def test_usage_examples_run(tmp_path, monkeypatch):
-    blocks = python_blocks(DOC.read_text())
-    assert len(blocks) >= 15
-    folders = build_demo_checkpoints(tmp_path / "demo")
-    for name, repo in REPOS.items():
-        (tmp_path / repo).symlink_to(folders[name], target_is_directory=True)
-    monkeypatch.chdir(tmp_path)
-
-    namespace: dict = {"__name__": "usage_md"}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(shrink(block), f"docs/usage.md python block {i}", "exec"), namespace)
-        except Exception as e:
-            pytest.fail(f"docs/usage.md python block {i} failed: {e!r}\n---\n{block}")
+def test_usage_examples_run(demo_as_hub, tmp_path):
+    assert len(python_blocks(DOC.read_text())) >= 15
+    namespace = run_python_blocks(DOC, shrink)
     # a few of the documented results
     stages = [state[0] for state in namespace["seen"]]  # the callback ran once per step of both stages
     assert stages == ["prior"] * 2 + ["decoder"] * 4
@@ -57,12 +41,6 @@ def test_usage_examples_run(tmp_path, monkeypatch):
 def test_reference_docs_examples_run(doc, monkeypatch):
     """docs/architecture.md and docs/components.md build their own tiny models: run them as written."""
     path = DOC.parent / doc
-    blocks = python_blocks(path.read_text())
-    assert blocks
+    assert python_blocks(path.read_text())
     monkeypatch.chdir(DOC.parent.parent)  # they read tests/data configs relative to the repo root
-    namespace: dict = {"__name__": doc}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"docs/{doc} python block {i}", "exec"), namespace)
-        except Exception as e:
-            pytest.fail(f"docs/{doc} python block {i} failed: {e!r}\n---\n{block}")
+    run_python_blocks(path)
