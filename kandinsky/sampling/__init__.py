@@ -1,1 +1,1 @@
-"""The sampling core: noise schedules, samplers (pure functions), denoisers, step state."""
+"""The sampling core: the noise schedule, samplers (pure functions), denoisers, step state."""

@@ -53,6 +53,12 @@ def ddim_plan(name: str, schedule: NoiseSchedule, num_inference_steps: int) -> P
 # ---------------------------------------------------------------------------------------------
 
 
+def jump(plan: Plan, i: int, final=None):
+    """Step i's jump t -> prev_t and the alpha_bar of both (prev_t = -1: ``final``, default 1)."""
+    t, prev_t = int(plan.timesteps[i]), plan.prev_timesteps[i]
+    return t, prev_t, plan.schedule.alpha_bar(t, final), plan.schedule.alpha_bar(prev_t, final)
+
+
 def predicted_x0(schedule: NoiseSchedule, out: torch.Tensor, x: torch.Tensor, alpha_bar) -> torch.Tensor:
     """The clean estimate from the model output (as the config's prediction_type says), clipped
     to +-clip_sample_range when the config says so."""
@@ -94,9 +100,8 @@ def sample_unclip(denoiser: Denoiser, x, plan: Plan, generator=None, callback: C
     longer jump re-derives its beta from alpha_bar (1 - beta = alpha_bar_t / alpha_bar_prev)."""
     schedule = plan.schedule
     for i in range(plan.begin, plan.num_steps):
-        t, prev_t = int(plan.timesteps[i]), plan.prev_timesteps[i]
         guided = denoiser(x, plan.timesteps[i], i - plan.begin)
-        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(prev_t)
+        t, prev_t, alpha_bar_t, alpha_bar_prev = jump(plan, i)
         if prev_t == t - 1:
             beta, alpha = schedule.betas[t], schedule.alphas[t]
         else:
@@ -114,9 +119,8 @@ def sample_ddpm(denoiser: Denoiser, x, plan: Plan, generator=None, callback: Cal
     alpha = alpha_bar_t / alpha_bar_prev."""
     schedule = plan.schedule
     for i in range(plan.begin, plan.num_steps):
-        t, prev_t = int(plan.timesteps[i]), plan.prev_timesteps[i]
         guided = denoiser(x, plan.timesteps[i], i - plan.begin)
-        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t), schedule.alpha_bar(prev_t)
+        t, _, alpha_bar_t, alpha_bar_prev = jump(plan, i)
         alpha = alpha_bar_t / alpha_bar_prev
         beta = 1 - alpha
         pred_x0 = predicted_x0(schedule, guided.output, x, alpha_bar_t)
@@ -131,12 +135,10 @@ def sample_ddim(denoiser: Denoiser, x, plan: Plan, generator=None, callback: Cal
     """DDIM (Song et al. 2020, eq. 12); eta = 0 draws no noise. The last step lands on the
     schedule's ``final_alpha_cumprod`` (1, or alpha_bar_0 with set_alpha_to_one=False)."""
     schedule = plan.schedule
-    final = schedule.final_alpha_cumprod
     for i in range(plan.begin, plan.num_steps):
-        t, prev_t = int(plan.timesteps[i]), plan.prev_timesteps[i]
         guided = denoiser(x, plan.timesteps[i], i - plan.begin)
         out = guided.output
-        alpha_bar_t, alpha_bar_prev = schedule.alpha_bar(t, final), schedule.alpha_bar(prev_t, final)
+        _, _, alpha_bar_t, alpha_bar_prev = jump(plan, i, final=schedule.final_alpha_cumprod)
         pred_x0 = predicted_x0(schedule, out, x, alpha_bar_t)
         # sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))   (eq. 16)
         variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * (1 - alpha_bar_t / alpha_bar_prev)
