@@ -38,10 +38,8 @@ EMA is what is saved.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -547,99 +545,3 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
         log(f"not writing the repos: stages {missing + unfinished} are not trained yet")
         return {}
     return write_repos(models, out)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="kandinsky train-demo",
-        description="Train the tiny demo Kandinsky (CLIP towers, MoVQ, prior, decoder, inpainting UNet) "
-        "on procedural shapes and write it in the hub layout.",
-    )
-    parser.add_argument("--out", required=True, help="folder for the checkpoints (prior/, decoder/, decoder-inpaint/)")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help=f"total training time (CPU minutes), shared by the stages run in proportion to "
-                             f"their STAGES minutes (default: each stage its STAGES minutes, as the shipped "
-                             f"weights trained; {DEFAULT_MINUTES:g} for all)")
-    parser.add_argument("--steps", type=int, default=None, help="train each stage this many steps instead (tests)")
-    parser.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
-                        help="stages to (re)train; the others are loaded from OUT/stages/ (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-size", type=int, default=DATA_SIZE,
-                        help=f"pictures the prior and decoders train on (default {DATA_SIZE})")
-    parser.add_argument("--write-only", action="store_true",
-                        help="train nothing: write the hub folders from the checkpoints in OUT/stages/")
-    parser.add_argument("--resume", action="store_true",
-                        help="start each trained stage from its checkpoint in OUT/stages/ (train it longer)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--movq-factor", type=int, default=8, choices=(8, 4),
-                        help="pictures / latents: 8 (8 x 8 latents, the shipped weights) or 4 (16 x 16 latents, "
-                             "a 3-level MoVQ: sharper small shapes, a slower decoder to train)")
-    parser.add_argument("--latent-channels", type=int, default=LATENT_CHANNELS, choices=(4, 8, 16),
-                        help=f"MoVQ latent channels (default {LATENT_CHANNELS}, the shipped weights; the real "
-                             f"MoVQ has 4, which rounds the corners of small shapes at 8 x 8 latents)")
-    parser.add_argument("--shape-weight", type=float, default=HEAD_WEIGHTS["shape"],
-                        help="weight of the CLIP image tower's shape head (1 for the shipped weights; 6 puts the "
-                             "shape into the embedding: see kandinsky/demo_weights/README.md)")
-    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
-                        help="2: train in two processes of one thread each, clip beside movq, then prior and "
-                             "movq_decoder beside decoder and inpaint (each stage gets the same time as with 1; "
-                             "the wall-clock time is about half)")
-    return parser.parse_args(argv)
-
-
-def run_parallel(args, stages: list[str], log) -> None:
-    """The PHASES in two child processes each (one thread each); each child trains its stages for
-    their share of --minutes, as a single process would. Raises when a child fails."""
-    import subprocess
-
-    total = sum(STAGES[name][0] for name in stages)
-    for phase in PHASES:
-        children = []
-        for group in phase:
-            group = [name for name in group if name in stages]
-            if not group:
-                continue
-            argv = [sys.executable, "-m", "kandinsky.data.train_demo", "--out", args.out, "--stages", *group,
-                    "--seed", str(args.seed), "--data-size", str(args.data_size), "--threads", "1"]
-            if args.minutes is not None:  # else each stage its STAGES minutes
-                argv += ["--minutes", str(args.minutes * sum(STAGES[name][0] for name in group) / total)]
-            argv += ["--steps", str(args.steps)] if args.steps else []
-            argv += ["--movq-factor", str(args.movq_factor), "--shape-weight", str(args.shape_weight),
-                     "--latent-channels", str(args.latent_channels)]
-            argv += ["--resume"] if args.resume else []
-            log(f"started {' + '.join(group)}")
-            children.append((group, subprocess.Popen(argv)))
-        failed = [group for group, child in children if child.wait() != 0]
-        if failed:
-            raise RuntimeError(f"train-demo: stages {failed} failed (their output is above); fix and rerun them "
-                               f"with --stages, the finished ones are kept in {args.out}/stages/")
-
-
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps < 1):
-        print("error: --minutes must be > 0 and --steps >= 1", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    global MOVQ_FACTOR, LATENT_CHANNELS
-    MOVQ_FACTOR, LATENT_CHANNELS = args.movq_factor, args.latent_channels
-    HEAD_WEIGHTS["shape"] = args.shape_weight
-    start = time.time()
-
-    def log(message):
-        print(f"[{time.time() - start:7.1f}s] {message}", flush=True)
-
-    stages = [] if args.write_only else args.stages or list(STAGES)
-    if args.jobs == 2 and stages:
-        run_parallel(args, stages, log)
-        stages = []  # everything trained: write the hub folders here
-    folders = run(Path(args.out), args.minutes, args.steps, stages, args.seed, log,
-                  args.data_size, args.resume)
-    if folders:
-        log("wrote " + ", ".join(str(f) for f in folders.values()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,31 @@
+"""``kandinsky train-demo`` and ``kandinsky eval`` (kandinsky/cli/train.py, kandinsky/cli/eval.py): the
+command-line checks, before any training or loading. The runs themselves: tests/test_demo_model.py
+(train-demo) and tests/test_training_loop.py (train)."""
+from __future__ import annotations
+
+from kandinsky.cli import main
+
+
+def test_train_demo_bad_arguments(tmp_path, capsys):
+    assert main(["train-demo", "--out", tmp_path, "--minutes", "0"]) == 2
+    assert "error: --minutes" in capsys.readouterr().err
+    # a stage whose inputs are not trained: the library's FileNotFoundError, as an `error:` line
+    assert main(["train-demo", "--out", tmp_path, "--stages", "prior", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "add them to --stages" in err and "Traceback" not in err
+
+
+def test_eval_cli_needs_checkpoints(capsys):
+    assert main(["eval", "shapes"]) == 2
+    assert "--prior and --decoder" in capsys.readouterr().err
+
+
+def test_eval_refuses_to_overwrite_its_grids(tmp_path, capsys):
+    (tmp_path / "run-text2img.png").write_bytes(b"my grid")
+    argv = ["eval", "shapes", "--prior", "p", "--decoder", "d", "--save", f"{tmp_path}/run-"]
+    assert main(argv) == 2  # refused before loading anything (the folders p and d do not exist)
+    err = capsys.readouterr().err
+    assert "run-text2img.png' exists; pass --overwrite" in err
+    assert (tmp_path / "run-text2img.png").read_bytes() == b"my grid"
+    assert main(argv + ["--overwrite"]) == 2  # now it gets as far as loading: the checkpoint is missing
+    assert "exists" not in capsys.readouterr().err
