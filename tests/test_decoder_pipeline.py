@@ -246,16 +246,19 @@ def test_controlnet(controlnet):
     assert rel_err(out, exp) < TOL
 
 
-def test_controlnet_img2img(controlnet):
+@pytest.mark.parametrize("strength, per_prompt, steps", [(0.5, 1, 4), (1.0, 2, 2)])
+def test_controlnet_img2img(controlnet, strength, per_prompt, steps):
     ours, ref = controlnet
     ref = reference_variant(ref, CONTROLNET_IMG2IMG)
     e, n = embeds(1, seed=11)
     image, hint = rgb(8), torch.rand(1, 3, 64, 64, generator=gen(17))
-    kw = dict(height=64, width=64, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
+    kw = dict(**SIZE, num_inference_steps=steps, guidance_scale=4.0, strength=strength,
+              num_images_per_prompt=per_prompt)
     out = ours.controlnet_img2img(e, image, n, hint, generator=gen(18), output_type="np", progress=False,
                                   **kw).images
     exp = ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, generator=gen(18), output_type="np",
               **kw).images
+    assert out.shape == (per_prompt, 64, 64, 3)
     assert 0.1 < ((out > 0) & (out < 1)).mean()
     assert rel_err(torch.from_numpy(out), torch.from_numpy(exp)) < TOL
 
@@ -396,20 +399,6 @@ def test_img2img_images_per_prompt_and_generator_list(decoder):
     assert got.shape == (2, 64, 64, 3)
     assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
     assert np.abs(got[0] - got[1]).max() > 1e-3  # the two pictures differ
-
-
-def test_controlnet_img2img_images_per_prompt(controlnet):
-    ours, ref = controlnet
-    ref = reference_variant(ref, CONTROLNET_IMG2IMG)
-    e, n = embeds(1, seed=6)
-    image, hint = rgb(6), torch.rand(1, 3, 64, 64, generator=gen(60))
-    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0, strength=1.0, num_images_per_prompt=2)
-    got = ours.controlnet_img2img(e, image, n, hint, generator=gen(6), output_type="np", progress=False,
-                                  **kw).images
-    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, hint=hint, generator=gen(6), output_type="np",
-              **kw).images
-    assert got.shape == (2, 64, 64, 3)
-    assert rel_err(torch.from_numpy(got), torch.from_numpy(exp)) < TOL
 
 
 def test_text2img_generator_list(decoder):

@@ -48,15 +48,6 @@ PRIOR_LAYERS = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.t
 RANK = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy machine several threads are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- LoRA files, written by hand
 def random_lora(ref: nn.Module, paths, rank=RANK, seed=0) -> dict:
     """{reference path: (down (r, in), up (out, r))}, random (up non-zero)."""
