@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kandinsky.config import ComponentConfig, ConfigError
+from kandinsky.config import ComponentConfig, ConfigError, any_sign
 
 CONFIG_NAME = "scheduler_config.json"
 
@@ -43,18 +43,11 @@ CONFIG_NAME = "scheduler_config.json"
 
 
 def require(source: str, key: str, value, allowed: tuple) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
-    if not any(value == a and type(value) is type(a) for a in allowed):
+    """Raise ConfigError naming ``key`` unless ``value`` is one of ``allowed`` (the field types
+    themselves are checked by ComponentConfig.validate, from the declarations)."""
+    if value not in allowed:
         shown = " or ".join(repr(a) for a in allowed)
         raise ConfigError(f"{source}: {key}={value!r} is not supported (supported: {shown}).")
-
-
-def require_type(source: str, key: str, value, types: tuple) -> None:
-    if isinstance(value, bool) and bool not in types:  # True is an int in Python
-        raise ConfigError(f"{source}: {key}={value!r} must be a number, not a bool.")
-    if not isinstance(value, types):
-        names = " or ".join(t.__name__ for t in types)
-        raise ConfigError(f"{source}: {key}={value!r} must be of type {names}.")
 
 
 # Keys the reference's DDPM / DDIM write that must keep the one value implemented here.
@@ -64,19 +57,11 @@ _IGNORED = frozenset({"dynamic_thresholding_ratio", "sample_max_value"})
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-def _validate_linear_family(cfg, source: str) -> None:
-    """Checks shared by the DDPM and DDIM configs."""
-    require_type(source, "num_train_timesteps", cfg.num_train_timesteps, (int,))
-    if cfg.num_train_timesteps < 1:
-        raise ConfigError(f"{source}: num_train_timesteps={cfg.num_train_timesteps!r} must be >= 1.")
+def _check_linear_family(cfg, source: str) -> None:
+    """The values implemented, shared by the DDPM and DDIM configs."""
     require(source, "beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
-    require_type(source, "beta_start", cfg.beta_start, (int, float))
-    require_type(source, "beta_end", cfg.beta_end, (int, float))
-    require(source, "clip_sample", cfg.clip_sample, (True, False))
-    require_type(source, "clip_sample_range", cfg.clip_sample_range, (int, float))
     require(source, "prediction_type", cfg.prediction_type, ("epsilon",))
     require(source, "timestep_spacing", cfg.timestep_spacing, ("leading",))
-    require_type(source, "steps_offset", cfg.steps_offset, (int,))
 
 
 @dataclasses.dataclass
@@ -93,13 +78,10 @@ class UnCLIPSchedulerConfig(ComponentConfig):
     prediction_type: str = "epsilon"  # "sample" (Kandinsky 2.2's prior) or "epsilon"
     beta_schedule: str = "squaredcos_cap_v2"  # only value implemented
 
-    def validate(self, source: str = CONFIG_NAME) -> None:
-        require_type(source, "num_train_timesteps", self.num_train_timesteps, (int,))
+    def check_sizes(self, source: str = CONFIG_NAME) -> None:
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{source}: num_train_timesteps={self.num_train_timesteps!r} must be >= 2.")
         require(source, "variance_type", self.variance_type, ("fixed_small_log",))
-        require(source, "clip_sample", self.clip_sample, (True, False))
-        require_type(source, "clip_sample_range", self.clip_sample_range, (int, float))
         require(source, "prediction_type", self.prediction_type, ("sample", "epsilon"))
         require(source, "beta_schedule", self.beta_schedule, ("squaredcos_cap_v2",))
 
@@ -122,14 +104,13 @@ class DDPMSchedulerConfig(ComponentConfig):
     clip_sample_range: float = 1.0
     prediction_type: str = "epsilon"  # only value implemented
     timestep_spacing: str = "leading"  # only value implemented
-    steps_offset: int = 0
+    steps_offset: int = any_sign(0)
     # A DDIM key the hub's DDPM configs carry: used by DDIM on this schedule (None: absent, DDIM's True).
     set_alpha_to_one: bool | None = None
 
-    def validate(self, source: str = CONFIG_NAME) -> None:
-        _validate_linear_family(self, source)
+    def check_sizes(self, source: str = CONFIG_NAME) -> None:
+        _check_linear_family(self, source)
         require(source, "variance_type", self.variance_type, ("fixed_small",))
-        require(source, "set_alpha_to_one", self.set_alpha_to_one, (None, True, False))
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -155,13 +136,12 @@ class DDIMSchedulerConfig(ComponentConfig):
     clip_sample_range: float = 1.0
     # True: the step after the last lands on alpha_bar = 1 (clean x_0); False: on alpha_bar_0.
     set_alpha_to_one: bool = True
-    steps_offset: int = 0
+    steps_offset: int = any_sign(0)
     prediction_type: str = "epsilon"  # only value implemented
     timestep_spacing: str = "leading"  # only value implemented
 
-    def validate(self, source: str = CONFIG_NAME) -> None:
-        _validate_linear_family(self, source)
-        require(source, "set_alpha_to_one", self.set_alpha_to_one, (True, False))
+    def check_sizes(self, source: str = CONFIG_NAME) -> None:
+        _check_linear_family(self, source)
 
 
 # The config class of each schedule kind (the sampler the config was written for).
