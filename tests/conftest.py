@@ -48,6 +48,18 @@ def demo_as_hub(random_demo, tmp_path, monkeypatch) -> dict[str, pathlib.Path]:
     return random_demo
 
 
+@pytest.fixture
+def cli_demo(random_demo, monkeypatch) -> dict[str, pathlib.Path]:
+    """``--random-demo`` (seed 0) runs on the session's ``random_demo`` instead of building new folders
+    (kandinsky.demo.build_demo_checkpoints patched). -> ``random_demo``."""
+    import kandinsky.demo
+
+    build = kandinsky.demo.build_demo_checkpoints
+    monkeypatch.setattr(kandinsky.demo, "build_demo_checkpoints",
+                        lambda root, seed=0: random_demo if seed == 0 else build(root, seed=seed))
+    return random_demo
+
+
 @pytest.fixture(scope="session")
 def random_demo_kandinsky(random_demo):
     """A ``Kandinsky`` pipeline (prior + decoder) of the tiny random demo folders, loaded once. Run it;
