@@ -32,7 +32,7 @@ from kandinsky.sampling.discrete import sample_ddim
 from kandinsky.sampling.samplers import Guided, get_sampler, make_plan, sample, sampler_names
 from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.solvers import make_multistep_plan, make_sigma_plan
-from kandinsky.sampling.trajectory import Trajectory, grid_image, save_x0_grid
+from kandinsky.sampling.trajectory import Trajectory, grid_image
 from tests.conftest import DATA
 from tests.helpers import assert_close, rel_err
 
