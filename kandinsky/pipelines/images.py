@@ -23,8 +23,13 @@ Masks (inpainting): white / 1 = repaint, black / 0 = keep.
   0..65535, see above).
 * ``numpy`` / ``torch`` masks: ``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``, bool,
   integer or float, with values in [0, 1] (a 0/255 mask is refused with a hint);
-  numpy masks may also be channels last, ``(H, W, 1)`` or ``(B, H, W, 1)``.
+  numpy masks may also be channels last, ``(H, W, 1)`` or ``(B, H, W, 1)``, and colour
+  masks are one mask per picture by their brightest channel: numpy ``(H, W, 3)`` /
+  ``(B, H, W, 3)``, torch ``(3, H, W)`` / ``(B, 3, H, W)`` (see "masks in" below).
 * Masks are binarised at 0.5, as in the reference.
+* An input's size (H, W) is read by the same layout rules as its values
+  (:func:`input_size`): the loaders resize by it and :func:`check_same_size` compares
+  an image's and its mask's.
 
 Resizing (only where the input size differs from the requested one): PIL images
 with PIL's bicubic filter (``reducing_gap=1``, as the reference), PIL masks with
