@@ -82,14 +82,7 @@ TINY = {
         "attention_head_dim": 16,
         "num_layers": 2,
         "embedding_dim": EMBED,
-        "num_embeddings": 77,
-        "additional_embeddings": 4,
-        "dropout": 0.0,
-        "time_embed_act_fn": "silu",
-        "norm_in_type": None,
-        "embedding_proj_norm_type": None,
-        "encoder_hid_proj_type": "linear",
-        "added_emb_type": "prd",
+        "num_embeddings": 77,  # the other keys: the Kandinsky prior's fixed values (PriorConfig.FIXED)
     },
     "unet": {
         "_class_name": "UNet2DConditionModel",

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.helpers import randomize_
-from tests.refs import tiny_kwargs
+from tests.refs import save_diffusers_forms, tiny_kwargs
 
 # kandinsky.demo's tiny MoVQ, with the keys the real config.json writes besides
 MOVQ_TINY_CONFIG = tiny_kwargs("movq", act_fn="silu", sample_size=32, scaling_factor=0.18215)
@@ -51,7 +51,7 @@ def movq_checkpoint(tmp_path_factory, movq_reference):
 
 
 @pytest.fixture(scope="session")
-def movq_checkpoint_forms(tmp_path_factory, movq_reference):
+def movq_checkpoint_forms(tmp_path_factory, movq_reference, movq_checkpoint):
     """{form: folder} for the same tiny MoVQ written in every file form the hub uses.
 
     "safetensors": diffusion_pytorch_model.safetensors
@@ -60,17 +60,5 @@ def movq_checkpoint_forms(tmp_path_factory, movq_reference):
     "sharded":     diffusion_pytorch_model-0000x-of-0000N.safetensors + .index.json
     The reference weights are movq_reference's (rounded to float16 in "fp16").
     """
-    root = tmp_path_factory.mktemp("movq_forms")
-    forms = {
-        "safetensors": dict(),
-        "bin": dict(safe_serialization=False),
-        "sharded": dict(max_shard_size="200KB"),
-    }
-    out = {}
-    for name, kwargs in forms.items():
-        out[name] = root / name
-        movq_reference.save_pretrained(out[name], **kwargs)
-    out["fp16"] = root / "fp16"
-    half = make_reference_movq().half()
-    half.save_pretrained(out["fp16"], variant="fp16")
-    return out
+    folder, _ = movq_checkpoint
+    return {"safetensors": folder, **save_diffusers_forms(movq_reference, tmp_path_factory.mktemp("movq_forms"), "200KB")}

@@ -16,13 +16,12 @@ buffer is restored after randomizing (``randomize_`` fills float buffers too). F
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from tests.helpers import randomize_
-from tests.refs import tiny_kwargs
+from tests.refs import save_diffusers_forms, tiny_kwargs
 
 # kandinsky.demo's tiny prior, narrower (embedding_dim 16, 2 heads x 12 = inner width 24), the optional sizes
 # written out as null (the real config.json writes them)
@@ -85,12 +84,4 @@ def prior_checkpoint_forms(tmp_path_factory, prior_checkpoint):
     "sharded"      diffusion_pytorch_model-0000k-of-0000n.safetensors + index.json
     """
     folder, ref = prior_checkpoint
-    root = tmp_path_factory.mktemp("prior_forms")
-    forms = {"safetensors": folder}
-    forms["bin"] = root / "bin"
-    ref.save_pretrained(forms["bin"], safe_serialization=False)
-    forms["fp16"] = root / "fp16"
-    copy.deepcopy(ref).half().save_pretrained(forms["fp16"], variant="fp16")
-    forms["sharded"] = root / "sharded"
-    ref.save_pretrained(forms["sharded"], max_shard_size="20KB")
-    return forms
+    return {"safetensors": folder, **save_diffusers_forms(ref, tmp_path_factory.mktemp("prior_forms"), "20KB")}

@@ -12,14 +12,13 @@ with a tiny prior / CLIP need an image embedding of width ``UNET_TINY["encoder_h
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from kandinsky.demo import UNET_VARIANTS as DEMO_UNET_VARIANTS
 from tests.helpers import randomize_
-from tests.refs import tiny_kwargs
+from tests.refs import save_diffusers_forms, tiny_kwargs
 
 # kandinsky.demo's tiny UNet with other sizes (the full-size hub values in comments) and the hub's other
 # architecture keys written out; in_channels / addition_embed_type: UNET_VARIANTS (the same three as the demo's).
@@ -92,9 +91,4 @@ def unet_checkpoint_forms(tmp_path_factory, unet_checkpoint):
         "sharded"  diffusion_pytorch_model-0000k-of-0000n.safetensors + .index.json
     """
     _, model = unet_checkpoint
-    root = tmp_path_factory.mktemp("unet_forms")
-    folders = {form: root / form / "unet" for form in ("bin", "fp16", "sharded")}
-    model.save_pretrained(folders["bin"], safe_serialization=False)
-    model.save_pretrained(folders["sharded"], max_shard_size="200KB")
-    copy.deepcopy(model).half().save_pretrained(folders["fp16"], variant="fp16")
-    return folders, model
+    return save_diffusers_forms(model, tmp_path_factory.mktemp("unet_forms"), "200KB", sub="unet"), model
