@@ -1,6 +1,6 @@
-"""``kandinsky batch`` (kandinsky/batch.py, its command line kandinsky/cli/batch.py): the same files from 1 and 2 processes (torchrun
-on gloo), resuming a stopped run, the manifest, and input errors. Tiny demo weights, 64 px,
-2 steps."""
+"""``kandinsky batch`` (kandinsky/batch.py; its command line kandinsky/cli/batch.py): the same files from
+1 and 2 processes (torchrun on gloo), resuming a stopped run, the manifest, and input errors. Tiny demo
+weights, 64 px, 2 steps."""
 from __future__ import annotations
 
 import json

@@ -142,7 +142,8 @@ def test_bad_devices_refused_before_building(cached_demo, tmp_path, capsys):
         assert main(["text2img", "--random-demo", "a cat", "-o", out, "--device", "cuda"]) == 2
         assert "has no cuda device" in capsys.readouterr().err.lower()  # the library's check_device, once
     else:
-        assert main(["text2img", "--random-demo", "a cat", "-o", out, "--device", f"cuda:{torch.cuda.device_count()}"]) == 2
+        missing = f"cuda:{torch.cuda.device_count()}"
+        assert main(["text2img", "--random-demo", "a cat", "-o", out, "--device", missing]) == 2
         assert "cuda device(s)" in capsys.readouterr().err.lower()
     assert cached_demo == []
 

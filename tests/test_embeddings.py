@@ -1,8 +1,7 @@
-"""kandinsky/research/embeddings.py and embeddings_cli.py: slerp and arithmetic maths, CLIP
-similarity, `kandinsky score` and `kandinsky mix`, on the tiny random demo checkpoints."""
+"""kandinsky/research/embeddings.py: slerp and arithmetic maths, CLIP similarity, mix and strip, on the tiny
+random demo checkpoints (the commands `kandinsky score` and `kandinsky mix`: tests/test_cli_research.py)."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,7 +9,6 @@ import PIL.Image
 import torch
 
 from kandinsky.research import embeddings as emb
-from kandinsky.research import embeddings_cli
 
 
 def test_slerp_and_arithmetic_maths():
@@ -41,36 +39,6 @@ def test_similarity_is_clip_cosine(random_demo_kandinsky, tmp_path):
     expected = torch.nn.functional.cosine_similarity(ie[:, None], te[None], dim=-1)
     torch.testing.assert_close(sims["text"], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sims["image"].diagonal(), torch.ones(2))
-
-
-def test_score_cli_matrix_and_json(random_demo, tmp_path, capsys):
-    image = tmp_path / "im.png"
-    PIL.Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
-    out = tmp_path / "sims.json"
-    argv = [str(image), str(image), "a red cat", "a dog", "--prior", str(random_demo["prior"]), "--json", str(out)]
-    assert emb.main(argv) == 0
-    data = json.loads(out.read_text())
-    assert np.array(data["text"]).shape == (2, 2) and np.allclose(data["image"], 1, atol=1e-5)
-    assert "text-image cosine" in capsys.readouterr().out
-    assert emb.main(argv) == 2  # the JSON exists: not overwritten
-    assert emb.main([str(tmp_path / "missing.png"), "a cat", "--prior", str(random_demo["prior"])]) == 2
-    assert "no such image file" in capsys.readouterr().err
-
-
-def test_mix_cli_slerp_strip_and_arithmetic(random_demo, tmp_path, capsys):
-    common = ["--prior", str(random_demo["prior"]), "--decoder", str(random_demo["decoder"]),
-              "--steps", "2", "--prior-steps", "2", "--size", "64x64"]
-    out = tmp_path / "strip.png"
-    assert embeddings_cli.main(["a red cat", "a blue dog", "--slerp", "0,0.5,1", "-o", str(out)] + common) == 0
-    assert PIL.Image.open(out).size == (3 * (64 + 4) + 4, 64 + 8)
-    image = tmp_path / "im.png"
-    PIL.Image.new("RGB", (32, 32), (20, 30, 200)).save(image)
-    out2 = tmp_path / "sum.png"
-    assert embeddings_cli.main([str(image), "a red cat", "a cat", "-o", str(out2)] + common) == 0
-    assert PIL.Image.open(out2).size == (64 + 8, 64 + 8)
-    assert embeddings_cli.main(["a", "b", "-o", str(tmp_path / "x.png")] + common) == 2  # 2 items, no --slerp
-    assert embeddings_cli.main(["a", "b", "--slerp", "0,1", "-o", str(out)] + common) == 2  # exists
-    assert "exists" in capsys.readouterr().err
 
 
 def test_mix_decodes_the_slerp_embeddings(random_demo_kandinsky):

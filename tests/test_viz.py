@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
@@ -69,16 +68,3 @@ def test_prior_word_matrix_equals_the_recorded_probabilities(random_demo_kandins
     expected = [probs[0, :, -1, ps].sum(-1).mean().item() for _, ps in words]
     np.testing.assert_allclose(matrix[:, 0], expected, rtol=1e-5)
     assert matrix.sum() <= 1 + 1e-5  # a share of the prd token's attention
-
-
-def test_attention_cli_writes_its_pictures(random_demo, tmp_path, capsys):
-    out = tmp_path / "attn.png"
-    args = ["a red cat", "--prior", str(random_demo["prior"]), "--decoder", str(random_demo["decoder"]),
-            "--steps", "2", "--prior-steps", "2", "--size", "64x64", "-o", str(out)]
-    assert viz.main(args) == 0
-    for suffix in ("", "-words", "-image", "-x0"):
-        path = tmp_path / f"attn{suffix}.png"
-        assert PIL.Image.open(path).format == "PNG"
-    assert viz.main(args[:-1] + [str(tmp_path / "attn.jpg")]) == 2
-    assert viz.main(args + ["--at", "5"]) == 2
-    assert "--at steps must be in [0, 1]" in capsys.readouterr().err

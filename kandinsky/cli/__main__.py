@@ -1,4 +1,4 @@
-"""``python -m kandinsky.cli ARGS`` (and ``torchrun ... -m kandinsky.cli batch|train ...``): the ``kandinsky`` command."""
+"""``python -m kandinsky.cli ARGS`` (and ``torchrun ... -m kandinsky.cli batch|train ...``): ``kandinsky ARGS``."""
 import sys
 
 from kandinsky.cli import main

@@ -277,10 +277,10 @@ def pipeline(args, task: str = "text2img", weights_seed: int | None = None, devi
             local_files_only=getattr(args, "offline", False))
         needed = checkpoint_for(task)
         if pipe.decoder.kind != needed:
-            raise ValueError(f"--decoder {folders['decoder']} is {('an ' if pipe.decoder.kind[0] in 'aeiou' else 'a ')}"
-                             f"{pipe.decoder.kind} checkpoint, which cannot run {task} (it runs "
-                             f"{', '.join(pipe.decoder.tasks)}); pass --decoder {CHECKPOINTS[needed]} or a local "
-                             f"copy of it, or leave --decoder out.")
+            article = "an" if pipe.decoder.kind[0] in "aeiou" else "a"
+            raise ValueError(f"--decoder {folders['decoder']} is {article} {pipe.decoder.kind} checkpoint, which "
+                             f"cannot run {task} (it runs {', '.join(pipe.decoder.tasks)}); pass --decoder "
+                             f"{CHECKPOINTS[needed]} or a local copy of it, or leave --decoder out.")
         apply_lora_args(pipe, getattr(args, "lora", ()))  # adapters first: offload hooks the layers as they then are
         if offload:
             from kandinsky.offload import enable_offload

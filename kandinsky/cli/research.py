@@ -89,7 +89,8 @@ def add_attention_arguments(parser) -> None:
                              "<stem>-words.png, the image to <stem>-image.png, the x0 grid to <stem>-x0.png")
     common.add_overwrite(parser)
     common.add_pipeline_arguments(parser, device="cpu")
-    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 6)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="decoder steps (default 50; --demo 20, --random-demo 6)")
     parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
     parser.add_argument("--at", type=_steps, default=None, help="decoder steps to show, e.g. 0,10,19 "
                         "(default first, middle, last)")
@@ -211,7 +212,8 @@ def add_mix_arguments(parser) -> None:
     parser.add_argument("-o", "--output", default="mix.png", help="PNG to write (default mix.png)")
     common.add_overwrite(parser)
     common.add_pipeline_arguments(parser, device="cpu")
-    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 4)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="decoder steps (default 50; --demo 20, --random-demo 4)")
     parser.add_argument("--prior-steps", type=int, default=None, help="prior steps (default 25; --random-demo 2)")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demos 64x64)")
     parser.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,7 @@
     strip(images)                                                        # pictures side by side
 
 ``kandinsky score IMAGE... PROMPT...`` prints (and with --json writes) the cosine matrices;
-``kandinsky mix`` paints slerps and sums (``mix``).
+``kandinsky mix`` paints slerps and sums (``mix``); their command line is kandinsky/cli/research.py.
 
 Text-image scores use the text tower's projected end-of-text state (``text_embeds``) and the
 image tower's projected class token, both L2-normalised, as CLIP was trained; the decoder
@@ -17,9 +17,6 @@ instead consumes *image* embeddings, so ``embed`` turns a prompt into one with t
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -158,80 +155,3 @@ def format_matrix(matrix: torch.Tensor, rows: list[str], cols: list[str]) -> str
     for r, values in zip(rows, matrix.tolist()):
         lines.append(f"{short(r):<{width}}" + "".join(f"{v:>{colw}.4f}" for v in values))
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kandinsky score",
-        description="CLIP cosine similarity (bigG towers of a prior checkpoint): text-image for every image and "
-                    "prompt, image-image when several images are given. Arguments ending in an image suffix "
-                    f"({', '.join(IMAGE_SUFFIXES)}) are images, the others prompts.",
-        epilog='examples:\n  kandinsky score cat.png "a cat" "a dog"\n'
-               "  kandinsky score a.png b.png c.png --json sims.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT")
-    parser.add_argument("--prior", help="prior checkpoint folder or hub id (default the hub's 2.2 prior)")
-    demo = parser.add_mutually_exclusive_group()
-    demo.add_argument("--demo", action="store_true",
-                      help="the tiny model trained on procedural shapes that ships with the package (offline)")
-    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight prior built on the fly")
-    parser.add_argument("--json", help="also write the matrices to this JSON file")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    images = [x for x in args.items if is_image_path(x)]
-    prompts = [x for x in args.items if not is_image_path(x)]
-    missing = [x for x in images if not Path(x).is_file()]
-    if missing:
-        print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    if not images:
-        print("error: give at least one image (IMAGE_OR_PROMPT arguments ending in .png, .jpg, ...)", file=sys.stderr)
-        return 2
-    if args.json and Path(args.json).exists():
-        print(f"error: --json {args.json} exists; choose a new path (nothing is overwritten)", file=sys.stderr)
-        return 2
-    try:
-        prior = _prior(args.prior, args.demo or args.random_demo, args.device, random=args.random_demo)
-        sims = similarity(prior, images, prompts)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "text" in sims:
-        print("text-image cosine (rows: images, columns: prompts)")
-        print(format_matrix(sims["text"], images, prompts))
-    if len(images) > 1:
-        print("\nimage-image cosine")
-        print(format_matrix(sims["image"], images, images))
-    if args.json:
-        data = {"images": images, "prompts": prompts, **{k: v.tolist() for k, v in sims.items()}}
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
-
-
-_DEMO_FOLDERS: list = []
-
-
-def _prior(folder, demo: bool, device, random: bool = False):
-    from kandinsky.pipelines.prior import PriorPipeline
-
-    if demo:
-        from kandinsky.demo import demo_checkpoints
-
-        folders, tmp, message = demo_checkpoints(random=random)
-        print(message, file=sys.stderr)
-        if tmp is not None:
-            _DEMO_FOLDERS.append(tmp)  # removed when the process ends
-        folder = folder or folders["prior"]
-    if folder is None:
-        from kandinsky.hub import DEFAULT_PRIOR
-
-        folder = DEFAULT_PRIOR
-    from kandinsky.hub import resolve
-
-    return PriorPipeline.from_pretrained(resolve(folder, "prior checkpoint"), device=device)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,9 +11,7 @@ modules a glob names, on a model or a pipeline.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,56 +184,3 @@ def format_markdown(rows: list[Row]) -> str:
     for r in rows:
         lines.append(f"| `{r.name or '(model)'}` | {r.kind} | {r.params:,} | {_fmt_shape(r.shape)} |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI
-def _config_for(component: str, checkpoint: str | None) -> tuple[dict, str]:
-    if checkpoint is None:
-        c, f = COMPONENTS[component]
-        return shipped_config(component), f"shipped config {c}/{f}"
-    folder = Path(checkpoint)
-    if not folder.exists() and (CONFIGS / checkpoint).is_dir():  # a shipped checkpoint by name
-        folder = CONFIGS / checkpoint
-    sub = COMPONENTS[component][1]
-    for candidate in (folder / sub, folder):
-        if (candidate / "config.json").is_file():
-            return json.loads((candidate / "config.json").read_text()), str(candidate)
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: no {sub}/config.json or config.json there; pass a "
-                            f"checkpoint folder holding {sub}/ or the component folder itself")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kandinsky inspect",
-        description="Module tree, parameter counts and output shapes of a component, on the meta device "
-                    "(real configs shipped with kandinsky, or --checkpoint).",
-        epilog="examples:\n  kandinsky inspect unet --size 768x768\n  kandinsky inspect prior --depth 1\n"
-               "  kandinsky inspect movq --checkpoint ./kandinsky-2-2-decoder --format markdown",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("component", choices=list(COMPONENTS), metavar="COMPONENT",
-                        help="one of: " + ", ".join(COMPONENTS))
-    parser.add_argument("--size", default="512x512", help="image size WIDTHxHEIGHT (default 512x512)")
-    parser.add_argument("--checkpoint", help="a checkpoint folder (or component folder) whose config.json to read")
-    parser.add_argument("--depth", type=int, default=2, help="levels of the tree to show (default 2; 0 = all)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size of the shapes (default 1)")
-    parser.add_argument("--format", choices=["text", "markdown"], default="text")
-    args = parser.parse_args(argv)
-    try:
-        parse_size(args.size)
-        if args.batch < 1:
-            raise ValueError(f"--batch must be >= 1, got {args.batch}")
-        config, source = _config_for(args.component, args.checkpoint)
-        model = meta_model(config)
-        rows = tree(model, args.size, args.depth or None, args.batch)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    fmt = format_markdown if args.format == "markdown" else format_text
-    print(f"# {args.component} ({type(model).__name__}) from {source}, images {args.size}\n")
-    print(fmt(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,15 +7,13 @@
     (c) trajectories: the x0 preview grid is kandinsky.sampling.trajectory.save_x0_grid
 
 ``attention_pictures(pipe, prompt, ...)`` runs a Kandinsky pipeline once with both captures
-and returns the three pictures; ``kandinsky attention PROMPT`` is its command line.
+and returns the three pictures; ``kandinsky attention PROMPT`` is its command line (kandinsky/cli/research.py).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,87 +250,3 @@ def _one_layout_value(pipe, pattern: str, key: str) -> int:
     if len(values) != 1:
         raise ValueError(f"the attention layers {pattern!r} declare {key} {sorted(values)}; expected one value")
     return values.pop()
-
-
-# ----------------------------------------------------------------------------- CLI
-def _steps(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--at must be comma-separated step indices like 0,10,19, got {text!r}")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kandinsky attention",
-        description="Attention as pictures: where the decoder looks at the image tokens (per UNet level, at "
-                    "chosen steps, over the generated image) and which words the prior's output token reads.",
-        epilog='examples:\n  kandinsky attention --demo "a red circle on a blue background" -o attn.png\n'
-               '  kandinsky attention "a red cat, 4k photo" --steps 50 --at 0,25,49 -o attn.png',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("prompt")
-    parser.add_argument("-o", "--output", default="attention.png",
-                        help="decoder grid PNG (default attention.png); the prior's words go to "
-                             "<stem>-words.png, the image to <stem>-image.png, the x0 grid to <stem>-x0.png")
-    demo = parser.add_mutually_exclusive_group()
-    demo.add_argument("--demo", action="store_true",
-                      help="the tiny model trained on procedural shapes that ships with the package (offline)")
-    demo.add_argument("--random-demo", action="store_true", help="tiny random-weight checkpoints built on the fly")
-    parser.add_argument("--prior", help="prior checkpoint folder or hub id")
-    parser.add_argument("--decoder", help="decoder checkpoint folder or hub id")
-    parser.add_argument("--steps", type=int, default=None, help="decoder steps (default 50; --demo 20, --random-demo 6)")
-    parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
-    parser.add_argument("--at", type=_steps, default=None, help="decoder steps to show, e.g. 0,10,19 "
-                        "(default first, middle, last)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; --demo 64x64, --random-demo 128x128)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-
-    from kandinsky.research.inspect import parse_size
-
-    try:
-        steps = args.steps if args.steps is not None else (20 if args.demo else 6 if args.random_demo else 50)
-        if steps < 1 or args.prior_steps < 1:
-            raise ValueError(f"--steps and --prior-steps must be >= 1, got {steps}, {args.prior_steps}")
-        width, height = parse_size(args.size or ("64x64" if args.demo else "128x128" if args.random_demo else "512x512"))
-        output = Path(args.output)
-        if output.suffix.lower() != ".png":
-            raise ValueError(f"-o must be a .png path, got {output}")
-        if not output.parent.is_dir():
-            raise ValueError(f"-o {output}: folder {output.parent} does not exist")
-        at = args.at if args.at is not None else None
-        if at is not None and any(not 0 <= s < steps for s in at):
-            raise ValueError(f"--at steps must be in [0, {steps - 1}] for --steps {steps}, got {at}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    from kandinsky.demo import load_pipeline
-
-    tmp = None
-    try:
-        pipe, tmp = load_pipeline(args.prior, args.decoder, demo=args.demo, random=args.random_demo, seed=args.seed,
-                                  device=args.device)
-        pictures = attention_pictures(
-            pipe, args.prompt, steps=at, trajectory=True, num_inference_steps=steps,
-            prior_num_inference_steps=args.prior_steps, height=height, width=width,
-            generator=torch.Generator().manual_seed(args.seed), progress=False)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    paths = {"decoder": output, "prior": output.with_name(output.stem + "-words.png"),
-             "image": output.with_name(output.stem + "-image.png"),
-             "trajectory": output.with_name(output.stem + "-x0.png")}
-    for key, path in paths.items():
-        pictures[key].save(path)
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
