@@ -67,3 +67,26 @@ def random_demo_kandinsky(random_demo):
     from kandinsky.pipelines.combined import Kandinsky
 
     return Kandinsky.from_pretrained(random_demo["decoder"], prior=random_demo["prior"])
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict:
+    """One tiny randomly initialised model of each component (our classes, built from the tests/refs
+    configs with torch.manual_seed(0)): "text", "vision", "prior", "unet", "controlnet", "movq".
+    Shared: deepcopy one before changing it (dtype, device, adapters)."""
+    from tests.refs.clip import TINY_TEXT_CONFIG, TINY_VISION_CONFIG
+    from tests.refs.movq import MOVQ_TINY_CONFIG
+    from tests.refs.prior import PRIOR_TINY_CONFIG
+    from tests.refs.unet import tiny_unet_config
+    from weights_convert import build_model
+
+    torch.manual_seed(0)
+    unet = {"_class_name": "UNet2DConditionModel"}
+    return {
+        "text": build_model(TINY_TEXT_CONFIG),
+        "vision": build_model(TINY_VISION_CONFIG),
+        "prior": build_model({"_class_name": "PriorTransformer", **PRIOR_TINY_CONFIG}),
+        "unet": build_model({**unet, **tiny_unet_config("decoder", layers_per_block=1)}),
+        "controlnet": build_model({**unet, **tiny_unet_config("controlnet", layers_per_block=1)}),
+        "movq": build_model({"_class_name": "VQModel", **MOVQ_TINY_CONFIG}),
+    }

@@ -6,13 +6,17 @@ and that what save_component writes loads back into the reference library.
 """
 import copy
 import json
+import re
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import assert_close, randomize_, unit
+from tests.refs.clip import TINY_TEXT_CONFIG
+from tests.refs.movq import make_reference_movq
 from weights_convert import (
     ConfigError,
     WeightsError,
@@ -23,7 +27,7 @@ from weights_convert import (
     save_component,
 )
 from weights_convert.__main__ import main as cli_main
-from weights_convert.io import read_safetensors
+from weights_convert.io import read_safetensors, read_safetensors_header
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -401,3 +405,197 @@ def test_skip_init_restores_the_initialisers_even_on_error():
         with skip_init():
             raise RuntimeError("boom")
     assert torch.nn.init.normal_ is normal and torch.nn.init.normal_(torch.zeros(50)).any()
+
+
+# ============================================================================ more file forms
+# (the references of movq_forms / text_forms, saved in the forms the libraries write)
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+
+
+def _saved(ref, folder: Path, **kwargs) -> Path:
+    ref.save_pretrained(folder, **kwargs)
+    return folder
+
+
+@pytest.fixture
+def movq_ref(movq_forms):
+    return movq_forms[0]
+
+
+@pytest.fixture
+def text_ref(text_forms):
+    return text_forms[0]
+
+
+def test_variant_shard_indexes_as_the_libraries_name_them(movq_ref, text_ref, tmp_path):
+    """diffusers 0.42 and transformers 5 write a sharded fp16 variant as
+    ``<stem>.fp16-0000k-of-0000n.<ext>`` + ``<stem>.<ext>.index.fp16.json``; both load, with and
+    without ``variant="fp16"``, to the reference's weights rounded to fp16."""
+    forms = {
+        "diffusers safetensors": (movq_ref, dict(), "diffusion_pytorch_model.safetensors.index.fp16.json"),
+        "diffusers bin": (movq_ref, dict(safe_serialization=False), "diffusion_pytorch_model.bin.index.fp16.json"),
+        "transformers safetensors": (text_ref, dict(), "model.safetensors.index.fp16.json"),
+    }
+    for name, (ref, kwargs, index) in forms.items():
+        half = copy.deepcopy(ref).half()
+        folder = _saved(half, tmp_path / name.replace(" ", "-"), variant="fp16", max_shard_size="50KB", **kwargs)
+        assert (folder / index).is_file(), sorted(p.name for p in folder.iterdir())
+        assert len(list(folder.glob("*.fp16-0000*"))) > 1, name
+        expected = _expected(half, folder)
+        for variant in (None, "fp16"):
+            model = load_component(folder, variant=variant)
+            assert {p.dtype for p in model.parameters()} == {torch.float32}
+            _assert_same_tensors(model, expected)
+
+
+def test_legacy_non_zip_bin(movq_ref, tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False): the pre-1.6 format, not mmap-able."""
+    folder = tmp_path / "movq"
+    movq_ref.save_config(folder)
+    torch.save(movq_ref.state_dict(), folder / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _assert_same_tensors(load_component(folder), _expected(movq_ref, folder))
+
+
+def test_sharded_bin_both_libraries(movq_ref, text_ref, tmp_path):
+    """diffusers' sharded .bin (save_pretrained) and transformers 4's pytorch_model.bin.index.json
+    (written by hand: transformers 5 no longer writes .bin)."""
+    folder = _saved(movq_ref, tmp_path / "movq", safe_serialization=False, max_shard_size="100KB")
+    assert (folder / "diffusion_pytorch_model.bin.index.json").is_file()
+    _assert_same_tensors(load_component(folder), _expected(movq_ref, folder))
+
+    folder = _saved(text_ref, tmp_path / "text")
+    (folder / "model.safetensors").unlink()
+    state = text_ref.state_dict()
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, keys in halves.items():
+        torch.save({k: state[k].clone() for k in keys}, folder / file)
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    _assert_same_tensors(load_component(folder), _expected(text_ref, folder))
+
+
+def test_which_file_wins(tmp_path):
+    """safetensors beat .bin of the same precision; full precision beats a half variant whatever
+    the formats (an fp32 .bin next to an fp16 safetensors loads the fp32 weights); an explicit
+    variant wins."""
+    a, b = make_reference_movq(seed=1), make_reference_movq(seed=2)  # tell the files apart
+    folder = tmp_path / "movq"
+    a.save_pretrained(folder, safe_serialization=False)  # diffusion_pytorch_model.bin     (a, fp32)
+    b.save_pretrained(folder)  # diffusion_pytorch_model.safetensors                     (b, fp32)
+    copy.deepcopy(b).half().save_pretrained(folder, variant="fp16")  # .fp16.safetensors (b, fp16)
+    _assert_same_tensors(load_component(folder), _expected(b, folder))
+
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    _assert_same_tensors(load_component(folder), _expected(a, folder))  # fp32 .bin, not the fp16 file
+    half = load_component(folder, variant="fp16", dtype=torch.float16)
+    _assert_same_tensors(half, _expected(copy.deepcopy(b).half(), folder))
+
+
+def test_kandinsky_layout_saved_in_fp16(movq_ref, tmp_path):
+    """A kandinsky-layout folder written in fp16 loads as float32 by default (like the hub's fp16
+    files), as fp16 when asked, and still loads in diffusers after conversion back."""
+    ours = load_component(_saved(movq_ref, tmp_path / "hub"))
+    save_component(ours, tmp_path / "k16", layout="kandinsky", dtype=torch.float16)
+    header, _ = read_safetensors_header(tmp_path / "k16" / "kandinsky.safetensors")
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    expected = _expected(copy.deepcopy(movq_ref).half(), tmp_path / "hub")
+    model = load_component(tmp_path / "k16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    _assert_same_tensors(model, expected)
+    assert {p.dtype for p in load_component(tmp_path / "k16", dtype=torch.float16).parameters()} == {torch.float16}
+
+
+def test_device_meta(text_ref, tmp_path):
+    folder = _saved(text_ref, tmp_path / "text")
+    model = load_component(folder, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in _expected(text_ref, folder).items()
+    }
+
+
+def test_loader_argument_and_path_errors(movq_ref, tmp_path):
+    folder = _saved(movq_ref, tmp_path / "repo" / "movq")
+    for bad in ("float16", torch.int8, torch.bool):
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            load_component(folder, dtype=bad)
+    model = load_component(folder)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        save_component(model, tmp_path / "out", dtype=torch.int32)
+    # a file instead of its folder; a whole checkpoint instead of one component
+    with pytest.raises(WeightsError, match=r"is a file; pass the component folder"):
+        load_component(folder / "config.json")
+    (tmp_path / "repo" / "model_index.json").write_text("{}")
+    with pytest.raises(WeightsError, match=r"whole checkpoint.*movq/"):
+        load_component(tmp_path / "repo")
+
+
+def test_unreadable_safetensors_dtype_is_named(movq_ref, tmp_path):
+    folder = _saved(movq_ref, tmp_path / "movq")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "C64"
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new))  # same length: offsets stay valid
+    assert len(new) == n
+    path.write_bytes(raw[:8] + new + raw[8 + n :])
+    with pytest.raises(WeightsError, match=rf"{re.escape(name)}.*C64.*cannot read"):
+        load_component(folder)
+
+
+def test_dtype_auto_is_transformers_default(text_ref, movq_ref, tmp_path):
+    """``dtype="auto"``: what transformers 5's from_pretrained does by default (the config's
+    dtype, else the stored one), for both libraries' folders; an fp16 file then loads as fp16
+    without a copy (windows of the mapping)."""
+    import transformers
+
+    for name, model in (("fp32", text_ref), ("fp16", copy.deepcopy(text_ref).half())):
+        folder = _saved(model, tmp_path / f"text-{name}")
+        reference = transformers.CLIPTextModelWithProjection.from_pretrained(folder)  # dtype "auto"
+        ours = load_component(folder, dtype="auto")
+        assert ours.dtype == reference.dtype == model.dtype
+        _assert_same_tensors(ours, _expected(reference, folder))
+    folder = _saved(copy.deepcopy(movq_ref).half(), tmp_path / "movq-fp16", variant="fp16")
+    ours = load_component(folder, dtype="auto")
+    assert {p.dtype for p in ours.parameters()} == {torch.float16}
+    ptrs = sorted(p.data_ptr() for p in ours.parameters())
+    assert ptrs[-1] - ptrs[0] < (folder / "diffusion_pytorch_model.fp16.safetensors").stat().st_size
+
+
+# ============================================================================ real configs
+DOCUMENTED_PARAMS = {  # docs/architecture.md, section 1
+    "kandinsky-2-2-prior/text_encoder": 694_659_840,
+    "kandinsky-2-2-prior/image_encoder": 1_844_907_264,
+    "kandinsky-2-2-prior/prior": 1_026_225_920,
+    "kandinsky-2-2-decoder/unet": 1_253_057_288,
+    "kandinsky-2-2-decoder-inpaint/unet": 1_253_074_568,
+    "kandinsky-2-2-controlnet-depth/unet": 1_253_429_212,
+    "kandinsky-2-2-decoder/movq": 67_832_495,
+    "kandinsky-2-2-decoder-inpaint/movq": 67_832_495,
+    "kandinsky-2-2-controlnet-depth/movq": 67_832_495,
+}
+
+
+def test_every_real_hub_config_builds_on_meta():
+    found = {str(p.parent.relative_to(DATA)) for p in DATA.glob("*/*/config.json")}
+    assert found == set(DOCUMENTED_PARAMS)
+    arch = (ROOT / "docs" / "architecture.md").read_text()
+    for name, count in DOCUMENTED_PARAMS.items():
+        config = json.loads((DATA / name / "config.json").read_text())
+        with torch.device("meta"):
+            model = build_model(config)
+        assert sum(p.numel() for p in model.parameters()) == count, name
+        assert f"{count:,}" in arch
+        # the written config describes the same network
+        assert type(model.config).from_dict(model.config.to_dict()) == model.config
+
+
+def test_config_without_class_names_the_fix():
+    config = {k: v for k, v in TINY_TEXT_CONFIG.items() if k != "architectures"}
+    with pytest.raises(ConfigError, match=r"'clip_text_model'.*add the class.*CLIPTextModelWithProjection"):
+        build_model(config)
