@@ -302,22 +302,3 @@ def demo_checkpoints(random: bool = False, seed: int = 0):
     folders = {"prior": built["prior"], "decoder": built["decoder"], "inpaint": built["decoder-inpaint"],
                "controlnet": built["controlnet-depth"]}
     return folders, tmp, "DEMO: tiny checkpoints with RANDOM weights built on the fly (the pictures are noise)."
-
-
-def load_pipeline(prior=None, decoder=None, *, demo: bool = False, random: bool = False, seed: int = 0,
-                  device=None):
-    """The ``Kandinsky`` pipeline a command asks for: ``--prior`` / ``--decoder`` folders or hub ids,
-    filled in from the demo checkpoints (``--demo`` / ``--random-demo``, message on stderr) or the
-    hub defaults. -> (pipeline, a TemporaryDirectory to clean up or None)."""
-    import sys
-
-    from kandinsky.hub import DEFAULT_DECODER, DEFAULT_PRIOR
-    from kandinsky.pipelines.combined import Kandinsky
-
-    tmp = None
-    if demo or random:
-        folders, tmp, message = demo_checkpoints(random=random, seed=seed)
-        print(message, file=sys.stderr)
-        prior, decoder = prior or folders["prior"], decoder or folders["decoder"]
-    pipe = Kandinsky.from_pretrained(decoder or DEFAULT_DECODER, prior=prior or DEFAULT_PRIOR, device=device)
-    return pipe, tmp
