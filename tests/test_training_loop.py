@@ -23,7 +23,6 @@ import PIL.Image
 import pytest
 import torch
 
-from kandinsky.demo import build_demo_checkpoints
 from kandinsky.cli import main as kandinsky_main
 from weights_convert import load_component, save_component
 
@@ -36,21 +35,12 @@ def main(argv) -> int:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and the suite runs one test process per core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Demo checkpoints; "prior" gets clip_mean 0 / clip_std 1 (the demo's random statistics
-    are ~0.05, which would scale the normalised targets by ~20)."""
+def demo(tmp_path_factory, random_demo):
+    """The session's random demo checkpoints, copied; "prior" gets clip_mean 0 / clip_std 1 (the demo's
+    random statistics are ~0.05, which would scale the normalised targets by ~20)."""
     root = tmp_path_factory.mktemp("train_demo")
-    folders = build_demo_checkpoints(root / "demo")
+    folders = {name: shutil.copytree(folder, root / name) for name, folder in random_demo.items()}
     prior = load_component(folders["prior"] / "prior")
     with torch.no_grad():
         prior.clip_mean.zero_()
