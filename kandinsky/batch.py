@@ -166,7 +166,8 @@ def check_batch_file(out: Path, items: list[Item], args, rank: int) -> None:
         if old.get("fingerprint") != fp:
             raise InputError(
                 f"{out} holds another batch ({old.get('items')} items from {old.get('prompts')!r}, or other "
-                "settings): its finished PNGs would be taken as this batch's. Use another --out folder."
+                "settings): its finished PNGs would be taken as this batch's. Use another --out folder, or pass "
+                "--overwrite to start this one over."
             )
     elif rank == 0:
         data = {"prompts": str(args.prompts), "items": len(items), "fingerprint": fp}

@@ -130,3 +130,46 @@ def test_bad_prompts_file(tmp_path, capsys, line, message):
     assert run_here([path, "--out", tmp_path / "out", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
+
+
+def test_another_batch_replaced_only_with_overwrite(tmp_path, capsys):
+    """kandinsky batch refuses a folder holding another batch; --overwrite starts it over (its own files
+    only: batch.json, the manifests, the six-digit PNGs)."""
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a red cat\n")
+    out = tmp_path / "out"
+    assert run_here([txt, "--out", out, *FAST]) == 0
+    first = (out / "000000.png").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    txt.write_text("a blue dog\n")
+    capsys.readouterr()
+    assert run_here([txt, "--out", out, *FAST]) == 2
+    assert "pass --overwrite to start this one over" in capsys.readouterr().err
+    assert (out / "000000.png").read_bytes() == first
+    assert run_here([txt, "--out", out, *FAST, "--overwrite"]) == 0
+    assert (out / "000000.png").read_bytes() != first  # the new batch's picture
+    assert [e["prompt"] for e in manifest(out)] == ["a blue dog"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_keeps_the_finished_pictures(prompts, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after two items: exit 130, one line saying what was kept, and the same command resumes."""
+    real = batch.generate
+    calls = []
+
+    def interrupted(pipe, item):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(item.index)
+        return real(pipe, item)
+
+    monkeypatch.setattr(batch, "generate", interrupted)
+    out = tmp_path / "out"
+    assert run_here([prompts, "--out", out, *FAST]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: kandinsky batch stopped by Ctrl-C; kept the 2 pictures finished now" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
+    monkeypatch.setattr(batch, "generate", real)
+    assert run_here([prompts, "--out", out, *FAST]) == 0
+    assert "3 generated now" in capsys.readouterr().out

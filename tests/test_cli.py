@@ -1,4 +1,7 @@
-"""The ``kandinsky`` command line (kandinsky/cli.py), run in-process on the --demo checkpoints.
+"""The ``kandinsky`` command line (kandinsky/cli/): the command table and the shared path (errors and exit
+codes, Ctrl-C, warnings, --overwrite for every task), and the generation tasks run in-process on the
+--demo checkpoints. Other families: tests/test_cli_research.py, tests/test_cli_train.py, tests/test_batch.py;
+the shared path's output checks and flags on pictures: tests/test_cli_common.py.
 
 The demo's random-weight checkpoints take a few seconds to build; apart from one test that
 runs the real ``--demo`` path end to end, ``cached_demo`` builds them once per seed (with the
@@ -152,7 +155,8 @@ def test_cli_equals_python_api(cached_demo, demo_folders, tmp_path):
 # --------------------------------------------------------------------------- errors
 def test_missing_image_file(cached_demo, tmp_path, capsys):
     missing = tmp_path / "nope.png"
-    assert main(["img2img", "--random-demo", "a cat", "--image", str(missing), "-o", str(tmp_path / "o.png"), *FAST]) == 2
+    out = str(tmp_path / "o.png")
+    assert main(["img2img", "--random-demo", "a cat", "--image", str(missing), "-o", out, *FAST]) == 2
     assert f"no such image file: '{missing}'" in capsys.readouterr().err
     assert cached_demo == []  # failed before building anything
     # an --mix item that names a missing image file is an error, not a prompt
@@ -212,3 +216,136 @@ def test_demo_draws_what_the_prompt_says(tmp_path, capsys):
     assert picture.size == (64, 64)
     found = analyse(picture)
     assert (found.colour, found.background) == ("red", "blue")
+
+
+# --------------------------------------------------------------------------- the command table
+def test_the_table_drives_help_and_docs(capsys):
+    """Every command of kandinsky.cli.COMMANDS is a subcommand, listed by `kandinsky --help` with its help
+    line, and docs/usage.md carries the table as command_table() writes it."""
+    import kandinsky.cli as cli
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for command in cli.COMMANDS.values():
+        assert f"{command.name} {command.help}" in text
+        with pytest.raises(SystemExit) as e:
+            main([command.name, "--help"])
+        assert e.value.code == 0 and f"kandinsky {command.name}" in capsys.readouterr().out
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+
+    assert set(PROMPT_TASKS) | {"train", "train-demo", "eval", "batch", "inspect", "attention", "score",
+                                "mix"} == set(cli.COMMANDS)
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    listed = doc.split("<!-- kandinsky.cli.command_table() -->\n", 1)[1].split("\n\n", 1)[0]
+    assert listed == cli.command_table()
+
+
+# --------------------------------------------------------------------------- errors, Ctrl-C, warnings
+def _replace_run(monkeypatch, name, run):
+    import dataclasses
+
+    import kandinsky.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, name, dataclasses.replace(cli.COMMANDS[name], run=run))
+
+
+def _expected_errors():
+    from kandinsky.batch import InputError as BatchInputError
+    from kandinsky.cli.common import InputError
+    from kandinsky.config import ConfigError
+    from kandinsky.hub import CheckpointNotFound
+    from kandinsky.lora import LoRAError
+    from kandinsky.training.config import TrainError
+    from kandinsky.training.data import DataError
+    from weights_convert.io import WeightsError
+
+    return [ConfigError, WeightsError, TrainError, DataError, LoRAError, InputError, BatchInputError,
+            CheckpointNotFound, ValueError, TypeError, OSError, FileNotFoundError, RuntimeError, FloatingPointError]
+
+
+@pytest.mark.parametrize("error", _expected_errors(), ids=lambda e: e.__name__)
+def test_expected_errors_are_one_line_and_status_2(error, monkeypatch, capsys):
+    def fail(args):
+        raise error("the checkpoint folder x has no unet/; pass the decoder folder")
+
+    _replace_run(monkeypatch, "inspect", fail)
+    assert main(["inspect", "unet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: the checkpoint folder x has no unet/; pass the decoder folder\n"
+    assert captured.out == ""
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch):
+    """Only the expected error classes become `error:` lines; a KeyError is a bug, and raises."""
+    def fail(args):
+        raise KeyError("bug")
+
+    _replace_run(monkeypatch, "inspect", fail)
+    with pytest.raises(KeyError):
+        main(["inspect", "unet"])
+
+
+def test_ctrl_c_exits_130_and_cleans_up(cached_demo, tmp_path, monkeypatch, capsys):
+    """KeyboardInterrupt in the middle of a picture: one line, status 130, no picture, and the
+    --random-demo temporary folder removed."""
+    folders = []
+    real = kandinsky.demo.demo_checkpoints
+
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        folders.append(out[1])
+        return out
+
+    def interrupted(self, task, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kandinsky.demo, "demo_checkpoints", recorded)
+    monkeypatch.setattr(Kandinsky, "run", interrupted)
+    out = tmp_path / "o.png"
+    assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), *FAST]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("interrupted: kandinsky text2img stopped by Ctrl-C; kept nothing written\n")
+    assert "Traceback" not in err and not out.exists()
+    assert len(folders) == 1 and not pathlib.Path(folders[0].name).exists()
+
+
+def test_ctrl_c_says_what_the_command_kept(monkeypatch, capsys):
+    from kandinsky.cli import common
+
+    def run(args):
+        common.on_interrupt(lambda: "3 of 5 pictures in out/")
+        raise KeyboardInterrupt
+
+    _replace_run(monkeypatch, "inspect", run)
+    assert main(["inspect", "unet"]) == 130
+    assert capsys.readouterr().err == "interrupted: kandinsky inspect stopped by Ctrl-C; kept 3 of 5 pictures in out/\n"
+
+
+def test_warnings_print_as_one_plain_line(monkeypatch, capsys):
+    import warnings
+
+    def run(args):
+        warnings.warn("the prompt is longer than CLIP's 75 tokens")
+        return 0
+
+    _replace_run(monkeypatch, "inspect", run)
+    assert main(["inspect", "unet"]) == 0
+    assert capsys.readouterr().err == "warning: the prompt is longer than CLIP's 75 tokens\n"
+
+
+# --------------------------------------------------------------------------- --overwrite, every task
+@pytest.mark.parametrize("task", ["text2img", *TASKS])
+def test_every_task_refuses_to_overwrite(task, cached_demo, inputs, tmp_path, capsys):
+    """An existing -o is refused before anything is built; --overwrite replaces it."""
+    args = [a.format(image=inputs / "image.png", mask=inputs / "mask.png", hint=inputs / "hint.png")
+            for a in TASKS.get(task, ["a red cat"])]
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"my picture")
+    fast = NO_PRIOR if task == "variations" else FAST
+    assert main([task, "--random-demo", "-o", str(out), *fast, *args]) == 2
+    assert f"{str(out)!r} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"my picture" and cached_demo == []
+    assert main([task, "--random-demo", "-o", str(out), "--overwrite", *fast, *args]) == 0
+    assert PIL.Image.open(out).format == "PNG"

@@ -4,7 +4,7 @@
     kandinsky COMMAND --help
 
 ``COMMANDS`` (name -> Command) is the one table: the argparse subcommands, ``kandinsky --help`` and
-the command list of docs/usage.md derive from it. Each command's module adds its arguments and runs
+the command list of docs/usage.md (``command_table()``) derive from it. Each command's module adds its arguments and runs
 it; what they share (loading pipelines, output checks, errors and exit codes, Ctrl-C, warnings) is
 kandinsky/cli/common.py. ``python -m kandinsky.cli`` is the same command.
 """
@@ -48,7 +48,7 @@ def _table() -> dict[str, Command]:
         Command("attention", "attention maps as pictures", research.add_attention_arguments, research.run_attention,
                 research.ATTENTION_DESCRIPTION, research.ATTENTION_EXAMPLES),
         Command("score", "CLIP similarity of images and prompts", research.add_score_arguments, research.run_score,
-                research.score_description(), research.SCORE_EXAMPLES),
+                research.SCORE_DESCRIPTION, research.SCORE_EXAMPLES),
         Command("mix", "embedding arithmetic and slerp, decoded", research.add_mix_arguments, research.run_mix,
                 research.MIX_DESCRIPTION, research.MIX_EXAMPLES),
     ]
@@ -68,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
                                   epilog=command.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(sub)
     return top
+
+
+def command_table() -> str:
+    """The markdown table of every command (docs/usage.md carries it; a test keeps the two equal)."""
+    rows = [f"| `kandinsky {c.name}` | {c.help} |" for c in COMMANDS.values()]
+    return "\n".join(["| command | what it does |", "| --- | --- |", *rows])
 
 
 def main(argv=None) -> int:

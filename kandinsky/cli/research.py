@@ -138,12 +138,10 @@ def run_attention(args) -> int:
 
 
 # ----------------------------------------------------------------------------- score
-def score_description() -> str:
-    from kandinsky.research.embeddings import IMAGE_SUFFIXES
-
-    return ("CLIP cosine similarity (bigG towers of a prior checkpoint): text-image for every image and prompt, "
-            "image-image when several images are given. Arguments ending in an image suffix "
-            f"({', '.join(IMAGE_SUFFIXES)}) are images, the others prompts.")
+SCORE_DESCRIPTION = ("CLIP cosine similarity (bigG towers of a prior checkpoint): text-image for every image and "
+                     "prompt, image-image when several images are given. Arguments ending in an image suffix "
+                     "(.png, .jpg, .jpeg, .webp, ...: kandinsky.research.embeddings.IMAGE_SUFFIXES) are images, the "
+                     "others prompts.")
 
 
 SCORE_EXAMPLES = ('examples:\n  kandinsky score cat.png "a cat" "a dog"\n'
