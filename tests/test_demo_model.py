@@ -148,6 +148,24 @@ def test_train_demo_steps_through_the_shared_schedule_and_ema(monkeypatch):
     assert not torch.allclose(raw[-1], ema)
 
 
+def test_checkpoint_sets_are_laid_out_as_the_hub(random_demo, reference_configs):
+    """kandinsky.demo.write_checkpoint_set (the random demo set, and train-demo's repos): model_index.json,
+    the scheduler configs and the image processor are the hub checkpoints' (tests/data), but for the
+    image size and diffusers' version stamp."""
+    def read(path):
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "_diffusers_version"}
+
+    for name, folder in random_demo.items():
+        hub = reference_configs / f"kandinsky-2-2-{name}"
+        assert read(folder / "model_index.json") == read(hub / "model_index.json"), name
+        assert read(folder / "scheduler" / "scheduler_config.json") == read(hub / "scheduler" / "scheduler_config.json")
+    processor = read(random_demo["prior"] / "image_processor" / "preprocessor_config.json")
+    hub = read(reference_configs / "kandinsky-2-2-prior" / "image_processor" / "preprocessor_config.json")
+    assert processor == {**hub, "crop_size": 32, "size": 32}  # the tiny image tower's input
+    vocab = json.loads((random_demo["prior"] / "tokenizer" / "vocab.json").read_text())
+    assert len(vocab) == 514 and vocab["<|endoftext|>"] == 513  # bytes, bytes</w>, the specials last
+
+
 def test_demo_folders_says_how_to_rebuild(monkeypatch, tmp_path):
     import kandinsky.data
     import kandinsky.demo

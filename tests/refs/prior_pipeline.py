@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from kandinsky.demo import TINY, bytes_to_unicode
+from kandinsky.demo import CLIP_MEAN, CLIP_STD, PRIOR_SCHEDULER, TINY, bytes_to_unicode
 from tests.helpers import randomize_
 from tests.refs import tiny_kwargs
 
@@ -91,23 +91,10 @@ def build_reference_prior_pipeline(tokenizer, seed: int = 0):
     with torch.no_grad():  # clip_std scales the output: keep it positive and O(1)
         prior.clip_std.abs_().add_(0.5)
 
-    scheduler = UnCLIPScheduler(  # the real checkpoint's scheduler config
-        num_train_timesteps=1000,
-        variance_type="fixed_small_log",
-        clip_sample=True,
-        clip_sample_range=10.0,
-        prediction_type="sample",
-    )
-    image_processor = CLIPImageProcessor(
-        crop_size=PRIOR_IMAGE_SIZE,
-        size=PRIOR_IMAGE_SIZE,
-        do_center_crop=True,
-        do_normalize=True,
-        do_resize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        resample=3,
-    )
+    scheduler = UnCLIPScheduler.from_config(PRIOR_SCHEDULER)  # the real checkpoint's scheduler config
+    image_processor = CLIPImageProcessor(crop_size=PRIOR_IMAGE_SIZE, size=PRIOR_IMAGE_SIZE, do_center_crop=True,
+                                         do_normalize=True, do_resize=True, image_mean=list(CLIP_MEAN),
+                                         image_std=list(CLIP_STD), resample=3)
     pipe = KandinskyV22PriorPipeline(
         prior=prior,
         image_encoder=image_encoder,
