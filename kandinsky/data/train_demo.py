@@ -1,8 +1,10 @@
 """Train the tiny demo Kandinsky on procedural shapes: ``kandinsky train-demo --out DIR``.
 
-Every component of the real chain, at toy widths, trained from scratch on
-``kandinsky.data.shapes`` (64 x 64 pictures, captions of the shapes grammar), with the
-losses of kandinsky.training for the prior and the UNets:
+Every component of the real chain, at toy widths (kandinsky.demo's tiny configs, wider: CONFIGS),
+trained from scratch on ``kandinsky.data.shapes`` (64 x 64 pictures, captions of the shapes grammar),
+through kandinsky.training: its losses for the prior and the UNets, and for every stage its learning-
+rate schedule, optimizer step and EMA (kandinsky.training.optim, as ``kandinsky train``). What is the
+demo's own: the stage table (STAGES), the data each stage draws, which components it trains, how long.
 
     stage         trains                                       on
     clip          text + image towers, contrastive (InfoNCE)   (caption, picture) pairs
@@ -28,8 +30,10 @@ run in the same proportions; ``--steps N``: N steps each, for tests) and saves a
 ``DIR/stages/<stage>.pt`` every 2 minutes; stages not named in
 ``--stages`` are loaded from there, so stages can run in parallel processes (clip and movq
 first; then prior, decoder + inpaint and movq_decoder) and a stage can be trained longer
-(``--resume``). The UNets and the prior keep an EMA of their weights (decay 0.999); the
-EMA is what is saved.
+(``--resume``). The learning rate follows a cosine over the stage's time (after a 3% warm-up, never
+below 2% of the stage's rate). The UNets and the prior keep an EMA of their weights (decay 0.999,
+ramped up over the first steps); the EMA is what is saved. The hub folders are written by
+kandinsky.demo.write_checkpoint_set, as the random demo checkpoints are.
 
     kandinsky train-demo --out demo-weights                      # everything, one after another
     kandinsky train-demo --out demo-weights --jobs 2             # two processes: about half the wall-clock
@@ -48,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kandinsky.data import shapes
 import kandinsky.demo as demo
+from kandinsky.data import shapes
 from kandinsky.demo import CLIP_MEAN, CLIP_STD, TINY
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 
