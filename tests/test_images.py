@@ -50,7 +50,7 @@ def _mask_forms(mask: np.ndarray) -> dict:
 
 
 MASK_FORMS = list(_mask_forms(np.zeros((2, 2), np.float32)))
-MASK_RUN = dict(**SIZE, num_inference_steps=2, guidance_scale=4.0, output_type="pt", progress=False)
+MASK_RUN = dict(**SIZE, num_inference_steps=1, guidance_scale=4.0, output_type="pt", progress=False)
 
 
 @pytest.fixture(scope="module")
