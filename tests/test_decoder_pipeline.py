@@ -263,74 +263,6 @@ def test_controlnet_img2img(controlnet, strength, per_prompt, steps):
     assert rel_err(torch.from_numpy(out), torch.from_numpy(exp)) < TOL
 
 
-# --------------------------------------------------------------------------- errors
-def test_wrong_task_for_checkpoint(decoder, inpainter, controlnet):
-    e, n = embeds(1)
-    image, mask, hint = rgb(0), repaint_mask(0), torch.rand(1, 3, 64, 64)
-    cases = [
-        (decoder[0].inpaint, (e, image, mask, n), "decoder checkpoint", "kandinsky-2-2-decoder-inpaint"),
-        (decoder[0].controlnet, (e, n, hint), "decoder checkpoint", "kandinsky-2-2-controlnet-depth"),
-        (inpainter[0].text2img, (e, n), "inpaint checkpoint", "kandinsky-community/kandinsky-2-2-decoder)"),
-        (inpainter[0].img2img, (e, image, n), "inpaint checkpoint", "kandinsky-community/kandinsky-2-2-decoder)"),
-        (controlnet[0].text2img, (e, n), "controlnet checkpoint", "controlnet, controlnet_img2img"),
-        (controlnet[0].inpaint, (e, image, mask, n), "controlnet checkpoint", "decoder-inpaint"),
-    ]
-    for method, args, kind, hint_text in cases:
-        with pytest.raises(ValueError) as info:
-            method(*args, height=64, width=64, num_inference_steps=1, progress=False)
-        assert kind in str(info.value) and hint_text in str(info.value), str(info.value)
-    assert decoder[0].tasks == ("text2img", "img2img")
-    assert inpainter[0].tasks == ("inpaint",)
-    assert controlnet[0].tasks == ("controlnet", "controlnet_img2img")
-
-
-def test_bad_sizes(decoder):
-    ours, _ = decoder
-    e, n = embeds(1)
-    for height, width in [(0, 64), (64, -64)]:
-        with pytest.raises(ValueError, match="must be a positive number of pixels"):
-            ours.text2img(e, n, height=height, width=width, num_inference_steps=1, progress=False)
-    with pytest.raises(TypeError, match="height"):
-        ours.text2img(e, n, height=64.0, width=64, num_inference_steps=1, progress=False)
-    # sizes that are not a multiple of 64 are generated at the next multiple, returned as asked
-    out = ours.text2img(e, n, height=100, width=64, num_inference_steps=1, output_type="latent",
-                        progress=False).images
-    assert out.shape == (1, 4, 16, 8)
-    out = ours.text2img(e, n, height=32, width=63, num_inference_steps=1, output_type="np", progress=False).images
-    assert out.shape == (1, 32, 63, 3)
-
-
-def test_bad_embeddings_and_arguments(decoder):
-    ours, _ = decoder
-    e, n = embeds(2)
-    kw = dict(height=64, width=64, num_inference_steps=1, progress=False)
-    with pytest.raises(ValueError, match="same batch size"):
-        ours.text2img(e, n[:1], **kw)
-    with pytest.raises(ValueError, match=rf"\(B, {EMBED_DIM}\)"):
-        ours.text2img(torch.randn(2, EMBED_DIM + 1), n, **kw)
-    with pytest.raises(ValueError, match="negative_image_embeds is required"):
-        ours.text2img(e, None, **kw)
-    with pytest.raises(ValueError, match="output_type"):
-        ours.text2img(e, n, output_type="jpeg", **kw)
-    with pytest.raises(ValueError, match="latents must have shape"):
-        ours.text2img(e, n, latents=torch.randn(1, 4, 8, 8), **kw)
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        ours.text2img(e, n, height=64, width=64, num_inference_steps=0, progress=False)
-    for strength in (0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="strength"):
-            ours.img2img(e, rgb(0), n, strength=strength, **kw)
-    with pytest.raises(ValueError, match="no denoising step"):
-        ours.img2img(e, rgb(0), n, height=64, width=64, num_inference_steps=2, strength=0.3, progress=False)
-    with pytest.raises(ValueError, match="2 image embedding"):
-        ours.img2img(e, [rgb(0), rgb(0), rgb(0)], n, strength=1.0, **kw)
-
-
-def test_not_a_decoder_folder(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22PriorPipeline"}')
-    with pytest.raises(ValueError, match="KandinskyV22PriorPipeline.*no unet, movq, scheduler"):
-        DecoderPipeline.from_pretrained(tmp_path)
-
-
 # --------------------------------------------------------------------------- DDIM
 def test_ddim_img2img(decoder_pipeline_folder):
     from diffusers import DDIMScheduler
@@ -629,6 +561,74 @@ def test_diffusers_style_callback_explained(decoder):
         ours.text2img(e, n, callback_on_step_end=lambda pipe, step, t, kwargs: None, **kw)
     with pytest.raises(TypeError, match=r"returned a dict"):
         ours.text2img(e, n, callback_on_step_end=lambda state: {"latents": state.x}, **kw)
+
+
+# --------------------------------------------------------------------------- errors
+def test_wrong_task_for_checkpoint(decoder, inpainter, controlnet):
+    e, n = embeds(1)
+    image, mask, hint = rgb(0), repaint_mask(0), torch.rand(1, 3, 64, 64)
+    cases = [
+        (decoder[0].inpaint, (e, image, mask, n), "decoder checkpoint", "kandinsky-2-2-decoder-inpaint"),
+        (decoder[0].controlnet, (e, n, hint), "decoder checkpoint", "kandinsky-2-2-controlnet-depth"),
+        (inpainter[0].text2img, (e, n), "inpaint checkpoint", "kandinsky-community/kandinsky-2-2-decoder)"),
+        (inpainter[0].img2img, (e, image, n), "inpaint checkpoint", "kandinsky-community/kandinsky-2-2-decoder)"),
+        (controlnet[0].text2img, (e, n), "controlnet checkpoint", "controlnet, controlnet_img2img"),
+        (controlnet[0].inpaint, (e, image, mask, n), "controlnet checkpoint", "decoder-inpaint"),
+    ]
+    for method, args, kind, hint_text in cases:
+        with pytest.raises(ValueError) as info:
+            method(*args, height=64, width=64, num_inference_steps=1, progress=False)
+        assert kind in str(info.value) and hint_text in str(info.value), str(info.value)
+    assert decoder[0].tasks == ("text2img", "img2img")
+    assert inpainter[0].tasks == ("inpaint",)
+    assert controlnet[0].tasks == ("controlnet", "controlnet_img2img")
+
+
+def test_bad_sizes(decoder):
+    ours, _ = decoder
+    e, n = embeds(1)
+    for height, width in [(0, 64), (64, -64)]:
+        with pytest.raises(ValueError, match="must be a positive number of pixels"):
+            ours.text2img(e, n, height=height, width=width, num_inference_steps=1, progress=False)
+    with pytest.raises(TypeError, match="height"):
+        ours.text2img(e, n, height=64.0, width=64, num_inference_steps=1, progress=False)
+    # sizes that are not a multiple of 64 are generated at the next multiple, returned as asked
+    out = ours.text2img(e, n, height=100, width=64, num_inference_steps=1, output_type="latent",
+                        progress=False).images
+    assert out.shape == (1, 4, 16, 8)
+    out = ours.text2img(e, n, height=32, width=63, num_inference_steps=1, output_type="np", progress=False).images
+    assert out.shape == (1, 32, 63, 3)
+
+
+def test_bad_embeddings_and_arguments(decoder):
+    ours, _ = decoder
+    e, n = embeds(2)
+    kw = dict(height=64, width=64, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="same batch size"):
+        ours.text2img(e, n[:1], **kw)
+    with pytest.raises(ValueError, match=rf"\(B, {EMBED_DIM}\)"):
+        ours.text2img(torch.randn(2, EMBED_DIM + 1), n, **kw)
+    with pytest.raises(ValueError, match="negative_image_embeds is required"):
+        ours.text2img(e, None, **kw)
+    with pytest.raises(ValueError, match="output_type"):
+        ours.text2img(e, n, output_type="jpeg", **kw)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        ours.text2img(e, n, latents=torch.randn(1, 4, 8, 8), **kw)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ours.text2img(e, n, height=64, width=64, num_inference_steps=0, progress=False)
+    for strength in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            ours.img2img(e, rgb(0), n, strength=strength, **kw)
+    with pytest.raises(ValueError, match="no denoising step"):
+        ours.img2img(e, rgb(0), n, height=64, width=64, num_inference_steps=2, strength=0.3, progress=False)
+    with pytest.raises(ValueError, match="2 image embedding"):
+        ours.img2img(e, [rgb(0), rgb(0), rgb(0)], n, strength=1.0, **kw)
+
+
+def test_not_a_decoder_folder(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22PriorPipeline"}')
+    with pytest.raises(ValueError, match="KandinskyV22PriorPipeline.*no unet, movq, scheduler"):
+        DecoderPipeline.from_pretrained(tmp_path)
 
 
 # --------------------------------------------------------------------------- non-finite values
