@@ -104,6 +104,21 @@ class ComponentConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
+class ResolutionLevels:
+    """For the configs of the convolutional models (UNet, MoVQ): one width per resolution level in
+    ``block_out_channels``, each level but the last halving the resolution."""
+
+    @property
+    def depth(self) -> int:
+        """Number of resolution levels (4 in Kandinsky 2.2)."""
+        return len(self.block_out_channels)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much the model halves the resolution: sizes must be multiples of it (8 for depth 4)."""
+        return 2 ** (self.depth - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class AnyOf:
     """Several accepted values for a FIXED key; the first is the one written out."""

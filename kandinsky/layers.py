@@ -7,6 +7,8 @@
                        the UNet and MoVQ's encoder, a SpatialNorm of the latents in MoVQ's decoder), with
                        optional scale-shift conditioning (the UNet's ``emb``) and 2x resampling
     group_norm         the GroupNorm factory a ResBlock takes
+    Model              base of the five component models: ``dtype`` / ``device`` of one named weight,
+                       ``VARIABLE`` (what users call the model, for the fixes error messages suggest)
     AvgDownsample, NearestUpsample   the weightless 2x resamplers of the UNet's ResBlocks
 
 Module names are the hub's where the hub has one (``linear_1``, ``norm1``, ``conv1``,
@@ -14,14 +16,34 @@ Module names are the hub's where the hub has one (``linear_1``, ``norm1``, ``con
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MAX_PERIOD = 10000  # the longest wavelength of the timestep sinusoid
+
+
+class Model(nn.Module):
+    """A component model (UNet, DiffusionPrior, MoVQ, TextEncoder, ImageEncoder).
+
+    ``dtype`` and ``device`` are those of its ``WEIGHT`` (a dotted parameter name such as
+    ``"conv_in.weight"``); ``VARIABLE`` is what users call it (``"unet"``), so an input check can
+    say ``pass sample.to(unet.dtype)`` (kandinsky.checks)."""
+
+    WEIGHT: ClassVar[str]
+    VARIABLE: ClassVar[str]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return functools.reduce(getattr, self.WEIGHT.split("."), self).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return functools.reduce(getattr, self.WEIGHT.split("."), self).device
 
 
 def timesteps(timestep, batch: int, device) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, fail
 from kandinsky.config import ComponentConfig, ConfigError, any_sign
+from kandinsky.layers import Model
 
 # --------------------------------------------------------------------------- configs
 # Defaults are the reference library's (transformers' CLIPTextConfig / CLIPVisionConfig),
@@ -205,10 +206,10 @@ class TextEncoderOutput:
     last_hidden_state: torch.Tensor  # (B, L, hidden_size): every token after the final LayerNorm
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(Model):
     """CLIP text tower with its projection (hub class CLIPTextModelWithProjection)."""
 
-    VARIABLE = "text_encoder"  # what users call it, for the fixes error messages suggest
+    WEIGHT, VARIABLE = "token_embedding.weight", "text_encoder"  # dtype / device; what users call it (layers.Model)
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
@@ -235,14 +236,6 @@ class TextEncoder(nn.Module):
         x = self.final_norm(x)
         pooled = x[torch.arange(B, device=x.device), self.end_of_text(input_ids)]  # (B, width)
         return TextEncoderOutput(text_embeds=self.text_projection(pooled), last_hidden_state=x)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.token_embedding.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.token_embedding.weight.device
 
     def check_inputs(self, input_ids, attention_mask) -> None:
         """Clear errors for wrong types, shapes and devices (kandinsky.checks). Token ids are not
@@ -276,10 +269,10 @@ def causal_padding_mask(attention_mask: torch.Tensor, length: int) -> torch.Tens
 
 
 # --------------------------------------------------------------------------- image tower
-class ImageEncoder(nn.Module):
+class ImageEncoder(Model):
     """CLIP vision tower with its projection (hub class CLIPVisionModelWithProjection)."""
 
-    VARIABLE = "image_encoder"  # what users call it, for the fixes error messages suggest
+    WEIGHT, VARIABLE = "patch_embedding.weight", "image_encoder"  # dtype / device; what users call it (layers.Model)
 
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
@@ -306,14 +299,6 @@ class ImageEncoder(nn.Module):
             x = block(x)
         pooled = self.post_norm(x[:, 0])  # (B, width): the class token
         return self.visual_projection(pooled)  # (B, projection_dim)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embedding.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.patch_embedding.weight.device
 
     def check_inputs(self, pixel_values) -> None:
         """Clear errors for wrong types, shapes and devices (kandinsky.checks). Floating pixels of

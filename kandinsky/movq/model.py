@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, fail
-from kandinsky.config import ComponentConfig, ConfigError
-from kandinsky.layers import ResBlock, group_norm
+from kandinsky.config import ComponentConfig, ConfigError, ResolutionLevels
+from kandinsky.layers import Model, ResBlock, group_norm
 from kandinsky.movq.tiling import resolve_tile, tiled_decode, tiled_encode
 
 EPS = 1e-6  # every GroupNorm of the autoencoder
@@ -35,7 +35,7 @@ SPATIAL_NORM_GROUPS = 32  # SpatialNorm's GroupNorm always has 32 groups (norm_n
 
 
 @dataclasses.dataclass
-class MoVQConfig(ComponentConfig):
+class MoVQConfig(ResolutionLevels, ComponentConfig):
     """Sizes of the autoencoder; field names are the diffusers ``VQModel`` config keys.
 
     The defaults are Kandinsky 2.2's (67,832,495 parameters).
@@ -85,19 +85,11 @@ class MoVQConfig(ComponentConfig):
             )
         return super().from_dict(config, source)
 
-    @property
-    def levels(self) -> int:
-        return len(self.block_out_channels)
-
-    @property
-    def downsampling_factor(self) -> int:
-        return 2 ** (self.levels - 1)
-
     def check_sizes(self, source: str = "config.json") -> None:
         def bad(key, why):
             raise ConfigError(f"{source}: {key}={getattr(self, key)!r} is not supported: {why}")
 
-        n = self.levels
+        n = self.depth
         # Kandinsky's topology: attention only at the lowest resolution
         down = ("DownEncoderBlock2D",) * (n - 1) + ("AttnDownEncoderBlock2D",)
         up = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (n - 1)
@@ -270,8 +262,8 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList(
             EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g,
-                         with_attention=i == cfg.levels - 1, with_downsample=i < cfg.levels - 1)
-            for i in range(cfg.levels)
+                         with_attention=i == cfg.depth - 1, with_downsample=i < cfg.depth - 1)
+            for i in range(cfg.depth)
         )
         self.mid = EncoderMid(ch[-1], g)
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=EPS)
@@ -370,8 +362,8 @@ class Decoder(nn.Module):
         self.mid = DecoderMid(ch[0], zc)
         self.up = nn.ModuleList(
             DecoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, zc,
-                         with_attention=i == 0, with_upsample=i < cfg.levels - 1)
-            for i in range(cfg.levels)
+                         with_attention=i == 0, with_upsample=i < cfg.depth - 1)
+            for i in range(cfg.depth)
         )
         self.norm_out = SpatialNorm(ch[-1], zc)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
@@ -397,10 +389,10 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class MoVQ(nn.Module):
+class MoVQ(Model):
     """The Kandinsky 2.2 autoencoder (diffusers ``VQModel`` with ``norm_type="spatial"``)."""
 
-    VARIABLE = "movq"  # what users call it, for the fixes error messages suggest
+    WEIGHT, VARIABLE = "quant_conv.weight", "movq"  # dtype / device; what users call it (layers.Model)
 
     def __init__(self, config: MoVQConfig):
         super().__init__()
@@ -410,14 +402,6 @@ class MoVQ(nn.Module):
         self.quantizer = VectorQuantizer(config.num_vq_embeddings, config.latent_channels)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.quant_conv.weight.device
 
     def check_inputs(self, x: torch.Tensor, channels: int, what: str, multiple: int = 1) -> None:
         """Clear errors for the input mistakes torch would report deep inside a conv (kandinsky.checks)."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, check_timestep, fail
 from kandinsky.config import ComponentConfig, ConfigError
-from kandinsky.layers import TimestepEmbedding, timesteps
+from kandinsky.layers import Model, TimestepEmbedding, timesteps
 
 MASK_VALUE = -10000.0  # the additive mask value the prior was trained with
 N_EXTRA_TOKENS = 4  # after the text: text embedding, time, noisy image embedding, prd token
@@ -175,7 +175,7 @@ def attention_bias(text_mask: torch.Tensor, n_extra: int, dtype: torch.dtype) ->
     return (padding[:, None, :] + causal)[:, None]  # (B, 1, L, L)
 
 
-class DiffusionPrior(nn.Module):
+class DiffusionPrior(Model):
     """Predicts the (normalised) clean CLIP image embedding from a noisy one and the text.
 
     ``prior(hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask)``
@@ -188,7 +188,7 @@ class DiffusionPrior(nn.Module):
         -> (B, clip_dim) predicted x_0
     """
 
-    VARIABLE = "prior"  # what users call it, for the fixes error messages suggest
+    WEIGHT, VARIABLE = "proj_out.weight", "prior"  # dtype / device; what users call it (layers.Model)
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -296,14 +296,6 @@ class DiffusionPrior(nn.Module):
                 f"attention_mask must be a ({B}, {T}) bool tensor (True = real token), got {mask_shape}"),
             check_timestep(timestep, B),
         ])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.proj_out.weight.device
 
     def normalize(self, image_embed: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding -> the prior's normalised space."""

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky.checks import check_tensor, check_timestep, fail
-from kandinsky.config import AnyOf, ComponentConfig, ConfigError
-from kandinsky.layers import ResBlock, TimestepEmbedding, group_norm, timesteps
+from kandinsky.config import AnyOf, ComponentConfig, ConfigError, ResolutionLevels
+from kandinsky.layers import Model, ResBlock, TimestepEmbedding, group_norm, timesteps
 from kandinsky.unet.blocks import HINT_CHANNELS, AddedKVAttention, HintEncoder, ImageEmbedding, ImageTokens
 
 NUM_LEVELS = 4  # Kandinsky 2.2's depth (the default config); any depth >= 1 is accepted
@@ -44,7 +44,7 @@ def block_types(depth: int) -> tuple[list[str], list[str]]:
 
 
 @dataclasses.dataclass
-class UNetConfig(ComponentConfig):
+class UNetConfig(ResolutionLevels, ComponentConfig):
     """Sizes of the decoder UNet; field names are the keys of the hub's unet/config.json."""
 
     CLASS_NAME = "UNet2DConditionModel"
@@ -127,16 +127,6 @@ class UNetConfig(ComponentConfig):
         if self.addition_embed_type == "image_hint" and self.in_channels <= HINT_CHANNELS:
             fail("in_channels", f"with addition_embed_type 'image_hint' it counts the {HINT_CHANNELS} hint "
                  "channels too, so it must exceed them")
-
-    @property
-    def depth(self) -> int:
-        """Number of resolution levels (4 in Kandinsky 2.2)."""
-        return len(self.block_out_channels)
-
-    @property
-    def downsampling_factor(self) -> int:
-        """How much the UNet halves the latents: sample sizes must be multiples of it (8 for depth 4)."""
-        return 2 ** (self.depth - 1)
 
     @property
     def sample_channels(self) -> int:
@@ -224,7 +214,7 @@ class UpLevel(nn.Module):
         return x
 
 
-class UNet(nn.Module):
+class UNet(Model):
     """Kandinsky 2.2 decoder UNet. Call as ``unet(sample, timestep, image_embeds, hint=None)``.
 
     sample:       (B, in_channels, h, w) latents (for "image_hint": in_channels - 4 channels),
@@ -236,7 +226,7 @@ class UNet(nn.Module):
     returns       (B, out_channels, h, w)
     """
 
-    VARIABLE = "unet"  # what users call it, for the fixes error messages suggest
+    WEIGHT, VARIABLE = "conv_in.weight", "unet"  # dtype / device; what users call it (layers.Model)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -270,14 +260,6 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = nn.GroupNorm(config.norm_num_groups, C[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(C[0], config.out_channels, 3, padding=1)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
 
     def check_inputs(self, sample, timestep, image_embeds, hint) -> None:
         """Clear errors for the input mistakes torch would report deep inside a layer (kandinsky.checks)."""
