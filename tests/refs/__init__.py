@@ -15,6 +15,14 @@ def tiny_kwargs(component: str, **changes) -> dict:
     return {**{k: v for k, v in TINY[component].items() if k != "_class_name"}, **changes}
 
 
+def saved_pretrained(tmp_path_factory, name: str, model, sub: str) -> tuple[Path, object]:
+    """``model`` written by its ``save_pretrained`` into a new session folder ``<name>.../<sub>`` (the
+    component folder of a hub repo). -> (folder, model)."""
+    folder = tmp_path_factory.mktemp(name) / sub
+    model.save_pretrained(folder)
+    return folder, model
+
+
 def save_diffusers_forms(model, root: Path, shard_size: str, sub: str = "") -> dict[str, Path]:
     """A diffusers ``model`` in the hub's other file forms, {form: root/form/sub}:
 

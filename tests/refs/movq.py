@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.helpers import randomize_
-from tests.refs import save_diffusers_forms, tiny_kwargs
+from tests.refs import save_diffusers_forms, saved_pretrained, tiny_kwargs
 
 # kandinsky.demo's tiny MoVQ, with the keys the real config.json writes besides
 MOVQ_TINY_CONFIG = tiny_kwargs("movq", act_fn="silu", sample_size=32, scaling_factor=0.18215)
@@ -45,9 +45,7 @@ def movq_reference():
 @pytest.fixture(scope="session")
 def movq_checkpoint(tmp_path_factory, movq_reference):
     """(folder, reference_model): the tiny MoVQ saved as config.json + diffusion_pytorch_model.safetensors."""
-    folder = tmp_path_factory.mktemp("movq") / "movq"
-    movq_reference.save_pretrained(folder)
-    return folder, movq_reference
+    return saved_pretrained(tmp_path_factory, "movq", movq_reference, "movq")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.helpers import randomize_
-from tests.refs import save_diffusers_forms, tiny_kwargs
+from tests.refs import save_diffusers_forms, saved_pretrained, tiny_kwargs
 
 # kandinsky.demo's tiny prior, narrower (embedding_dim 16, 2 heads x 12 = inner width 24), the optional sizes
 # written out as null (the real config.json writes them)
@@ -68,9 +68,7 @@ def prior_reference():
 @pytest.fixture(scope="session")
 def prior_checkpoint(tmp_path_factory, prior_reference):
     """(folder, reference_model): tiny prior saved as config.json + diffusion_pytorch_model.safetensors."""
-    folder = tmp_path_factory.mktemp("prior") / "prior"
-    prior_reference.save_pretrained(folder)
-    return folder, prior_reference
+    return saved_pretrained(tmp_path_factory, "prior", prior_reference, "prior")
 
 
 @pytest.fixture(scope="session")

@@ -95,14 +95,8 @@ def build_reference_prior_pipeline(tokenizer, seed: int = 0):
     image_processor = CLIPImageProcessor(crop_size=PRIOR_IMAGE_SIZE, size=PRIOR_IMAGE_SIZE, do_center_crop=True,
                                          do_normalize=True, do_resize=True, image_mean=list(CLIP_MEAN),
                                          image_std=list(CLIP_STD), resample=3)
-    pipe = KandinskyV22PriorPipeline(
-        prior=prior,
-        image_encoder=image_encoder,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        image_processor=image_processor,
-    )
+    pipe = KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
+                                     tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

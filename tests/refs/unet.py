@@ -18,7 +18,7 @@ import torch
 
 from kandinsky.demo import UNET_VARIANTS as DEMO_UNET_VARIANTS
 from tests.helpers import randomize_
-from tests.refs import save_diffusers_forms, tiny_kwargs
+from tests.refs import save_diffusers_forms, saved_pretrained, tiny_kwargs
 
 # kandinsky.demo's tiny UNet with other sizes (the full-size hub values in comments) and the hub's other
 # architecture keys written out; in_channels / addition_embed_type: UNET_VARIANTS (the same three as the demo's).
@@ -54,10 +54,7 @@ def make_reference_unet(variant: str = "decoder", seed: int = 0, **overrides):
 
 
 def _saved(tmp_path_factory, variant: str, seed: int, name: str):
-    model = make_reference_unet(variant, seed)
-    folder = tmp_path_factory.mktemp(name) / "unet"
-    model.save_pretrained(folder)
-    return folder, model
+    return saved_pretrained(tmp_path_factory, name, make_reference_unet(variant, seed), "unet")
 
 
 @pytest.fixture(scope="session")
