@@ -4,8 +4,8 @@ half-way, and the dtype of what is written.
 
 Each class of problem runs once through the console command (exit status and stderr as the user
 sees them); its variants run the same ``main(argv)`` in-process (importing torch in a fresh
-process costs seconds). Rules under test: a non-empty DST is refused unless --overwrite, which replaces it (no file of the
-old conversion survives); the result appears only when complete (a failure leaves neither DST nor
+process costs seconds). Rules under test: a non-empty DST is refused unless --overwrite, which replaces it (no
+file of the old conversion survives); the result appears only when complete (a failure leaves neither DST nor
 a temporary folder nor created parents behind, and an existing DST untouched); bad paths give
 ``error: ...`` and exit status 2 before anything is written; ``--dtype keep`` (the default) writes
 each tensor in the dtype it is stored in.
@@ -159,7 +159,8 @@ def test_an_invalid_source_creates_nothing(checkpoint, tmp_path, capsys, case, e
 def test_a_destination_that_is_a_file(checkpoint, tmp_path, capsys):
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"the user's file")
-    for dst, expected in ((target, "is a file; pass the path of a folder"), (target / "sub", "is a file, so no folder")):
+    cases = ((target, "is a file; pass the path of a folder"), (target / "sub", "is a file, so no folder"))
+    for dst, expected in cases:
         result = convert_here(capsys, checkpoint, dst, "--overwrite")
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: DST") and expected in result.stderr
@@ -217,3 +218,20 @@ def test_dtype_keep_is_the_default_and_keeps_each_tensor_as_stored(tmp_path, cap
     assert convert_here(capsys, src, tmp_path / "fp32", "--dtype", "fp32").returncode == 0
     header, _ = read_safetensors_header(tmp_path / "fp32" / "kandinsky.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F32"}
+
+
+def test_ctrl_c_leaves_nothing_and_exits_130(checkpoint, tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt half-way: the rule of every command (kandinsky/exits.py): one line saying what was
+    kept, status 130, no traceback; no DST, no temporary folder."""
+    import weights_convert.__main__ as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "convert_into", interrupted)
+    dst = tmp_path / "new" / "out"
+    result = convert_here(capsys, checkpoint, dst)
+    assert result.returncode == 130
+    kept = f"nothing written ({dst} as it was)"
+    assert result.stderr == f"interrupted: python -m weights_convert stopped by Ctrl-C; kept {kept}\n"
+    assert not (tmp_path / "new").exists()

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from kandinsky.config import ConfigError
+from kandinsky.exits import run
 from weights_convert import WeightsError, WeightsNotFoundError, load_component, save_component
 from weights_convert.registry import BY_CLASS_NAME, class_name
 
@@ -154,12 +155,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it holds files (default: refuse)")
     args = parser.parse_args(argv)
-    try:
+    # error: lines and status 2, Ctrl-C and 130, as every kandinsky command (kandinsky/exits.py); DST appears
+    # only when complete, so a Ctrl-C leaves it as it was
+    def convert() -> int:
         convert_folder(args.src, args.dst, args.to, DTYPES[args.dtype], overwrite=args.overwrite)
-    except (OSError, ValueError) as e:  # WeightsError is an OSError, ConfigError a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run("python -m weights_convert", convert, kept=f"nothing written ({args.dst} as it was)")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
     kandinsky COMMAND --help
 
 ``COMMANDS`` (name -> Command) is the one table: the argparse subcommands, ``kandinsky --help`` and
-the command list of docs/usage.md (``command_table()``) derive from it. Each command's module adds its arguments and runs
-it; what they share (loading pipelines, output checks, errors and exit codes, Ctrl-C, warnings) is
-kandinsky/cli/common.py. ``python -m kandinsky.cli`` is the same command.
+the command list of docs/usage.md (``command_table()``) derive from it. Each command's module adds its
+arguments and runs it; what they share (loading pipelines, output checks) is kandinsky/cli/common.py, how
+they end (errors and exit codes, Ctrl-C, warnings) kandinsky/exits.py. ``python -m kandinsky.cli`` is the
+same command.
 """
 from __future__ import annotations
 
@@ -79,4 +80,4 @@ def command_table() -> str:
 def main(argv=None) -> int:
     """``kandinsky ARGS``: the exit status (0 done, 1 the pictures were saved elsewhere, 2 an error, 130 Ctrl-C)."""
     args = parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
-    return common.run(args.command, COMMANDS[args.command].run, args)
+    return common.run(f"kandinsky {args.command}", COMMANDS[args.command].run, args)

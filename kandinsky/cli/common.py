@@ -1,16 +1,14 @@
 """What every ``kandinsky`` command shares, written once.
 
-* ``run(command, args)``: the one way a command ends. Expected errors (``EXPECTED``: ValueError and
-  its kin ConfigError, TrainError, DataError, LoRAError, InputError; OSError and its kin WeightsError,
-  CheckpointNotFound; TypeError, RuntimeError, FloatingPointError) print ``error: <message>`` and
-  exit 2, never a traceback; Ctrl-C prints ``interrupted: ...; kept ...`` (what the command says it
-  kept, via ``on_interrupt``) and exits 130; warnings print as ``warning: ...``.
+* how a command ends (``error: ...`` and status 2, Ctrl-C and status 130 with what was kept, ``warning:``
+  lines): kandinsky/exits.py, shared with ``python -m weights_convert``; a command says what a Ctrl-C
+  keeps with ``on_interrupt``.
 * ``check_outputs(paths, overwrite)``: every output can be written, and none is replaced without
   ``--overwrite``, checked before any work.
 * ``add_pipeline_arguments`` / ``checkpoints`` / ``pipeline``: --demo / --random-demo / --prior /
   --decoder / --device / --dtype / --offload / --lora, and the pipeline they name (temporary demo
   folders removed on exit, whatever happens).
-* argparse types: ``at_least(n)``, ``seed``, ``fraction``, ``numbers``; ``add_overwrite``; ``add_lora_argument``.
+* argparse types: ``at_least(n)``, ``seed``, ``fraction``; ``add_overwrite``; ``add_lora_argument``.
 """
 from __future__ import annotations
 
@@ -20,54 +18,13 @@ import os
 import sys
 from pathlib import Path
 
+from kandinsky.exits import on_interrupt, run  # noqa: F401 (the commands' one way to end)
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# every one of ConfigError, TrainError, DataError, LoRAError, InputError is a ValueError; WeightsError and
-# CheckpointNotFound are OSErrors; finite_guard raises FloatingPointError
-EXPECTED = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class InputError(ValueError):
     """A bad command-line input (missing image file, output that exists, unknown output format)."""
-
-
-# ----------------------------------------------------------------------------- ending a command
-_kept = "nothing written"
-
-
-def on_interrupt(kept) -> None:
-    """What a Ctrl-C keeps, for the ``interrupted: ...; kept <kept>`` line: a string, or a function
-    returning one (called when the interrupt comes)."""
-    global _kept
-    _kept = kept
-
-
-def run(name: str, function, args) -> int:
-    """``function(args)`` as command ``name``: its exit status (None: 0), errors and Ctrl-C as above."""
-    on_interrupt("nothing written")
-    with plain_warnings():
-        try:
-            return function(args) or 0
-        except KeyboardInterrupt:
-            kept = _kept() if callable(_kept) else _kept
-            print(f"interrupted: kandinsky {name} stopped by Ctrl-C; kept {kept}", file=sys.stderr)
-            return 130
-        except EXPECTED as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-
-@contextlib.contextmanager
-def plain_warnings():
-    """Warnings printed as `warning: ...` (not as a line of the console-script wrapper)."""
-    import warnings
-
-    show = warnings.showwarning
-    warnings.showwarning = lambda message, category, *a, **k: print(f"warning: {message}", file=sys.stderr)
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
 
 
 # ----------------------------------------------------------------------------- argparse types
@@ -156,7 +113,9 @@ def open_image(path: str):
 
 def is_image_path(item: str) -> bool:
     """An IMAGE_OR_PROMPT argument that names an image file (by its suffix, or because it exists)."""
-    return Path(item).suffix.lower() in IMAGE_SUFFIXES or Path(item).is_file()
+    from kandinsky.research.embeddings import is_image_path
+
+    return is_image_path(item) or Path(item).is_file()
 
 
 # ----------------------------------------------------------------------------- checkpoints and pipelines

@@ -85,7 +85,8 @@ def run_train(args) -> int:
 
     config = config_from_args(args)
     config.validate()
-    common.on_interrupt(f"the checkpoints written so far in {config.out} (--resume continues from the last)")
+    common.on_interrupt(f"the checkpoints written so far in {config.out}, if any (--save-every N writes one every N "
+                        "steps; --resume continues from the last)")
     train(config)
     return 0
 
