@@ -31,19 +31,6 @@ from kandinsky.layers import Model
 # so a config.json that leaves a key out means the same network here as there.
 
 
-def _check_tower(cfg, source: str) -> None:
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ConfigError(
-            f"{source}: hidden_size={cfg.hidden_size} is not a multiple of "
-            f"num_attention_heads={cfg.num_attention_heads}."
-        )
-    if cfg.hidden_act not in ACTIVATIONS:
-        raise ConfigError(
-            f"{source}: hidden_act={cfg.hidden_act!r} is not supported by kandinsky's CLIP "
-            f"(it implements {sorted(ACTIVATIONS)})."
-        )
-
-
 # Generic keys of transformers' PretrainedConfig that a full config.json may hold (transformers
 # 5 writes the first three with `to_json_file(use_diff=False)`; transformers 4 wrote them all):
 # classification, generation and encoder-decoder settings no CLIP tower reads.
@@ -63,63 +50,74 @@ GENERIC_KEYS = frozenset({
 })
 
 
+# Keys of both towers that change nothing we compute: `dropout` is read by no CLIP layer of the reference.
+TOWER_IGNORED = frozenset({"dropout"}) | GENERIC_KEYS
+
+
+def _fixed(class_name: str, model_type: str) -> dict:
+    """A tower's FIXED keys. attention_dropout: the reference drops attention weights in train
+    mode; we implement none."""
+    return {"architectures": [class_name], "model_type": model_type, "attention_dropout": 0.0}
+
+
 @dataclasses.dataclass
-class CLIPTextConfig(ComponentConfig):
-    """``text_encoder/config.json`` of a CLIPTextModelWithProjection."""
+class CLIPTowerConfig(ComponentConfig):
+    """The keys both towers' config.json hold (defaults: transformers' CLIPTextConfig)."""
 
-    CLASS_NAME: ClassVar[str] = "CLIPTextModelWithProjection"
-    # attention_dropout: the reference drops attention weights in train mode; we implement none
-    FIXED: ClassVar[dict] = {
-        "architectures": ["CLIPTextModelWithProjection"],
-        "model_type": "clip_text_model",
-        "attention_dropout": 0.0,
-    }
-    # bos/pad ids are the tokenizer's business (no padding_idx in the embedding);
-    # `dropout` is read by no CLIP layer of the reference.
-    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id", "dropout"}) | GENERIC_KEYS
-
-    vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
     projection_dim: int = 512
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
-    max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+    def check_sizes(self, source: str = "config.json") -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{source}: hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}."
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(
+                f"{source}: hidden_act={self.hidden_act!r} is not supported by kandinsky's CLIP "
+                f"(it implements {sorted(ACTIVATIONS)})."
+            )
+
+
+@dataclasses.dataclass
+class CLIPTextConfig(CLIPTowerConfig):
+    """``text_encoder/config.json`` of a CLIPTextModelWithProjection."""
+
+    CLASS_NAME: ClassVar[str] = "CLIPTextModelWithProjection"
+    FIXED: ClassVar[dict] = _fixed(CLASS_NAME, "clip_text_model")
+    # bos/pad ids are the tokenizer's business (no padding_idx in the embedding)
+    IGNORED: ClassVar[frozenset] = frozenset({"bos_token_id", "pad_token_id"}) | TOWER_IGNORED
+
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
     # Picks the pooled position: 2 (legacy configs, Kandinsky 2.2's) means "the largest
     # token id", anything else means "the first occurrence of this id" (transformers' rule).
     eos_token_id: int = any_sign(49407)
 
-    def check_sizes(self, source: str = "config.json") -> None:
-        _check_tower(self, source)
-
 
 @dataclasses.dataclass
-class CLIPVisionConfig(ComponentConfig):
-    """``image_encoder/config.json`` of a CLIPVisionModelWithProjection."""
+class CLIPVisionConfig(CLIPTowerConfig):
+    """``image_encoder/config.json`` of a CLIPVisionModelWithProjection (defaults: transformers')."""
 
     CLASS_NAME: ClassVar[str] = "CLIPVisionModelWithProjection"
-    FIXED: ClassVar[dict] = {
-        "architectures": ["CLIPVisionModelWithProjection"],
-        "model_type": "clip_vision_model",
-        "attention_dropout": 0.0,
-    }
-    IGNORED: ClassVar[frozenset] = frozenset({"dropout"}) | GENERIC_KEYS
+    FIXED: ClassVar[dict] = _fixed(CLASS_NAME, "clip_vision_model")
+    IGNORED: ClassVar[frozenset] = TOWER_IGNORED
 
     hidden_size: int = 768
     intermediate_size: int = 3072
-    projection_dim: int = 512
-    num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
     image_size: int = 224  # one side: square images and patches only
     patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
 
     def check_sizes(self, source: str = "config.json") -> None:
-        _check_tower(self, source)
+        super().check_sizes(source)
         if self.patch_size > self.image_size:
             raise ConfigError(f"{source}: patch_size={self.patch_size} is larger than image_size={self.image_size}.")
 
