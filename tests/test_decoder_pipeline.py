@@ -365,19 +365,6 @@ def test_wrong_number_of_generators(decoder):
         ours.text2img(e, n, generator=[gen(0)] * 3, **SIZE, num_inference_steps=1, progress=False)
 
 
-# --------------------------------------------------------------------------- strength 1 unguided
-def test_img2img_strength_one_unguided(decoder):
-    ours, ref = decoder
-    ref = reference_variant(ref, IMG2IMG)
-    e, n = embeds(1, seed=10)
-    image = rgb(10)
-    kw = dict(**SIZE, num_inference_steps=2, guidance_scale=1.0, strength=1.0)
-    got = ours.img2img(e, image, n, generator=gen(10), output_type="latent", progress=False, **kw).images
-    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(10), output_type="latent",
-              **kw).images
-    assert rel_err(got, exp) < TOL
-
-
 # --------------------------------------------------------------------------- callbacks
 def test_inpaint_callback_replacing_latents(inpainter):
     ours, ref = inpainter
@@ -400,16 +387,25 @@ def test_inpaint_callback_replacing_latents(inpainter):
     assert rel_err(got, plain) > 1e-2  # the callback changed the result
 
 
-def test_img2img_callback_replacing_latents(decoder):
+IMG2IMG_OPTIONS = {  # name: (seed, options, our callback, the reference's callback)
+    "strength 1, unguided": (10, dict(num_inference_steps=2, guidance_scale=1.0, strength=1.0), None, None),
+    "callback replacing latents": (12, dict(num_inference_steps=4, guidance_scale=4.0, strength=0.5),
+                                   lambda state: -state.x, lambda p, i, t, k: {"latents": -k["latents"]}),
+}
+
+
+@pytest.mark.parametrize("case", list(IMG2IMG_OPTIONS))
+def test_img2img_options(decoder, case):
+    seed, options, ours_cb, ref_cb = IMG2IMG_OPTIONS[case]
     ours, ref = decoder
     ref = reference_variant(ref, IMG2IMG)
-    e, n = embeds(1, seed=12)
-    image = rgb(12)
-    kw = dict(**SIZE, num_inference_steps=4, guidance_scale=4.0, strength=0.5)
-    got = ours.img2img(e, image, n, generator=gen(12), output_type="latent", progress=False,
-                       callback_on_step_end=lambda state: -state.x, **kw).images
-    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(12), output_type="latent",
-              callback_on_step_end=lambda p, i, t, k: {"latents": -k["latents"]}, **kw).images
+    e, n = embeds(1, seed=seed)
+    image = rgb(seed)
+    kw = dict(**SIZE, **options)
+    got = ours.img2img(e, image, n, generator=gen(seed), output_type="latent", progress=False,
+                       callback_on_step_end=ours_cb, **kw).images
+    exp = ref(image_embeds=e, image=image, negative_image_embeds=n, generator=gen(seed), output_type="latent",
+              callback_on_step_end=ref_cb, **kw).images
     assert rel_err(got, exp) < TOL
 
 

@@ -73,6 +73,15 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _named_items(x, what: str) -> list[tuple[str, Any]]:
+    """The items of one input or of a list of them, each with its name for messages (``what`` or
+    ``what[i]``); an empty list is refused."""
+    items = _as_list(x)
+    if not items:
+        raise ValueError(f"{what}: got an empty list.")
+    return [(what if len(items) == 1 else f"{what}[{i}]", item) for i, item in enumerate(items)]
+
+
 def _array_to_tensor(x, what: str, hint: bool) -> torch.Tensor:
     """One numpy array (channels last) or tensor (channels first) -> (B, 3, H, W) float in [0, 1]."""
     if isinstance(x, np.ndarray):
@@ -182,12 +191,8 @@ def load_images(image, height: int, width: int, what: str = "image", hint: bool 
 
     ``hint=True`` (control hints) also accepts one-channel images and repeats them.
     """
-    items = _as_list(image)
-    if not items:
-        raise ValueError(f"{what}: got an empty list.")
     out = []
-    for i, item in enumerate(items):
-        name = what if len(items) == 1 else f"{what}[{i}]"
+    for name, item in _named_items(image, what):
         if isinstance(item, PIL.Image.Image) and item.mode not in _HIGH_BIT_DEPTH:
             out.append(_pil_to_tensor(item, height, width))
             continue
@@ -262,12 +267,8 @@ def _mask_to_tensor(m, what: str) -> torch.Tensor:
 
 def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch.Tensor:
     """Mask(s) -> binary float tensor (B, 1, height, width): 1 = repaint, 0 = keep (rules above)."""
-    items = _as_list(mask)
-    if not items:
-        raise ValueError(f"{what}: got an empty list.")
     out = []
-    for i, item in enumerate(items):
-        name = what if len(items) == 1 else f"{what}[{i}]"
+    for name, item in _named_items(mask, what):
         if isinstance(item, PIL.Image.Image):
             value = _pil_mask(item)  # (H, W) in [0, 1]
             if input_size(item, mask=True) != (height, width):
