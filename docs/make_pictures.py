@@ -45,7 +45,7 @@ def usage_steps(folder: Path) -> None:
     import torch
 
     from kandinsky import Kandinsky
-    from kandinsky.data import demo_folders
+    from kandinsky.demo import demo_folders
     from kandinsky.sampling.trajectory import save_x0_grid
 
     shapes = demo_folders()

@@ -167,13 +167,11 @@ def test_checkpoint_sets_are_laid_out_as_the_hub(random_demo, reference_configs)
 
 
 def test_demo_folders_says_how_to_rebuild(monkeypatch, tmp_path):
-    import kandinsky.data
     import kandinsky.demo
 
     monkeypatch.setattr(kandinsky.demo, "DEMO_WEIGHTS", tmp_path)
     with pytest.raises(FileNotFoundError, match="train-demo"):
         kandinsky.demo.demo_folders()
-    assert kandinsky.data.demo_folders is kandinsky.demo.demo_folders  # the documented import: the one owner
 
 
 @pytest.mark.skipif(not SHIPPED, reason="no shipped demo weights (kandinsky/demo_weights)")

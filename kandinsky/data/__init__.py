@@ -5,15 +5,7 @@
     kandinsky.data.evaluate    ``kandinsky eval shapes``: accuracy of a checkpoint on the grammar
     kandinsky.data.train_demo  ``kandinsky train-demo``: reproduce the shipped weights
 
-The shipped checkpoints themselves belong to kandinsky.demo (``demo_folders()``, ``DEMO_WEIGHTS``);
-``from kandinsky.data import demo_folders`` reads them from there (kandinsky.demo never imports
-this package: the arrow runs one way).
+The shipped checkpoints themselves belong to kandinsky.demo (``demo_folders()``, ``DEMO_WEIGHTS``),
+which never imports this package: the arrow runs one way (train_demo reads kandinsky.demo's tiny
+configs and hub writer).
 """
-
-
-def __getattr__(name):
-    if name in ("demo_folders", "DEMO_WEIGHTS", "DEMO_REPOS"):
-        import kandinsky.demo
-
-        return getattr(kandinsky.demo, name)
-    raise AttributeError(f"module 'kandinsky.data' has no attribute {name!r}")
