@@ -53,9 +53,15 @@ import torch
 import torch.nn.functional as F
 
 import kandinsky.demo as demo
+from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.data import shapes
 from kandinsky.demo import CLIP_MEAN, CLIP_STD, TINY
+from kandinsky.sampling.schedule import NoiseSchedule
+from kandinsky.training.data import random_keep_masks
+from kandinsky.training.losses import (decoder_loss, drop_image_embeds, drop_text, dropped_rows, prior_loss,
+                                       prior_schedule)
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
+from weights_convert import build_model
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
 MOVQ_FACTOR = 8  # pictures / latents (8 x 8 latents), as the shipped weights; --movq-factor 4 (16 x 16
@@ -214,8 +220,6 @@ def train(stage: str, params, loss_fn, clock: Clock, log, save, ema_model=None) 
 
 
 def build(name: str, **overrides):
-    from weights_convert import build_model
-
     return build_model({**CONFIGS[name], **overrides})
 
 
@@ -366,8 +370,6 @@ def encoded_data(models, work: Path, seed: int, size: int, parts: tuple[str, ...
 
 
 def train_prior(models, data, clock, log, save, seed):
-    from kandinsky.training.losses import drop_text, prior_loss, prior_schedule
-
     prior, text, tokenizer = models["prior"], models["text_encoder"], models["tokenizer"]
     with torch.no_grad():
         prior.clip_mean.copy_(data["embeds"].mean(0, keepdim=True))
@@ -384,7 +386,7 @@ def train_prior(models, data, clock, log, save, seed):
         ids, mask = tokenizer([data["captions"][i] for i in rows])
         with torch.no_grad():
             out = text(ids, mask)
-        drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
+        drop = dropped_rows(n, DROP_CONDITION, g)  # (n,) rows trained unconditionally
         condition = drop_text(out.text_embeds, out.last_hidden_state, mask, empty, drop)
         loss = prior_loss(prior, schedule, data["embeds"][rows], *condition, generator=g)
         return loss, {"mse": loss.item()}
@@ -394,10 +396,6 @@ def train_prior(models, data, clock, log, save, seed):
 
 
 def train_unet(stage, models, data, clock, log, save, seed):
-    from kandinsky.training.data import random_keep_masks
-    from kandinsky.sampling.schedule import NoiseSchedule
-    from kandinsky.training.losses import decoder_loss, drop_image_embeds
-
     name = "inpaint" if stage == "inpaint" else "unet"
     unet = models[name]
     schedule = NoiseSchedule.from_config(demo.DECODER_SCHEDULER)  # the decoder checkpoint's own
@@ -407,7 +405,7 @@ def train_unet(stage, models, data, clock, log, save, seed):
     def loss_fn(step):
         rows = torch.randint(0, len(data["captions"]), (n,), generator=g)
         x0 = data["latents"][rows]  # (n, L, 64/f, 64/f)
-        drop = torch.rand(n, generator=g) < DROP_CONDITION  # (n,) rows trained unconditionally
+        drop = dropped_rows(n, DROP_CONDITION, g)  # (n,) rows trained unconditionally
         embeds = drop_image_embeds(data["embeds"][rows], data["zero"], drop)
         inpaint = {}
         if stage == "inpaint":
@@ -453,8 +451,6 @@ def write_repos(models, root: Path) -> dict[str, Path]:
 
 
 def build_models(tokenizer_dir: Path) -> dict:
-    from kandinsky.clip.tokenizer import Tokenizer
-
     vocab_size = write_tokenizer(tokenizer_dir)
     L = LATENT_CHANNELS
     models = {
