@@ -105,8 +105,8 @@ RESAMPLERS = {None: nn.Identity, "down": AvgDownsample, "up": NearestUpsample}
 class ResBlock(nn.Module):
     """Pre-norm residual block:
 
-        h = conv1(resample(silu(norm1(x, *zq))))
-        h = norm2(h, *zq)
+        h = conv1(resample(silu(norm1(x[, zq]))))
+        h = norm2(h[, zq])
         h = h * (1 + scale) + shift,    (scale, shift) = time_emb_proj(silu(emb))   [if emb_dim]
         out = conv_shortcut(resample(x)) + conv2(silu(h))
 
@@ -129,13 +129,15 @@ class ResBlock(nn.Module):
             nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, zq: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C_in, h, w); emb (B, emb_dim) with emb_dim; zq (B, c, h0, w0) with SpatialNorms."""
-        cond = () if zq is None else (zq,)
-        h = self.resample(F.silu(self.norm1(x, *cond)))  # (B, C_in, h', w')
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, h, w). cond: what conditions the block, ``emb`` (B, emb_dim) for a block built
+        with emb_dim (the UNet's: ``block(x, emb)``), else the latents ``zq`` (B, c, h0, w0) its
+        SpatialNorms read (MoVQ's decoder: ``block(x, zq)``); GroupNorm blocks take none."""
+        zq = () if cond is None or self.time_emb_proj is not None else (cond,)
+        h = self.resample(F.silu(self.norm1(x, *zq)))  # (B, C_in, h', w')
         x = self.resample(x)
-        h = self.norm2(self.conv1(h), *cond)  # (B, C_out, h', w')
+        h = self.norm2(self.conv1(h), *zq)  # (B, C_out, h', w')
         if self.time_emb_proj is not None:
-            scale, shift = self.time_emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1)
+            scale, shift = self.time_emb_proj(F.silu(cond))[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1)
             h = h * (1 + scale) + shift
         return self.conv_shortcut(x) + self.conv2(F.silu(h))  # (B, C_out, h', w')

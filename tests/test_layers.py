@@ -92,7 +92,7 @@ def test_resblock_with_spatial_norms_is_movqs_decoder_resnet(c_in, c_out):
     with torch.no_grad():
         # our SpatialNorm broadcasts the latents' scale and shift instead of upsampling them: same maths,
         # other rounding
-        assert_close(ours(x, zq=zq), ref(x, zq))
+        assert_close(ours(x, zq), ref(x, zq))
 
 
 def test_group_norm_factory():

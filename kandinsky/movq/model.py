@@ -319,7 +319,7 @@ class DecoderMid(nn.Module):
         self.res2 = ResBlock(channels, channels, spatial_norm(zq_channels))
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(x, zq=zq), zq), zq=zq)
+        return self.res2(self.attn(self.res1(x, zq), zq), zq)
 
 
 class DecoderLevel(nn.Module):
@@ -344,7 +344,7 @@ class DecoderLevel(nn.Module):
 
     def blocks(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         for j, res in enumerate(self.res):
-            x = res(x, zq=zq)
+            x = res(x, zq)
             if self.attn is not None:
                 x = self.attn[j](x, zq)
         return x
