@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from kandinsky.clip.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights"  # the shipped tiny shapes model
 DEMO_REPOS = ("prior", "decoder", "decoder-inpaint")
 
@@ -139,8 +141,6 @@ DECODER_REPOS = {
     "inpaint": ("decoder-inpaint", "KandinskyV22InpaintPipeline"),
     "controlnet": ("controlnet-depth", "KandinskyV22ControlnetPipeline"),
 }
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image processor's normalisation (the hub's)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -201,8 +201,8 @@ def write_checkpoint_set(root: str | Path, models: dict, image_size: int, merges
     _json(prior / "scheduler" / "scheduler_config.json", PRIOR_SCHEDULER)
     _json(prior / "image_processor" / "preprocessor_config.json", {
         "crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD), "resample": 3, "size": image_size,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD), "resample": 3, "size": image_size,
     })
     _json(prior / "model_index.json", {
         "_class_name": "KandinskyV22PriorPipeline",

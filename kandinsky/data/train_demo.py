@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 import kandinsky.demo as demo
+from kandinsky.clip.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from kandinsky.clip.tokenizer import Tokenizer
 from kandinsky.data import shapes
-from kandinsky.demo import CLIP_MEAN, CLIP_STD, TINY
+from kandinsky.demo import TINY
 from kandinsky.sampling.schedule import NoiseSchedule
 from kandinsky.training.data import random_keep_masks
 from kandinsky.training.losses import (decoder_loss, drop_image_embeds, drop_text, dropped_rows, prior_loss,
@@ -163,8 +164,8 @@ def batch(seed: int, start: int, n: int, p_part: float = 0.5, with_scenes: bool 
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] pictures -> the image tower's pixel_values (what the image processor gives at 64 px)."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
 
 

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from kandinsky.demo import CLIP_MEAN, CLIP_STD, PRIOR_SCHEDULER, TINY, bytes_to_unicode
+from kandinsky.demo import PRIOR_SCHEDULER, TINY, bytes_to_unicode
 from tests.helpers import randomize_
 from tests.refs import tiny_kwargs
 
@@ -72,6 +72,7 @@ def build_reference_prior_pipeline(tokenizer, seed: int = 0):
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
     )
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # the reference's own
 
     def clip_kwargs(component, **changes):  # transformers' config classes know their own model_type
         return {k: v for k, v in tiny_kwargs(component, **changes).items() if k not in ("architectures", "model_type")}
@@ -93,8 +94,8 @@ def build_reference_prior_pipeline(tokenizer, seed: int = 0):
 
     scheduler = UnCLIPScheduler.from_config(PRIOR_SCHEDULER)  # the real checkpoint's scheduler config
     image_processor = CLIPImageProcessor(crop_size=PRIOR_IMAGE_SIZE, size=PRIOR_IMAGE_SIZE, do_center_crop=True,
-                                         do_normalize=True, do_resize=True, image_mean=list(CLIP_MEAN),
-                                         image_std=list(CLIP_STD), resample=3)
+                                         do_normalize=True, do_resize=True, image_mean=OPENAI_CLIP_MEAN,
+                                         image_std=OPENAI_CLIP_STD, resample=3)
     pipe = KandinskyV22PriorPipeline(prior=prior, image_encoder=image_encoder, text_encoder=text_encoder,
                                      tokenizer=tokenizer, scheduler=scheduler, image_processor=image_processor)
     pipe.set_progress_bar_config(disable=True)
