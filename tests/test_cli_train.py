@@ -29,3 +29,15 @@ def test_eval_refuses_to_overwrite_its_grids(tmp_path, capsys):
     assert (tmp_path / "run-text2img.png").read_bytes() == b"my grid"
     assert main(argv + ["--overwrite"]) == 2  # now it gets as far as loading: the checkpoint is missing
     assert "exists" not in capsys.readouterr().err
+
+
+def test_train_demo_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
+    (tmp_path / "decoder").mkdir()
+    (tmp_path / "decoder" / "model_index.json").write_text("{}")  # an earlier run's hub folder
+    assert main(["train-demo", "--out", tmp_path, "--write-only"]) == 2
+    err = capsys.readouterr().err
+    assert "decoder exists" in err and "pass --overwrite" in err and "--resume" in err
+    assert (tmp_path / "decoder" / "model_index.json").read_text() == "{}"
+    # --overwrite lets it run (nothing is trained here, so there is nothing to write yet)
+    assert main(["train-demo", "--out", tmp_path, "--write-only", "--overwrite"]) == 0
+    assert "not writing the repos" in capsys.readouterr().out

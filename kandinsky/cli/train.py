@@ -92,6 +92,7 @@ def run_train(args) -> int:
 
 
 # ----------------------------------------------------------------------------- train-demo
+REPOS = ("prior", "decoder", "decoder-inpaint")  # what train-demo writes into --out (train_demo.write_repos)
 TRAIN_DEMO_DESCRIPTION = ("Train the tiny demo Kandinsky (CLIP towers, MoVQ, prior, decoder, inpainting UNet) "
                           "on procedural shapes and write it in the hub layout.")
 
@@ -125,6 +126,9 @@ def add_train_demo_arguments(parser) -> None:
     parser.add_argument("--shape-weight", type=float, default=HEAD_WEIGHTS["shape"],
                         help="weight of the CLIP image tower's shape head (1 for the shipped weights; 6 puts the "
                              "shape into the embedding: see kandinsky/demo_weights/README.md)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the hub folders (prior/, decoder/, decoder-inpaint/) OUT holds from an earlier run "
+                             "(without it, or --resume, such an OUT is refused before any training)")
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
                         help="2: train in two processes of one thread each, clip beside movq, then prior and "
                              "movq_decoder beside decoder and inpaint (each stage gets the same time as with 1; "
@@ -153,6 +157,7 @@ def run_parallel(args, stages: list[str], log) -> None:
             argv += ["--movq-factor", str(args.movq_factor), "--shape-weight", str(args.shape_weight),
                      "--latent-channels", str(args.latent_channels)]
             argv += ["--resume"] if args.resume else []
+            argv += ["--overwrite"] if args.overwrite else []
             log(f"started {' + '.join(group)}")
             children.append((group, subprocess.Popen(argv)))
         failed = [group for group, child in children if child.wait() != 0]
@@ -168,6 +173,10 @@ def run_train_demo(args) -> int:
 
     if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps < 1):
         raise common.InputError("--minutes must be > 0 and --steps >= 1")
+    written = [path for path in (Path(args.out) / name for name in REPOS) if path.exists()]
+    if written and not (args.overwrite or args.resume):
+        raise common.InputError(f"{written[0]} exists (an earlier train-demo's hub folders); pass --overwrite to "
+                                "replace them, --resume to continue that run, or choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     train_demo.MOVQ_FACTOR, train_demo.LATENT_CHANNELS = args.movq_factor, args.latent_channels
