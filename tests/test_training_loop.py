@@ -176,6 +176,14 @@ def test_ema_and_bf16(demo, data, tmp_path):
     assert all(np.isfinite(losses(out)))
 
 
+def test_learning_rate_warms_up_then_stays(demo, data, tmp_path):
+    """kandinsky.training.optim.lr_at(step + 1, --lr, --warmup-steps): 3e-3 * 1/2, then 3e-3 (log.csv's lr)."""
+    out = tmp_path / "warmup"
+    assert main(prior_args(demo, data, out, "--steps", 3, "--warmup-steps", 2)) == 0
+    with open(out / "log.csv", newline="") as f:
+        assert [float(row["lr"]) for row in csv.DictReader(f)] == [1.5e-3, 3e-3, 3e-3]
+
+
 def test_kandinsky_train_dispatches_here(capsys):
     with pytest.raises(SystemExit) as e:
         kandinsky_main(["train", "--help"])
