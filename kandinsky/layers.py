@@ -7,6 +7,7 @@
                        the UNet and MoVQ's encoder, a SpatialNorm of the latents in MoVQ's decoder), with
                        optional scale-shift conditioning (the UNet's ``emb``) and 2x resampling
     group_norm         the GroupNorm factory a ResBlock takes
+    MLP                Linear -> activation -> Linear, the transformer blocks' feed-forward (CLIP, prior)
     Model              base of the five component models: ``dtype`` / ``device`` of one named weight,
                        ``VARIABLE`` (what users call the model, for the fixes error messages suggest)
     AvgDownsample, NearestUpsample   the weightless 2x resamplers of the UNet's ResBlocks
@@ -78,6 +79,22 @@ class TimestepEmbedding(nn.Module):
         """t (B,); the features are cast to ``dtype`` (default: the weights') before the first Linear."""
         x = timestep_sinusoid(t, self.dim).to(dtype or self.linear_1.weight.dtype)  # (B, dim)
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class MLP(nn.Module):
+    """Linear -> act -> Linear: the feed-forward of a transformer block. (B, L, width) -> (B, L, width)
+
+    CLIP: act from the config's hidden_act (GELU or QuickGELU), hidden = intermediate_size.
+    Prior: exact (erf) GELU, hidden = 4 * width."""
+
+    def __init__(self, width: int, hidden: int, act: nn.Module):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = act
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def group_norm(groups: int, eps: float) -> Callable[[int], nn.GroupNorm]:

@@ -99,3 +99,20 @@ def test_group_norm_factory():
     norm = group_norm(8, 1e-6)(64)
     assert isinstance(norm, torch.nn.GroupNorm)
     assert (norm.num_groups, norm.num_channels, norm.eps) == (8, 64, 1e-6)
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_mlp_is_clips(act):
+    """CLIP's MLP (transformers' CLIPMLP: fc1, activation, fc2); the prior's is the same with exact GELU."""
+    from transformers import CLIPTextConfig
+    from transformers.models.clip.modeling_clip import CLIPMLP
+
+    from kandinsky.clip.model import ACTIVATIONS
+    from kandinsky.layers import MLP
+
+    ref = randomize_(CLIPMLP(CLIPTextConfig(hidden_size=16, intermediate_size=40, hidden_act=act)), seed=5)
+    ours = MLP(16, 40, ACTIVATIONS[act]())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))

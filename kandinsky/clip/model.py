@@ -24,7 +24,7 @@ import torch.nn as nn
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, fail
 from kandinsky.config import ComponentConfig, ConfigError, any_sign
-from kandinsky.layers import Model
+from kandinsky.layers import MLP, Model
 
 # --------------------------------------------------------------------------- configs
 # Defaults are the reference library's (transformers' CLIPTextConfig / CLIPVisionConfig),
@@ -163,17 +163,6 @@ class Attention(nn.Module):
         return self.out_proj(y)
 
 
-class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, act: str):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.act = ACTIVATIONS[act]()
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -182,7 +171,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, mlp_width, act)
+        self.mlp = MLP(width, mlp_width, ACTIVATIONS[act]())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask=mask, causal=causal)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, check_timestep, fail
 from kandinsky.config import ComponentConfig, ConfigError
-from kandinsky.layers import Model, TimestepEmbedding, timesteps
+from kandinsky.layers import MLP, Model, TimestepEmbedding, timesteps
 
 MASK_VALUE = -10000.0  # the additive mask value the prior was trained with
 N_EXTRA_TOKENS = 4  # after the text: text embedding, time, noisy image embedding, prd token
@@ -134,18 +134,6 @@ class SelfAttention(nn.Module):
         return tuple(proj(x).view(B, L, self.n_heads, -1).transpose(1, 2) for proj in (self.k, self.v))
 
 
-class MLP(nn.Module):
-    """Linear -> GELU (exact erf form) -> Linear, 4x wide."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -154,7 +142,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, n_heads, head_dim, text_tokens)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim)
+        self.mlp = MLP(dim, 4 * dim, nn.GELU())  # exact (erf) GELU
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask, past)
