@@ -274,22 +274,26 @@ class UNet(Model):
                         f"(in_channels={cfg.in_channels}), got {tuple(sample.shape)}"])
         B, _, h, w = sample.shape
         factor = cfg.downsampling_factor
-        hint_problem = None
-        if cfg.addition_embed_type == "image_hint" and hint is None:
-            hint_problem = "this ControlNet UNet (addition_embed_type 'image_hint') needs a `hint` image"
-        elif cfg.addition_embed_type == "image_hint" and tuple(hint.shape) != (B, 3, 8 * h, 8 * w):
-            hint_problem = f"hint must be (B, 3, 8h, 8w) = ({B}, 3, {8 * h}, {8 * w}), got {tuple(hint.shape)}"
-        elif cfg.addition_embed_type != "image_hint" and hint is not None:
-            hint_problem = ("`hint` was given but this UNet has no hint encoder (addition_embed_type "
-                            f"{cfg.addition_embed_type!r}); use the ControlNet-depth checkpoint")
         fail(self, [
             (h % factor or w % factor) and f"sample height and width must be multiples of {factor}, got {h}x{w}",
             image_embeds.shape != (B, cfg.encoder_hid_dim) and (
                 f"image_embeds must be (B, encoder_hid_dim) = ({B}, {cfg.encoder_hid_dim}), "
                 f"got {tuple(image_embeds.shape)}"),
-            hint_problem,
+            self.hint_problem(hint, B, h, w),
             check_timestep(timestep, B),
         ])
+
+    def hint_problem(self, hint, B: int, h: int, w: int) -> str | None:
+        """What is wrong with ``hint`` for a (B, ., h, w) sample, or None."""
+        if self.hint_encoder is None:
+            return None if hint is None else (
+                "`hint` was given but this UNet has no hint encoder (addition_embed_type "
+                f"{self.config.addition_embed_type!r}); use the ControlNet-depth checkpoint")
+        if hint is None:
+            return "this ControlNet UNet (addition_embed_type 'image_hint') needs a `hint` image"
+        if tuple(hint.shape) != (B, 3, 8 * h, 8 * w):  # the hint is at pixel resolution: 8x the latents
+            return f"hint must be (B, 3, 8h, 8w) = ({B}, 3, {8 * h}, {8 * w}), got {tuple(hint.shape)}"
+        return None
 
     def forward(self, sample: torch.Tensor, timestep, image_embeds: torch.Tensor,
                 hint: torch.Tensor | None = None) -> torch.Tensor:
