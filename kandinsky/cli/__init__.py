@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from kandinsky.cli import batch, common, eval as evaluate, generate, research, train
+from kandinsky.cli import batch, common, eval as evaluate, generate, research, serve, train
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ def _table() -> dict[str, Command]:
                 research.SCORE_DESCRIPTION, research.SCORE_EXAMPLES),
         Command("mix", "embedding arithmetic and slerp, decoded", research.add_mix_arguments, research.run_mix,
                 research.MIX_DESCRIPTION, research.MIX_EXAMPLES),
+        Command("serve", "Kandinsky Studio: every task in a browser, and an API", serve.add_arguments, serve.run,
+                serve.DESCRIPTION, serve.EXAMPLES),
     ]
     return {c.name: c for c in tasks + others}
 
