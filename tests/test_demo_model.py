@@ -137,7 +137,7 @@ def test_train_demo_steps_through_the_shared_schedule_and_ema(monkeypatch):
     base = train_demo.STAGES["prior"][2]
     clock = train_demo.Clock(steps=4, seconds=0)
     train_demo.train("prior", list(model.parameters()), lambda s: ((model.weight * (s + 1)).sum(), {"x": 0.0}),
-                     clock, lambda message: None, lambda: saved.append(model.weight.detach().clone()), ema_model=model)
+                     clock, lambda message: None, lambda: saved.append(model.weight.detach().clone()), ema=True)
     cosine = [base * 0.5 * (1 + math.cos(math.pi * f)) for f in (0.25, 0.5, 0.75)]
     assert lrs == pytest.approx([0.02 * base] + [max(lr, 0.02 * base) for lr in cosine])  # step 0: in the warm-up
     ema = torch.ones(1, 1)

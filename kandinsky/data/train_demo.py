@@ -187,34 +187,31 @@ class Clock:
         return self.fraction() < 1
 
 
-def train(stage: str, params, loss_fn, clock: Clock, log, save, ema_model=None) -> None:
-    """AdamW steps of loss_fn(step) until the clock runs out, through kandinsky.training.optim: a cosine
-    learning rate over the clock (after a 3% warm-up, never below 2% of the stage's rate), gradients
-    clipped to norm 1, an EMA of ``ema_model`` (decay EMA_DECAY, ramped up), save() every 2 minutes
-    (inside the EMA weights when there is one: they are the result, and ``ema_model`` ends holding them)."""
+def train(stage: str, params, loss_fn, clock: Clock, log, save, ema: bool = False) -> None:
+    """AdamW steps of loss_fn(step) on ``params`` until the clock runs out, through kandinsky.training.optim:
+    a cosine learning rate over the clock (after a 3% warm-up, never below 2% of the stage's rate), gradients
+    clipped to norm 1, with ``ema`` an EMA of ``params`` (decay EMA_DECAY, ramped up); save() every 2 minutes.
+    With ``ema`` the EMA weights are the result: save() runs with them in place, and ``params`` end holding them."""
     _, _, lr = STAGES[stage]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     optimizer.zero_grad(set_to_none=True)
-    ema_params = list(ema_model.parameters()) if ema_model is not None else []
-    ema = EMA(ema_params, EMA_DECAY, ramp=True) if ema_model is not None else None
+    average = EMA(params, EMA_DECAY, ramp=True) if ema else None
     last_save, running = time.time(), None
     while clock.running():
         set_lr(optimizer, lr_at(clock.fraction(), lr, warmup=0.03, end=1.0, floor=0.02))
         loss, parts = loss_fn(clock.step)
         loss.backward()
-        optimizer_step(optimizer, params, max_grad_norm=1.0)
-        if ema:
-            ema.update(ema_params)  # every weight of the model (the prior's fixed clip statistics too)
+        optimizer_step(optimizer, params, max_grad_norm=1.0, ema=average)
         clock.step += 1
         running = parts if running is None else {k: 0.98 * running[k] + 0.02 * v for k, v in parts.items()}
         if clock.step % 50 == 0 or not clock.running():
             log(f"{stage} step {clock.step} ({clock.fraction():.0%}) " + " ".join(f"{k} {v:.4f}" for k, v in running.items()))
         if time.time() - last_save > 120 or not clock.running():
-            with ema.applied(ema_params) if ema else contextlib.nullcontext():
+            with average.applied(params) if average else contextlib.nullcontext():
                 save()
             last_save = time.time()
-    if ema:
-        ema.copy_to(ema_params)
+    if average:
+        average.copy_to(params)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -393,7 +390,7 @@ def train_prior(models, data, clock, log, save, seed):
         return loss, {"mse": loss.item()}
 
     params = [p for name, p in prior.named_parameters() if name not in ("clip_mean", "clip_std")]
-    train("prior", params, loss_fn, clock, log, lambda: save(["prior"]), ema_model=prior)
+    train("prior", params, loss_fn, clock, log, lambda: save(["prior"]), ema=True)
 
 
 def train_unet(stage, models, data, clock, log, save, seed):
@@ -415,7 +412,7 @@ def train_unet(stage, models, data, clock, log, save, seed):
         loss = decoder_loss(unet, schedule, x0, embeds, generator=g, **inpaint)
         return loss, {"mse": loss.item()}
 
-    train(stage, list(unet.parameters()), loss_fn, clock, log, lambda: save([name]), ema_model=unet)
+    train(stage, list(unet.parameters()), loss_fn, clock, log, lambda: save([name]), ema=True)
 
 
 @torch.no_grad()
