@@ -173,3 +173,11 @@ def test_ctrl_c_keeps_the_finished_pictures(prompts, tmp_path, monkeypatch, caps
     monkeypatch.setattr(batch, "generate", real)
     assert run_here([prompts, "--out", out, *FAST]) == 0
     assert "3 generated now" in capsys.readouterr().out
+
+
+def test_out_that_cannot_be_a_folder(prompts, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run_here([prompts, "--out", tmp_path / "file", *FAST]) == 2
+    assert "is a file; name a folder" in capsys.readouterr().err
+    assert run_here([prompts, "--out", tmp_path / "file" / "sub", *FAST]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

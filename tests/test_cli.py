@@ -162,6 +162,9 @@ def test_missing_image_file(cached_demo, tmp_path, capsys):
     # an --mix item that names a missing image file is an error, not a prompt
     assert main(["interpolate", "--random-demo", "--mix", "cat", "1", "--mix", str(missing), "1", *FAST]) == 2
     assert "no such image file" in capsys.readouterr().err
+    # a folder is not an image file, and says so
+    assert main(["img2img", "--random-demo", "a cat", "--image", str(tmp_path), "-o", out, *FAST]) == 2
+    assert f"{str(tmp_path)!r} is a folder, not an image file" in capsys.readouterr().err
 
 
 def test_hub_id_offline(monkeypatch, tmp_path, capsys):

@@ -45,6 +45,7 @@ def run(args) -> int:
     items = batch.make_items(batch.read_rows(Path(args.prompts)), args)
     if out.exists() and not out.is_dir():
         raise common.InputError(f"--out {out} is a file; name a folder")
+    common.check_outputs([out / "batch.json"], overwrite=True)  # the folder can be made and written
     if args.overwrite and rank == 0:
         batch.start_over(out)
     counts = {"done": 0}

@@ -101,6 +101,8 @@ def open_image(path: str):
     its EXIF orientation as image viewers show it."""
     from PIL import Image, ImageOps
 
+    if Path(path).is_dir():
+        raise InputError(f"{path!r} is a folder, not an image file")
     if not Path(path).is_file():
         raise InputError(f"no such image file: {path!r}")
     try:

@@ -1,6 +1,8 @@
 """``kandinsky eval shapes``: the measurements of kandinsky.data.evaluate, printed (and --save: grids)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from kandinsky.cli import common
 
 DESCRIPTION = ("Measure a checkpoint on the procedural shapes grammar (kandinsky.data.shapes): per-attribute "
@@ -43,7 +45,8 @@ def run(args) -> int:
     if not args.demo and (not args.prior or not args.decoder):
         raise common.InputError("give --prior and --decoder checkpoint folders (or --demo for the shipped weights)")
     if args.save:
-        common.check_outputs([f"{args.save}{name}.png" for name in GRIDS], args.overwrite, image=True)
+        grids = [Path(f"{args.save}{name}.png") for name in GRIDS]
+        common.check_outputs(grids, args.overwrite, image=True)
     from kandinsky.pipelines.decoder import DecoderPipeline
     from kandinsky.pipelines.prior import PriorPipeline
 
@@ -52,6 +55,8 @@ def run(args) -> int:
         prior = PriorPipeline.from_pretrained(str(folders["prior"]))
         decoder = DecoderPipeline.from_pretrained(str(folders["decoder"]))
         inpainter = DecoderPipeline.from_pretrained(str(inpaint)) if inpaint else None
+    if args.save:  # the grids' folder, made before the first section rather than failing after it
+        grids[0].parent.mkdir(parents=True, exist_ok=True)
     shared = dict(seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance, batch=args.batch)
     prior_options = dict(prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
 
