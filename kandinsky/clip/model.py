@@ -234,6 +234,9 @@ class TextEncoder(Model):
             input_ids.ndim != 2 and f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}",
             input_ids.ndim == 2 and input_ids.shape[1] > positions and (
                 f"{input_ids.shape[1]} tokens, but the text encoder has {positions} positions"),
+            attention_mask is not None and attention_mask.shape != input_ids.shape and (
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"),
         ])
 
     def end_of_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -246,10 +249,6 @@ class TextEncoder(Model):
 
 def causal_padding_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
     """(B, L) padding mask -> (B, 1, L, L) bool: query i may attend key j <= i that is a real token."""
-    if attention_mask.shape[-1] != length or attention_mask.ndim != 2:
-        raise ValueError(
-            f"attention_mask must have shape (B, {length}) like input_ids, got {tuple(attention_mask.shape)}."
-        )
     positions = torch.arange(length, device=attention_mask.device)
     causal = positions[None, :] <= positions[:, None]  # (L, L): key j <= query i
     return causal[None, None] & attention_mask.bool()[:, None, None, :]
