@@ -250,14 +250,22 @@ class DiffusionPrior(Model):
 
     def forward_cached(self, hidden_states: torch.Tensor, timestep, prefix: "PriorPrefix") -> torch.Tensor:
         """Same as ``forward`` with the text conditioning given as a :meth:`prefix`. (B, D) -> (B, clip_dim)"""
-        if hidden_states.shape[0] != prefix.batch_size:
-            raise ValueError(f"DiffusionPrior.forward_cached: hidden_states has {hidden_states.shape[0]} rows but "
-                             f"the prefix was computed for {prefix.batch_size}.")
+        self.check_step_inputs(hidden_states, timestep, prefix.batch_size)
         x = self._step_tokens(hidden_states, timestep)  # (B, 3, C)
         for block, past in zip(self.blocks, prefix.keys_values):
             x = block(x, prefix.mask, past)  # (B, 3, C)
         x = self.norm_out(x[:, -1])  # (B, C): the prd token
         return self.proj_out(x)  # (B, clip_dim)
+
+    def check_step_inputs(self, hidden_states, timestep, batch: int) -> None:
+        """forward_cached's checks: the noisy embedding and the timestep of a prefix of ``batch`` rows."""
+        check_tensor(self, "hidden_states", hidden_states)
+        fail(self, [
+            (hidden_states.ndim != 2 or hidden_states.shape != (batch, self.config.embedding_dim)) and (
+                f"forward_cached: hidden_states must be ({batch}, {self.config.embedding_dim}) (the prefix was "
+                f"computed for {batch}), got {tuple(hidden_states.shape)}"),
+            check_timestep(timestep, batch),
+        ])
 
     def check_inputs(self, hidden_states, timestep, proj_embedding, encoder_hidden_states, attention_mask):
         """Clear errors for misshapen inputs and wrong dtypes / devices (kandinsky.checks). The three
