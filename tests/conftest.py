@@ -90,3 +90,44 @@ def tiny_models() -> dict:
         "controlnet": build_model({**unet, **tiny_unet_config("controlnet", layers_per_block=1)}),
         "movq": build_model({"_class_name": "VQModel", **MOVQ_TINY_CONFIG}),
     }
+
+
+@pytest.fixture
+def cli_demo_seeds(random_demo, tmp_path_factory, monkeypatch) -> list[int]:
+    """As ``cli_demo``, and the seeds ``--random-demo`` asked for, in order (an empty list: nothing was
+    built, e.g. a command refused before any work). Seeds other than 0 are built (and kept for the
+    session)."""
+    import kandinsky.demo
+
+    build, built, calls = kandinsky.demo.build_demo_checkpoints, _CLI_DEMO_SEEDS, []
+    built[0] = random_demo
+
+    def cached(root, seed=0):
+        calls.append(seed)
+        if seed not in built:
+            built[seed] = build(tmp_path_factory.mktemp(f"demo-{seed}"), seed=seed)
+        return built[seed]
+
+    monkeypatch.setattr(kandinsky.demo, "build_demo_checkpoints", cached)
+    return calls
+
+
+_CLI_DEMO_SEEDS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def cli_pictures(tmp_path_factory) -> pathlib.Path:
+    """A folder with image.png (RGB noise), mask.png (white block = repaint), hint.png (grey depth ramp),
+    64 x 64: the inputs of the generation commands."""
+    import numpy as np
+    import PIL.Image
+
+    folder = tmp_path_factory.mktemp("cli-pictures")
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "image.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:40, 8:48] = 255
+    PIL.Image.fromarray(mask, mode="L").save(folder / "mask.png")
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    PIL.Image.fromarray(ramp, mode="L").save(folder / "hint.png")
+    return folder
