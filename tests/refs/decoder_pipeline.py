@@ -20,6 +20,7 @@ import json
 import pytest
 import torch
 
+from kandinsky.demo import DECODER_REPOS
 from tests.conftest import DATA
 from tests.helpers import randomize_
 from tests.refs import tiny_kwargs
@@ -75,61 +76,59 @@ def _decoder_reference_movq():
     return make_reference_movq()
 
 
-def _saved_pipeline(tmp_path_factory, pipeline_class: str, variant: str, seed: int, movq, name: str):
+def _saved_pipeline(tmp_path_factory, task: str, seed: int, movq):
+    """The reference pipeline of a decoder task ("decoder", "inpaint", "controlnet": its hub class in
+    kandinsky.demo.DECODER_REPOS) with the task's tiny UNet, saved. -> (folder, pipeline)."""
     import diffusers
 
-    cls = getattr(diffusers, pipeline_class)
-    unet = make_reference_unet(variant, seed)
+    cls = getattr(diffusers, DECODER_REPOS[task][1])
+    unet = make_reference_unet(task, seed)
     _scale_(unet.conv_out, UNET_OUT_SCALE)
     pipe = cls(unet=unet, scheduler=make_reference_scheduler(), movq=movq)
     pipe.set_progress_bar_config(disable=True)
-    folder = tmp_path_factory.mktemp(name)
+    folder = tmp_path_factory.mktemp(f"{task}_pipeline")
     pipe.save_pretrained(folder)
     return folder, pipe
+
+
+def _ours(saved):
+    """(folder, reference) -> (our DecoderPipeline loaded from the folder, reference)."""
+    from kandinsky.pipelines.decoder import DecoderPipeline
+
+    folder, ref = saved
+    return DecoderPipeline.from_pretrained(folder), ref
 
 
 @pytest.fixture(scope="session")
 def decoder_pipeline_folder(tmp_path_factory, _decoder_reference_movq):
     """(folder, KandinskyV22Pipeline): tiny text2img / img2img decoder checkpoint."""
-    return _saved_pipeline(tmp_path_factory, "KandinskyV22Pipeline", "decoder", 20, _decoder_reference_movq,
-                           "decoder_pipeline")
+    return _saved_pipeline(tmp_path_factory, "decoder", 20, _decoder_reference_movq)
 
 
 @pytest.fixture(scope="session")
 def inpaint_pipeline_folder(tmp_path_factory, _decoder_reference_movq):
     """(folder, KandinskyV22InpaintPipeline): tiny decoder-inpaint checkpoint (UNet in_channels 9)."""
-    return _saved_pipeline(tmp_path_factory, "KandinskyV22InpaintPipeline", "inpaint", 21,
-                           _decoder_reference_movq, "inpaint_pipeline")
+    return _saved_pipeline(tmp_path_factory, "inpaint", 21, _decoder_reference_movq)
 
 
 @pytest.fixture(scope="session")
 def controlnet_pipeline_folder(tmp_path_factory, _decoder_reference_movq):
     """(folder, KandinskyV22ControlnetPipeline): tiny controlnet-depth checkpoint (hint images
     (B, 3, H, W) in [0, 1])."""
-    return _saved_pipeline(tmp_path_factory, "KandinskyV22ControlnetPipeline", "controlnet", 22,
-                           _decoder_reference_movq, "controlnet_pipeline")
+    return _saved_pipeline(tmp_path_factory, "controlnet", 22, _decoder_reference_movq)
 
 
 # Ours loaded from those folders, paired with the reference: (DecoderPipeline, reference pipeline).
 @pytest.fixture(scope="session")
 def decoder(decoder_pipeline_folder):
-    from kandinsky.pipelines.decoder import DecoderPipeline
-
-    folder, ref = decoder_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
+    return _ours(decoder_pipeline_folder)
 
 
 @pytest.fixture(scope="session")
 def inpainter(inpaint_pipeline_folder):
-    from kandinsky.pipelines.decoder import DecoderPipeline
-
-    folder, ref = inpaint_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
+    return _ours(inpaint_pipeline_folder)
 
 
 @pytest.fixture(scope="session")
 def controlnet(controlnet_pipeline_folder):
-    from kandinsky.pipelines.decoder import DecoderPipeline
-
-    folder, ref = controlnet_pipeline_folder
-    return DecoderPipeline.from_pretrained(folder), ref
+    return _ours(controlnet_pipeline_folder)
