@@ -92,6 +92,24 @@ def tiny_models() -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def studio_server():
+    """Kandinsky Studio (`kandinsky serve --demo`, the shipped shapes model) on a free localhost port, for
+    the session: (url, Studio, the Gradio Blocks); closed after. Skips where Gradio is not installed (the [serve] extra)."""
+    pytest.importorskip("gradio", reason="kandinsky serve needs Gradio: pip install -e '.[serve]'")
+    import argparse
+
+    from kandinsky.cli import serve as command
+    from kandinsky.serve.app import free_port, start
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    page, studio, url = start(parser.parse_args(["--demo", "--port", str(free_port()), "--max-pixels", "65536"]))
+    yield url, studio, page
+    page.close()
+    studio.close()
+
+
 @pytest.fixture
 def cli_demo_seeds(random_demo, tmp_path_factory, monkeypatch) -> list[int]:
     """As ``cli_demo``, and the seeds ``--random-demo`` asked for, in order (an empty list: nothing was

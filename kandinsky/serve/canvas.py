@@ -45,7 +45,8 @@ def open_upload(path, what: str = "image", max_pixels: int = MAX_PIXELS) -> PIL.
     except UploadError:
         raise
     except PIL.Image.DecompressionBombError as e:  # PIL's own limit, met before ours when ours is higher
-        raise UploadError(f"the {what} is too large to decode safely ({e})") from None
+        raise UploadError(f"the {what} has more pixels than this studio reads ({max_pixels:,}, kandinsky serve "
+                          f"--max-pixels), and more than is safe to decode ({e}): make it smaller first") from None
     except PIL.UnidentifiedImageError:
         raise UploadError(f"the {what} ({name}) is not a picture this studio can read: upload a PNG, JPEG, "
                           "WebP, BMP or TIFF file") from None

@@ -96,7 +96,7 @@ class Result:
 def _number(name: str, value, low=None, high=None, integer: bool = False, open_low: bool = False):
     """``value`` as a number in [low, high] (``open_low``: (low, high]) or a ValueError naming ``name``."""
     try:
-        number = float(value)
+        number = value if isinstance(value, int) and not isinstance(value, bool) else float(value)  # big ints exact
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(number):
@@ -213,7 +213,7 @@ class Studio:
         options = check_options(task, options)
         seed = resolve_seed(seed)
         spec = PROMPT_TASKS[task]
-        picture = "image" in options or "hint" in options
+        picture = bool({"image", "hint"} & set(spec.inputs))  # the decoder starts from a picture: its size
         for key in ("width", "height"):
             if not options.get(key):
                 options[key] = None if picture else self.default_size()

@@ -1,0 +1,205 @@
+"""kandinsky serve: the studio's API against a live localhost server (conftest's studio_server: the shipped
+shapes model at 64 px), with gradio_client; the pictures checked against the Python API bit for bit, the
+shapes analyser, and the maths of pasting back."""
+import concurrent.futures
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from kandinsky.data.analyse import analyse
+
+gradio_client = pytest.importorskip("gradio_client", reason="the studio's API tests need gradio_client")
+pytest.importorskip("gradio", reason="kandinsky serve needs Gradio: pip install -e '.[serve]'")
+from kandinsky.serve.app import api_name  # noqa: E402
+
+STEPS = dict(num_inference_steps=4, prior_num_inference_steps=4)
+RED = "a large red circle in the center on a blue background"
+GREEN = "a large green square in the center on a blue background"
+
+
+@pytest.fixture(scope="module")
+def client(studio_server):
+    url, _, _ = studio_server
+    return gradio_client.Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def red_circle(client, tmp_path_factory):
+    """A demo picture (the shapes model's red circle), saved as a PNG upload."""
+    path, seed = client.predict(prompt=RED, seed=0, api_name="/text2img", num_inference_steps=10)
+    copy = tmp_path_factory.mktemp("studio") / "red.png"
+    PIL.Image.open(path).save(copy)
+    assert analyse(PIL.Image.open(copy)).colour == "red"
+    return copy
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path).convert("RGB"))
+
+
+def center_mask(folder, size=64, box=(12, 12, 52, 52)):
+    mask = PIL.Image.new("L", (size, size), 0)
+    mask.paste(255, box)
+    mask.save(folder / "mask.png")
+    return folder / "mask.png"
+
+
+# ----------------------------------------------------------------------------- the endpoints
+def test_endpoints_take_the_python_api_names(client):
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    common = {"seed", "num_inference_steps", "guidance_scale", "scheduler", "width", "height",
+              "num_images_per_prompt"}
+    expected = {
+        "/text2img": {"prompt", "negative_prompt", "prior_guidance_scale", "prior_num_inference_steps"},
+        "/img2img": {"prompt", "negative_prompt", "image", "strength"},
+        "/inpaint": {"prompt", "negative_prompt", "image", "mask_image", "mask_blur", "inpaint_area", "padding",
+                     "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom"},
+        "/variations": {"image"},
+        "/mix": {"prompt_1", "prompt_weight_1", "image_1", "image_weight_1"},
+    }
+    for name, names in expected.items():
+        got = {p["parameter_name"] for p in api[name]["parameters"]}
+        assert names | common <= got, name
+        assert [r["label"] for r in api[name]["returns"]] == ["image", "seed used"]
+
+
+def test_text2img_is_the_python_api_bit_for_bit(client, studio_server):
+    _, studio, _ = studio_server
+    path, seed = client.predict(prompt=RED, seed=5, scheduler="ddim", api_name="/text2img", **STEPS)
+    assert seed == 5
+    expected = studio.pipe("text2img").text2img(RED, generator=torch.Generator().manual_seed(5), height=64,
+                                                width=64, scheduler="ddim", progress=False, **STEPS).images[0]
+    np.testing.assert_array_equal(pixels(path), np.asarray(expected))
+    text = PIL.Image.open(path).text["parameters"]
+    assert text.split("\n") == [RED, "Task: text2img, Steps: 4, Sampler: ddim, CFG scale: 4.0, Seed: 5, Size: 64x64, "
+                                     "Prior steps: 4, Prior CFG scale: 4.0, Model: kandinsky-demo-shapes"]
+
+
+def test_random_seed_is_reported_and_reproduces(client):
+    path, seed = client.predict(prompt=RED, seed=-1, api_name="/text2img", **STEPS)
+    assert 0 <= seed < 2**32
+    again, same = client.predict(prompt=RED, seed=seed, api_name="/text2img", **STEPS)
+    assert same == seed
+    np.testing.assert_array_equal(pixels(path), pixels(again))
+
+
+@pytest.mark.parametrize("api_name", ["/img2img", "/variations", "/mix"])
+def test_image_endpoints(client, studio_server, red_circle, api_name):
+    _, studio, _ = studio_server
+    image = gradio_client.handle_file(str(red_circle))
+    picture = PIL.Image.open(red_circle)
+    generator = torch.Generator().manual_seed(3)
+    pipe = studio.pipe("text2img")
+    if api_name == "/img2img":
+        path, seed = client.predict(prompt=GREEN, image=image, strength=0.5, seed=3, api_name=api_name, **STEPS)
+        expected = pipe.img2img(GREEN, picture, strength=0.5, generator=generator, progress=False, **STEPS)
+    elif api_name == "/variations":
+        path, seed = client.predict(image=image, seed=3, num_inference_steps=4, api_name=api_name)
+        expected = pipe.variations(picture, generator=generator, num_inference_steps=4, height=64, width=64,
+                                   progress=False)
+    else:
+        path, seed = client.predict(prompt_1=GREEN, prompt_weight_1=0.5, image_1=image, image_weight_1=0.5, seed=3,
+                                    api_name=api_name, **STEPS)
+        expected = pipe.interpolate([GREEN, picture], [0.5, 0.5], generator=generator, height=64, width=64,
+                                    progress=False, **STEPS)
+    assert seed == 3
+    np.testing.assert_array_equal(pixels(path), np.asarray(expected.images[0]))
+
+
+# ----------------------------------------------------------------------------- inpainting
+@pytest.mark.parametrize("area", ["whole picture", "only masked area"])
+def test_inpaint_keeps_the_unmasked_pixels_and_paints_the_prompt(client, red_circle, tmp_path, area):
+    mask = center_mask(tmp_path)
+    path, seed = client.predict(prompt=GREEN, image=gradio_client.handle_file(str(red_circle)),
+                                mask_image=gradio_client.handle_file(str(mask)), mask_blur=2, inpaint_area=area,
+                                padding=8, seed=1, api_name="/inpaint", num_inference_steps=10)
+    out, before = pixels(path), pixels(red_circle)
+    soft = np.asarray(PIL.Image.open(mask).filter(PIL.ImageFilter.GaussianBlur(2)))
+    keep = soft == 0
+    assert keep.sum() > 1000  # a frame of kept pixels
+    np.testing.assert_array_equal(out[keep], before[keep])  # bit for bit
+    inside = np.asarray(PIL.Image.open(mask)) == 255
+    assert np.abs(out[inside].astype(int) - before[inside]).mean() > 20  # the masked area changed
+    assert analyse(out).colour == "green"  # ... toward the prompt
+    assert f"Mask blur: 2, Inpaint area: {area}, " in PIL.Image.open(path).text["parameters"]
+
+
+def test_outpaint_returns_the_extended_size(client, red_circle):
+    path, _ = client.predict(prompt=RED, image=gradio_client.handle_file(str(red_circle)), outpaint_left=16,
+                             outpaint_top=8, mask_blur=0, seed=2, api_name="/inpaint", **STEPS)
+    out = pixels(path)
+    assert out.shape == (72, 80, 3)
+    np.testing.assert_array_equal(out[8:, 16:], pixels(red_circle))  # the picture itself kept
+
+
+# ----------------------------------------------------------------------------- load
+def test_concurrent_clients_get_their_sequential_pictures(client, studio_server):
+    url, _, _ = studio_server
+    seeds = list(range(8))
+    options = dict(num_inference_steps=2, prior_num_inference_steps=2, api_name="/text2img")
+    alone = {seed: pixels(client.predict(prompt=RED, seed=seed, **options)[0]) for seed in seeds}
+
+    def one_client(seed):
+        own = gradio_client.Client(url, verbose=False)
+        return [(s, pixels(p)) for p, s in (own.predict(prompt=RED, seed=seed, **options) for _ in range(2))]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(one_client, seeds) for r in rs]
+    assert len(results) == 16
+    for seed, picture in results:
+        np.testing.assert_array_equal(picture, alone[seed])
+    assert len({alone[s].tobytes() for s in seeds}) == 8  # different seeds, different pictures
+
+
+def test_queue_is_bounded_and_runs_one_at_a_time(studio_server):
+    _, studio, page = studio_server
+    runs = [fn for fn in page.fns.values() if fn.api_name in (*map(api_name, studio.tasks()), "look_inside")]
+    assert len(runs) == len(studio.tasks()) + 1
+    assert {fn.concurrency_id for fn in runs} == {"model"} and {fn.concurrency_limit for fn in runs} == {1}
+    assert page._queue.max_size == 16  # --queue-size
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, message", [
+    ("not a picture", "is not a picture this studio can read: upload a PNG, JPEG"),
+    ("too many pixels", "= 90,000 pixels, more than this studio reads (65,536, kandinsky serve --max-pixels)"),
+    ("mask of another size", "the mask is 32 x 32 but the picture is 64 x 64: the mask must have the picture's size"),
+    ("NaN-producing guidance", "guidance_scale must be in [0, 100], got 1e+30"),
+    ("no mask", "no mask: paint over the area to repaint"),
+    ("unknown sampler", "scheduler: "),
+])
+def test_bad_input_gets_its_message_and_the_server_keeps_serving(client, red_circle, tmp_path, case, message):
+    image = gradio_client.handle_file(str(red_circle))
+    kwargs = dict(prompt=GREEN, image=image, api_name="/inpaint", mask_image=gradio_client.handle_file(
+        str(center_mask(tmp_path))), **STEPS)
+    if case == "not a picture":
+        (tmp_path / "notes.png").write_text("hello")
+        kwargs["image"] = gradio_client.handle_file(str(tmp_path / "notes.png"))
+    elif case == "too many pixels":
+        PIL.Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+        kwargs["image"] = gradio_client.handle_file(str(tmp_path / "big.png"))
+    elif case == "mask of another size":
+        PIL.Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+        kwargs["mask_image"] = gradio_client.handle_file(str(tmp_path / "small.png"))
+    elif case == "NaN-producing guidance":
+        kwargs["guidance_scale"] = 1e30
+    elif case == "no mask":
+        kwargs["mask_image"] = None
+    else:
+        kwargs["scheduler"] = "warp_drive"
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        client.predict(**kwargs)
+    assert message in str(e.value)
+    assert "/tmp" not in str(e.value)  # no server paths in messages
+    path, seed = client.predict(prompt=RED, seed=0, api_name="/text2img", num_inference_steps=1,
+                                prior_num_inference_steps=2)
+    assert seed == 0 and pixels(path).shape == (64, 64, 3)
+
+
+def test_a_server_side_path_is_refused(client):
+    sneaky = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}, "orig_name": "hostname.png"}
+    with pytest.raises(Exception) as e:
+        client.predict(image=sneaky, api_name="/variations")
+    assert "hostname" not in str(e.value) or "not" in str(e.value).lower()
