@@ -74,9 +74,10 @@ def add_overwrite(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
-def check_outputs(paths, overwrite: bool, image: bool = False) -> None:
+def check_outputs(paths, overwrite: bool, image: bool = False, flag: str = "-o") -> None:
     """Every output can be written (checked before any weights are loaded); an existing file is refused
-    unless ``overwrite``; ``image``: the suffix must name an image format PIL writes."""
+    unless ``overwrite``; ``image``: the suffix must name an image format PIL writes; ``flag``: the option
+    that names the outputs, for the messages."""
     for path in map(Path, paths):
         if image:
             from PIL import Image
@@ -86,7 +87,7 @@ def check_outputs(paths, overwrite: bool, image: bool = False) -> None:
         if path.is_dir():
             raise InputError(f"the output {str(path)!r} is a folder; name a file, e.g. {path / 'out.png'}")
         if path.exists() and not overwrite:
-            raise InputError(f"{str(path)!r} exists; pass --overwrite to replace it, or choose another -o")
+            raise InputError(f"{str(path)!r} exists; pass --overwrite to replace it, or choose another {flag}")
         ancestor = path.parent
         while not ancestor.exists():
             ancestor = ancestor.parent

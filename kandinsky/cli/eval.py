@@ -46,7 +46,7 @@ def run(args) -> int:
         raise common.InputError("give --prior and --decoder checkpoint folders (or --demo for the shipped weights)")
     if args.save:
         grids = [Path(f"{args.save}{name}.png") for name in GRIDS]
-        common.check_outputs(grids, args.overwrite, image=True)
+        common.check_outputs(grids, args.overwrite, image=True, flag="--save")
     from kandinsky.pipelines.decoder import DecoderPipeline
     from kandinsky.pipelines.prior import PriorPipeline
 

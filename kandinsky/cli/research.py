@@ -168,7 +168,7 @@ def run_score(args) -> int:
     if not images:
         raise common.InputError("give at least one image (IMAGE_OR_PROMPT arguments ending in .png, .jpg, ...)")
     if args.json:
-        common.check_outputs([args.json], args.overwrite)
+        common.check_outputs([args.json], args.overwrite, flag="--json")
     where = common.device(args.device, "cpu")
     with common.checkpoints(args, weights_seed=0) as folders:
         prior = PriorPipeline.from_pretrained(resolve(folders["prior"], "prior checkpoint"), device=where)
