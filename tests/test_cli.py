@@ -215,3 +215,26 @@ def test_module_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kandinsky.cli", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and "text2img" in result.stdout
+
+
+def test_a_real_sigint_in_a_fresh_process(tmp_path):
+    """Ctrl-C as the terminal sends it (SIGINT to a running `python -m kandinsky.cli`): status 130, the one
+    `interrupted:` line, no traceback, no picture."""
+    import os
+    import signal
+
+    out = tmp_path / "o.png"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kandinsky.cli", "text2img", "--random-demo", "a red cat", "-o", str(out),
+         "--steps", "100000", "--width", "64", "--height", "64", "--no-progress", "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's foreground job
+    try:
+        assert child.stderr.readline().startswith("DEMO:")  # running: the demo checkpoints are being built
+        child.send_signal(signal.SIGINT)
+        err = child.stderr.read()
+        assert child.wait(timeout=120) == 130
+    finally:
+        child.kill()
+    assert err == "interrupted: kandinsky text2img stopped by Ctrl-C; kept nothing written\n"
+    assert not out.exists()
