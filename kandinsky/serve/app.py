@@ -73,8 +73,15 @@ def parameters_of(task: str) -> list[str]:
     return sorted(names, key=lambda n: n not in REQUIRED)
 
 
-def control(name: str, studio: Studio):
-    """The page's control for parameter ``name`` (one table of labels and ranges)."""
+def control(name: str, studio: Studio, task: str):
+    """The page's control for parameter ``name`` (one table of labels and ranges), with the element id
+    ``{name}-{task}``."""
+    component = _control(name, studio)
+    component.elem_id = f"{name}-{task}"
+    return component
+
+
+def _control(name: str, studio: Studio):
     if name.startswith("prompt_weight_") or name.startswith("image_weight_"):
         return gr.Number(label=f"weight {name.rsplit('_', 1)[1]}", value=0.5 if name.endswith(("_1", "_2")) else 0)
     if name.startswith("prompt_"):
@@ -85,7 +92,7 @@ def control(name: str, studio: Studio):
                         image_mode=None, sources=["upload", "clipboard"], format="png")
     steps, size = studio.default_steps(), studio.default_size()
     table = {
-        "prompt": lambda: gr.Textbox(label="prompt", lines=2, elem_id=None),
+        "prompt": lambda: gr.Textbox(label="prompt", lines=2),
         "negative_prompt": lambda: gr.Textbox(label="negative prompt", lines=1),
         "seed": lambda: gr.Number(label="seed (-1 = random)", value=-1, precision=0),
         "num_inference_steps": lambda: gr.Slider(1, 200, value=steps, step=1, label="steps"),
@@ -283,8 +290,8 @@ def _reload_value(name: str, params: dict):
 def _task_tab(task: str, studio: Studio, runner: Runner, history) -> dict:
     """The controls of one task's tab: {"inputs": {parameter: component}, the outputs, the editor}."""
     names = parameters_of(task)
-    main = [n for n in names if n in ("prompt", "negative_prompt", "image", "hint", "strength", "prior_strength")
-            or n.startswith(("prompt_", "image_"))]
+    main = [n for n in names if n in ("prompt", "negative_prompt", "image", "hint", "strength", "prior_strength",
+                                      "inpaint_area", "mask_blur", "seed") or n.startswith(("prompt_", "image_"))]
     inputs, out = {}, {}
     with gr.Row():
         with gr.Column(scale=1):
@@ -296,25 +303,29 @@ def _task_tab(task: str, studio: Studio, runner: Runner, history) -> dict:
                     eraser=gr.Eraser(default_size=12), layers=False, transforms=(), elem_id="inpaint-editor",
                     canvas_size=(512, 512))
                 with gr.Accordion("or upload a mask (white = repaint; same size as the picture)", open=False):
-                    inputs["mask_image"] = control("mask_image", studio)
+                    inputs["mask_image"] = control("mask_image", studio, task)
                 with gr.Row(visible=False):  # the API's picture (the page uses the editor)
-                    inputs["image"] = control("image", studio)
+                    inputs["image"] = control("image", studio, task)
             for name in main:
                 if name not in inputs:
-                    inputs[name] = control(name, studio)
+                    inputs[name] = control(name, studio, task)
             out["button"] = gr.Button("Generate", variant="primary", elem_id=f"generate-{task}")
-            with gr.Accordion("settings", open=task == "inpaint"):
+            with gr.Accordion("settings", open=False):
                 for name in names:
                     if name not in inputs:
-                        inputs[name] = control(name, studio)
+                        inputs[name] = control(name, studio, task)
         with gr.Column(scale=1):
             out["gallery"] = gr.Gallery(label="result", columns=2, format="png", elem_id=f"result-{task}",
                                         height=420)
-            out["seed"] = gr.Number(label="seed used", precision=0, interactive=False, elem_id=f"seed-{task}")
+            with gr.Row():
+                out["seed"] = gr.Number(label="seed used", precision=0, interactive=False,
+                                        elem_id=f"seed-used-{task}", scale=3)
+                reuse = gr.Button("reuse this seed", scale=1, size="sm")
             out["parameters"] = gr.Textbox(label="parameters (stored in the PNG)", lines=3, interactive=False)
             with gr.Row(visible=False):
                 out["image"] = gr.Image(type="filepath", format="png", label="image")
                 out["api"] = gr.Button("api")
+    reuse.click(lambda seed: seed, out["seed"], inputs["seed"], api_visibility="private", queue=False)
     out["inputs"] = {name: inputs[name] for name in names}
     return out
 
