@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close, randomize_, unit
+from tests.refs import tiny_kwargs
 from tests.refs.clip import TINY_TEXT_CONFIG
 from tests.refs.movq import make_reference_movq
 from weights_convert import (
@@ -32,34 +33,10 @@ from weights_convert.io import read_safetensors, read_safetensors_header
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-TINY_MOVQ = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
-    up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    num_vq_embeddings=32,
-    vq_embed_dim=4,
-    norm_type="spatial",
-    sample_size=32,
-)
-
-TINY_TEXT = dict(
-    vocab_size=1000,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    projection_dim=16,
-    hidden_act="gelu",
-    eos_token_id=2,
-    bos_token_id=0,
-    pad_token_id=1,
-)
+# kandinsky.demo's tiny MoVQ and text tower (tests/refs.tiny_kwargs), with a smaller codebook and vocabulary
+TINY_MOVQ = tiny_kwargs("movq", num_vq_embeddings=32, sample_size=32)
+TINY_TEXT = {k: v for k, v in tiny_kwargs("text_encoder", vocab_size=1000, projection_dim=16, bos_token_id=0,
+                                          pad_token_id=1).items() if k not in ("architectures", "model_type")}
 
 
 def _hub_forms(model, root, name):
