@@ -116,3 +116,18 @@ def test_mlp_is_clips(act):
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+def test_every_component_model_reports_its_weights_dtype_and_device(tiny_models):
+    """layers.Model: dtype / device are those of the named weight, and follow .to()."""
+    import copy
+
+    from kandinsky.layers import Model
+
+    for name, model in tiny_models.items():
+        assert isinstance(model, Model) and model.VARIABLE, name
+        assert (model.dtype, model.device) == (torch.float32, torch.device("cpu")), name
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        assert half.dtype == torch.bfloat16 == next(half.parameters()).dtype, name
+        with torch.device("meta"):
+            assert copy.deepcopy(model).to("meta").device == torch.device("meta"), name
