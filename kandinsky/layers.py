@@ -8,6 +8,7 @@
                        optional scale-shift conditioning (the UNet's ``emb``) and 2x resampling
     group_norm         the GroupNorm factory a ResBlock takes
     MLP                Linear -> activation -> Linear, the transformer blocks' feed-forward (CLIP, prior)
+    TransformerBlock   pre-LayerNorm block x + attn(norm1(x)), x + mlp(norm2(x)) (CLIP's and the prior's)
     Model              base of the five component models: ``dtype`` / ``device`` of one named weight,
                        ``VARIABLE`` (what users call the model, for the fixes error messages suggest)
     AvgDownsample, NearestUpsample   the weightless 2x resamplers of the UNet's ResBlocks
@@ -95,6 +96,24 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(norm1(x), ...), then x + mlp(norm2(x)). (B, L, width)
+
+    ``attn`` is the model's own attention (CLIP: ``block(x, mask=..., causal=...)``; the prior:
+    ``block(x, mask, past)``): whatever the block is called with besides x goes to it."""
+
+    def __init__(self, width: int, attn: nn.Module, mlp: nn.Module, eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), *args, **kwargs)
+        return x + self.mlp(self.norm2(x))
 
 
 def group_norm(groups: int, eps: float) -> Callable[[int], nn.GroupNorm]:

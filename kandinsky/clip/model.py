@@ -3,10 +3,10 @@
 Both towers are the same pre-LayerNorm transformer (Radford et al. 2021, "Learning
 Transferable Visual Models From Natural Language Supervision"):
 
-    text:  token + position embeddings -> N x Block (causal) -> LayerNorm
+    text:  token + position embeddings -> N x TransformerBlock (causal) -> LayerNorm
            -> hidden state at the end-of-text token -> text_projection
     image: 14x14 patches -> [class token; patches] + position embeddings -> LayerNorm
-           -> N x Block -> LayerNorm of the class token -> visual_projection
+           -> N x TransformerBlock -> LayerNorm of the class token -> visual_projection
 
 Module names (hook them by name): ``token_embedding``, ``position_embedding``,
 ``patch_embedding``, ``class_embedding``, ``pre_norm``, ``blocks.{i}`` with
@@ -24,7 +24,7 @@ import torch.nn as nn
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, fail
 from kandinsky.config import ComponentConfig, ConfigError, any_sign
-from kandinsky.layers import MLP, Model
+from kandinsky.layers import MLP, Model, TransformerBlock
 
 # --------------------------------------------------------------------------- configs
 # Defaults are the reference library's (transformers' CLIPTextConfig / CLIPVisionConfig),
@@ -163,25 +163,12 @@ class Attention(nn.Module):
         return self.out_proj(y)
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, width: int, heads: int, mlp_width: int, act: str, eps: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, mlp_width, ACTIVATIONS[act]())
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask, causal=causal)
-        x = x + self.mlp(self.norm2(x))
-        return x
-
-
 def _blocks(cfg) -> nn.ModuleList:
+    """The tower's pre-LayerNorm blocks (norm1, attn, norm2, mlp), called as block(x, mask=..., causal=...)."""
+    width = cfg.hidden_size
     return nn.ModuleList(
-        Block(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+        TransformerBlock(width, Attention(width, cfg.num_attention_heads),
+                         MLP(width, cfg.intermediate_size, ACTIVATIONS[cfg.hidden_act]()), cfg.layer_norm_eps)
         for _ in range(cfg.num_hidden_layers)
     )
 

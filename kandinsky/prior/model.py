@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from kandinsky.attention import attention
 from kandinsky.checks import check_tensor, check_timestep, fail
 from kandinsky.config import ComponentConfig, ConfigError
-from kandinsky.layers import MLP, Model, TimestepEmbedding, timesteps
+from kandinsky.layers import MLP, Model, TimestepEmbedding, TransformerBlock, timesteps
 
 MASK_VALUE = -10000.0  # the additive mask value the prior was trained with
 N_EXTRA_TOKENS = 4  # after the text: text embedding, time, noisy image embedding, prd token
@@ -134,22 +134,6 @@ class SelfAttention(nn.Module):
         return tuple(proj(x).view(B, L, self.n_heads, -1).transpose(1, 2) for proj in (self.k, self.v))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, dim: int, n_heads: int, head_dim: int, text_tokens: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, n_heads, head_dim, text_tokens)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, 4 * dim, nn.GELU())  # exact (erf) GELU
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask, past)
-        x = x + self.mlp(self.norm2(x))
-        return x
-
-
 def attention_bias(text_mask: torch.Tensor, n_extra: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive mask: -10000 on padded text tokens plus -10000 above the diagonal.
 
@@ -188,9 +172,10 @@ class DiffusionPrior(Model):
         self.image_embed_proj = nn.Linear(config.embedding_dim, C)
         self.prd_token = nn.Parameter(torch.zeros(1, 1, C))
         self.positional_embedding = nn.Parameter(torch.zeros(1, config.seq_len, C))
-        self.blocks = nn.ModuleList(
-            [TransformerBlock(C, config.num_attention_heads, config.attention_head_dim, config.num_embeddings)
-             for _ in range(config.num_layers)]
+        heads, head_dim = config.num_attention_heads, config.attention_head_dim
+        self.blocks = nn.ModuleList(  # pre-LayerNorm blocks, called as block(x, mask[, past])
+            TransformerBlock(C, SelfAttention(C, heads, head_dim, config.num_embeddings), MLP(C, 4 * C, nn.GELU()))
+            for _ in range(config.num_layers)
         )
         self.norm_out = nn.LayerNorm(C)
         self.proj_out = nn.Linear(C, config.clip_dim)
