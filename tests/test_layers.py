@@ -131,3 +131,25 @@ def test_every_component_model_reports_its_weights_dtype_and_device(tiny_models)
         assert half.dtype == torch.bfloat16 == next(half.parameters()).dtype, name
         with torch.device("meta"):
             assert copy.deepcopy(model).to("meta").device == torch.device("meta"), name
+
+
+def test_transformer_block_is_clips_encoder_layer():
+    """A TransformerBlock of CLIP's attention and MLP is transformers' CLIPEncoderLayer (same weights
+    under our names: layer_norm1 -> norm1, self_attn -> attn, layer_norm2 -> norm2)."""
+    from transformers import CLIPTextConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from kandinsky.clip.model import ACTIVATIONS, Attention
+    from kandinsky.layers import MLP, TransformerBlock
+
+    config = CLIPTextConfig(hidden_size=16, intermediate_size=40, num_attention_heads=4, hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5)
+    ref = randomize_(CLIPEncoderLayer(config), seed=6).eval()
+    ours = TransformerBlock(16, Attention(16, 4), MLP(16, 40, ACTIVATIONS["quick_gelu"]()), eps=1e-5)
+    names = {"layer_norm1": "norm1", "self_attn": "attn", "layer_norm2": "norm2", "mlp": "mlp"}
+    ours.load_state_dict({names[k.split(".")[0]] + k[k.index("."):]: v for k, v in ref.state_dict().items()})
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = ref(x, None)
+        want = out[0] if isinstance(out, tuple) else out
+        assert_close(ours(x), want, tol=1e-6)
