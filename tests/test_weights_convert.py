@@ -563,3 +563,20 @@ def test_config_without_class_names_the_fix():
     config = {k: v for k, v in TINY_TEXT_CONFIG.items() if k != "architectures"}
     with pytest.raises(ConfigError, match=r"'clip_text_model'.*add the class.*CLIPTextModelWithProjection"):
         build_model(config)
+
+
+def test_kandinsky_layout_prior_of_older_versions_loads(tmp_path):
+    """Our own layout written before the prior shared layers.TimestepEmbedding named its time MLP
+    time_embed.fc1 / fc2 (now linear_1 / linear_2, the hub's names): such files still load."""
+    from tests.refs.prior import PRIOR_TINY_CONFIG
+    from weights_convert.io import write_safetensors
+
+    torch.manual_seed(0)
+    prior = build_model({"_class_name": "PriorTransformer", **PRIOR_TINY_CONFIG})
+    folder = save_component(prior, tmp_path / "prior", layout="kandinsky")
+    path = folder / "kandinsky.safetensors"
+    old = {k.replace("time_embed.linear_1", "time_embed.fc1").replace("time_embed.linear_2", "time_embed.fc2"): v.clone()
+           for k, v in read_safetensors(path).items()}
+    assert "time_embed.fc1.weight" in old
+    write_safetensors(old, path)
+    _assert_same_tensors(load_component(folder), prior.state_dict())

@@ -153,7 +153,7 @@ def load_component(
     stems = (KANDINSKY_STEM,) if ours else (comp.hub_weights, "pytorch_model", "model")
     files = find_weight_files(folder, tuple(dict.fromkeys(stems)), variant=variant)
     raw = read_weights(files)
-    state = raw if ours else convert_state_dict(config, raw)
+    state = {rename(k, comp.legacy_ours): v for k, v in raw.items()} if ours else convert_state_dict(config, raw)
     where = files[0] if len(files) == 1 else f"{folder} ({len(files)} shards)"
     check_state_dict(model, state, where)
     if dtype == "auto":

@@ -17,3 +17,10 @@ TABLE = [
     ("transformer_blocks.{i}.ff.net.2", "blocks.{i}.mlp.fc2"),
     ("proj_to_clip_embeddings", "proj_out"),
 ]
+
+# Files in kandinsky's own layout (save_component(layout="kandinsky")) written before the prior's
+# time embedding became kandinsky.layers.TimestepEmbedding (ours -> ours, read only).
+LEGACY_OURS = [
+    ("time_embed.fc1", "time_embed.linear_1"),
+    ("time_embed.fc2", "time_embed.linear_2"),
+]

@@ -7,6 +7,7 @@ A row (``Component``) holds what the loader needs to know about a component and 
     hub_weights  the file stem the reference library writes ("diffusion_pytorch_model" or "model")
     table        (hub_prefix, our_prefix) renaming rules (naming.py), from weights_convert/<component>.py
     legacy_table old hub name -> current hub name, for files older libraries wrote (read only)
+    legacy_ours  old name -> current name in kandinsky-layout files older kandinsky versions wrote (read only)
     drop_keys    hub tensors that hold no weights (old persistent buffers), dropped on load
 """
 from __future__ import annotations
@@ -30,12 +31,13 @@ class Component:
     table: Table
     legacy_table: Table = ()
     drop_keys: tuple[str, ...] = ()
+    legacy_ours: Table = ()
 
 
 COMPONENTS = [
     Component(CLIPTextConfig, TextEncoder, "model", clip_text.TABLE, drop_keys=clip_text.DROP_KEYS),
     Component(CLIPVisionConfig, ImageEncoder, "model", clip_vision.TABLE, drop_keys=clip_vision.DROP_KEYS),
-    Component(PriorConfig, DiffusionPrior, "diffusion_pytorch_model", prior.TABLE),
+    Component(PriorConfig, DiffusionPrior, "diffusion_pytorch_model", prior.TABLE, legacy_ours=prior.LEGACY_OURS),
     Component(UNetConfig, UNet, "diffusion_pytorch_model", unet.TABLE),
     Component(MoVQConfig, MoVQ, "diffusion_pytorch_model", movq.TABLE, legacy_table=movq.LEGACY_TABLE),
 ]
