@@ -203,3 +203,43 @@ def test_a_server_side_path_is_refused(client):
     with pytest.raises(Exception) as e:
         client.predict(image=sneaky, api_name="/variations")
     assert "hostname" not in str(e.value) or "not" in str(e.value).lower()
+
+
+# ----------------------------------------------------------------------------- progress and looking inside
+def test_x0_previews_while_it_runs_do_not_change_the_picture(studio_server):
+    from kandinsky.serve.app import PREVIEWS, _on_step
+
+    _, studio, _ = studio_server
+    ticks, frames = [], []
+    result = studio.generate("text2img", prompt=RED, seed=4, num_inference_steps=10, prior_num_inference_steps=4,
+                             on_step=_on_step(lambda done, desc, unit: ticks.append((desc, done)), frames.append,
+                                              lambda: studio.pipe("text2img").decoder.movq))
+    assert ticks == [("prior", (i, 4)) for i in range(1, 5)] + [("decoder", (i, 10)) for i in range(1, 11)]
+    assert len(frames) == PREVIEWS - 1 and {f.size for f in frames} == {(64, 64)}  # steps 2, 4, 6, 8 of 10
+    alone = studio.generate("text2img", prompt=RED, seed=4, num_inference_steps=10, prior_num_inference_steps=4)
+    np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(alone.images[0]))
+
+
+def test_look_inside_shows_the_research_pictures(client, studio_server):
+    from kandinsky.research.viz import attention_pictures
+
+    _, studio, _ = studio_server
+    picture, seed, trajectory, decoder, prior = client.predict(prompt=RED, seed=2, steps=4, step=3,
+                                                               api_name="/look_inside")
+    assert seed == 2
+    expected = attention_pictures(studio.pipe("text2img"), RED, steps=[3], trajectory=True, num_inference_steps=4,
+                                  generator=torch.Generator().manual_seed(2), height=64, width=64, progress=False)
+    for path, name in ((picture, "image"), (trajectory, "trajectory"), (decoder, "decoder"), (prior, "prior")):
+        np.testing.assert_array_equal(pixels(path), np.asarray(expected[name].convert("RGB")), err_msg=name)
+
+
+def test_the_tabs_come_from_the_task_table(studio_server):
+    import argparse
+
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+    from kandinsky.serve.studio import Studio
+
+    _, studio, _ = studio_server
+    assert studio.tasks() == [t for t in PROMPT_TASKS if not t.startswith("controlnet")]  # --demo: no ControlNet
+    args = argparse.Namespace(**{**vars(studio.args), "demo": False, "controlnet": "some/controlnet"})
+    assert Studio(args).tasks() == list(PROMPT_TASKS)

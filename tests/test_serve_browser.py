@@ -1,7 +1,7 @@
 """kandinsky serve in a real browser: headless Chromium (the Debian package, driven by Playwright) opens the
 studio, uploads a picture into the inpaint tab, paints a stroke with the mouse, types a prompt, presses
 Generate, and checks the picture (the stroke's area changed, the rest kept bit for bit), the seed shown and
-every request the page made (all to the server itself). It also takes the README's screenshot
+every request the page made (all to the server itself); a click in the history loads the parameters back. It also takes the README's screenshot
 (docs/images/studio-inpaint.png, written when KANDINSKY_UPDATE_SCREENSHOTS=1).
 
 No browser here: the test skips saying why; under CI=true it fails instead (.ci/run installs chromium).
@@ -79,9 +79,11 @@ def test_paint_a_stroke_and_inpaint_in_the_browser(browser, studio_server, tmp_p
     page.locator("#seed-inpaint input").fill("7")
     page.locator("#inpaint_area-inpaint").get_by_text("only masked area").click()
     page.locator("#generate-inpaint").click()
+    # x0 previews stream into the result while it runs; the parameters show once it is done
+    page.wait_for_function("() => document.querySelector('#parameters-inpaint textarea')?.value !== ''",
+                           timeout=120_000, polling=250)
+    page.wait_for_timeout(300)
     result = page.locator("#result-inpaint img").first
-    result.wait_for(timeout=120_000)
-    page.wait_for_timeout(500)
     seed = int(page.locator("#seed-used-inpaint input").input_value())
     assert seed == 7
 
@@ -95,6 +97,15 @@ def test_paint_a_stroke_and_inpaint_in_the_browser(browser, studio_server, tmp_p
     assert rows.min() > 40 and rows.max() < 216  # a band around the stroke in the middle ...
     np.testing.assert_array_equal(after[:32], before[:32])  # ... the rest kept bit for bit
     np.testing.assert_array_equal(after[-32:], before[-32:])
+
+    # the history: one click loads the picture's parameters back into its tab
+    page.locator("#prompt-inpaint textarea").fill("")
+    page.locator("#seed-inpaint input").fill("-1")
+    page.get_by_role("tab", name="history").click()
+    page.locator("#history img").first.click()
+    page.wait_for_timeout(1000)
+    assert page.locator("#prompt-inpaint textarea").input_value() == PROMPT
+    assert page.locator("#seed-inpaint input").input_value() == "7"
 
     hosts = {urllib.parse.urlsplit(r).netloc for r in requests if not r.startswith(("data:", "blob:"))}
     assert hosts == {urllib.parse.urlsplit(url).netloc}, f"the page reached other hosts: {hosts}"

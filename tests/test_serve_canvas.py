@@ -74,11 +74,21 @@ def test_mask_from_layers_is_the_union_of_alphas_any_colour():
     assert canvas.mask_from_layers([], (8, 6)).getbbox() is None
 
 
-def test_binary_mask_halves_at_128_like_the_api():
-    grey = PIL.Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8))
-    assert np.asarray(canvas.binary_mask(grey)).tolist() == [[0, 0, 255, 255]]
-    colour = PIL.Image.fromarray(np.array([[[255, 255, 255], [0, 0, 0]]], np.uint8))
-    assert np.asarray(canvas.binary_mask(colour)).tolist() == [[255, 0]]
+def test_uploaded_masks_are_read_as_the_python_api_reads_them():
+    from kandinsky.pipelines.images import load_masks
+
+    forms = {
+        "grey": PIL.Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8)),
+        "colour (brightest channel)": PIL.Image.fromarray(np.array([[[0, 0, 0], [90, 0, 0], [0, 200, 0],
+                                                                     [255, 255, 255]]], np.uint8)),
+        "transparent = keep": PIL.Image.fromarray(np.array([[[255, 255, 255, 0], [0, 0, 0, 100], [0, 0, 0, 130],
+                                                             [9, 9, 9, 255]]], np.uint8)),
+        "16-bit": PIL.Image.fromarray(np.array([[0, 30000, 40000, 65535]], np.uint16)),
+    }
+    for name, mask in forms.items():
+        ours = np.asarray(canvas.binary_mask(mask))
+        assert ours.tolist() == [[0, 0, 255, 255]], name
+        np.testing.assert_array_equal(ours / 255, load_masks(mask, 1, 4)[0, 0].numpy())
 
 
 def test_feather_blurs_and_zero_is_identity():

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import queue
 import socket
 import sys
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
@@ -122,12 +124,13 @@ class Runner:
     def __init__(self, studio: Studio):
         self.studio = studio
 
-    def __call__(self, task: str, values: dict, progress=None, editor=None):
-        """-> Result. ``values``: {parameter: value} as the endpoint received them."""
+    def __call__(self, task: str, values: dict, progress=None, editor=None, preview=None):
+        """-> Result. ``values``: {parameter: value} as the endpoint received them; ``preview``: a function
+        receiving x0 previews while the decoder runs."""
         studio = self.studio
         values = {key: _path(value) for key, value in values.items()}
         seed = values.pop("seed", -1)
-        on_step = _progress(progress)
+        on_step = _on_step(progress, preview, lambda: studio.pipe(task).decoder.movq)
         try:
             if editor is not None:  # the page's inpaint tab: the picture and brush strokes of the editor
                 values["image"], painted = _from_editor(editor, studio)
@@ -182,37 +185,66 @@ def _from_editor(editor, studio: Studio):
     return picture.convert("RGB"), mask
 
 
-def _progress(progress):
-    """A step callback driving Gradio's progress bar (one bar per stage), or None."""
-    if progress is None:
-        return None
+PREVIEWS = 5  # x0 previews per decoder run on the page
+
+
+def _on_step(progress, preview=None, movq=None):
+    """A step callback: Gradio's progress bar (one per stage) and, given ``preview`` (a function taking a
+    picture) and ``movq``, the decoder's x0 decoded about PREVIEWS times per run (the same decoding as
+    kandinsky.sampling.trajectory's x0 grids)."""
 
     def on_step(state):
         total = state.num_steps or (state.step + 1)
-        progress((state.step + 1, total), desc=state.stage, unit="steps")
+        if progress is not None:
+            progress((state.step + 1, total), desc=state.stage, unit="steps")
+        every = max(1, total // PREVIEWS)
+        if preview is not None and state.stage == "decoder" and state.x0 is not None and \
+                (state.step + 1) % every == 0 and state.step + 1 < total:
+            from kandinsky.sampling.trajectory import Trajectory, grid_image, x0_previews
+
+            frame = Trajectory()
+            frame(state)
+            preview(grid_image(x0_previews(frame, movq()), pad=0))
 
     return on_step
 
 
 def _endpoint(task: str, runner: Runner, page: bool, defaults: dict):
-    """A function whose signature is ``parameters_of(task)`` with ``defaults`` (what the API shows);
-    ``page``: the page's variant, which also takes the image editor (inpaint) and the history, and returns
-    the gallery."""
+    """A function whose signature is ``parameters_of(task)`` with ``defaults`` (what the API shows):
+    -> (the first picture, the seed used). ``page``: the page's variant, which also takes the image editor
+    (inpaint) and the history and streams (x0 previews while it runs, then the gallery, the seed, the
+    parameters and the history)."""
     names = parameters_of(task)
 
     def call(*args, progress=gr.Progress()):
-        editor = history = None
-        if page:
-            *args, history = args
-            if task == "inpaint":
-                *args, editor = args
-        values = dict(zip(names, args))
-        result = runner(task, values, progress, editor)
-        if not page:
-            return str(result.paths[0]), result.seed
+        result = runner(task, dict(zip(names, args)), progress)
+        return str(result.paths[0]), result.seed
+
+    def page_call(*args, progress=gr.Progress()):
+        *args, history = args
+        editor = None
+        if task == "inpaint":
+            *args, editor = args
+        frames = queue.Queue()
+        done = {}
+
+        def work():
+            try:
+                done["result"] = runner(task, dict(zip(names, args)), progress, editor, preview=frames.put)
+            except BaseException as e:  # shown in the page, below
+                done["error"] = e
+            finally:
+                frames.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (frame := frames.get()) is not None:
+            yield [frame], gr.update(), gr.update(), gr.update(), gr.update()
+        if "error" in done:
+            raise done["error"]
+        result = done["result"]
         history = (history or []) + [(str(p), result.parameters) for p in result.paths]
-        return ([str(p) for p in result.paths], result.seed, result.parameters, history,
-                [(p, _caption(text)) for p, text in reversed(history)])
+        yield ([str(p) for p in result.paths], result.seed, result.parameters, history,
+               [(p, _caption(text)) for p, text in reversed(history)])
 
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, **(
         {} if n in REQUIRED or page else {"default": defaults.get(n)})) for n in names]
@@ -220,9 +252,10 @@ def _endpoint(task: str, runner: Runner, page: bool, defaults: dict):
         params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                    for n in (["editor"] if task == "inpaint" else []) + ["history"]]
     params.append(inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress()))
-    call.__signature__ = inspect.Signature(params)
-    call.__name__ = api_name(task) + ("_page" if page else "")
-    return call
+    fn = page_call if page else call
+    fn.__signature__ = inspect.Signature(params)
+    fn.__name__ = api_name(task) + ("_page" if page else "")
+    return fn
 
 
 def _caption(parameters: str) -> str:
@@ -321,7 +354,8 @@ def _task_tab(task: str, studio: Studio, runner: Runner, history) -> dict:
                 out["seed"] = gr.Number(label="seed used", precision=0, interactive=False,
                                         elem_id=f"seed-used-{task}", scale=3)
                 reuse = gr.Button("reuse this seed", scale=1, size="sm")
-            out["parameters"] = gr.Textbox(label="parameters (stored in the PNG)", lines=3, interactive=False)
+            out["parameters"] = gr.Textbox(label="parameters (stored in the PNG)", lines=3, interactive=False,
+                                           elem_id=f"parameters-{task}")
             with gr.Row(visible=False):
                 out["image"] = gr.Image(type="filepath", format="png", label="image")
                 out["api"] = gr.Button("api")
@@ -374,7 +408,7 @@ def _look_inside_tab(studio: Studio) -> None:
                 pipe = studio.pipe("text2img")
                 pictures = attention_pictures(pipe, prompt, steps=[step], trajectory=True, num_inference_steps=steps,
                                               generator=torch.Generator().manual_seed(seed), height=size, width=size,
-                                              progress=False, callback_on_step_end=_progress(progress))
+                                              progress=False, callback_on_step_end=_on_step(progress))
         except ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
         return pictures["image"], seed, pictures["trajectory"], pictures["decoder"], pictures["prior"]

@@ -72,10 +72,12 @@ def mask_from_layers(layers, size: tuple[int, int]) -> PIL.Image.Image:
 
 
 def binary_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
-    """An uploaded mask as the model reads it: L, 255 where it is at least half white, else 0 (the Python
-    API binarises at 0.5 too)."""
-    grey = np.asarray(mask.convert("L"))
-    return PIL.Image.fromarray(((grey >= 128) * 255).astype(np.uint8))
+    """An uploaded mask read as the Python API reads masks (kandinsky.pipelines.images.load_masks: any mode,
+    16-bit, transparency = keep, colour by its brightest channel, binarised at one half): L, 255 = repaint."""
+    from kandinsky.pipelines.images import load_masks
+
+    repaint = load_masks(mask, mask.height, mask.width)[0, 0].numpy()  # (H, W) in {0, 1}
+    return PIL.Image.fromarray((repaint * 255).astype(np.uint8))
 
 
 def feather(mask: PIL.Image.Image, radius: float) -> PIL.Image.Image:
