@@ -243,3 +243,41 @@ def test_the_tabs_come_from_the_task_table(studio_server):
     assert studio.tasks() == [t for t in PROMPT_TASKS if not t.startswith("controlnet")]  # --demo: no ControlNet
     args = argparse.Namespace(**{**vars(studio.args), "demo": False, "controlnet": "some/controlnet"})
     assert Studio(args).tasks() == list(PROMPT_TASKS)
+
+
+# ----------------------------------------------------------------------------- the command
+def test_kandinsky_help_does_not_import_gradio():
+    import subprocess
+    import sys
+
+    code = ("import sys; from kandinsky.cli import parser; parser().format_help(); "
+            "print('gradio' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_kandinsky_serve_prints_its_address_and_serves():
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from kandinsky.serve.app import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "kandinsky.cli", "serve", "--demo", "--port", str(port)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in server.stderr:  # the address line comes once the server listens
+            lines.append(line)
+            if "Kandinsky Studio on" in line:
+                break
+        assert f"Kandinsky Studio on http://localhost:{port}/ (Ctrl-C to stop)\n" in lines, "".join(lines)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
+        assert "<!doctype html>" in page.lower()
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0  # Ctrl-C: the server closes and the command ends
+    finally:
+        server.kill()
+        server.wait()

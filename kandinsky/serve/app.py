@@ -275,7 +275,7 @@ def build(studio: Studio) -> gr.Blocks:
                 with gr.Tab(api_name(task), id=task):
                     tabs[task] = _task_tab(task, studio, runner, history)
             with gr.Tab("look inside", id="look"):
-                _look_inside_tab(studio)
+                _look_inside_tab(studio, history)
             with gr.Tab("history", id="history"):
                 shelf = gr.Gallery(label="made in this session (click one to load its parameters)", columns=6,
                                    elem_id="history", format="png")
@@ -375,9 +375,10 @@ def _wire(task: str, c: dict, runner: Runner, history, shelf) -> None:
                    concurrency_id=CONCURRENCY, concurrency_limit=1, preprocess=False)
 
 
-def _look_inside_tab(studio: Studio) -> None:
+def _look_inside_tab(studio: Studio, history) -> None:
     """The x0 trajectory, the prior's attention over the prompt's words and the decoder's image-token
-    attention per UNet level at a chosen step: kandinsky.research.viz.attention_pictures, one text2img run."""
+    attention per UNet level at a chosen step: kandinsky.research.viz.attention_pictures, one text2img run
+    (a new prompt, or the session's last text2img: its prompt, seed and steps)."""
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(label="prompt", lines=2)
@@ -385,6 +386,7 @@ def _look_inside_tab(studio: Studio) -> None:
             steps = gr.Slider(2, 100, value=studio.default_steps(), step=1, label="steps")
             step = gr.Slider(0, 99, value=0, step=1, label="decoder step to show (0 = first)")
             go = gr.Button("Generate and look inside", variant="primary")
+            last = gr.Button("take the last text2img of this session")
         with gr.Column(scale=2):
             image = gr.Image(label="picture", type="pil", format="png")
             used = gr.Number(label="seed used", precision=0, interactive=False)
@@ -413,6 +415,14 @@ def _look_inside_tab(studio: Studio) -> None:
             raise gr.Error(str(e), print_exception=False) from None
         return pictures["image"], seed, pictures["trajectory"], pictures["decoder"], pictures["prior"]
 
+    def take_last(history):
+        made = [parse_parameters(text) for _, text in history or () if parse_parameters(text).get("task") == "text2img"]
+        if not made:
+            raise gr.Error("nothing made with text2img in this session yet", print_exception=False)
+        params = made[-1]
+        return params["prompt"], int(params["seed"]), int(params["num_inference_steps"])
+
+    last.click(take_last, [history], [prompt, seed, steps], api_visibility="private", queue=False)
     go.click(look, [prompt, seed, steps, step], [image, used, trajectory, decoder, prior], api_name="look_inside",
              concurrency_id=CONCURRENCY, concurrency_limit=1)
 
