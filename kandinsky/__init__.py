@@ -12,6 +12,7 @@ _LAZY = {
     "Kandinsky": "kandinsky.pipelines.combined",
     "capture": "kandinsky.research.capture",
     "intervene": "kandinsky.research.capture",
+    "patch_routes": "kandinsky.research.routes",
     "module_names": "kandinsky.research.inspect",
     "viz": "kandinsky.research",  # kandinsky.viz.attention_pictures, ...
     "embeddings": "kandinsky.research",  # kandinsky.embeddings.similarity, slerp, ...
