@@ -41,3 +41,25 @@ def test_train_demo_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
     # --overwrite lets it run (nothing is trained here, so there is nothing to write yet)
     assert main(["train-demo", "--out", tmp_path, "--write-only", "--overwrite"]) == 0
     assert "not writing the repos" in capsys.readouterr().out
+
+
+def test_train_demo_ctrl_c_saves_the_stage(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a stage: its checkpoint at the step reached (unfinished: --resume continues it), exit 130."""
+    import torch
+
+    import kandinsky.data.train_demo as train_demo
+
+    real, calls = train_demo.optimizer_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_demo, "optimizer_step", step)
+    assert main(["train-demo", "--out", tmp_path, "--stages", "clip", "--steps", "10"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted: " in err and "--resume continues" in err
+    saved = torch.load(tmp_path / "stages" / "clip.pt", weights_only=True)
+    assert saved["done"] is False and set(saved["state"]) == {"text_encoder", "image_encoder"}

@@ -242,3 +242,116 @@ def test_lora_trains_only_adapters(demo, data, tmp_path):
         assert (base(*x) - before).abs().max() > 1e-4  # the trained adapter acts
     assert main(prior_args(demo, data, out, "--steps", 10, "--lora", 4, "--lr", "1e-2", "--resume")) == 0
     assert len(losses(out)) == 10
+
+
+# ----------------------------------------------------------------------------- no lost work
+
+
+@pytest.fixture(scope="module")
+def whole_run(demo, data, tmp_path_factory):
+    """An uninterrupted 6-step prior run (the reference of the interrupted and resumed ones)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(prior_args(demo, data, out, "--steps", 6)) == 0
+    return out
+
+
+def interrupt_at(monkeypatch, at: int):
+    """train_step raises KeyboardInterrupt (what Ctrl-C raises) when asked for step index ``at``."""
+    import kandinsky.training.loop as loop
+
+    real = loop.train_step
+
+    def step(*args):
+        if args[6] == at:  # train_step(model, task, data, optimizer, params, config, step, ctx, ...)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(loop, "train_step", step)
+
+
+def seconds(out: Path) -> list[float]:
+    with open(out / "log.csv", newline="") as f:
+        return [float(row["seconds"]) for row in csv.DictReader(f)]
+
+
+def test_ctrl_c_keeps_a_checkpoint_that_resume_continues(demo, data, whole_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, 3)  # after 3 steps done; --save-every 20 would have saved none
+    assert main(prior_args(demo, data, out, "--steps", 6, "--save-every", 20)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted:")]
+    assert "step-000003.pt" in line and "--resume" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003.pt"]
+    assert torch.load(out / "checkpoints" / "step-000003.pt", weights_only=False)["step"] == 3
+    before = seconds(out)
+    monkeypatch.undo()
+    assert main(prior_args(demo, data, out, "--steps", 6, "--save-every", 20, "--resume")) == 0
+    assert losses(out) == losses(whole_run)  # the steps after the Ctrl-C: the uninterrupted run's numbers
+    after = seconds(out)
+    assert after[:3] == before and after[3] >= after[2]  # the clock continues, it does not restart at 0
+    a, b = state(whole_run / "prior"), state(out / "prior")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "done: 6 steps (steps 4-6 in " in capsys.readouterr().err  # the closing line
+
+
+def test_ctrl_c_in_the_first_step_leaves_a_run_that_resume_starts(demo, data, whole_run, tmp_path, monkeypatch,
+                                                                     capsys):
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, 0)
+    assert main(prior_args(demo, data, out, "--steps", 6)) == 130
+    assert "rerun the same command with --resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(prior_args(demo, data, out, "--steps", 6, "--resume")) == 0
+    assert "no checkpoint in" in capsys.readouterr().err  # warned: it starts from step 0
+    assert losses(out) == losses(whole_run)
+
+
+def test_a_failed_start_leaves_a_folder_the_corrected_rerun_accepts(demo, data, tmp_path, monkeypatch, capsys):
+    import kandinsky.training.loop as loop
+
+    out = tmp_path / "run"
+    wrong = prior_args(demo, data, out, "--steps", 1)
+    wrong[wrong.index("--checkpoint") + 1] = str(demo["decoder"])  # not a prior checkpoint
+    assert main(wrong) == 2
+    assert "not a prior checkpoint folder" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(prior_args(demo, data, out, "--steps", 1, "--min-size", 65)) == 2  # too-small pictures
+    assert "too small (64x64" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()  # an empty folder stays usable too
+    monkeypatch.setattr(loop, "load_dataset", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(prior_args(demo, data, out, "--steps", 1)) == 130  # Ctrl-C while encoding the data
+    assert "kept nothing written" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    monkeypatch.undo()
+    assert main(prior_args(demo, data, out, "--steps", 1)) == 0  # the corrected rerun, same folder
+    assert len(losses(out)) == 1
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(demo, data, whole_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(prior_args(demo, data, out, "--steps", 4, "--save-every", 2)) == 0
+    last = out / "checkpoints" / "step-000004.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated (a full disk, a killed copy)
+    capsys.readouterr()
+    assert main(prior_args(demo, data, out, "--steps", 6, "--save-every", 2, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "step-000004.pt cannot be read" in err and "resumed from" in err and "step-000002.pt" in err
+    assert "PytorchStreamReader" not in err.split("cannot be read")[0]
+    assert losses(out) == losses(whole_run)
+    assert not list((out / "checkpoints").glob("*.tmp"))  # written atomically: no leftovers
+
+
+def test_shipped_shapes_model_fine_tunes(data, tmp_path):
+    """The shipped demo (8 latent channels: a 8-channel decoder UNet, a 17-channel inpainting UNet)
+    trains 2 steps of `train decoder` and `train inpaint`."""
+    shipped = ROOT / "kandinsky" / "demo_weights"
+    for task, folder, channels in (("decoder", "decoder", 8), ("inpaint", "decoder-inpaint", 17)):
+        out = tmp_path / task
+        argv = [task, "--data", str(data), "--out", str(out), "--checkpoint", str(shipped / folder),
+                "--prior", str(shipped / "prior"), "--batch", "2", "--resolution", "64", "--steps", "2",
+                "--device", "cpu"]
+        assert main(argv) == 0, task
+        assert len(losses(out)) == 2 and all(np.isfinite(losses(out)))
+        assert load_component(out / "unet").config.in_channels == channels

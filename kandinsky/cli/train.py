@@ -81,12 +81,20 @@ def config_from_args(args):
 
 
 def run_train(args) -> int:
-    from kandinsky.training.loop import train
+    from kandinsky.training.loop import latest_checkpoint, train
 
     config = config_from_args(args)
     config.validate()
-    common.on_interrupt(f"the checkpoints written so far in {config.out}, if any (--save-every N writes one every N "
-                        "steps; --resume continues from the last)")
+
+    def kept() -> str:  # the loop writes a checkpoint at the step a Ctrl-C reached
+        last = latest_checkpoint(Path(config.out))
+        if last is None and (Path(config.out) / "train_config.json").is_file():
+            return f"no checkpoint yet in {config.out}; rerun the same command with --resume to start it again"
+        if last is None:
+            return "nothing written (rerun the same command)"
+        return f"the checkpoint {last}; rerun the same command with --resume to continue from it"
+
+    common.on_interrupt(kept)
     train(config)
     return 0
 

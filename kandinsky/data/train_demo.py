@@ -61,6 +61,7 @@ from kandinsky.sampling.schedule import NoiseSchedule
 from kandinsky.training.data import random_keep_masks
 from kandinsky.training.losses import (decoder_loss, drop_image_embeds, drop_text, dropped_rows, prior_loss,
                                        prior_schedule)
+from kandinsky.training.loop import interrupt_deferred
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 from weights_convert import build_model
 
@@ -196,20 +197,28 @@ def train(stage: str, params, loss_fn, clock: Clock, log, save, ema: bool = Fals
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     optimizer.zero_grad(set_to_none=True)
     average = EMA(params, EMA_DECAY, ramp=True) if ema else None
-    last_save, running = time.time(), None
-    while clock.running():
-        set_lr(optimizer, lr_at(clock.fraction(), lr, warmup=0.03, end=1.0, floor=0.02))
-        loss, parts = loss_fn(clock.step)
-        loss.backward()
-        optimizer_step(optimizer, params, max_grad_norm=1.0, ema=average)
-        clock.step += 1
-        running = parts if running is None else {k: 0.98 * running[k] + 0.02 * v for k, v in parts.items()}
-        if clock.step % 50 == 0 or not clock.running():
-            log(f"{stage} step {clock.step} ({clock.fraction():.0%}) " + " ".join(f"{k} {v:.4f}" for k, v in running.items()))
-        if time.time() - last_save > 120 or not clock.running():
+    last_save, running, saved_at = time.time(), None, 0
+    try:
+        while clock.running():
+            set_lr(optimizer, lr_at(clock.fraction(), lr, warmup=0.03, end=1.0, floor=0.02))
+            loss, parts = loss_fn(clock.step)
+            loss.backward()
+            with interrupt_deferred():  # the weights and the EMA change together or not at all
+                optimizer_step(optimizer, params, max_grad_norm=1.0, ema=average)
+                clock.step += 1
+            running = parts if running is None else {k: 0.98 * running[k] + 0.02 * v for k, v in parts.items()}
+            if clock.step % 50 == 0 or not clock.running():
+                log(f"{stage} step {clock.step} ({clock.fraction():.0%}) "
+                    + " ".join(f"{k} {v:.4f}" for k, v in running.items()))
+            if time.time() - last_save > 120 or not clock.running():
+                with average.applied(params) if average else contextlib.nullcontext():
+                    save()
+                last_save, saved_at = time.time(), clock.step
+    except KeyboardInterrupt:  # Ctrl-C: keep the steps done (an unfinished stage --resume continues)
+        if clock.step > saved_at:
             with average.applied(params) if average else contextlib.nullcontext():
                 save()
-            last_save = time.time()
+        raise
     if average:
         average.copy_to(params)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
+from typing import Callable
 
 
 class TrainError(ValueError):
@@ -13,15 +14,17 @@ class TrainError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     component: str  # the folder the trained model is saved to (the hub's name)
-    in_channels: int | None  # the UNet's input channels (None: the prior)
+    in_channels: Callable[[int], int] | None  # the UNet's input channels for C latent channels (None: the prior)
     needs_text: bool  # captions required for every image
     checkpoint_help: str
 
 
 TASKS = {
     "prior": TaskSpec("prior", None, True, "a prior checkpoint (kandinsky-2-2-prior layout)"),
-    "decoder": TaskSpec("unet", 4, False, "a text2img decoder checkpoint (kandinsky-2-2-decoder layout)"),
-    "inpaint": TaskSpec("unet", 9, False, "an inpainting decoder checkpoint (kandinsky-2-2-decoder-inpaint layout)"),
+    # the noisy latents (C channels) | + the masked picture's latents (C) and the mask (1)
+    "decoder": TaskSpec("unet", lambda c: c, False, "a text2img decoder checkpoint (kandinsky-2-2-decoder layout)"),
+    "inpaint": TaskSpec("unet", lambda c: 2 * c + 1, False,
+                        "an inpainting decoder checkpoint (kandinsky-2-2-decoder-inpaint layout)"),
 }
 
 

@@ -6,11 +6,17 @@
       load_task                  the model to train + the frozen encoders, from checkpoint folders
       load_dataset               scan the data folder, encode each image once (each rank its shard)
       make_trainable             full fine-tuning or LoRA; gradient checkpointing
-      AdamW, EMA, resume         optimizer / EMA / step / RNG state from the last checkpoint
+      AdamW, EMA, resume         optimizer / EMA / step / RNG state from the last good checkpoint
+      write_train_config         only now: a start that fails (or is Ctrl-C'd) leaves a fresh folder empty
       for each step:
         for each micro-batch:    loss (kandinsky.training.losses) -> backward (DDP all-reduces)
         clip, step, EMA update, log (CSV + PNG curve), checkpoint, validation images
+        Ctrl-C:                  a checkpoint at the step reached, then KeyboardInterrupt (kandinsky.exits)
       save_outputs               the trained component in the hub layout (or the LoRA file)
+      summary                    one closing line
+
+Checkpoints and train_config.json are written atomically (a temporary file, then os.replace);
+--resume passes over a damaged last checkpoint for the one before it, with a warning.
 
 Batches are world-size invariant: ``batch`` is the global batch of one optimizer step, split
 over ``grad_accum`` micro-steps and the ranks. Which samples, which noise, which timesteps and
@@ -69,35 +75,62 @@ def train(config: TrainConfig) -> dict:
 
 
 def _train(config: TrainConfig, ctx) -> dict:
-    out = open_out_folder(config, ctx)
-    task = load_task(config, ctx.device)
-    data = load_dataset(config, task, out, ctx)
-    model = task.model
-    params = make_trainable(model, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8)
-    ema = EMA(params, config.ema_decay) if config.ema_decay else None
-    start = resume(config, out, model, optimizer, ema, ctx) if config.resume else 0
-    ddp_model = wrap_ddp(model, ctx)
+    out, fresh = open_out_folder(config, ctx)
+    try:  # every check and load before train_config.json: a failed start leaves nothing behind
+        task = load_task(config, ctx.device)
+        data = load_dataset(config, task, out, ctx)
+        model = task.model
+        params = make_trainable(model, config)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                                      eps=1e-8)
+        ema = EMA(params, config.ema_decay) if config.ema_decay else None
+        start, seconds = resume(config, out, model, optimizer, ema, ctx) if config.resume else (0, 0.0)
+        ddp_model = wrap_ddp(model, ctx)
+        write_train_config(out, config, ctx)
+    except BaseException:  # Ctrl-C included
+        if fresh:
+            remove_failed_start(out, ctx)
+        raise
 
-    loss = float("nan")
-    t0 = time.time()
-    for step in range(start, config.steps):
-        lr = set_lr(optimizer, lr_at(step + 1, config.lr, config.warmup_steps))  # constant after the warm-up
-        loss, grad_norm = train_step(ddp_model, task, data, optimizer, params, config, step, ctx, ema)
-        done = step + 1
-        if ctx.rank == 0:
-            append_log(out, done, loss, lr, grad_norm, time.time() - t0)
-            if done % config.log_every == 0 or done == config.steps:
-                print(f"step {done}/{config.steps}  loss {loss:.5f}  lr {lr:.2e}", file=sys.stderr, flush=True)
-        if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            save_checkpoint(out, done, model, params, optimizer, ema, config, ctx)
-        if config.validate_every and (done % config.validate_every == 0 or done == config.steps) and ctx.rank == 0:
-            with ema.applied(params) if ema else contextlib.nullcontext():
-                validate(config, task, data, out / "validation" / f"step-{done:06d}", ctx.device)
+    loss, done, saved_at = float("nan"), start, start
+    t0 = time.time() - seconds  # log.csv's seconds continue those of the run resumed
+    try:
+        for step in range(start, config.steps):
+            lr = set_lr(optimizer, lr_at(step + 1, config.lr, config.warmup_steps))  # constant after the warm-up
+            loss, grad_norm = train_step(ddp_model, task, data, optimizer, params, config, step, ctx, ema)
+            done = step + 1
+            if ctx.rank == 0:
+                append_log(out, done, loss, lr, grad_norm, time.time() - t0)
+                if done % config.log_every == 0 or done == config.steps:
+                    print(f"step {done}/{config.steps}  loss {loss:.5f}  lr {lr:.2e}", file=sys.stderr, flush=True)
+            if (config.save_every and done % config.save_every == 0) or done == config.steps:
+                save_checkpoint(out, done, model, params, optimizer, ema, config, ctx)
+                saved_at = done
+            if config.validate_every and (done % config.validate_every == 0 or done == config.steps) \
+                    and ctx.rank == 0:
+                with ema.applied(params) if ema else contextlib.nullcontext():
+                    validate(config, task, data, out / "validation" / f"step-{done:06d}", ctx.device)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the steps done (the weights change only in optimizer_step, which finishes
+        # before a Ctrl-C lands, see train_step), then stop as the shared rule says (kandinsky.exits)
+        if done > saved_at:
+            save_checkpoint(out, done, model, params, optimizer, ema, config, ctx, world_barrier=False)
+        raise
     saved = save_outputs(config, out, model, params, ema, ctx)
     if ctx.rank == 0:
         plot_loss_curve(out / "log.csv", out / "loss.png")
+        print(summary(out, start, config.steps, time.time() - t0 - seconds, saved), file=sys.stderr, flush=True)
     return {"step": config.steps, "loss": loss, "out": out, "saved": saved}
+
+
+def summary(out: Path, start: int, steps: int, seconds: float, saved: list[Path]) -> str:
+    """The closing line: steps, time, the loss at the first and last step (log.csv), what was written."""
+    with (out / "log.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    first, last = (float(rows[0]["loss"]), float(rows[-1]["loss"])) if rows else (float("nan"),) * 2
+    this_run = f"steps {start + 1}-{steps} " if start else ""
+    return (f"done: {steps} steps ({this_run}in {seconds:.1f} s), loss {first:.5f} at step 1 -> {last:.5f} at "
+            f"step {steps}; wrote {', '.join(str(p) for p in saved) or 'nothing'} and {out / 'log.csv'}")
 
 
 # --------------------------------------------------------------------------------------
@@ -157,12 +190,16 @@ def all_mean(value: float, ctx: DistContext) -> float:
 SAME_ON_RESUME = ("task", "checkpoint", "data", "batch", "seed", "resolution", "lora", "lora_alpha", "ema_decay")
 
 
-def open_out_folder(config: TrainConfig, ctx: DistContext) -> Path:
+def open_out_folder(config: TrainConfig, ctx: DistContext) -> tuple[Path, bool]:
+    """Check --out (a new or empty folder, or the run --resume continues) and create it; returns
+    (out, fresh): fresh when the folder held nothing, so a failed start may remove what it wrote."""
     out = Path(config.out)
     saved = out / "train_config.json"
     if out.resolve().is_relative_to(Path(config.data).resolve()):
         raise TrainError(f"--out {out} is inside --data {config.data}: its pictures would become training data; "
                          "choose an output folder elsewhere.")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; choose a folder (new or empty).")
     if config.resume:
         if not saved.is_file():
             raise TrainError(f"--resume: {out} holds no training run (no train_config.json); "
@@ -176,12 +213,44 @@ def open_out_folder(config: TrainConfig, ctx: DistContext) -> Path:
     elif out.exists() and any(out.iterdir()):
         raise TrainError(f"--out {out} is not empty; pass --resume to continue the run there, "
                          "or choose a new folder (nothing is overwritten).")
+    fresh = not config.resume
     if ctx.world > 1:
         dist.barrier()  # every rank has looked at the folder before rank 0 writes to it
     if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    return out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainError(f"--out {out}: cannot create it ({e.strerror}); choose a folder you can write to.") from e
+    return out, fresh
+
+
+def write_train_config(out: Path, config: TrainConfig, ctx: DistContext) -> None:
+    """OUT/train_config.json, written once every check and load has passed (atomically)."""
+    if ctx.rank == 0:
+        atomic_write(out / "train_config.json", lambda tmp: tmp.write_text(
+            json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
+
+
+def remove_failed_start(out: Path, ctx: DistContext) -> None:
+    """Empty the folder a fresh run created or found empty (all of it is that run's), so the
+    corrected rerun starts there."""
+    if ctx.rank != 0 or not out.is_dir():
+        return
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then os.replace: ``path`` is the old file or the
+    whole new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def append_log(out: Path, step: int, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
@@ -194,16 +263,22 @@ def append_log(out: Path, step: int, loss: float, lr: float, grad_norm: float, s
         writer.writerow([step, f"{loss:.8g}", f"{lr:.6g}", f"{grad_norm:.6g}", f"{seconds:.2f}"])
 
 
-def truncate_log(out: Path, step: int) -> None:
-    """Drop log rows after ``step`` (written by a run that stopped after its last checkpoint)."""
+def truncate_log(out: Path, step: int) -> float:
+    """Drop log rows after ``step`` (written by a run that stopped after its last checkpoint); returns
+    the seconds logged at ``step`` (where the resumed run's clock continues)."""
     path = out / "log.csv"
     if not path.exists():
-        return
+        return 0.0
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows(keep)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+    atomic_write(path, write)
+    return float(keep[-1][LOG_COLUMNS.index("seconds")]) if len(keep) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -264,10 +339,12 @@ def load_task(config: TrainConfig, device) -> Task:
         encoders["movq"] = load_component(decoder_root / "movq", device=device)
         model = load_component(decoder_root / "unet", device=device)
         schedule = NoiseSchedule.from_folder(decoder_root / "scheduler")
-        channels = model.config.in_channels
-        if channels != spec.in_channels:
-            raise TrainError(f"`train {config.task}` needs a UNet with {spec.in_channels} input channels, but "
-                             f"{decoder_root}/unet has {channels}: {spec.checkpoint_help}.")
+        latent = encoders["movq"].config.latent_channels
+        channels, wanted = model.config.in_channels, spec.in_channels(latent)
+        if channels != wanted:
+            raise TrainError(f"`train {config.task}` needs a UNet with {wanted} input channels (for the MoVQ's "
+                             f"{latent} latent channels), but {decoder_root}/unet has {channels}: "
+                             f"{spec.checkpoint_help}.")
     return Task(config.task, model, schedule, encoders, {"prior": prior_root, "decoder": decoder_root})
 
 
@@ -440,8 +517,29 @@ def train_step(model, task: Task, data: Dataset, optimizer, params, config: Trai
                 loss = task_loss(model, task, data, batch, draws, rows, config, ctx.device)
             (loss / config.grad_accum).backward()
         total += loss.item() / config.grad_accum
-    grad_norm = optimizer_step(optimizer, params, config.max_grad_norm, ema)
+    with interrupt_deferred():  # the weights, the optimizer and the EMA change together or not at all
+        grad_norm = optimizer_step(optimizer, params, config.max_grad_norm, ema)
     return all_mean(total, ctx), grad_norm
+
+
+@contextlib.contextmanager
+def interrupt_deferred():
+    """A Ctrl-C (SIGINT) during the block lands as KeyboardInterrupt when it ends (main thread only;
+    elsewhere the block runs as is)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *a: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def draw_step(task: Task, config: TrainConfig, batch: dict, step: int) -> dict:
@@ -500,8 +598,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, params, optimizer, ema, config: TrainConfig, ctx) -> None:
-    """out/checkpoints/step-NNNNNN.pt (rank 0 only): trained weights, optimizer, EMA, step, RNG."""
+def save_checkpoint(out: Path, step: int, model, params, optimizer, ema, config: TrainConfig, ctx,
+                    world_barrier: bool = True) -> None:
+    """out/checkpoints/step-NNNNNN.pt (rank 0 only): trained weights, optimizer, EMA, step, RNG;
+    written atomically (a temporary file, then os.replace), the oldest beyond --keep-checkpoints removed."""
     if ctx.rank == 0:
         folder = out / "checkpoints"
         folder.mkdir(exist_ok=True)
@@ -512,32 +612,60 @@ def save_checkpoint(out: Path, step: int, model, params, optimizer, ema, config:
             "ema": ema.state_dict() if ema else None,
             "rng": rng_state(),
         }
-        tmp = folder / f"step-{step:06d}.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / f"step-{step:06d}.pt")  # never a half-written checkpoint
+        with interrupt_deferred():
+            atomic_write(folder / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
         for old in sorted(folder.glob("step-*.pt"))[: -config.keep_checkpoints]:
             old.unlink()
         plot_loss_curve(out / "log.csv", out / "loss.png")
-    if ctx.world > 1:
+    if ctx.world > 1 and world_barrier:
         dist.barrier()
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """OUT/checkpoints/step-*.pt, oldest first."""
+    return sorted((out / "checkpoints").glob("step-*.pt"))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*.pt"))
+    found = checkpoints(out)
     return found[-1] if found else None
 
 
-def resume(config: TrainConfig, out: Path, model, optimizer, ema, ctx) -> int:
-    """Restore the last checkpoint of ``out``; returns the step it was saved at."""
-    path = latest_checkpoint(out)
-    if path is None:
-        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'} yet; start again without --resume "
-                         "(in a new --out folder).")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint of ``out`` and its state (None: none yet). A truncated or corrupt
+    one is passed over for the one before it, with a warning."""
+    import warnings
+
+    for path in reversed(checkpoints(out)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"step", "params", "optimizer", "rng"} <= state.keys():
+                raise ValueError("not a training checkpoint")
+            return path, state
+        except Exception as e:  # torch's zip reader, pickle and EOF errors: a damaged file
+            warnings.warn(f"--resume: {path} cannot be read ({str(e).splitlines()[0][:120]}); "
+                          "trying the checkpoint before it", stacklevel=2)
+    return None
+
+
+def resume(config: TrainConfig, out: Path, model, optimizer, ema, ctx) -> tuple[int, float]:
+    """Restore the last good checkpoint of ``out``; returns the step it was saved at and the seconds
+    log.csv had reached there."""
+    import warnings
+
+    found = load_checkpoint(out)
+    if found is None:  # stopped before its first checkpoint: the same settings start it again
+        warnings.warn(f"--resume: no {'readable ' if checkpoints(out) else ''}checkpoint in {out / 'checkpoints'} "
+                      "yet; starting from step 0", stacklevel=2)
+        return 0, (truncate_log(out, 0) if ctx.rank == 0 else 0.0)
+    path, state = found
     named = dict(model.named_parameters())
     missing = [n for n in state["params"] if n not in named]
     if missing:
         raise TrainError(f"--resume: {path} holds parameters the model does not have: {missing[:5]}.")
+    step = state["step"]
+    if step > config.steps:
+        raise TrainError(f"--resume: the checkpoint is at step {step}, beyond --steps {config.steps}.")
     with torch.no_grad():
         for name, value in state["params"].items():
             named[name].copy_(value)
@@ -545,13 +673,11 @@ def resume(config: TrainConfig, out: Path, model, optimizer, ema, ctx) -> int:
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
     set_rng_state(state["rng"])
-    step = state["step"]
-    if step > config.steps:
-        raise TrainError(f"--resume: the checkpoint is at step {step}, beyond --steps {config.steps}.")
+    seconds = 0.0
     if ctx.rank == 0:
-        truncate_log(out, step)
+        seconds = truncate_log(out, step)
         print(f"resumed from {path} (step {step})", file=sys.stderr)
-    return step
+    return step, seconds
 
 
 # --------------------------------------------------------------------------------------
