@@ -37,6 +37,7 @@ class ModelCall:
     step: int  # sampler step index (several evaluations may share one step: Heun, ...)
     timestep: float
     branches: tuple[str, ...] = BRANCHES_SINGLE  # the batch split into equal chunks, in this order
+    cached: bool = False  # decoder feature caching: only the UNet levels above the cut ran (the rest reused)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def current_call() -> ModelCall | None:
     return _NOW.get().model
 
 
-def model_call(stage: str, step: int, timestep, branches: tuple[str, ...] = BRANCHES_SINGLE):
-    """Mark the model evaluation(s) inside the block as ``stage``/``step``/``timestep``/``branches``."""
-    return scope(model=ModelCall(stage, int(step), float(timestep), tuple(branches)))
+def model_call(stage: str, step: int, timestep, branches: tuple[str, ...] = BRANCHES_SINGLE, cached: bool = False):
+    """Mark the model evaluation(s) inside the block as ``stage``/``step``/``timestep``/``branches``
+    (``cached``: a decoder evaluation that reused the deep UNet levels' cached output)."""
+    return scope(model=ModelCall(stage, int(step), float(timestep), tuple(branches), bool(cached)))

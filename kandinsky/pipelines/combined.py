@@ -18,7 +18,7 @@ from kandinsky.hub import DEFAULT_DECODER, prior_from_model_card, resolve
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
 from kandinsky.pipelines.stepping import check_device, to_arguments
-from kandinsky.pipelines.tasks import PRIOR_OPTIONS, PROMPT_TASKS
+from kandinsky.pipelines.tasks import PRIOR_OPTIONS, PROMPT_TASKS, preset_options
 
 
 class Kandinsky:
@@ -97,7 +97,8 @@ class Kandinsky:
     # ------------------------------------------------------------------ tasks
     # The tasks are declared in tasks.PROMPT_TASKS: where the image embeddings come from, and the
     # decoder task that paints them. Every method takes the decoder options of
-    # tasks.DECODER_OPTIONS and, where the prior runs, tasks.PRIOR_OPTIONS, by keyword.
+    # tasks.DECODER_OPTIONS and, where the prior runs, tasks.PRIOR_OPTIONS, by keyword; ``preset=`` (a key
+    # of tasks.PRESETS) fills both, and explicit arguments override it.
 
     def text2img(self, prompt, negative_prompt=None, **options):
         return self.run("text2img", prompt=prompt, negative_prompt=negative_prompt, **options)
@@ -148,7 +149,8 @@ class Kandinsky:
         if spec is None:
             raise ValueError(f"unknown task {task!r}: one of {', '.join(PROMPT_TASKS)}.")
         self.decoder.check_task(spec.decoder_task)  # a wrong checkpoint fails before the prior runs
-        prior_opts = {k: kwargs.pop(k, v) for k, v in PRIOR_OPTIONS.items()}
+        preset = preset_options(kwargs.get("preset"), PRIOR_OPTIONS)  # the decoder applies the rest of it
+        prior_opts = {k: kwargs.pop(k, preset.get(k, v)) for k, v in PRIOR_OPTIONS.items()}
         n = kwargs.get("num_images_per_prompt", 1)
         generator, progress = kwargs.get("generator"), kwargs.get("progress", True)
         callback = kwargs.get("callback_on_step_end")

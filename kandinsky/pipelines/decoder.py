@@ -53,9 +53,9 @@ from kandinsky.pipelines.images import (
 )
 from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
 from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking, to_arguments
-from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT
+from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT, preset_options
 from kandinsky.sampling import samplers
-from kandinsky.sampling.denoisers import DecoderDenoiser
+from kandinsky.sampling.denoisers import DecoderDenoiser, check_speedups
 from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.trajectory import Trajectory
 from weights_convert import load_component
@@ -299,6 +299,8 @@ class DecoderPipeline:
         size = self._sizes(opts["height"], opts["width"], inputs.get("image", inputs.get("hint")))
         height, width = size.generate
         plan = self._plan(sampler, opts["num_inference_steps"], spec, inputs.get("strength"))
+        check_speedups(opts["cache_interval"], opts["cache_level"], opts["guidance_interval"], self.unet.config.depth,
+                       plan)  # before any picture is encoded
         generator = opts["generator"]
 
         hint = inpaint = blend = None
@@ -315,7 +317,9 @@ class DecoderPipeline:
             blend = _InpaintBlend(image_latents, keep, noise=latents.clone(), plan=plan)
 
         denoiser = DecoderDenoiser(self.unet, embeds, opts["guidance_scale"], self.latent_channels,
-                                   inpaint=inpaint, hint=hint)
+                                   inpaint=inpaint, hint=hint, cache_interval=opts["cache_interval"],
+                                   cache_level=opts["cache_level"], guidance_interval=opts["guidance_interval"],
+                                   plan=plan)
         recorder = Trajectory() if opts["return_trajectory"] else None
         callback = _callbacks(blend, recorder, opts["callback_on_step_end"])
         with _progress(plan, opts["progress"], "decoder") as bar:
@@ -502,7 +506,8 @@ class Sizes:
 
 
 def _options(task: str, spec, given: dict) -> dict:
-    """The task's options: DECODER_OPTIONS' defaults updated with ``given`` (unknown names refused)."""
+    """The task's options: DECODER_OPTIONS' defaults, updated with the preset's values (``given["preset"]``,
+    tasks.PRESETS), then with ``given`` (unknown names refused)."""
     allowed = dict(DECODER_OPTIONS)
     if spec.start == "image":
         del allowed["latents"]  # image tasks start from the image
@@ -510,7 +515,7 @@ def _options(task: str, spec, given: dict) -> dict:
     if unknown:
         raise TypeError(f"{task}() got unexpected argument(s) {', '.join(unknown)}; it takes: "
                         f"{', '.join(spec.inputs + tuple(allowed))}.")
-    return {**allowed, **given}
+    return {**allowed, **preset_options(given.get("preset"), allowed), **given}
 
 
 class _InpaintBlend:

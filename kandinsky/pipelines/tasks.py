@@ -76,12 +76,37 @@ DECODER_OPTIONS = {
     "scheduler": None,  # a sampler name for this call (default: the pipeline's)
     "return_trajectory": False,
     "tile": None,  # MoVQ decoding in tiles: None = above 1024 x 1024 px, True / False, or a tile size in pixels
+    # Fewer / cheaper UNet evaluations (kandinsky.sampling.denoisers.DecoderDenoiser; docs/performance.md):
+    "cache_interval": 1,  # a full UNet evaluation every N; in between only the levels above cache_level (1: off)
+    "cache_level": 1,  # the cut: UNet resolution levels >= this one (and the mid block) are cached
+    "guidance_interval": None,  # (lo, hi) fractions of the run (0 = from noise, 1 = clean) where guidance runs
+    "preset": None,  # a key of PRESETS: its values replace the defaults; explicit arguments still win
 }
 PRIOR_OPTIONS = {
     "prior_guidance_scale": 4.0,
     "prior_num_inference_steps": 25,
     "prior_latents": None,
 }
+
+# Named speed / quality trade-offs (docs/performance.md, "Presets", has the measured numbers). A preset
+# fills the options it names (decoder and prior); an argument given explicitly overrides it.
+PRESETS = {
+    "reference": {"scheduler": "ddpm", "num_inference_steps": 100, "guidance_scale": 4.0, "cache_interval": 1,
+                  "guidance_interval": None, "prior_num_inference_steps": 25},
+    "balanced": {"scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 4.0, "cache_interval": 1,
+                 "guidance_interval": None, "prior_num_inference_steps": 25},
+    "fast": {"scheduler": "dpmpp_2m", "num_inference_steps": 20, "guidance_scale": 4.0, "cache_interval": 2,
+             "guidance_interval": None, "prior_num_inference_steps": 25},
+}
+
+
+def preset_options(preset, names) -> dict:
+    """The values preset ``preset`` (a key of PRESETS, or None: none) gives to the options ``names``."""
+    if preset is None:
+        return {}
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not a preset: use one of {', '.join(map(repr, PRESETS))} (or None).")
+    return {name: value for name, value in PRESETS[preset].items() if name in names}
 
 
 @dataclass(frozen=True)

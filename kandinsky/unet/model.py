@@ -156,13 +156,18 @@ class DownLevel(nn.Module):
         self.downsample = ResBlock(out_ch, out_ch, norm, emb_dim, resample="down") if downsample else None
 
     def forward(self, x, emb, tokens, skips: list):
+        x = self.blocks(x, emb, tokens, skips)
+        if self.downsample is not None:
+            x = self.downsample(x, emb)  # (B, C, h/2, w/2)
+            skips.append(x)
+        return x
+
+    def blocks(self, x, emb, tokens, skips: list):
+        """The level's ResBlocks (+ attention), without the down-sampler."""
         for j, res in enumerate(self.res):
             x = res(x, emb)
             if self.attn is not None:
                 x = self.attn[j](x, tokens)
-            skips.append(x)
-        if self.downsample is not None:
-            x = self.downsample(x, emb)  # (B, C, h/2, w/2)
             skips.append(x)
         return x
 
@@ -298,18 +303,68 @@ class UNet(Model):
     def forward(self, sample: torch.Tensor, timestep, image_embeds: torch.Tensor,
                 hint: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(sample, timestep, image_embeds, hint)
+        x, emb, tokens = self.embed(sample, timestep, image_embeds, hint)  # (B, C0, h, w)
+        skips = [x]
+        x = self.levels_down(x, emb, tokens, skips)  # (B, C[-1], h/8, w/8) at the bottom (depth 4)
+        x = self.mid(x, emb, tokens)
+        x = self.levels_up(x, emb, tokens, skips)  # (B, C0, h, w) at the top
+        return self.head(x)  # (B, out_channels, h, w)
+
+    # The forward's named parts (also run one by one by forward_cached).
+    def embed(self, sample, timestep, image_embeds, hint):
+        """-> conv_in(sample [+ hint features]) (B, C0, h, w), emb (B, 4*C0), tokens (B, 32, cross_attention_dim)."""
         image_embeds = image_embeds.to(sample.dtype)
         t = timesteps(timestep, sample.shape[0], sample.device)  # (B,)
         emb = self.time_embed(t, sample.dtype) + self.image_embed(image_embeds)  # (B, 4*C0)
         tokens = self.image_tokens(image_embeds)  # (B, 32, cross_attention_dim)
         if self.hint_encoder is not None:
             sample = torch.cat([sample, self.hint_encoder(hint.to(sample.dtype))], dim=1)  # (B, in_channels, h, w)
+        return self.conv_in(sample), emb, tokens
 
-        x = self.conv_in(sample)  # (B, C0, h, w)
+    def levels_down(self, x, emb, tokens, skips: list, stop: int | None = None):
+        """Down levels, pushing their skip tensors. ``stop=k``: only levels 0..k-1, the last without its
+        down-sampler (whose output feeds only the levels below k): the encoder above a cut at level k."""
+        if stop is None:
+            for level in self.down:
+                x = level(x, emb, tokens, skips)
+            return x
+        for level in self.down[: stop - 1]:
+            x = level(x, emb, tokens, skips)
+        return self.down[stop - 1].blocks(x, emb, tokens, skips)  # (B, C[k-1], h/2^(k-1), w/2^(k-1))
+
+    def levels_up(self, x, emb, tokens, skips: list, start: int = 0, stop: int | None = None):
+        """Up levels ``up[start:stop]`` (bottom first), popping skip tensors."""
+        for level in self.up[start:stop]:
+            x = level(x, emb, tokens, skips)
+        return x
+
+    def head(self, x):
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+    def forward_cached(self, sample: torch.Tensor, timestep, image_embeds: torch.Tensor, hint, cache: "DeepCache"):
+        """The forward with the levels at and below ``cache.level`` (and the mid block) cached (DeepCache,
+        Ma et al. 2024): when ``cache.deep`` is None, a full evaluation (the same operations as forward)
+        that stores those levels' output, (B, C[k-1], h/2^(k-1), w/2^(k-1)) after the up-sampler of the
+        up level at resolution k; otherwise only the levels above the cut run, on the stored output."""
+        self.check_inputs(sample, timestep, image_embeds, hint)
+        x, emb, tokens = self.embed(sample, timestep, image_embeds, hint)
         skips = [x]
-        for level in self.down:
-            x = level(x, emb, tokens, skips)  # (B, C[-1], h/8, w/8) at the bottom (depth 4)
-        x = self.mid(x, emb, tokens)
-        for level in self.up:
-            x = level(x, emb, tokens, skips)  # (B, C0, h, w) at the top
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, out_channels, h, w)
+        below = self.config.depth - cache.level  # up levels below the cut (bottom first)
+        if cache.deep is None:
+            x = self.levels_down(x, emb, tokens, skips)
+            x = self.mid(x, emb, tokens)
+            cache.deep = self.levels_up(x, emb, tokens, skips, stop=below)
+        else:
+            self.levels_down(x, emb, tokens, skips, stop=cache.level)
+        x = self.levels_up(cache.deep, emb, tokens, skips, start=below)
+        return self.head(x)
+
+
+@dataclasses.dataclass
+class DeepCache:
+    """What UNet.forward_cached keeps between evaluations: the cut's resolution level (1..depth:
+    level k caches down levels k.., the mid block and the up levels at resolutions >= k; depth caches
+    the mid block alone) and the output of the cached part (None: the next evaluation is a full one)."""
+
+    level: int = 1
+    deep: torch.Tensor | None = None
