@@ -28,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
 import torch
 from torch import nn
 
@@ -37,6 +40,7 @@ from kandinsky.research.targets import components, match
 
 ROUTES = ("time", "tokens")
 BRANCHES = ("cond", "uncond", "both")
+ALL = "all"  # a route map's row patching every level
 # module attributes of the UNet (kandinsky.unet.model.UNet) each route starts from, and who reads it
 ROUTE_SOURCES = {"time": "image_embed", "tokens": "image_tokens"}
 
@@ -172,3 +176,200 @@ def patch_routes(target, source_embeds: torch.Tensor, *, routes=ROUTES, levels=N
             stack.callback(handle.remove)
         stack.callback(state.clear)
         yield
+
+
+# ----------------------------------------------------------------------------- causal maps
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The cells of a route map: rows = each route x each level, columns = step windows.
+
+    routes   the routes patched, one row block each ("time", "tokens", or both: "time+tokens")
+    levels   UNet module names, one row each: None = every level of the UNet ("down.0" .. "mid" ..
+             "up.N"); a name also covers the modules under it ("down" = every down level); "all" = the
+             whole UNet
+    windows  the step windows: an int (that many equal contiguous windows of the run's steps) or a
+             list of (start, stop) step ranges
+    """
+
+    routes: tuple[str, ...] = (*ROUTES, "time+tokens")
+    levels: tuple[str, ...] | None = None
+    windows: int | tuple[tuple[int, int], ...] = 4
+
+    def rows(self, unet) -> list[tuple[str, str]]:
+        levels = self.levels or ([f"down.{i}" for i in range(len(unet.down))] + ["mid"]
+                                 + [f"up.{i}" for i in range(len(unet.up))])
+        _check([r for route in self.routes for r in route.split("+")], [lv for lv in levels if lv != ALL], "cond",
+               unet)
+        return [(route, level) for route in self.routes for level in levels]
+
+    def columns(self, steps: int) -> list[tuple[int, int]]:
+        if isinstance(self.windows, int):
+            if not 1 <= self.windows <= steps:
+                raise ValueError(f"grid windows must be 1..{steps} (the run's steps), got {self.windows}")
+            edges = [round(i * steps / self.windows) for i in range(self.windows + 1)]
+            return list(zip(edges[:-1], edges[1:]))
+        windows = [tuple(int(v) for v in w) for w in self.windows]
+        bad = [w for w in windows if len(w) != 2 or not 0 <= w[0] < w[1] <= steps]
+        if bad or not windows:
+            raise ValueError(f"grid windows must be (start, stop) step ranges within 0..{steps}, got {self.windows!r}")
+        return windows
+
+
+@dataclasses.dataclass
+class RouteMap:
+    """What :func:`route_map` measured. ``values[name]`` is a (rows, windows) array: the mean of the
+    measure over the pictures (pairs x seeds) of each patched run, where the measure is 0 at A's
+    picture and 1 at B's (shapes: the share of pictures showing B's value of the attribute; clip:
+    how far the CLIP image embedding moved from A's picture to B's). ``a`` / ``b``: the measure of
+    the unpatched A and B runs themselves (the map's floor and ceiling)."""
+
+    prompts_a: list[str]
+    prompts_b: list[str]
+    seeds: list[int]
+    steps: int
+    rows: list[tuple[str, str]]
+    windows: list[tuple[int, int]]
+    values: dict[str, np.ndarray]
+    a: dict[str, float]
+    b: dict[str, float]
+    counts: dict[str, int]  # pictures behind each cell of values[name]
+
+    def picture(self, cell: int = 34) -> PIL.Image.Image:
+        """One heat map per measure, side by side: rows route x level, columns step windows, values
+        in [0, 1] (written in the cells) on one colour scale."""
+        from kandinsky.research.viz import BACKGROUND, _colorbar, _text, colorize
+
+        names = list(self.values)
+        label_w, head, gap = 104, 48, 20
+        cw = max(cell, 150 // len(self.windows))  # a cell's width: each map at least 150 pixels wide
+        width = len(self.windows) * cw
+        W = max(label_w + len(names) * (width + gap), label_w + 560)
+        H = head + len(self.rows) * cell + 40
+        canvas = PIL.Image.new("RGB", (W, H), BACKGROUND)
+        draw = PIL.ImageDraw.Draw(canvas)
+        for i, (route, level) in enumerate(self.rows):
+            _text(draw, (4, head + i * cell + cell // 2), f"{route} {level}", anchor="lm")
+        for k, name in enumerate(names):
+            x0 = label_w + k * (width + gap)
+            _text(draw, (x0, 2), name)
+            _text(draw, (x0, 15), f"A {self.a[name]:.2f}  B {self.b[name]:.2f}  n {self.counts[name]}")
+            colours = colorize(self.values[name])  # (rows, windows, 3)
+            for j, (start, stop) in enumerate(self.windows):
+                _text(draw, (x0 + j * cw + cw // 2, head - 4), f"{start}-{stop - 1}", anchor="md")
+                for i in range(len(self.rows)):
+                    box = (x0 + j * cw, head + i * cell, x0 + (j + 1) * cw - 1, head + (i + 1) * cell - 1)
+                    draw.rectangle(box, fill=tuple(int(c) for c in colours[i, j]))
+                    value = self.values[name][i, j]
+                    ink = (255, 255, 255) if value < 0.6 else (0, 0, 0)
+                    draw.text((box[0] + cw // 2, box[1] + cell // 2), f"{value:.2f}", fill=ink, anchor="mm")
+        _colorbar(canvas, draw, (label_w, H - 30), 120,
+                  "0 = A's picture, 1 = B's; columns: step windows")
+        _text(draw, (4, H - 12), f"A: {self.prompts_a[0]}   B: {self.prompts_b[0]}"
+              + (f"   (+{len(self.prompts_a) - 1} pairs)" if len(self.prompts_a) > 1 else "")
+              + f"   seeds {self.seeds}, {self.steps} steps")
+        return canvas
+
+
+def shapes_measure(prompts_a: list[str], prompts_b: list[str]):
+    """The shapes model's measure: for each attribute the two prompts of a pair state differently, 1
+    where the analyser finds B's value in the picture, else 0 (pairs that agree on it: NaN)."""
+    from kandinsky.data.analyse import analyse
+    from kandinsky.data.shapes import ATTRIBUTES, parse_caption
+
+    stated_a, stated_b = [parse_caption(p) for p in prompts_a], [parse_caption(p) for p in prompts_b]
+    differ = {n for a, b in zip(stated_a, stated_b) for n in ATTRIBUTES if n in b and a.get(n) != b[n]}
+    if not differ:
+        raise ValueError("measure 'shapes': the A and B prompts state no attribute differently; give pairs like "
+                         "'a red circle' / 'a green circle'")
+    names = [n for n in ATTRIBUTES if n in differ]
+
+    def measure(pictures, pair_of, pictures_a, pictures_b):
+        found = [analyse(p) for p in pictures]
+        return {n: np.array([float(getattr(f, n) == stated_b[k][n]) if n in stated_b[k]
+                             and stated_a[k].get(n) != stated_b[k][n] else np.nan
+                             for f, k in zip(found, pair_of)]) for n in names}
+
+    return measure
+
+
+def clip_measure(pipe):
+    """Any model's measure: where each picture's CLIP image embedding lies between A's and B's pictures
+    of the same pair and seed, (d - d_A) / (d_B - d_A) with d = cos(x, B) - cos(x, A): 0 at A, 1 at B."""
+    from kandinsky.research.embeddings import cosine, image_embeds
+
+    cache = {}  # A's and B's pictures are measured against every cell: embedded once
+
+    def embed(pictures, keep=False):
+        if id(pictures) in cache:
+            return cache[id(pictures)][1]
+        embeds = image_embeds(pipe.prior, list(pictures))
+        if keep:
+            cache[id(pictures)] = (pictures, embeds)  # holding the list keeps its id unique
+        return embeds
+
+    def measure(pictures, pair_of, pictures_a, pictures_b):
+        x, a, b = embed(pictures), embed(pictures_a, keep=True), embed(pictures_b, keep=True)
+        d = cosine(x, b).diagonal() - cosine(x, a).diagonal()
+        ab = cosine(a, b).diagonal()
+        return {"clip": ((d - (ab - 1)) / (2 * (1 - ab)).clamp_min(1e-6)).numpy()}
+
+    return measure
+
+
+def route_map(pipe, prompt_a, prompt_b, *, measure, grid: Grid | None = None, seeds=(0,),
+              num_inference_steps: int = 20, prior_steps: int = 25, height: int = 64, width: int = 64,
+              prior_seed: int = 0, **options) -> RouteMap:
+    """Patch B's image embedding into A's decoder run on each cell of ``grid`` (a route at a level,
+    for a window of steps; the conditional branch) and measure how far each picture moved toward B.
+
+    pipe       a Kandinsky pipeline (its prior turns the prompts into image embeddings)
+    prompt_a, prompt_b   a prompt each, or equal-length lists of pairs
+    measure    "shapes" (the shapes model: the analyser's attributes the prompts state differently),
+               "clip" (any model: CLIP image-embedding position between A's and B's pictures), or
+               fn(pictures, pair_of, pictures_a, pictures_b) -> {name: (N,) scores, 0 = A, 1 = B}
+    seeds      decoder seeds; every cell runs all pairs x seeds as one batch
+    options    further decoder options (guidance_scale, ...)
+    """
+    prompts_a = [prompt_a] if isinstance(prompt_a, str) else list(prompt_a)
+    prompts_b = [prompt_b] if isinstance(prompt_b, str) else list(prompt_b)
+    if not prompts_a or len(prompts_a) != len(prompts_b):
+        raise ValueError(f"prompt_a and prompt_b must be prompts or lists of equal length, got {len(prompts_a)} "
+                         f"and {len(prompts_b)}")
+    seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
+    if isinstance(measure, str):
+        if measure not in ("shapes", "clip"):
+            raise ValueError(f"measure must be 'shapes', 'clip' or a function, got {measure!r}")
+        measure = shapes_measure(prompts_a, prompts_b) if measure == "shapes" else clip_measure(pipe)
+    elif not callable(measure):
+        raise TypeError(f"measure must be 'shapes', 'clip' or a function, got {measure!r}")
+    grid = grid or Grid()
+    unet = find_unet(pipe.decoder)
+    rows, windows = grid.rows(unet), grid.columns(num_inference_steps)
+
+    n_pairs = len(prompts_a)
+    prior = pipe.prior(prompts_a + prompts_b, num_inference_steps=prior_steps, progress=False,
+                       generator=torch.Generator().manual_seed(prior_seed))
+    ea, eb = prior.image_embeds[:n_pairs], prior.image_embeds[n_pairs:]
+    pair_of = [k for k in range(n_pairs) for _ in seeds]  # batch row -> pair
+    a, b = ea[pair_of], eb[pair_of]  # (N, D)
+    negative = prior.negative_image_embeds[:n_pairs][pair_of]
+
+    def paint(embeds):
+        generators = [torch.Generator().manual_seed(s) for _ in range(n_pairs) for s in seeds]
+        return pipe.decoder.text2img(embeds, negative, generator=generators, num_inference_steps=num_inference_steps,
+                                     height=height, width=width, progress=False, **options).images
+
+    pictures_a, pictures_b = paint(a), paint(b)
+    score = lambda pictures: measure(pictures, pair_of, pictures_a, pictures_b)  # noqa: E731
+    at_a, at_b = score(pictures_a), score(pictures_b)
+    values = {name: np.zeros((len(rows), len(windows))) for name in at_a}
+    for i, (route, level) in enumerate(rows):
+        for j, (start, stop) in enumerate(windows):
+            with patch_routes(pipe.decoder, b, routes=route.split("+"), levels=None if level == ALL else [level],
+                              steps=range(start, stop)):
+                scores = score(paint(a))
+            for name in values:
+                values[name][i, j] = np.nanmean(scores[name])
+    return RouteMap(prompts_a, prompts_b, seeds, num_inference_steps, rows, windows, values,
+                    {n: float(np.nanmean(v)) for n, v in at_a.items()}, {n: float(np.nanmean(v)) for n, v in at_b.items()},
+                    {n: int(np.isfinite(v).sum()) for n, v in at_a.items()})
