@@ -39,6 +39,24 @@ def _tile(text: str):
     return value
 
 
+def _unit(text: str) -> float:
+    """A number in [0, 1] (--guidance-interval)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1] (a fraction of the run)")
+    return value
+
+
+def _describe_preset(values: dict) -> str:
+    cache = values["cache_interval"]
+    return (f"{values['scheduler']} {values['num_inference_steps']} steps"
+            + (f", cache interval {cache}" if cache > 1 else "")
+            + (f", guidance interval {tuple(values['guidance_interval'])}" if values["guidance_interval"] else ""))
+
+
 def describe(name: str) -> dict:
     """The task's help, description and examples, for the command table."""
     from kandinsky.pipelines.tasks import PROMPT_TASKS
@@ -50,17 +68,29 @@ def describe(name: str) -> dict:
 
 def add_arguments(parser, name: str) -> None:
     """The options every task shares, then the task's inputs."""
-    from kandinsky.pipelines.tasks import INPUTS, PROMPT_TASKS
+    from kandinsky.pipelines.tasks import INPUTS, PRESETS, PROMPT_TASKS
     from kandinsky.sampling.samplers import sampler_names
 
     parser.add_argument("-o", "--output", default="out.png",
                         help="output PNG (several images: out-0.png, out-1.png, ...)")
     parser.add_argument("--seed", type=common.seed, default=0, help="random seed (default 0)")
     common.add_overwrite(parser)
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="a speed / quality preset (docs/performance.md, Presets): "
+                             + "; ".join(f"{k}: {_describe_preset(v)}" for k, v in PRESETS.items())
+                             + ". Flags given explicitly override its values")
     parser.add_argument("--steps", type=at_least(1), default=None,
                         help="decoder steps (default 100; demos 20); see --scheduler for what a step is")
     parser.add_argument("--prior-steps", type=at_least(2), default=None, help="prior steps, at least 2 (default 25)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4; <= 1: off)")
+    parser.add_argument("--guidance", type=float, default=None, help="decoder guidance scale (default 4; <= 1: off)")
+    parser.add_argument("--cache-interval", type=at_least(1), default=None, metavar="N",
+                        help="a full UNet evaluation every N; in between only the levels above --cache-level run "
+                             "on the deeper levels' cached output (default 1: off)")
+    parser.add_argument("--cache-level", type=at_least(1), default=None, metavar="K",
+                        help="where --cache-interval cuts the UNet: resolution levels >= K are cached (default 1)")
+    parser.add_argument("--guidance-interval", type=_unit, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guide only at the steps whose position in the run (0 = from noise, 1 = clean) is in "
+                             "[LO, HI); elsewhere the conditional branch runs alone (default: every step)")
     parser.add_argument("--prior-guidance", type=float, default=None,
                         help="prior guidance scale (default 4; <= 1: off)")
     parser.add_argument("--negative", default=None, help="negative prompt")
@@ -70,7 +100,7 @@ def add_arguments(parser, name: str) -> None:
                              "size asked")
     parser.add_argument("--height", type=at_least(1), default=None, help="image height (as --width)")
     parser.add_argument("--num-images", type=at_least(1), default=1, help="images per prompt (default 1)")
-    parser.add_argument("--scheduler", type=str.lower, choices=sampler_names(), default="ddpm", metavar="NAME",
+    parser.add_argument("--scheduler", type=str.lower, choices=sampler_names(), default=None, metavar="NAME",
                         help=f"decoder sampler: {', '.join(sampler_names())} (default ddpm, the checkpoint's; "
                              "docs/usage.md, Samplers: what a step is for each)")
     parser.add_argument("--save-steps", metavar="GRID.png", default=None,
@@ -177,23 +207,28 @@ def run(args) -> int:
     demo = args.demo or args.random_demo
     trained = args.demo and checkpoint_for(name) != "controlnet"  # the shapes model has no ControlNet
     demo_size = 64 if trained else 256
-    steps = args.steps if args.steps is not None else (20 if demo else 100)
+    preset = args.preset
+    steps = args.steps if args.steps is not None or preset else (20 if demo else 100)
     picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
     width = args.width if args.width is not None or picture else (demo_size if demo else 512)
     height = args.height if args.height is not None or picture else (demo_size if demo else 512)
-    prior_steps = 25 if args.prior_steps is None else args.prior_steps
+    prior_steps = 25 if args.prior_steps is None and not preset else args.prior_steps
     prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
 
     start = time.perf_counter()
     with common.pipeline(args, name) as (pipe, folders):
         if args.compile:
             pipe.compile()
-        kwargs = dict(inputs, num_inference_steps=steps, guidance_scale=args.guidance, height=height, width=width,
-                      generator=torch.Generator().manual_seed(args.seed), progress=not args.no_progress,
-                      num_images_per_prompt=args.num_images, return_trajectory=args.save_steps is not None,
-                      tile=args.tile)
+        kwargs = dict(inputs, height=height, width=width, generator=torch.Generator().manual_seed(args.seed),
+                      progress=not args.no_progress, num_images_per_prompt=args.num_images,
+                      return_trajectory=args.save_steps is not None, tile=args.tile, preset=preset)
+        # only what was given (or, without a preset, the CLI's defaults): a preset fills the rest
+        given = dict(num_inference_steps=steps, guidance_scale=args.guidance, cache_interval=args.cache_interval,
+                     cache_level=args.cache_level, guidance_interval=args.guidance_interval,
+                     scheduler=args.scheduler if args.scheduler or preset else "ddpm")
         if task.embeddings in ("prompt", "mix", "emb2emb"):
-            kwargs.update(prior_num_inference_steps=prior_steps, prior_guidance_scale=prior_guidance)
+            given.update(prior_num_inference_steps=prior_steps, prior_guidance_scale=prior_guidance)
+        kwargs.update({key: value for key, value in given.items() if value is not None})
         if task.embeddings in ("prompt", "emb2emb"):
             kwargs.update(prompt=args.prompt, negative_prompt=args.negative)
         if task.embeddings == "mix":
