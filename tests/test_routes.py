@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -302,3 +304,81 @@ def test_clear_errors(unet, decoder):
         with model_call("decoder", 0, 500, BRANCHES_GUIDED), kandinsky.patch_routes(unet, torch.randn(3, 32)):
             unet(x, t, e)
     assert no_hooks_left(unet)
+
+
+# ----------------------------------------------------------------------------- causal maps
+def test_route_map_on_a_tiny_model(random_demo_kandinsky, tmp_path):
+    """Shapes of the result, determinism, the corner cells (nothing moves before any patch; every route
+    at every level for every step is B's own picture: 1 exactly), and the picture."""
+    pipe = random_demo_kandinsky
+    grid = R.Grid(routes=("tokens", "time+tokens"), levels=("mid", "all"), windows=((0, 1), (1, 3), (0, 3)))
+    kw = dict(measure="clip", grid=grid, seeds=[0, 1], num_inference_steps=3, prior_steps=2)
+    result = R.route_map(pipe, "a red cat", "a blue dog", **kw)
+    assert result.rows == [("tokens", "mid"), ("tokens", "all"), ("time+tokens", "mid"), ("time+tokens", "all")]
+    assert result.windows == [(0, 1), (1, 3), (0, 3)]
+    assert result.values["clip"].shape == (4, 3) and result.counts == {"clip": 2}
+    assert result.a["clip"] == pytest.approx(0, abs=1e-5) and result.b["clip"] == pytest.approx(1, abs=1e-5)
+    assert result.values["clip"][3, 2] == pytest.approx(1, abs=1e-5)  # time+tokens, all levels, all steps = B
+    again = R.route_map(pipe, "a red cat", "a blue dog", **kw)
+    assert np.array_equal(again.values["clip"], result.values["clip"])
+    picture = result.picture()
+    assert picture.size[1] == 48 + 4 * 34 + 40
+    picture.save(tmp_path / "map.png")
+    assert PIL.Image.open(tmp_path / "map.png").format == "PNG"
+    # a measure of one's own: each picture's mean pixel distance from A's picture of the same row
+    def distance(pictures, pair_of, pictures_a, pictures_b):
+        return {"pixels": np.array([np.abs(np.asarray(p, float) - np.asarray(q, float)).mean()
+                                    for p, q in zip(pictures, pictures_a)])}
+
+    own = R.route_map(pipe, ["a red cat", "a cat"], ["a blue dog", "a dog"], measure=distance,
+                      grid=R.Grid(routes=("time",), levels=("up.0",), windows=1), num_inference_steps=2,
+                      prior_steps=2)
+    assert own.values["pixels"].shape == (1, 1) and own.counts == {"pixels": 2} and own.a["pixels"] == 0
+
+
+def test_route_map_shapes_measure_on_the_shipped_model():
+    from kandinsky.demo import demo_folders
+
+    folders = demo_folders()
+    pipe = kandinsky.Kandinsky.from_pretrained(folders["decoder"], prior=folders["prior"])
+    result = R.route_map(pipe, "a red circle on a blue background", "a green square on a blue background",
+                         measure="shapes", grid=R.Grid(routes=("time+tokens",), levels=("all",), windows=((0, 20),)),
+                         num_inference_steps=20, seeds=[0])
+    assert list(result.values) == ["shape", "colour"]  # the attributes the two prompts state differently
+    assert result.a == {"shape": 0.0, "colour": 0.0} and result.b == {"shape": 1.0, "colour": 1.0}
+    assert result.values["shape"][0, 0] == 1.0 and result.values["colour"][0, 0] == 1.0  # B's own picture
+
+
+def test_route_map_errors(random_demo_kandinsky):
+    pipe = random_demo_kandinsky
+    with pytest.raises(ValueError, match="lists of equal length"):
+        R.route_map(pipe, ["a", "b"], "c", measure="clip")
+    with pytest.raises(ValueError, match="measure must be 'shapes', 'clip' or a function"):
+        R.route_map(pipe, "a", "b", measure="pixels")
+    with pytest.raises(ValueError, match="state no attribute differently"):
+        R.route_map(pipe, "a red circle", "a red circle", measure="shapes")
+    with pytest.raises(ValueError, match="not a caption of the shapes grammar"):
+        R.route_map(pipe, "a cat", "a dog", measure="shapes")
+    with pytest.raises(ValueError, match="grid windows must be 1..3"):
+        R.route_map(pipe, "a", "b", measure="clip", grid=R.Grid(windows=4), num_inference_steps=3)
+    with pytest.raises(ValueError, match="'up.9' matches no module"):
+        R.route_map(pipe, "a", "b", measure="clip", grid=R.Grid(levels=("up.9",)), num_inference_steps=3)
+
+
+def test_routes_command(random_demo, tmp_path, capsys):
+    from kandinsky.cli import main
+
+    out = tmp_path / "map.png"
+    args = ["routes", "a red cat", "a blue dog", "--prior", random_demo["prior"], "--decoder", random_demo["decoder"],
+            "--steps", "2", "--prior-steps", "2", "--size", "64x64", "--levels", "mid,all", "--windows", "2",
+            "--routes", "time,tokens", "-o", out]
+    assert main(args) == 0
+    assert PIL.Image.open(out).format == "PNG"
+    printed = capsys.readouterr().out
+    assert "clip: strongest cell" in printed and f"wrote {out}" in printed
+    assert main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--windows", "3"]) == 2
+    assert "--windows 3 is more than the 2 steps" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--levels", "side"]) == 2
+    assert "'side' matches no module" in capsys.readouterr().err

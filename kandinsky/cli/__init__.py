@@ -52,6 +52,9 @@ def _table() -> dict[str, Command]:
                 research.SCORE_DESCRIPTION, research.SCORE_EXAMPLES),
         Command("mix", "embedding arithmetic and slerp, decoded", research.add_mix_arguments, research.run_mix,
                 research.MIX_DESCRIPTION, research.MIX_EXAMPLES),
+        Command("routes", "where a concept enters the decoder: route x level x step heat maps",
+                research.add_routes_arguments, research.run_routes, research.ROUTES_DESCRIPTION,
+                research.ROUTES_EXAMPLES),
         Command("serve", "Kandinsky Studio: every task in a browser, and an API", serve.add_arguments, serve.run,
                 serve.DESCRIPTION, serve.EXAMPLES),
     ]

@@ -4,6 +4,7 @@
     kandinsky attention --demo "a red circle" -o attn.png     attention maps as pictures
     kandinsky score cat.png "a cat" "a dog"                   CLIP similarity
     kandinsky mix cat.png dog.png --slerp 0,0.5,1 -o mix.png  embedding arithmetic and slerp, decoded
+    kandinsky routes --demo "a red circle" "a green circle"   where a concept enters the decoder (heat maps)
 """
 from __future__ import annotations
 
@@ -240,5 +241,85 @@ def run_mix(args) -> int:
         images = mix(pipe, args.items, ts=args.slerp, generator=torch.Generator().manual_seed(args.seed),
                      prior_steps=prior_steps, num_inference_steps=steps, height=height, width=width, progress=False)
     strip(images).save(output)
+    print(f"wrote {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- routes
+ROUTES_DESCRIPTION = ("Where a concept enters the picture: prompt B's image embedding patched into prompt A's decoder "
+                      "run along one route ('time': the timestep embedding every ResBlock reads; 'tokens': the image "
+                      "tokens every attention layer reads), at one UNet level, for one window of steps; one heat map "
+                      "per measure of how far the picture moved from A toward B (--measure shapes: the shapes "
+                      "analyser's attributes, the default with --demo; clip: CLIP image embeddings, any model).")
+ROUTES_EXAMPLES = ('examples:\n  kandinsky routes --demo "a red circle on a blue background" '
+                   '"a green square on a blue background" -o map.png\n'
+                   '  kandinsky routes "a red car" "a blue car" --levels down,mid,up,all --windows 5 -o car.png')
+
+
+def _names(what: str):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(s.strip() for s in text.split(",") if s.strip())
+        if not names:
+            raise argparse.ArgumentTypeError(f"{what} takes comma-separated names, got {text!r}")
+        return names
+
+    return parse
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}")
+    return seeds
+
+
+def add_routes_arguments(parser) -> None:
+    parser.add_argument("prompt_a", help="the run that is patched")
+    parser.add_argument("prompt_b", help="the prompt whose image embedding is patched in")
+    parser.add_argument("-o", "--output", default="routes.png", help="heat map PNG (default routes.png)")
+    common.add_overwrite(parser)
+    common.add_pipeline_arguments(parser, device="cpu")
+    parser.add_argument("--measure", choices=["auto", "shapes", "clip"], default="auto",
+                        help="shapes (the demo's analyser) or clip (any model); auto: shapes with --demo, else clip")
+    parser.add_argument("--routes", type=_names("--routes"), default=("time", "tokens", "time+tokens"),
+                        help="rows: routes, comma-separated (default time,tokens,time+tokens)")
+    parser.add_argument("--levels", type=_names("--levels"), default=None,
+                        help="rows: UNet levels, comma-separated, e.g. down,mid,up,all (default every level: "
+                             "down.0 .. mid .. up.3)")
+    parser.add_argument("--windows", type=common.at_least(1), default=4,
+                        help="columns: this many equal windows of the steps (default 4)")
+    parser.add_argument("--seeds", type=_seeds, default=[0], help="decoder seeds, comma-separated (default 0)")
+    parser.add_argument("--steps", type=common.at_least(1), default=None,
+                        help="decoder steps (default 50; --demo 20, --random-demo 4)")
+    parser.add_argument("--prior-steps", type=common.at_least(1), default=None,
+                        help="prior steps (default 25; --random-demo 2)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demos 64x64)")
+
+
+def run_routes(args) -> int:
+    from kandinsky.research.inspect import parse_size
+    from kandinsky.research.routes import Grid, route_map
+
+    steps = args.steps if args.steps is not None else (20 if args.demo else 4 if args.random_demo else 50)
+    prior_steps = args.prior_steps if args.prior_steps is not None else (2 if args.random_demo else 25)
+    if args.windows > steps:
+        raise common.InputError(f"--windows {args.windows} is more than the {steps} steps; give at most {steps}")
+    width, height = parse_size(args.size or ("64x64" if args.demo or args.random_demo else "512x512"))
+    measure = args.measure if args.measure != "auto" else ("shapes" if args.demo else "clip")
+    output = _png(args.output)
+    common.check_outputs([output], args.overwrite)
+    grid = Grid(routes=args.routes, levels=args.levels, windows=args.windows)
+    with common.pipeline(args, device_default="cpu") as (pipe, _):
+        result = route_map(pipe, args.prompt_a, args.prompt_b, measure=measure, grid=grid, seeds=args.seeds,
+                           num_inference_steps=steps, prior_steps=prior_steps, height=height, width=width)
+    result.picture().save(output)
+    for name, values in result.values.items():
+        i, j = divmod(int(values.argmax()), values.shape[1])
+        (route, level), (start, stop) = result.rows[i], result.windows[j]
+        print(f"{name}: strongest cell {route} {level}, steps {start}-{stop - 1}: {values[i, j]:.2f} "
+              f"(A {result.a[name]:.2f}, B {result.b[name]:.2f})")
     print(f"wrote {output}")
     return 0

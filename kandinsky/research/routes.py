@@ -32,6 +32,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kandinsky.calls import current_call
@@ -87,7 +88,8 @@ def _check(routes, levels, branch, unet) -> tuple[tuple[str, ...], list[str] | N
     if not all(isinstance(level, str) for level in levels):
         raise TypeError(f"levels must be UNet module names like 'down.1', 'mid', 'up.2' (or None for all), "
                         f"got {levels!r}")
-    match(unet, levels)  # an error naming a level that is no module of the UNet
+    if levels:
+        match(unet, levels)  # an error naming a level that is no module of the UNet
     return routes, levels
 
 
@@ -292,10 +294,14 @@ def shapes_measure(prompts_a: list[str], prompts_b: list[str]):
     return measure
 
 
+SAME = 1e-9  # 1 - cos(A's picture, B's) at or below this: one picture to CLIP, nothing to measure (NaN)
+
+
 def clip_measure(pipe):
     """Any model's measure: where each picture's CLIP image embedding lies between A's and B's pictures
-    of the same pair and seed, (d - d_A) / (d_B - d_A) with d = cos(x, B) - cos(x, A): 0 at A, 1 at B."""
-    from kandinsky.research.embeddings import cosine, image_embeds
+    of the same pair and seed, (d - d_A) / (d_B - d_A) with d = cos(x, B) - cos(x, A): 0 at A, 1 at B
+    (NaN where A's and B's pictures are the same picture to CLIP)."""
+    from kandinsky.research.embeddings import image_embeds
 
     cache = {}  # A's and B's pictures are measured against every cell: embedded once
 
@@ -308,10 +314,12 @@ def clip_measure(pipe):
         return embeds
 
     def measure(pictures, pair_of, pictures_a, pictures_b):
-        x, a, b = embed(pictures), embed(pictures_a, keep=True), embed(pictures_b, keep=True)
-        d = cosine(x, b).diagonal() - cosine(x, a).diagonal()
-        ab = cosine(a, b).diagonal()
-        return {"clip": ((d - (ab - 1)) / (2 * (1 - ab)).clamp_min(1e-6)).numpy()}
+        x, a, b = (F.normalize(e.double(), dim=-1)  # float64: A and B may be close
+                   for e in (embed(pictures), embed(pictures_a, keep=True), embed(pictures_b, keep=True)))
+        d = (x * b).sum(-1) - (x * a).sum(-1)
+        ab = (a * b).sum(-1)
+        moved = (d - (ab - 1)) / (2 * (1 - ab))
+        return {"clip": torch.where(1 - ab > SAME, moved, torch.nan).numpy()}
 
     return measure
 
