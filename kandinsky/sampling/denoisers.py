@@ -83,7 +83,8 @@ class DecoderDenoiser:
 
     def __init__(self, unet, embeds, guidance_scale: float, latent_channels: int = 4, inpaint=None, hint=None,
                  cache_interval: int = 1, cache_level: int = 1, guidance_interval=None, plan=None):
-        check_speedups(cache_interval, cache_level, guidance_interval, unet.config.depth, plan)
+        config = getattr(unet, "config", None)  # any callable with the UNet's signature runs uncached
+        check_speedups(cache_interval, cache_level, guidance_interval, getattr(config, "depth", None), plan)
         self.unet = unet
         self.embeds = embeds
         self.guidance_scale = float(guidance_scale)
@@ -142,17 +143,18 @@ class DecoderDenoiser:
         return cache
 
 
-def check_speedups(cache_interval, cache_level, guidance_interval, depth: int, plan=None) -> None:
-    """Clear errors for bad ``cache_interval``, ``cache_level`` and ``guidance_interval`` values."""
+def check_speedups(cache_interval, cache_level, guidance_interval, depth: int | None, plan=None) -> None:
+    """Clear errors for bad ``cache_interval``, ``cache_level`` (against the UNet's ``depth``, when known)
+    and ``guidance_interval`` values."""
     def whole(value) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     if not whole(cache_interval) or cache_interval < 1:
         raise ValueError(f"cache_interval must be a whole number >= 1 (1 = off: a full UNet evaluation every "
                          f"step), got {cache_interval!r}.")
-    if not whole(cache_level) or not 1 <= cache_level <= depth:
-        raise ValueError(f"cache_level must be a UNet resolution level from 1 to {depth} (this UNet's depth): "
-                         f"the levels from it down are cached, got {cache_level!r}.")
+    if not whole(cache_level) or not 1 <= cache_level <= (depth or cache_level):
+        raise ValueError(f"cache_level must be a UNet resolution level from 1 to {depth or 'the depth'} (this "
+                         f"UNet's depth): the levels from it down are cached, got {cache_level!r}.")
     if guidance_interval is None:
         return
     try:
