@@ -382,3 +382,19 @@ def test_routes_command(random_demo, tmp_path, capsys):
     assert "--windows 3 is more than the 2 steps" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--levels", "side"]) == 2
     assert "'side' matches no module" in capsys.readouterr().err
+
+
+def test_attribute_pairs_differ_in_that_attribute_alone():
+    from kandinsky.data.shapes import ATTRIBUTES, parse_caption
+
+    for attribute in ATTRIBUTES:
+        prompts_a, prompts_b = R.attribute_pairs(attribute, 12, seed=3)
+        assert len(prompts_a) == len(prompts_b) == 12
+        for a, b in zip(prompts_a, prompts_b):
+            sa, sb = parse_caption(a), parse_caption(b)
+            assert set(sa) == set(sb) == set(ATTRIBUTES)  # every attribute stated
+            assert [n for n in ATTRIBUTES if sa[n] != sb[n]] == [attribute]
+            assert sb["colour"] != sb["background"]
+    assert R.attribute_pairs("shape", 4, seed=3) == R.attribute_pairs("shape", 4, seed=3)
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        R.attribute_pairs("hue", 2)

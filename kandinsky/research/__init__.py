@@ -2,7 +2,8 @@
 and edit intermediate tensors by module name; the ready-made edits are re-exported here. What
 names mean (models, pipelines, attention layouts): kandinsky.research.targets; the module tree and
 ``kandinsky.module_names``: kandinsky.research.inspect; attention pictures: kandinsky.research.viz;
-CLIP embedding tools: kandinsky.research.embeddings."""
+CLIP embedding tools: kandinsky.research.embeddings; the image embedding's routes into the decoder
+(``kandinsky.patch_routes``, ``route_map``): kandinsky.research.routes."""
 from kandinsky.research.capture import (  # noqa: F401
     AttentionEdit,
     Context,
@@ -14,12 +15,14 @@ from kandinsky.research.capture import (  # noqa: F401
     scale_image_tokens,
 )
 
-_SUBMODULES = ("viz", "embeddings", "inspect")
+_SUBMODULES = ("viz", "embeddings", "inspect", "routes")
+_NAMES = {"route_map": "routes"}  # kandinsky.research.route_map: the causal maps of kandinsky.research.routes
 
 
 def __getattr__(name):  # kandinsky.research.viz etc. on first use (they import pillow / numpy)
-    if name in _SUBMODULES:
+    if name in _SUBMODULES or name in _NAMES:
         import importlib
 
-        return importlib.import_module(f"kandinsky.research.{name}")
+        module = importlib.import_module(f"kandinsky.research.{_NAMES.get(name, name)}")
+        return getattr(module, name) if name in _NAMES else module
     raise AttributeError(f"module 'kandinsky.research' has no attribute {name!r}")

@@ -381,3 +381,25 @@ def route_map(pipe, prompt_a, prompt_b, *, measure, grid: Grid | None = None, se
     return RouteMap(prompts_a, prompts_b, seeds, num_inference_steps, rows, windows, values,
                     {n: float(np.nanmean(v)) for n, v in at_a.items()}, {n: float(np.nanmean(v)) for n, v in at_b.items()},
                     {n: int(np.isfinite(v).sum()) for n, v in at_a.items()})
+
+
+def attribute_pairs(attribute: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` pairs of full shapes-grammar captions (every attribute stated) that differ in ``attribute``
+    alone: scenes drawn from ``seed``, B's value another of the attribute's values (colour and
+    background never equal). -> (prompts_a, prompts_b), for ``route_map(pipe, *pairs, measure="shapes")``."""
+    from kandinsky.data import shapes
+
+    values = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
+              "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
+    if attribute not in values:
+        raise ValueError(f"attribute must be one of {tuple(values)}, got {attribute!r}")
+    prompts_a, prompts_b = [], []
+    for i in range(n):
+        rng = shapes.rng_for(seed, i)
+        scene = shapes.random_scene(rng)
+        taken = {scene.colour, scene.background} if attribute in ("colour", "background") else {getattr(scene, attribute)}
+        others = [v for v in values[attribute] if v not in taken]
+        other = shapes.random_scene(rng, **{**scene.attributes(), attribute: others[rng.integers(len(others))]})
+        prompts_a.append(shapes.caption(scene))
+        prompts_b.append(shapes.caption(other))
+    return prompts_a, prompts_b
