@@ -143,7 +143,10 @@ def test_concurrent_clients_get_their_sequential_pictures(client, studio_server)
 
     def one_client(seed):
         own = gradio_client.Client(url, verbose=False)
-        return [(s, pixels(p)) for p, s in (own.predict(prompt=RED, seed=seed, **options) for _ in range(2))]
+        try:
+            return [(s, pixels(p)) for p, s in (own.predict(prompt=RED, seed=seed, **options) for _ in range(2))]
+        finally:
+            own.close()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = [r for rs in pool.map(one_client, seeds) for r in rs]

@@ -1,7 +1,8 @@
 """kandinsky serve in a real browser: headless Chromium (the Debian package, driven by Playwright) opens the
 studio, uploads a picture into the inpaint tab, paints a stroke with the mouse, types a prompt, presses
 Generate, and checks the picture (the stroke's area changed, the rest kept bit for bit), the seed shown and
-every request the page made (all to the server itself); a click in the history loads the parameters back. It also takes the README's screenshot
+every request the page made (all to the server itself); a click in the history loads the parameters
+back. It also takes the README's screenshot
 (docs/images/studio-inpaint.png, written when KANDINSKY_UPDATE_SCREENSHOTS=1).
 
 No browser here: the test skips saying why; under CI=true it fails instead (.ci/run installs chromium).

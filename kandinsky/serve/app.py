@@ -26,6 +26,7 @@ import threading
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
 
 from kandinsky.pipelines.tasks import PROMPT_TASKS  # noqa: E402
 from kandinsky.sampling.samplers import sampler_names  # noqa: E402
@@ -118,6 +119,9 @@ def _control(name: str, studio: Studio):
     return table[name]()
 
 
+UPLOADS = {"image": "picture", "hint": "depth hint", "mask_image": "mask"}  # picture parameters, as messages say
+
+
 class Runner:
     """The endpoints' one body: read uploads, run the task on the studio, return the PNGs and the seed."""
 
@@ -136,15 +140,17 @@ class Runner:
                 values["image"], painted = _from_editor(editor, studio)
                 if values["mask_image"] is None and painted is not None and painted.getbbox() is not None:
                     values["mask_image"] = painted  # an uploaded mask wins over strokes
-            for key in ("image", "hint", "mask_image"):
-                if isinstance(values.get(key), str) or (key in values and values[key] is None and key != "mask_image"):  # noqa: E501
-                    values[key] = studio.open(values[key], {"hint": "depth hint", "mask_image": "mask"}.get(key, "picture"))
+            for key, what in UPLOADS.items():
+                if key in values and not (values[key] is None and key == "mask_image") \
+                        and not isinstance(values[key], PIL.Image.Image):  # the editor's are read already
+                    values[key] = studio.open(values[key], what)
             if task == "interpolate":
                 items, weights = [], []
                 for i in range(1, MIX_ITEMS + 1):
                     text, weight = values.pop(f"prompt_{i}"), values.pop(f"prompt_weight_{i}")
                     if text:
-                        items.append(text), weights.append(_weight(f"prompt_weight_{i}", weight))
+                        items.append(text)
+                        weights.append(_weight(f"prompt_weight_{i}", weight))
                 for i in range(1, MIX_ITEMS + 1):
                     path, weight = values.pop(f"image_{i}"), values.pop(f"image_weight_{i}")
                     if path:
