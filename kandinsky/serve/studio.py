@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import math
 import secrets
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -157,6 +158,7 @@ class Studio:
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="kandinsky-studio-"))
         self._pipes: dict = {}  # checkpoint kind -> Kandinsky
         self._stack = contextlib.ExitStack()  # keeps --random-demo's folders until close()
+        self._stack.callback(shutil.rmtree, self.out_dir, ignore_errors=True)
         self._lock = threading.Lock()  # one load or run at a time
         self.device = common.device(args.device)  # a missing device is refused before serving
 
