@@ -201,11 +201,18 @@ def test_bad_input_gets_its_message_and_the_server_keeps_serving(client, red_cir
     assert seed == 0 and pixels(path).shape == (64, 64, 3)
 
 
-def test_a_server_side_path_is_refused(client):
-    sneaky = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}, "orig_name": "hostname.png"}
-    with pytest.raises(Exception) as e:
-        client.predict(image=sneaky, api_name="/variations")
-    assert "hostname" not in str(e.value) or "not" in str(e.value).lower()
+def test_a_server_side_path_is_refused(studio_server):
+    """A request naming a file on the server (not one uploaded to it) is refused before the studio runs."""
+    import json
+    import urllib.request
+
+    url, _, _ = studio_server
+    data = [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, 1, 2, 4.0, "ddpm", 0, 0, 1]
+    call = urllib.request.Request(url + "gradio_api/call/variations", json.dumps({"data": data}).encode(),
+                                  {"Content-Type": "application/json"})
+    event = json.load(urllib.request.urlopen(call))["event_id"]
+    answer = urllib.request.urlopen(f"{url}gradio_api/call/variations/{event}", timeout=60).read().decode()
+    assert "event: error" in answer and "/etc/hostname to the gradio cache dir because it was not uploaded" in answer
 
 
 # ----------------------------------------------------------------------------- progress and looking inside
