@@ -168,6 +168,7 @@ def test_queue_is_bounded_and_runs_one_at_a_time(studio_server):
 @pytest.mark.parametrize("case, message", [
     ("not a picture", "is not a picture this studio can read: upload a PNG, JPEG"),
     ("too many pixels", "= 90,000 pixels, more than this studio reads (65,536, kandinsky serve --max-pixels)"),
+    ("decompression bomb", "more pixels than this studio reads (65,536, kandinsky serve --max-pixels)"),
     ("mask of another size", "the mask is 32 x 32 but the picture is 64 x 64: the mask must have the picture's size"),
     ("NaN-producing guidance", "guidance_scale must be in [0, 100], got 1e+30"),
     ("no mask", "no mask: paint over the area to repaint"),
@@ -183,6 +184,10 @@ def test_bad_input_gets_its_message_and_the_server_keeps_serving(client, red_cir
     elif case == "too many pixels":
         PIL.Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
         kwargs["image"] = gradio_client.handle_file(str(tmp_path / "big.png"))
+    elif case == "decompression bomb":
+        from tests.test_serve_canvas import bomb_png
+
+        kwargs["image"] = gradio_client.handle_file(str(bomb_png(tmp_path / "bomb.png")))
     elif case == "mask of another size":
         PIL.Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
         kwargs["mask_image"] = gradio_client.handle_file(str(tmp_path / "small.png"))
