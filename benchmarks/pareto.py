@@ -40,20 +40,20 @@ REFERENCE = dict(name="reference", sampler="ddpm", steps=100)
 # (name, sampler, steps, cache_interval, cache_level, guidance_interval); guidance 4 everywhere.
 CONFIGS = [
     ("reference", "ddpm", 100, 1, 1, None),
-    ("ddim 50", "ddim", 50, 1, 1, None),
-    ("dpmpp_2m 30", "dpmpp_2m", 30, 1, 1, None),
     ("dpmpp_2m 20", "dpmpp_2m", 20, 1, 1, None),
-    ("dpmpp_2m 15", "dpmpp_2m", 15, 1, 1, None),
-    ("dpmpp_2m 10", "dpmpp_2m", 10, 1, 1, None),
-    ("unipc 15", "unipc", 15, 1, 1, None),
     ("dpmpp_2m 20, cache 2", "dpmpp_2m", 20, 2, 1, None),
-    ("dpmpp_2m 20, cache 2 at level 2", "dpmpp_2m", 20, 2, 2, None),
-    ("dpmpp_2m 20, cache 3", "dpmpp_2m", 20, 3, 1, None),
+    ("dpmpp_2m 15", "dpmpp_2m", 15, 1, 1, None),
     ("dpmpp_2m 15, cache 2", "dpmpp_2m", 15, 2, 1, None),
     ("dpmpp_2m 20, guidance (0, 0.6)", "dpmpp_2m", 20, 1, 1, (0.0, 0.6)),
-    ("dpmpp_2m 20, guidance (0.1, 0.7)", "dpmpp_2m", 20, 1, 1, (0.1, 0.7)),
     ("dpmpp_2m 20, cache 2, guidance (0, 0.6)", "dpmpp_2m", 20, 2, 1, (0.0, 0.6)),
+    ("dpmpp_2m 10", "dpmpp_2m", 10, 1, 1, None),
+    ("dpmpp_2m 20, cache 2 at level 2", "dpmpp_2m", 20, 2, 2, None),
+    ("dpmpp_2m 20, cache 3", "dpmpp_2m", 20, 3, 1, None),
     ("dpmpp_2m 15, cache 2, guidance (0, 0.6)", "dpmpp_2m", 15, 2, 1, (0.0, 0.6)),
+    ("dpmpp_2m 20, guidance (0.1, 0.7)", "dpmpp_2m", 20, 1, 1, (0.1, 0.7)),
+    ("unipc 15", "unipc", 15, 1, 1, None),
+    ("dpmpp_2m 30", "dpmpp_2m", 30, 1, 1, None),
+    ("ddim 50", "ddim", 50, 1, 1, None),
 ]
 PRIOR_STEPS, GUIDANCE = 25, 4.0
 
@@ -231,6 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", default=None, help="names of CONFIGS to run (default: all)")
     p.add_argument("--out", default="pareto.jsonl", help="results, one JSON line per measurement (appended)")
     p.add_argument("--skip-timing", action="store_true", help="accuracy only (timing lines already in --out)")
+    p.add_argument("--timing-only", action="store_true", help="the full-size timing only (no accuracy runs)")
     p.add_argument("--table", metavar="RESULTS", default=None, help="print the Markdown table of a results file")
     args = p.parse_args(argv)
     if args.table:
@@ -243,9 +244,10 @@ def main(argv=None) -> int:
         with out.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
-    configs = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
-    prior, decoder = shapes_models()
+    configs = [c for c in CONFIGS if (args.configs is None or c[0] in args.configs) and not args.timing_only]
     from kandinsky.data.evaluate import embed_prompts, random_prompts
+
+    prior, decoder = shapes_models() if configs else (None, None)
 
     if not args.skip_timing:  # first: a stopped run then still has its costs
         levels = sorted({c[4] for c in CONFIGS if c[3] > 1})
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
             times = prior_and_movq_times(size, args.iters)
             times.update(unet_times(size, levels, args.iters))
             write({"kind": "times", "size": size, "times": times})
-    for seed in args.seeds:
+    for seed in args.seeds if configs else ():
         prompts = [text for text, _ in random_prompts(args.n, seed)]
         embeddings = embed_prompts(prior, prompts, seed, PRIOR_STEPS, GUIDANCE, 16)
         for config in configs:
