@@ -226,6 +226,17 @@ def generate(pipe, item: Item):
     return out.images[0]
 
 
+def check_sizes(pipe, items: list[Item]) -> None:
+    """Every item's size through the pipelines' one memory check (kandinsky.pipelines.limits), before
+    the first picture: a runaway item is refused with its number instead of after hours of the others."""
+    for size in sorted({(item.height, item.width) for item in items}):
+        try:
+            pipe.decoder.check_fits(1, *size)
+        except ValueError as e:
+            first = next(item for item in items if (item.height, item.width) == size)
+            raise InputError(f"item {first.index} ({first.file}): {e}") from None
+
+
 def start_over(out: Path) -> None:
     """Remove a batch's own files from ``out`` (batch.json, the manifests, the six-digit PNGs), so that the
     next run starts the folder over; anything else in it is left alone."""
@@ -257,6 +268,7 @@ def run(args, items: list[Item], open_pipeline, counts: dict | None = None) -> d
         return counts
     start = time.perf_counter()
     with open_pipeline() as (pipe, _):
+        check_sizes(pipe, todo)
         manifest = out / f"manifest.rank{rank}.jsonl"
         bar = tqdm(todo, desc=f"rank {rank}/{world}", position=rank, disable=args.quiet, file=sys.stderr)
         for item in bar:

@@ -21,8 +21,9 @@ def add_arguments(parser) -> None:
         demo_help="the tiny model trained on procedural shapes that ships in the package (64 x 64)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: item i's seed is a hash of (seed, i)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=None,
+                        help="picture width, unless an item says (default 512; --demo 64, --random-demo 256)")
+    parser.add_argument("--height", type=int, default=None, help="picture height (as --width)")
     parser.add_argument("--steps", type=int, default=50, help="decoder steps")
     parser.add_argument("--prior-steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
@@ -42,6 +43,8 @@ def run(args) -> int:
 
     rank, world, local = batch.distributed()
     out = Path(args.out)
+    size = 64 if args.demo else 256 if args.random_demo else 512  # the model's own size (the demo's: 64)
+    args.width, args.height = args.width or size, args.height or size
     items = batch.make_items(batch.read_rows(Path(args.prompts)), args)
     if out.exists() and not out.is_dir():
         raise common.InputError(f"--out {out} is a file; name a folder")

@@ -219,21 +219,27 @@ def checkpoints(args, task: str = "text2img", weights_seed: int | None = None):
 
 
 @contextlib.contextmanager
-def pipeline(args, task: str = "text2img", weights_seed: int | None = None, device_default: str | None = None):
+def pipeline(args, task: str = "text2img", weights_seed: int | None = None, device_default: str | None = None,
+             size: tuple[int, int, int] | None = None):
     """-> (the Kandinsky pipeline the arguments name, the ``checkpoints`` it came from): on --device in
     --dtype, with --lora applied and --offload set up; every optional flag the command lacks takes its
-    default. The decoder must be able to run ``task``."""
+    default. The decoder must be able to run ``task``. ``size``: (pictures, height, width) to refuse
+    before loading when they cannot fit in memory (kandinsky.pipelines.limits, from the configs)."""
     import torch
 
     from kandinsky.lora.args import apply_lora_args
     from kandinsky.pipelines.combined import Kandinsky
+    from kandinsky.pipelines.limits import check_folder
     from kandinsky.pipelines.tasks import CHECKPOINTS, checkpoint_for
 
     where = device(args.device, device_default)
     offload = getattr(args, "offload", None)
+    dtype = getattr(torch, DTYPES[getattr(args, "dtype", "fp32")])
     with checkpoints(args, task, weights_seed) as folders:
+        if size is not None:  # a runaway size: refused before the weights load
+            check_folder(folders["decoder"], where, dtype, *size, tile=getattr(args, "tile", None))
         pipe = Kandinsky.from_pretrained(
-            folders["decoder"], prior=folders["prior"], dtype=getattr(torch, DTYPES[getattr(args, "dtype", "fp32")]),
+            folders["decoder"], prior=folders["prior"], dtype=dtype,
             device=None if offload else where, scheduler=getattr(args, "scheduler", None),
             revision=getattr(args, "revision", None), prior_revision=getattr(args, "prior_revision", None),
             local_files_only=getattr(args, "offline", False))

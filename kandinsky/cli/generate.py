@@ -100,6 +100,8 @@ def add_arguments(parser, name: str) -> None:
                              "size asked")
     parser.add_argument("--height", type=at_least(1), default=None, help="image height (as --width)")
     parser.add_argument("--num-images", type=at_least(1), default=1, help="images per prompt (default 1)")
+    parser.add_argument("--allow-many", action="store_true",
+                        help="confirm a --num-images above 16 (without it such a count is refused)")
     parser.add_argument("--scheduler", type=str.lower, choices=sampler_names(), default=None, metavar="NAME",
                         help=f"decoder sampler: {', '.join(sampler_names())} (default ddpm, the checkpoint's; "
                              "docs/usage.md, Samplers: what a step is for each)")
@@ -191,9 +193,11 @@ def save(images, paths) -> tuple[list[Path], str | None]:
 def run(args) -> int:
     import torch
 
+    from kandinsky.pipelines.limits import check_count
     from kandinsky.pipelines.tasks import PROMPT_TASKS, checkpoint_for
 
     name, task = args.command, PROMPT_TASKS[args.command]
+    check_count(args.num_images, args.allow_many)  # a runaway count: refused before anything else
     paths = output_paths(args.output, args.num_images)
     inputs = read_inputs(args)
     common.check_outputs(paths + ([Path(args.save_steps)] if args.save_steps else []), args.overwrite, image=True)
@@ -215,8 +219,10 @@ def run(args) -> int:
     prior_steps = 25 if args.prior_steps is None and not preset else args.prior_steps
     prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
 
+    first = inputs.get("image", inputs.get("hint"))  # image tasks default to the picture's size
+    size = (args.num_images, height or first.size[1], width or first.size[0])
     start = time.perf_counter()
-    with common.pipeline(args, name) as (pipe, folders):
+    with common.pipeline(args, name, size=size) as (pipe, folders):
         if args.compile:
             pipe.compile()
         kwargs = dict(inputs, height=height, width=width, generator=torch.Generator().manual_seed(args.seed),

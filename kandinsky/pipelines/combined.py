@@ -18,7 +18,7 @@ from kandinsky.hub import DEFAULT_DECODER, prior_from_model_card, resolve
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
 from kandinsky.pipelines.stepping import check_device, to_arguments
-from kandinsky.pipelines.tasks import PRIOR_OPTIONS, PROMPT_TASKS, preset_options
+from kandinsky.pipelines.tasks import DECODER_TASKS, PRIOR_OPTIONS, PROMPT_TASKS, preset_options
 
 
 class Kandinsky:
@@ -152,6 +152,11 @@ class Kandinsky:
         preset = preset_options(kwargs.get("preset"), PRIOR_OPTIONS)  # the decoder applies the rest of it
         prior_opts = {k: kwargs.pop(k, preset.get(k, v)) for k, v in PRIOR_OPTIONS.items()}
         n = kwargs.get("num_images_per_prompt", 1)
+        if isinstance(n, int) and spec.embeddings != "mix":  # a runaway size is refused before the prior runs
+            source = kwargs.get("prompt", kwargs.get("image"))  # one row per prompt (or CLIP picture)
+            rows = len(source) if isinstance(source, (list, tuple)) else 1
+            picture = kwargs.get("image") if "image" in DECODER_TASKS[spec.decoder_task].inputs else None
+            self.decoder.check_fits(rows * n, kwargs.get("height"), kwargs.get("width"), picture, kwargs.get("tile"))
         generator, progress = kwargs.get("generator"), kwargs.get("progress", True)
         callback = kwargs.get("callback_on_step_end")
         prior_kw = dict(num_inference_steps=prior_opts["prior_num_inference_steps"], generator=generator,

@@ -51,6 +51,7 @@ from kandinsky.pipelines.images import (
     load_masks,
     normalize,
 )
+from kandinsky.pipelines.limits import check_memory
 from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
 from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking, to_arguments
 from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT, preset_options
@@ -298,6 +299,7 @@ class DecoderPipeline:
         _check_generator(opts["generator"], batch)
         size = self._sizes(opts["height"], opts["width"], inputs.get("image", inputs.get("hint")))
         height, width = size.generate
+        check_memory(self, batch, height, width, opts["tile"], size.asked)  # a runaway size: refused before any work
         plan = self._plan(sampler, opts["num_inference_steps"], spec, inputs.get("strength"))
         check_speedups(opts["cache_interval"], opts["cache_level"], opts["guidance_interval"], self.unet.config.depth,
                        plan)  # before any picture is encoded
@@ -384,6 +386,13 @@ class DecoderPipeline:
             raise TypeError(f"{name} must be a float tensor, got {x.dtype}.")
         check_finite_tensor(x, name)
         return x
+
+    def check_fits(self, batch: int, height=None, width=None, picture=None, tile=None) -> None:
+        """Refuse ``batch`` pictures of this size (default: ``picture``'s, else 512) when they would
+        not fit in the device's memory (kandinsky.pipelines.limits): what the combined pipeline
+        calls before its prior runs."""
+        size = self._sizes(height, width, picture)
+        check_memory(self, batch, *size.generate, tile, size.asked)
 
     def _sizes(self, height, width, picture=None) -> "Sizes":
         """The size asked (default: the input picture's, else 512) and the size generated: the next
