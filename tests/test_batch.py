@@ -181,3 +181,15 @@ def test_out_that_cannot_be_a_folder(prompts, tmp_path, capsys):
     assert "is a file; name a folder" in capsys.readouterr().err
     assert run_here([prompts, "--out", tmp_path / "file" / "sub", *FAST]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_demo_draws_at_64_px_by_default(tmp_path):
+    """--demo without --width / --height: the shapes model's 64 x 64 (its help says so), not 512."""
+    import PIL.Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert run_here([prompts, "--out", tmp_path / "out", "--demo", "--steps", "2", "--prior-steps", "2",
+                     "--quiet"]) == 0
+    assert PIL.Image.open(tmp_path / "out" / "000000.png").size == (64, 64)
+    assert manifest(tmp_path / "out")[0]["width"] == 64

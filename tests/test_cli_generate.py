@@ -243,3 +243,16 @@ def test_demo_draws_what_the_prompt_says(tmp_path, capsys):
     assert picture.size == (64, 64)
     found = analyse(picture)
     assert (found.colour, found.background) == ("red", "blue")
+
+
+def test_demo_image_tasks_draw_at_the_demo_size(tmp_path):
+    """--demo (the 64 px shapes model) resizes an input picture to 64 x 64 unless --width / --height say."""
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    quick = ["--steps", "4", "--prior-steps", "2", "--no-progress", "--device", "cpu"]
+    assert main(["img2img", "--demo", "a red circle", "--image", str(tmp_path / "big.png"), "-o",
+                 str(tmp_path / "a.png"), *quick]) == 0
+    assert PIL.Image.open(tmp_path / "a.png").size == (64, 64)
+    assert main(["img2img", "--demo", "a red circle", "--image", str(tmp_path / "big.png"), "-o",
+                 str(tmp_path / "b.png"), "--width", "128", *quick]) == 0
+    assert PIL.Image.open(tmp_path / "b.png").size == (128, 96)  # a size given: the other is the picture's

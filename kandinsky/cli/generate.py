@@ -95,7 +95,7 @@ def add_arguments(parser, name: str) -> None:
                         help="prior guidance scale (default 4; <= 1: off)")
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--width", type=at_least(1), default=None,
-                        help="image width (default: the input picture's, else 512; --demo 64, --random-demo 256); "
+                        help="image width (default: the input picture's, else 512; --demo 64, the picture resized to it; --random-demo 256); "
                              "sizes not a multiple of 64 are generated at the next multiple and resized to the "
                              "size asked")
     parser.add_argument("--height", type=at_least(1), default=None, help="image height (as --width)")
@@ -214,6 +214,8 @@ def run(args) -> int:
     preset = args.preset
     steps = args.steps if args.steps is not None or preset else (20 if demo else 100)
     picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
+    if trained and args.width is None and args.height is None:
+        picture = False  # but the shapes model draws at its own 64 px: the picture is resized to it
     width = args.width if args.width is not None or picture else (demo_size if demo else 512)
     height = args.height if args.height is not None or picture else (demo_size if demo else 512)
     prior_steps = 25 if args.prior_steps is None and not preset else args.prior_steps
