@@ -19,6 +19,10 @@ ResBlocks' scale-shift; image_tokens(image_embeds) (32 tokens) are the extra key
 values of every attention layer. The ControlNet-depth variant (addition_embed_type
 "image_hint") also encodes a hint image to 4 channels at latent resolution and
 concatenates it to the input.
+
+The forward is named parts, ``embed``, ``levels_down``, ``mid``, ``levels_up``, ``head``;
+``forward_cached`` runs them with a :class:`DeepCache` (feature caching across sampler steps: the
+levels below a cut reused, only those above it run).
 """
 from __future__ import annotations
 
