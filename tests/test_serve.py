@@ -22,7 +22,9 @@ GREEN = "a large green square in the center on a blue background"
 @pytest.fixture(scope="module")
 def client(studio_server):
     url, _, _ = studio_server
-    return gradio_client.Client(url, verbose=False)
+    client = gradio_client.Client(url, verbose=False)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")

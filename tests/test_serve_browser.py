@@ -81,8 +81,13 @@ def test_paint_a_stroke_and_inpaint_in_the_browser(browser, studio_server, tmp_p
     page.locator("#inpaint_area-inpaint").get_by_text("only masked area").click()
     page.locator("#generate-inpaint").click()
     # x0 previews stream into the result while it runs; the parameters show once it is done
-    page.wait_for_function("() => document.querySelector('#parameters-inpaint textarea')?.value !== ''",
-                           timeout=120_000, polling=250)
+    try:
+        page.wait_for_function("() => document.querySelector('#parameters-inpaint textarea')?.value !== ''",
+                               timeout=120_000, polling=250)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "stuck.png"), full_page=True)
+        pytest.fail(f"no result after 120 s; the page says {page.locator('.toast-body').all_inner_texts()}; "
+                    f"screenshot {tmp_path / 'stuck.png'}")
     page.wait_for_timeout(300)
     result = page.locator("#result-inpaint img").first
     seed = int(page.locator("#seed-used-inpaint input").input_value())
