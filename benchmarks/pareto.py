@@ -170,6 +170,43 @@ def prior_and_movq_times(size: int, iters: int) -> dict:
     return {"prior stage": prior_s, "movq decode": movq_s}
 
 
+@torch.no_grad()
+def unet_flops(size: int, levels) -> dict:
+    """FLOPs of one full-size UNet evaluation (torch.utils.flop_counter on the meta device: no weights,
+    no time): {"full, guided": batch 2, "full, single": batch 1, "cached k, ...": the levels above a cut at k}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_components import full_configs
+    from kandinsky.unet.model import DeepCache
+    from weights_convert import build_model
+
+    with torch.device("meta"):
+        unet = build_model({"_class_name": "UNet2DConditionModel", **full_configs("decoder")["unet"]})
+    out = {}
+    for guided, batch in (("guided", 2), ("single", 1)):
+        x = torch.empty(batch, 4, size // 8, size // 8, device="meta")
+        emb = torch.empty(batch, unet.config.encoder_hid_dim, device="meta")
+        t = torch.full((batch,), 500, device="meta")
+        for level in [None, *levels]:
+            cache = DeepCache(level or 1)
+            if level is not None:
+                unet.forward_cached(x, t, emb, None, cache)  # fills the cache
+            counter = FlopCounterMode(display=False)
+            with counter:
+                unet(x, t, emb) if level is None else unet.forward_cached(x, t, emb, None, cache)
+            out[f"{'full' if level is None else f'cached {level}'}, {guided}"] = counter.get_total_flops()
+    return out
+
+
+def modelled_times(size: int, levels, unet_step: float, prior: float, movq: float) -> dict:
+    """Seconds from measured stage times (a full UNet step at batch 2, the prior stage, a MoVQ decode of one
+    image) and the FLOP ratios of the other evaluations to the full batch-2 one (time taken as proportional
+    to FLOPs: an assumption, checked against measured evaluations where they exist)."""
+    flops = unet_flops(size, levels)
+    times = {key: unet_step * f / flops["full, guided"] for key, f in flops.items()}
+    return {"prior stage": prior, "movq decode": movq, **times}
+
+
 def seconds(evaluations: dict, times: dict) -> float:
     return times["prior stage"] + times["movq decode"] + sum(count * times[key] for key, count in evaluations.items())
 
@@ -232,6 +269,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="pareto.jsonl", help="results, one JSON line per measurement (appended)")
     p.add_argument("--skip-timing", action="store_true", help="accuracy only (timing lines already in --out)")
     p.add_argument("--timing-only", action="store_true", help="the full-size timing only (no accuracy runs)")
+    p.add_argument("--stage-seconds", type=float, nargs=3, metavar=("UNET_STEP", "PRIOR", "MOVQ"), default=None,
+                   help="instead of timing the full-size models here: seconds of a full UNet step at batch 2, "
+                        "the prior stage (25 steps) and a one-image MoVQ decode at --sizes[0] px, measured before "
+                        "(benchmarks/bench_stages.py); the other evaluations are costed by their FLOP ratio")
     p.add_argument("--table", metavar="RESULTS", default=None, help="print the Markdown table of a results file")
     args = p.parse_args(argv)
     if args.table:
@@ -249,8 +290,11 @@ def main(argv=None) -> int:
 
     prior, decoder = shapes_models() if configs else (None, None)
 
-    if not args.skip_timing:  # first: a stopped run then still has its costs
-        levels = sorted({c[4] for c in CONFIGS if c[3] > 1})
+    levels = sorted({c[4] for c in CONFIGS if c[3] > 1})
+    if args.stage_seconds:
+        write({"kind": "times", "size": args.sizes[0], "source": "stage seconds and FLOP ratios",
+               "times": modelled_times(args.sizes[0], levels, *args.stage_seconds)})
+    elif not args.skip_timing:  # first: a stopped run then still has its costs
         for size in args.sizes:
             times = prior_and_movq_times(size, args.iters)
             times.update(unet_times(size, levels, args.iters))
