@@ -117,3 +117,25 @@ def test_cli_tile_offload_same_picture(cli_demo, tmp_path):
     assert np.array_equal(run("seq", "--offload", "sequential", "--device", "cpu"), plain)
     with pytest.raises(SystemExit):
         main(["text2img", "--random-demo", "a", "--tile", "big", *FAST])
+
+
+def test_messages_say_the_true_thing(cli_demo, tmp_path, capsys):
+    """--lora on a picture: not a weights file (nothing loaded, no torch advice to unpickle it); --lora
+    FILE:1e9 out of range; --offload on a CPU said to do nothing; train-demo's --shape-weight default 6."""
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    with pytest.raises(SystemExit) as e:
+        main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "cat.png"),
+              *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "cat.png: not a LoRA weights file" in err and "weights_only" not in err
+    (tmp_path / "style.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(SystemExit):
+        main(["text2img", "--random-demo", "a", "--lora", f"{tmp_path / 'style.safetensors'}:1e9", *FAST])
+    assert "strength 1e+09 is out of range" in capsys.readouterr().err
+    assert main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "o.png"), "--offload", "model",
+                 "--device", "cpu", *FAST]) == 0
+    assert "warning: --offload model does nothing on cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-demo", "--help"])
+    assert "(default 6, the shipped weights" in " ".join(capsys.readouterr().out.split())

@@ -137,12 +137,26 @@ def _lora(arg: str) -> str:
     from kandinsky.lora.args import parse_lora_arg
 
     try:
-        path, _ = parse_lora_arg(arg)
+        path, scale = parse_lora_arg(arg)
     except LoRAError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix(f"--lora {arg}: ")) from None
     if not Path(path).exists():
         raise argparse.ArgumentTypeError(f"{path}: no such file or folder")
+    if abs(scale) > MAX_LORA_SCALE:
+        raise argparse.ArgumentTypeError(f"{path}: strength {scale:g} is out of range; a LoRA's strength is "
+                                         f"about 0-2 (at most {MAX_LORA_SCALE:g} either way), e.g. {path}:0.8")
+    if Path(path).is_file():
+        with open(path, "rb") as f:
+            head = f.read(9)
+        # safetensors (an 8-byte header length, then '{'), a torch zip archive, a pickle
+        if not (head[8:9] == b"{" or head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+            raise argparse.ArgumentTypeError(
+                f"{path}: not a LoRA weights file (a .safetensors file, a torch .bin / .pt file, or a PEFT "
+                "adapter folder); nothing was loaded from it")
     return arg
+
+
+MAX_LORA_SCALE = 10.0
 
 
 DEMO_HELP = ("the tiny model trained on procedural shapes that ships with the package (offline; prompts like "
@@ -234,6 +248,12 @@ def pipeline(args, task: str = "text2img", weights_seed: int | None = None, devi
 
     where = device(args.device, device_default)
     offload = getattr(args, "offload", None)
+    if offload and where.type != "cuda":
+        import warnings
+
+        warnings.warn(f"--offload {offload} does nothing on {where} (it keeps weights off the GPU until they run); "
+                      "running without it", stacklevel=2)
+        offload = None
     dtype = getattr(torch, DTYPES[getattr(args, "dtype", "fp32")])
     with checkpoints(args, task, weights_seed) as folders:
         if size is not None:  # a runaway size: refused before the weights load

@@ -132,8 +132,9 @@ def add_train_demo_arguments(parser) -> None:
                         help=f"MoVQ latent channels (default {LATENT_CHANNELS}, the shipped weights; the real "
                              f"MoVQ has 4, which rounds the corners of small shapes at 8 x 8 latents)")
     parser.add_argument("--shape-weight", type=float, default=HEAD_WEIGHTS["shape"],
-                        help="weight of the CLIP image tower's shape head (1 for the shipped weights; 6 puts the "
-                             "shape into the embedding: see kandinsky/demo_weights/README.md)")
+                        help=f"weight of the CLIP image tower's shape head (default {HEAD_WEIGHTS['shape']:g}, the "
+                             "shipped weights: it puts the shape into the embedding; 1 weighs it like colour and "
+                             "position: see kandinsky/demo_weights/README.md)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the hub folders (prior/, decoder/, decoder-inpaint/) OUT holds from an earlier run "
                              "(without it, or --resume, such an OUT is refused before any training)")
