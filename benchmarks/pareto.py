@@ -264,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=256, help="prompts per seed (the full table: 256)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768], help="full-size UNet timing sizes (px)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for the full-size timing")
     p.add_argument("--iters", type=int, default=2, help="timed passes per full-size measurement (median)")
     p.add_argument("--configs", nargs="+", default=None, help="names of CONFIGS to run (default: all)")
     p.add_argument("--out", default="pareto.jsonl", help="results, one JSON line per measurement (appended)")
@@ -278,7 +279,8 @@ def main(argv=None) -> int:
     if args.table:
         print(table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
         return 0
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # the shapes model is tiny: more threads only wait on each other (20x the CPU time
+    # on a busy 2-core machine); the full-size timing sets its own count
     out = Path(args.out)
 
     def write(line):
@@ -295,10 +297,12 @@ def main(argv=None) -> int:
         write({"kind": "times", "size": args.sizes[0], "source": "stage seconds and FLOP ratios",
                "times": modelled_times(args.sizes[0], levels, *args.stage_seconds)})
     elif not args.skip_timing:  # first: a stopped run then still has its costs
+        torch.set_num_threads(args.threads)
         for size in args.sizes:
             times = prior_and_movq_times(size, args.iters)
             times.update(unet_times(size, levels, args.iters))
             write({"kind": "times", "size": size, "times": times})
+        torch.set_num_threads(1)
     for seed in args.seeds if configs else ():
         prompts = [text for text, _ in random_prompts(args.n, seed)]
         embeddings = embed_prompts(prior, prompts, seed, PRIOR_STEPS, GUIDANCE, 16)
