@@ -54,6 +54,12 @@ CONFIGS = [
     ("unipc 15", "unipc", 15, 1, 1, None),
     ("dpmpp_2m 30", "dpmpp_2m", 30, 1, 1, None),
     ("ddim 50", "ddim", 50, 1, 1, None),
+    ("dpmpp_2m 30, guidance (0, 0.6)", "dpmpp_2m", 30, 1, 1, (0.0, 0.6)),
+    ("dpmpp_2m 30, cache 2, guidance (0, 0.6)", "dpmpp_2m", 30, 2, 1, (0.0, 0.6)),
+    ("dpmpp_2m 20, cache 3, guidance (0, 0.6)", "dpmpp_2m", 20, 3, 1, (0.0, 0.6)),
+    ("dpmpp_2m 10, guidance (0, 0.6)", "dpmpp_2m", 10, 1, 1, (0.0, 0.6)),
+    ("dpmpp_2m 20, cache 2, guidance (0, 0.5)", "dpmpp_2m", 20, 2, 1, (0.0, 0.5)),
+    ("ddpm 50", "ddpm", 50, 1, 1, None),
 ]
 PRIOR_STEPS, GUIDANCE = 25, 4.0
 
