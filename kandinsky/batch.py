@@ -270,7 +270,7 @@ def run(args, items: list[Item], open_pipeline, counts: dict | None = None) -> d
     with open_pipeline() as (pipe, _):
         check_sizes(pipe, todo)
         manifest = out / f"manifest.rank{rank}.jsonl"
-        bar = tqdm(todo, desc=f"rank {rank}/{world}", position=rank, disable=args.quiet, file=sys.stderr)
+        bar = tqdm(todo, desc=f"rank {rank}/{world}", position=rank, disable=args.no_progress, file=sys.stderr)
         for item in bar:
             t0 = time.perf_counter()
             image = generate(pipe, item)

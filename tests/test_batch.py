@@ -16,7 +16,7 @@ from kandinsky import batch
 from kandinsky.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--demo", "--steps", "2", "--prior-steps", "2", "--width", "64", "--height", "64", "--quiet"]
+FAST = ["--demo", "--steps", "2", "--prior-steps", "2", "--width", "64", "--height", "64", "--no-progress"]
 ITEMS = [
     {"prompt": "a red cat"},
     {"prompt": "a blue dog", "negative_prompt": "blurry", "seed": 7},
@@ -189,7 +189,8 @@ def test_demo_draws_at_64_px_by_default(tmp_path):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    assert run_here([prompts, "--out", tmp_path / "out", "--demo", "--steps", "2", "--prior-steps", "2",
-                     "--quiet"]) == 0
+    with pytest.warns(FutureWarning, match="--quiet is deprecated .*: use --no-progress"):
+        assert run_here([prompts, "--out", tmp_path / "out", "--demo", "--steps", "2", "--prior-steps", "2",
+                         "--quiet"]) == 0  # the old spelling of --no-progress still works
     assert PIL.Image.open(tmp_path / "out" / "000000.png").size == (64, 64)
     assert manifest(tmp_path / "out")[0]["width"] == 64

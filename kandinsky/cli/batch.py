@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
                         help="start the folder over when it holds another batch (its batch.json, manifest and "
                              "PNGs are replaced); without it such a folder is refused, and an item whose PNG "
                              "exists is kept (resumed)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_deprecated_alias(parser, "--quiet", "--no-progress", "no_progress")
 
 
 def run(args) -> int:

@@ -65,6 +65,23 @@ def fraction(text: str) -> float:
     return value
 
 
+def add_deprecated_alias(parser, old: str, new: str, dest: str, const=True) -> None:
+    """``old``, a spelling kept for one release, hidden from --help: it sets ``dest`` as ``new`` would
+    (a flag: to ``const``) and warns ``old is deprecated: use new`` (the one vocabulary: diffusers'
+    names where one exists)."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            import warnings
+
+            warnings.warn(f"{old} is deprecated (it goes in the next release): use {new}", FutureWarning,
+                          stacklevel=2)
+            setattr(namespace, dest, const if self.nargs == 0 else values)
+
+    parser.add_argument(old, dest=dest, action=Deprecated, nargs=0 if const is True else None,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 # ----------------------------------------------------------------------------- outputs
 OVERWRITE_HELP = ("replace output files that exist (without it an existing file is never overwritten: the command "
                   "stops before any work)")
