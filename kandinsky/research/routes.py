@@ -18,10 +18,11 @@ time_embed(t) (every UNet evaluation, ``forward`` or ``forward_cached``, runs it
 on ``image_embed`` works out which rows of the call in progress are patched (:mod:`kandinsky.calls`:
 the step and the guidance branches, the same row logic as ``intervene``) and the patched embedding;
 pre-hooks on the chosen levels' ResBlocks ("time") and attention layers ("tokens") swap the
-conditioning argument they are given. With feature caching (``cache_interval``) a cached evaluation
-reuses the deep levels' output of the last full one, patched or not, as it reuses everything there. The patched conditioning is computed with
+conditioning argument they are given. The patched conditioning is computed with
 the UNet's own modules and the same operations as its forward, so patching every route everywhere
 is bit-identical to running with ``source_embeds``, and a call with nothing to patch is untouched.
+With feature caching (``cache_interval``) a cached evaluation reuses the deep levels' output of the
+last full one, patched or not, as it reuses everything there.
 """
 from __future__ import annotations
 
@@ -377,10 +378,16 @@ def route_map(pipe, prompt_a, prompt_b, *, measure, grid: Grid | None = None, se
                               steps=range(start, stop)):
                 scores = score(paint(a))
             for name in values:
-                values[name][i, j] = np.nanmean(scores[name])
+                values[name][i, j] = _mean(scores[name])
     return RouteMap(prompts_a, prompts_b, seeds, num_inference_steps, rows, windows, values,
-                    {n: float(np.nanmean(v)) for n, v in at_a.items()}, {n: float(np.nanmean(v)) for n, v in at_b.items()},
+                    {n: _mean(v) for n, v in at_a.items()}, {n: _mean(v) for n, v in at_b.items()},
                     {n: int(np.isfinite(v).sum()) for n, v in at_a.items()})
+
+
+def _mean(scores) -> float:
+    """The mean of the measured (finite) scores; NaN when none was measured."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(scores[np.isfinite(scores)].mean()) if np.isfinite(scores).any() else float("nan")
 
 
 def attribute_pairs(attribute: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -388,16 +395,16 @@ def attribute_pairs(attribute: str, n: int, seed: int = 0) -> tuple[list[str], l
     alone: scenes drawn from ``seed``, B's value another of the attribute's values (colour and
     background never equal). -> (prompts_a, prompts_b), for ``route_map(pipe, *pairs, measure="shapes")``."""
     from kandinsky.data import shapes
+    from kandinsky.data.evaluate import VALUES as values  # each attribute's values
 
-    values = {"shape": shapes.SHAPES, "colour": tuple(shapes.COLOURS), "background": tuple(shapes.COLOURS),
-              "size": tuple(shapes.SIZES), "position": tuple(shapes.POSITIONS)}
     if attribute not in values:
         raise ValueError(f"attribute must be one of {tuple(values)}, got {attribute!r}")
     prompts_a, prompts_b = [], []
     for i in range(n):
         rng = shapes.rng_for(seed, i)
         scene = shapes.random_scene(rng)
-        taken = {scene.colour, scene.background} if attribute in ("colour", "background") else {getattr(scene, attribute)}
+        taken = ({scene.colour, scene.background} if attribute in ("colour", "background")
+                 else {getattr(scene, attribute)})
         others = [v for v in values[attribute] if v not in taken]
         other = shapes.random_scene(rng, **{**scene.attributes(), attribute: others[rng.integers(len(others))]})
         prompts_a.append(shapes.caption(scene))
