@@ -135,7 +135,7 @@ def test_batch_refuses_a_runaway_item_before_the_first_picture(tmp_path, capsys)
     prompts.write_text(json.dumps({"prompt": "a cat"}) + "\n"
                        + json.dumps({"prompt": "a dog", "width": 100000, "height": 100000}) + "\n")
     out = tmp_path / "out"
-    assert main(["batch", str(prompts), "--out", str(out), "--demo", "--steps", "2", "--quiet"]) == 2
+    assert main(["batch", str(prompts), "--out", str(out), "--demo", "--steps", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error: item 1 (000001.png): height=100000 x width=100000 (1 picture) would need about" in err
     assert not list(out.glob("*.png"))  # not even item 0 was drawn
