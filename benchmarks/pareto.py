@@ -231,17 +231,19 @@ def table(lines: list[dict]) -> str:
         return "(no reference row or no timing yet)"
     sizes = sorted(timing)
 
-    def summary(name):
-        rows = runs[name]
+    def summary(name, seeds=None):
+        rows = [r for r in runs[name] if seeds is None or r["seed"] in seeds]
         attrs = rows[0]["accuracy"].keys()
         acc = {a: statistics.fmean(r["accuracy"][a] for r in rows) for a in attrs}
         return acc, statistics.fmean(r["mean"] for r in rows), rows[0]["evaluations"], sorted(r["seed"] for r in rows)
 
     ref_acc, ref_mean, ref_evals, _ = summary("reference")
     ref_time = {s: seconds(ref_evals, timing[s]) for s in sizes}
-    rows = []
+    rows, deltas = [], {}
     for name in runs:
         acc, mean, evals, seeds = summary(name)
+        if any(r["seed"] not in seeds for r in runs["reference"]):  # compare on the seeds this row has
+            deltas[name] = summary("reference", set(seeds))[:2]
         rel = {s: seconds(evals, timing[s]) / ref_time[s] for s in sizes}
         rows.append((name, acc, mean, evals, seeds, rel))
     first = sizes[0]
@@ -250,15 +252,16 @@ def table(lines: list[dict]) -> str:
                         for n2, _, m, _, _, r in rows if n2 != name)}
     attrs = list(ref_acc)
     head = (["configuration", "UNet evaluations (x batch)"] + [f"time / ref ({s} px)" for s in sizes]
-            + [f"{a} (pts vs ref)" for a in attrs] + ["mean (pts vs ref)", "seeds", "Pareto"])
+            + [f"{a} (pts vs ref)" for a in attrs] + ["mean (pts vs ref)", "seeds", "Pareto (mean)"])
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, acc, mean, evals, seeds, rel in sorted(rows, key=lambda r: r[5][first]):
         units = sum(c * (2 if k.endswith("guided") else 1) for k, c in evals.items())
         cached = sum(c for k, c in evals.items() if k.startswith("cached"))
         evals_text = f"{sum(evals.values()):.0f} ({units:.0f})" + (f", {cached:.0f} cached" if cached else "")
+        base_acc, base_mean = deltas.get(name, (ref_acc, ref_mean))  # the reference on the same seeds
         cells = [name, evals_text] + [f"{rel[s]:.3f}" for s in sizes]
-        cells += [f"{acc[a]:.3f} ({100 * (acc[a] - ref_acc[a]):+.1f})" for a in attrs]
-        cells += [f"{mean:.3f} ({100 * (mean - ref_mean):+.1f})", ",".join(map(str, seeds)),
+        cells += [f"{acc[a]:.3f} ({100 * (acc[a] - base_acc[a]):+.1f})" for a in attrs]
+        cells += [f"{mean:.3f} ({100 * (mean - base_mean):+.1f})", ",".join(map(str, seeds)),
                   "**front**" if name in front else ""]
         out.append("| " + " | ".join(cells) + " |")
     times = "; ".join(f"{s} px: " + ", ".join(f"{k} {v:.2f} s" for k, v in timing[s].items()) for s in sizes)

@@ -88,15 +88,16 @@ PRIOR_OPTIONS = {
     "prior_latents": None,
 }
 
-# Named speed / quality trade-offs (docs/performance.md, "Presets", has the measured numbers). A preset
-# fills the options it names (decoder and prior); an argument given explicitly overrides it.
+# Named speed / quality trade-offs, picked from the Pareto table in docs/performance.md ("Presets": the
+# measured numbers; benchmarks/pareto.py). A preset fills the options it names (decoder and prior); an
+# argument given explicitly overrides it. "reference" is the reference's default configuration.
 PRESETS = {
     "reference": {"scheduler": "ddpm", "num_inference_steps": 100, "guidance_scale": 4.0, "cache_interval": 1,
-                  "guidance_interval": None, "prior_num_inference_steps": 25},
+                  "cache_level": 1, "guidance_interval": None, "prior_num_inference_steps": 25},
     "balanced": {"scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 4.0, "cache_interval": 1,
-                 "guidance_interval": None, "prior_num_inference_steps": 25},
+                 "cache_level": 1, "guidance_interval": (0.0, 0.6), "prior_num_inference_steps": 25},
     "fast": {"scheduler": "dpmpp_2m", "num_inference_steps": 20, "guidance_scale": 4.0, "cache_interval": 2,
-             "guidance_interval": None, "prior_num_inference_steps": 25},
+             "cache_level": 1, "guidance_interval": (0.0, 0.6), "prior_num_inference_steps": 25},
 }
 
 
