@@ -24,11 +24,14 @@ are not known yet, gathers them and stops the tiles there; every norm before it 
 normalised with exact statistics, so these are exact too. K norms take K + 1 passes, the k-th
 running only up to norm k (about K / 2 + 1 whole passes of the tiled levels).
 
-Open: a residual error along the image's own edges remains in every mode (shipped shapes MoVQ,
-a 512 px picture, 256 px tiles, exact: relative L2 4e-3, mean |error| 0.09 on the first row and
-0.003 inside; 1024 px, 512 px tiles: max |error| / max 0.87, 2 % of pixels off by more than 30/255,
-no better than 1 pass there). Its cause is not found yet (not the statistics: it is there with
-exact ones; not the blend: a single tile covers those rows).
+What is left: the tile borders' zero padding inside the overlaps (the 1.2e-2 below, at 128 px
+tiles), and on larger pictures the untiled fp32 decode's own rounding, which the tiled one does not
+share: torch's float32 GroupNorm statistics on flat regions of trained activations. A 512 x 256 px
+shapes picture decoded as one "tile" with exact statistics (so no borders at all) differs from the
+untiled fp32 decode by 1.4e-3 relative L2 (0.027 mean on the top row); against an fp64 untiled
+decode the tiled one is off by 3.6e-7 and the untiled fp32 one by 1.35e-3. (1024 px, 512 px tiles:
+2 % of pixels differ from untiled fp32 by more than 30/255 in every mode; how much of that is the
+untiled decode's rounding was not measured.)
 
 ``passes=1`` keeps tile-local statistics; ``passes=n`` iterates: each pass normalises every norm
 with the statistics the pass before gathered. That is cheaper but inconsistent: a later norm's
