@@ -15,7 +15,7 @@ from kandinsky.research.capture import (  # noqa: F401
     scale_image_tokens,
 )
 
-_SUBMODULES = ("viz", "embeddings", "inspect", "routes")
+_SUBMODULES = ("viz", "embeddings", "inspect", "routes", "directions")
 _NAMES = {"route_map": "routes"}  # kandinsky.research.route_map: the causal maps of kandinsky.research.routes
 
 
