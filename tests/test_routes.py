@@ -398,3 +398,17 @@ def test_attribute_pairs_differ_in_that_attribute_alone():
     assert R.attribute_pairs("shape", 4, seed=3) == R.attribute_pairs("shape", 4, seed=3)
     with pytest.raises(ValueError, match="attribute must be one of"):
         R.attribute_pairs("hue", 2)
+
+
+def test_with_feature_caching_and_a_guidance_interval(decoder):
+    """Cached evaluations (UNet.forward_cached) and unguided steps (one branch) are patched too."""
+    ours, _ = decoder
+    e, n = embeds(1, seed=60)
+    s = torch.randn(1, e.shape[1], generator=gen(61))
+    kw = dict(KW, num_inference_steps=6, cache_interval=2, guidance_interval=(0, 0.5))
+    expected = ours.text2img(s, n, generator=gen(1), **kw).images
+    plain = ours.text2img(e, n, generator=gen(1), **kw).images
+    with kandinsky.patch_routes(ours, s):
+        assert torch.equal(ours.text2img(e, n, generator=gen(1), **kw).images, expected)
+    with kandinsky.patch_routes(ours, s, routes=()):
+        assert torch.equal(ours.text2img(e, n, generator=gen(1), **kw).images, plain)
