@@ -265,7 +265,8 @@ def table(lines: list[dict]) -> str:
                   "**front**" if name in front else ""]
         out.append("| " + " | ".join(cells) + " |")
     times = "; ".join(f"{s} px: " + ", ".join(f"{k} {v:.2f} s" for k, v in timing[s].items()) for s in sizes)
-    return "\n".join(out) + f"\n\nMeasured full-size times (s): {times}."
+    sources = {line.get("source", "measured in the run") for line in lines if line["kind"] == "times"}
+    return "\n".join(out) + f"\n\nFull-size seconds per stage and evaluation ({'; '.join(sorted(sources))}): {times}."
 
 
 def main(argv=None) -> int:

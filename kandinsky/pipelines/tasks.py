@@ -94,7 +94,7 @@ PRIOR_OPTIONS = {
 PRESETS = {
     "reference": {"scheduler": "ddpm", "num_inference_steps": 100, "guidance_scale": 4.0, "cache_interval": 1,
                   "cache_level": 1, "guidance_interval": None, "prior_num_inference_steps": 25},
-    "balanced": {"scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 4.0, "cache_interval": 1,
+    "balanced": {"scheduler": "dpmpp_2m", "num_inference_steps": 20, "guidance_scale": 4.0, "cache_interval": 1,
                  "cache_level": 1, "guidance_interval": (0.0, 0.6), "prior_num_inference_steps": 25},
     "fast": {"scheduler": "dpmpp_2m", "num_inference_steps": 20, "guidance_scale": 4.0, "cache_interval": 2,
              "cache_level": 1, "guidance_interval": (0.0, 0.6), "prior_num_inference_steps": 25},
