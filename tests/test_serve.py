@@ -223,6 +223,17 @@ def test_a_server_side_path_is_refused(studio_server):
 
 
 # ----------------------------------------------------------------------------- progress and looking inside
+def test_a_preset_is_the_python_apis_preset(studio_server):
+    """The studio fills in its default steps and guidance only without a preset: with one, the preset's values
+    (and explicit ones over them) reach the pipeline exactly as the Python API's preset= does."""
+    _, studio, _ = studio_server
+    # "reference": 100 DDPM steps, where the demo studio's own default is 20
+    result = studio.generate("text2img", prompt=RED, seed=6, preset="reference")
+    expected = studio.pipe("text2img").text2img(RED, generator=torch.Generator().manual_seed(6), height=64,
+                                                width=64, preset="reference", progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(result.images[0]), np.asarray(expected))
+
+
 def test_x0_previews_while_it_runs_do_not_change_the_picture(studio_server):
     from kandinsky.serve.app import PREVIEWS, _on_step
 

@@ -220,6 +220,18 @@ def device(name: str | None, default: str | None = None):
         raise InputError(f"--device: {e}") from None
 
 
+def default_size_and_steps(args, task: str = "text2img") -> tuple[int, int]:
+    """(picture side in px, decoder steps) when none are given, for the CLI and the studio alike: the shipped
+    shapes model (--demo) draws at its own 64 px, random demo weights (--random-demo, and --demo's ControlNet
+    fallback) at 256 px, both in 20 steps; real weights at 512 px in the checkpoint's 100 steps."""
+    from kandinsky.pipelines.tasks import checkpoint_for
+
+    if not (args.demo or getattr(args, "random_demo", False)):
+        return 512, 100
+    trained = args.demo and checkpoint_for(task) != "controlnet"  # the shapes model has no ControlNet
+    return (64 if trained else 256), 20
+
+
 @contextlib.contextmanager
 def checkpoints(args, task: str = "text2img", weights_seed: int | None = None):
     """{"prior", "decoder" (for ``task``), "inpaint", "random"}: --prior / --decoder, else the --demo /

@@ -208,16 +208,15 @@ def run(args) -> int:
                          "directly, without the prior); leave it out.")
     common.device(args.device)  # refused before the demo checkpoints are built
 
-    demo = args.demo or args.random_demo
     trained = args.demo and checkpoint_for(name) != "controlnet"  # the shapes model has no ControlNet
-    demo_size = 64 if trained else 256
+    default_size, default_steps = common.default_size_and_steps(args, name)
     preset = args.preset
-    steps = args.steps if args.steps is not None or preset else (20 if demo else 100)
+    steps = args.steps if args.steps is not None or preset else default_steps
     picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
     if trained and args.width is None and args.height is None:
         picture = False  # but the shapes model draws at its own 64 px: the picture is resized to it
-    width = args.width if args.width is not None or picture else (demo_size if demo else 512)
-    height = args.height if args.height is not None or picture else (demo_size if demo else 512)
+    width = args.width if args.width is not None or picture else default_size
+    height = args.height if args.height is not None or picture else default_size
     prior_steps = 25 if args.prior_steps is None and not preset else args.prior_steps
     prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
 

@@ -172,12 +172,12 @@ class Studio:
         has_controlnet = bool(getattr(self.args, "controlnet", None)) or self.args.random_demo
         return [name for name in PROMPT_TASKS if checkpoint_for(name) != "controlnet" or has_controlnet]
 
-    def default_size(self) -> int:
-        """The side pictures without an input picture get: 64 on --demo, 256 on --random-demo, else 512."""
-        return 64 if self.args.demo else 256 if self.args.random_demo else 512
+    def default_size(self, task: str = "text2img") -> int:
+        """The side pictures without an input picture get (the command line's rule, cli.common)."""
+        return common.default_size_and_steps(self.args, task)[0]
 
-    def default_steps(self) -> int:
-        return 20 if self.demo else 100
+    def default_steps(self, task: str = "text2img") -> int:
+        return common.default_size_and_steps(self.args, task)[1]
 
     def model_name(self) -> str:
         if self.args.demo:
@@ -218,10 +218,11 @@ class Studio:
         picture = bool({"image", "hint"} & set(spec.inputs))  # the decoder starts from a picture: its size
         for key in ("width", "height"):
             if not options.get(key):
-                options[key] = None if picture else self.default_size()
-        options.setdefault("num_inference_steps", self.default_steps())
-        options.setdefault("guidance_scale", DECODER_OPTIONS["guidance_scale"])
-        if spec.embeddings != "image":
+                options[key] = None if picture else self.default_size(task)
+        if not options.get("preset"):  # a preset brings its own steps and guidance
+            options.setdefault("num_inference_steps", self.default_steps(task))
+            options.setdefault("guidance_scale", DECODER_OPTIONS["guidance_scale"])
+        if spec.embeddings != "image" and not options.get("preset"):  # (a preset brings its prior steps too)
             for key, value in PRIOR_OPTIONS.items():
                 if key != "prior_latents":
                     options.setdefault(key, value)
@@ -286,8 +287,8 @@ class Studio:
         original = image
         box = None
         if checked["inpaint_area"] == "only masked area":
-            width = options.get("width") or self.default_size()
-            height = options.get("height") or self.default_size()
+            width = options.get("width") or self.default_size("inpaint")
+            height = options.get("height") or self.default_size("inpaint")
             box = canvas.crop_box(mask, checked["padding"], aspect=width / height)
             image, mask_in = image.crop(box), mask.crop(box)
             options.update(width=width, height=height)
