@@ -3,6 +3,7 @@ pyproject.toml, and CI runs the README's own commands (in a new virtual environm
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -39,8 +40,13 @@ def _top_level_imports(folder: Path) -> set[str]:
     return names - OURS - set(sys.stdlib_module_names) - {"__future__"}
 
 
+@functools.cache
+def _installed() -> dict[str, list[str]]:
+    return metadata.packages_distributions()  # module -> distributions (reads every installed package once)
+
+
 def _distributions(module: str) -> set[str]:
-    return {d.lower().replace("_", "-") for d in metadata.packages_distributions().get(module, [])}
+    return {d.lower().replace("_", "-") for d in _installed().get(module, [])}
 
 
 def test_every_imported_package_is_declared():
