@@ -93,6 +93,21 @@ def tiny_models() -> dict:
 
 
 @pytest.fixture(scope="session")
+def perturbed_unet():
+    """The tiny decoder UNet (kandinsky.demo.TINY) with every weight moved off its init, so norms are
+    non-trivial and zero-init layers act (capture and route-patching tests; never modified by them)."""
+    from kandinsky.demo import TINY
+    from weights_convert import build_model
+
+    torch.manual_seed(0)
+    model = build_model(TINY["unet"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
 def studio_server():
     """Kandinsky Studio (`kandinsky serve --demo`, the shipped shapes model) on a free localhost port, for
     the session: (url, Studio, the Gradio Blocks); closed after. Skips where Gradio is not installed (the [serve] extra)."""

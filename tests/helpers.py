@@ -63,6 +63,23 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def make_generator(kind: str, batch: int, device: str = "cpu", seed: int = 0):
+    """None ("none"), one generator ("one"), or one per batch row ("list"): the forms a seed can take."""
+    if kind == "none":
+        return None
+    if kind == "list":
+        return [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]
+    return torch.Generator(device).manual_seed(seed)
+
+
+def generator_tail(generator, device: str = "cpu") -> torch.Tensor:
+    """One more draw from the generator(s) after a run: equal iff the generators' states are."""
+    if generator is None:
+        return torch.rand(4, device=device)
+    gens = generator if isinstance(generator, list) else [generator]
+    return torch.cat([torch.rand(4, generator=g, device=g.device) for g in gens])
+
+
 def embeds(batch: int = 1, seed: int = 0, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(image_embeds, negative_image_embeds), each (batch, dim); dim: the tiny decoders' EMBED_DIM."""
     if dim is None:

@@ -34,7 +34,7 @@ from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.solvers import make_multistep_plan, make_sigma_plan
 from kandinsky.sampling.trajectory import Trajectory, grid_image
 from tests.conftest import DATA
-from tests.helpers import assert_close, rel_err
+from tests.helpers import assert_close, generator_tail, make_generator, rel_err
 
 PRIOR_DIR = DATA / "kandinsky-2-2-prior" / "scheduler"
 DECODER_DIR = DATA / "kandinsky-2-2-decoder" / "scheduler"
@@ -46,22 +46,6 @@ SHAPE = DECODER_SHAPE = (3, 4, 8, 8)  # (B, 4, H/8, W/8): the decoder's latents
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-
-
-def make_generator(kind: str, batch: int, device: str = "cpu", seed: int = 0):
-    if kind == "none":
-        return None
-    if kind == "list":
-        return [torch.Generator(device).manual_seed(seed + i) for i in range(batch)]
-    return torch.Generator(device).manual_seed(seed)
-
-
-def generator_tail(generator, device: str = "cpu") -> torch.Tensor:
-    """One more draw from the generator(s) after the run: equal iff the states are."""
-    if generator is None:
-        return torch.rand(4, device=device)
-    gens = generator if isinstance(generator, list) else [generator]
-    return torch.cat([torch.rand(4, generator=g, device=g.device) for g in gens])
 
 
 # ====================================================================================
