@@ -54,15 +54,25 @@ def seed(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1] (--strength, --prior-strength)."""
+def _number(text: str, inside, interval: str) -> float:
+    """``text`` as a float for which ``inside(value)`` holds, else an argparse error naming ``interval``."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    if not inside(value):
+        raise argparse.ArgumentTypeError(f"{value} is not in {interval}")
     return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (--strength, --prior-strength)."""
+    return _number(text, lambda v: 0 < v <= 1, "(0, 1]")
+
+
+def unit(text: str) -> float:
+    """A number in [0, 1] (--guidance-interval: a fraction of the run)."""
+    return _number(text, lambda v: 0 <= v <= 1, "[0, 1] (a fraction of the run)")
 
 
 def add_deprecated_alias(parser, old: str, new: str, dest: str, const=True) -> None:

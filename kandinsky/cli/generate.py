@@ -39,17 +39,6 @@ def _tile(text: str):
     return value
 
 
-def _unit(text: str) -> float:
-    """A number in [0, 1] (--guidance-interval)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1] (a fraction of the run)")
-    return value
-
-
 def _describe_preset(values: dict) -> str:
     cache = values["cache_interval"]
     return (f"{values['scheduler']} {values['num_inference_steps']} steps"
@@ -88,7 +77,7 @@ def add_arguments(parser, name: str) -> None:
                              "on the deeper levels' cached output (default 1: off)")
     parser.add_argument("--cache-level", type=at_least(1), default=None, metavar="K",
                         help="where --cache-interval cuts the UNet: resolution levels >= K are cached (default 1)")
-    parser.add_argument("--guidance-interval", type=_unit, nargs=2, default=None, metavar=("LO", "HI"),
+    parser.add_argument("--guidance-interval", type=common.unit, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only at the steps whose position in the run (0 = from noise, 1 = clean) is in "
                              "[LO, HI); elsewhere the conditional branch runs alone (default: every step)")
     parser.add_argument("--prior-guidance", type=float, default=None,
