@@ -234,12 +234,27 @@ def default_size_and_steps(args, task: str = "text2img") -> tuple[int, int]:
     """(picture side in px, decoder steps) when none are given, for the CLI and the studio alike: the shipped
     shapes model (--demo) draws at its own 64 px, random demo weights (--random-demo, and --demo's ControlNet
     fallback) at 256 px, both in 20 steps; real weights at 512 px in the checkpoint's 100 steps."""
-    from kandinsky.pipelines.tasks import checkpoint_for
-
     if not (args.demo or getattr(args, "random_demo", False)):
         return 512, 100
-    trained = args.demo and checkpoint_for(task) != "controlnet"  # the shapes model has no ControlNet
-    return (64 if trained else 256), 20
+    return (64 if shapes_model(args, task) else 256), 20
+
+
+def shapes_model(args, task: str = "text2img") -> bool:
+    """Whether ``task`` runs on the shipped shapes model (--demo; it has no ControlNet: random weights there)."""
+    from kandinsky.pipelines.tasks import checkpoint_for
+
+    return bool(args.demo) and checkpoint_for(task) != "controlnet"
+
+
+def picture_size(args, task: str, width, height, picture: bool) -> tuple:
+    """(width, height) to generate at, for the CLI and the studio alike: the given ones (None: not given);
+    for a task starting from a picture (``picture``), None (the picture's own size), except on the shapes
+    model, which draws at its own 64 px: with neither given the picture is resized to it; else
+    default_size_and_steps's side."""
+    if picture and not (shapes_model(args, task) and width is None and height is None):
+        return width, height
+    size = default_size_and_steps(args, task)[0]
+    return (size if width is None else width), (size if height is None else height)
 
 
 @contextlib.contextmanager

@@ -183,7 +183,7 @@ def run(args) -> int:
     import torch
 
     from kandinsky.pipelines.limits import check_count
-    from kandinsky.pipelines.tasks import PROMPT_TASKS, checkpoint_for
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
 
     name, task = args.command, PROMPT_TASKS[args.command]
     check_count(args.num_images, args.allow_many)  # a runaway count: refused before anything else
@@ -197,15 +197,11 @@ def run(args) -> int:
                          "directly, without the prior); leave it out.")
     common.device(args.device)  # refused before the demo checkpoints are built
 
-    trained = args.demo and checkpoint_for(name) != "controlnet"  # the shapes model has no ControlNet
-    default_size, default_steps = common.default_size_and_steps(args, name)
+    trained = common.shapes_model(args, name)
+    default_steps = common.default_size_and_steps(args, name)[1]
     preset = args.preset
     steps = args.steps if args.steps is not None or preset else default_steps
-    picture = "image" in inputs or "hint" in inputs  # image tasks default to the picture's size
-    if trained and args.width is None and args.height is None:
-        picture = False  # but the shapes model draws at its own 64 px: the picture is resized to it
-    width = args.width if args.width is not None or picture else default_size
-    height = args.height if args.height is not None or picture else default_size
+    width, height = common.picture_size(args, name, args.width, args.height, "image" in inputs or "hint" in inputs)
     prior_steps = 25 if args.prior_steps is None and not preset else args.prior_steps
     prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
 
