@@ -13,6 +13,7 @@ _LAZY = {
     "capture": "kandinsky.research.capture",
     "intervene": "kandinsky.research.capture",
     "patch_routes": "kandinsky.research.routes",
+    "text_lens": "kandinsky.research.lens",
     "module_names": "kandinsky.research.inspect",
     "viz": "kandinsky.research",  # kandinsky.viz.attention_pictures, ...
     "embeddings": "kandinsky.research",  # kandinsky.embeddings.similarity, slerp, ...
