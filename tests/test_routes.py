@@ -327,6 +327,19 @@ def test_route_map_on_a_tiny_model(random_demo_kandinsky, tmp_path):
                       grid=R.Grid(routes=("time",), levels=("up.0",), windows=1), num_inference_steps=2,
                       prior_steps=2)
     assert own.values["pixels"].shape == (1, 1) and own.counts == {"pixels": 2} and own.a["pixels"] == 0
+    # each picture's score is kept: (rows, windows, pairs x seeds), the value its mean
+    assert result.scores["clip"].shape == (4, 3, 2) and result.pair_of == [0, 0]
+    np.testing.assert_allclose(result.values["clip"], result.scores["clip"].mean(-1), rtol=0, atol=1e-15)
+
+
+def test_route_map_standard_error_clusters_pictures_by_pair():
+    """sd of the per-pair means / sqrt(pairs): the seeds of one pair count once; NaN pictures left out."""
+    scores = np.array([[[1, 1, 0, 1, 0, 0, np.nan, np.nan]]], float)  # pairs 0..3, two seeds each
+    m = R.RouteMap(["a"] * 4, ["b"] * 4, [0, 1], 20, [("time", "all")], [(0, 20)], {"x": np.full((1, 1), 0.5)},
+                   {"x": 0.0}, {"x": 1.0}, {"x": 6}, {"x": scores}, [0, 0, 1, 1, 2, 2, 3, 3])
+    means = np.array([1.0, 0.5, 0.0])  # pair 3 unmeasured
+    assert m.standard_error("x").shape == (1, 1)
+    assert m.standard_error("x")[0, 0] == pytest.approx(means.std(ddof=1) / np.sqrt(3), abs=1e-15)
 
 
 def test_route_map_shapes_measure_on_the_shipped_model():

@@ -236,6 +236,17 @@ class RouteMap:
     a: dict[str, float]
     b: dict[str, float]
     counts: dict[str, int]  # pictures behind each cell of values[name]
+    scores: dict[str, np.ndarray] | None = None  # (rows, windows, N) each picture's score (NaN: unmeasured)
+    pair_of: list[int] | None = None  # (N,) picture -> pair
+
+    def standard_error(self, name: str) -> np.ndarray:
+        """(rows, windows) standard error of each cell's value, pictures clustered by caption pair (the
+        pictures of one pair under several seeds are not independent): the spread of the per-pair means
+        over sqrt(pairs), sd(m_k) / sqrt(K). With one seed it is the plain standard error of a mean."""
+        scores, pair_of = self.scores[name], np.asarray(self.pair_of)
+        pairs = [scores[..., pair_of == k] for k in np.unique(pair_of)]
+        means = np.stack([np.nanmean(s, axis=-1) for s in pairs if np.isfinite(s).any()], -1)  # (rows, windows, K)
+        return means.std(-1, ddof=1) / np.sqrt(means.shape[-1])
 
     def picture(self, cell: int = 34) -> PIL.Image.Image:
         """One heat map per measure, side by side: rows route x level, columns step windows, values
@@ -371,17 +382,18 @@ def route_map(pipe, prompt_a, prompt_b, *, measure, grid: Grid | None = None, se
     pictures_a, pictures_b = paint(a), paint(b)
     score = lambda pictures: measure(pictures, pair_of, pictures_a, pictures_b)  # noqa: E731
     at_a, at_b = score(pictures_a), score(pictures_b)
-    values = {name: np.zeros((len(rows), len(windows))) for name in at_a}
+    scores = {name: np.zeros((len(rows), len(windows), len(pair_of))) for name in at_a}  # (rows, windows, N)
     for i, (route, level) in enumerate(rows):
         for j, (start, stop) in enumerate(windows):
             with patch_routes(pipe.decoder, b, routes=route.split("+"), levels=None if level == ALL else [level],
                               steps=range(start, stop)):
-                scores = score(paint(a))
-            for name in values:
-                values[name][i, j] = _mean(scores[name])
+                cell = score(paint(a))
+            for name in scores:
+                scores[name][i, j] = cell[name]
+    values = {name: np.apply_along_axis(_mean, -1, s).reshape(s.shape[:2]) for name, s in scores.items()}
     return RouteMap(prompts_a, prompts_b, seeds, num_inference_steps, rows, windows, values,
                     {n: _mean(v) for n, v in at_a.items()}, {n: _mean(v) for n, v in at_b.items()},
-                    {n: int(np.isfinite(v).sum()) for n, v in at_a.items()})
+                    {n: int(np.isfinite(v).sum()) for n, v in at_a.items()}, scores, pair_of)
 
 
 def _mean(scores) -> float:
