@@ -261,6 +261,33 @@ def test_look_inside_shows_the_research_pictures(client, studio_server):
         np.testing.assert_array_equal(pixels(path), np.asarray(expected[name].convert("RGB")), err_msg=name)
 
 
+def test_look_inside_one_unet_level(client, studio_server):
+    """A level gives research.viz's picture for that level alone (bit for bit), one column beside the image."""
+    import re
+
+    import kandinsky
+    from kandinsky.research.viz import attention_pictures, unet_level, unet_levels
+
+    _, studio, _ = studio_server
+    pipe = studio.pipe("text2img")
+    names = kandinsky.module_names(pipe, "unet.*.attn*", size=(64, 64))
+    levels = {unet_level(n) for n in names if re.search(r"attn(\.\d+)?$", n)}
+    assert studio.levels() == unet_levels(pipe) and set(unet_levels(pipe)) == levels  # what the selector offers
+    everything = attention_pictures(pipe, RED, steps=[1], num_inference_steps=4, height=64, width=64,
+                                    generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
+    for level in ("unet.mid", "unet.up.1"):
+        _, seed, _, decoder, _ = client.predict(prompt=RED, seed=2, steps=4, step=1, level=level,
+                                                api_name="/look_inside")
+        expected = attention_pictures(pipe, RED, steps=[1], levels=[level], num_inference_steps=4, height=64,
+                                      width=64, generator=torch.Generator().manual_seed(2), progress=False)
+        np.testing.assert_array_equal(pixels(decoder), np.asarray(expected["decoder"]), err_msg=level)
+        assert PIL.Image.open(decoder).size == (64 + 2 * 128, 18 + 128 + 22)  # the image and one level
+    assert everything.size == (64 + (len(levels) + 1) * 128, 18 + 128 + 22)
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        client.predict(prompt=RED, seed=2, steps=4, step=1, level="unet.sideways", api_name="/look_inside")
+    assert "levels must be UNet levels of this decoder (unet.down.1, " in str(e.value)
+
+
 def test_the_tabs_come_from_the_task_table(studio_server):
     import argparse
 

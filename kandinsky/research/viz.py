@@ -92,6 +92,12 @@ def level_maps(record: Record, aspect: float = 1.0, branch: str | None = "cond",
             for s, levels in sorted(out.items())}
 
 
+def unet_levels(pipe) -> list[str]:
+    """The UNet levels with attention layers ('unet.down.1', ..., 'unet.mid', 'unet.up.0', ...), in the
+    decoder grid's order: what ``attention_pictures(levels=...)`` can show."""
+    return sorted({unet_level(name) for name in match(pipe, "unet.*", only=is_attention)}, key=_level_order)
+
+
 def _level_order(level: str):
     part = level.split(".")
     return ({"down": 0, "mid": 1, "up": 2}.get(part[1], 3), int(part[2]) if len(part) > 2 else 0)
@@ -203,11 +209,16 @@ def word_attention_image(words, layers, matrix: np.ndarray, cell: int = 28) -> P
 
 # ----------------------------------------------------------------------------- one run, three pictures
 def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, cell: int = 128,
-                       **options) -> dict:
+                       levels=None, **options) -> dict:
     """Run ``pipe.text2img(prompt, **options)`` once (a Kandinsky pipeline) recording what the
     pictures need, and return {"image", "decoder" (grid), "prior" (words)} PIL images (and
     "trajectory", the x0 preview grid, when asked). ``steps``: decoder steps for the grid
-    (default: first, middle, last); ``cell``: the side of one grid cell in pixels."""
+    (default: first, middle, last); ``levels``: the grid's UNet levels (default all: ``unet_levels``);
+    ``cell``: the side of one grid cell in pixels."""
+    if levels is not None:
+        known = unet_levels(pipe)
+        if not levels or set(levels) - set(known):
+            raise ValueError(f"levels must be UNet levels of this decoder ({', '.join(known)}), got {list(levels)}")
     n = options.get("num_inference_steps", 100)
     steps = sorted({0, n // 2, n - 1}) if steps is None else list(steps)
     if any(not 0 <= s < n for s in steps):
@@ -234,7 +245,9 @@ def attention_pictures(pipe, prompt: str, steps=None, trajectory: bool = False, 
                     to="cpu") as pri:
         image = pipe.text2img(prompt, **options).images[0]
     aspect = image.width / image.height
-    out = {"image": image, "decoder": decoder_attention_grid(level_maps(dec, aspect), image, cell=cell)}
+    maps = {step: {level: grid[level] for level in grid if levels is None or level in levels}
+            for step, grid in level_maps(dec, aspect).items()}
+    out = {"image": image, "decoder": decoder_attention_grid(maps, image, cell=cell)}
     words = words_of(pipe.prior.tokenizer, prompt)
     out["prior"] = word_attention_image(words, *word_attention(pri, words))
     if recorder is not None:

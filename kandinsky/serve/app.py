@@ -31,7 +31,8 @@ import PIL.Image  # noqa: E402
 from kandinsky.pipelines.tasks import PROMPT_TASKS  # noqa: E402
 from kandinsky.sampling.samplers import sampler_names  # noqa: E402
 from kandinsky.serve import canvas  # noqa: E402
-from kandinsky.serve.studio import INPAINT_AREAS, MAX_IMAGES, MAX_SIDE, Studio, parse_parameters  # noqa: E402
+from kandinsky.serve.studio import (  # noqa: E402
+    ALL_LEVELS, INPAINT_AREAS, MAX_IMAGES, MAX_SIDE, Studio, parse_parameters)
 
 # Local fonts only (the default theme would fetch web fonts from another host).
 THEME = gr.themes.Soft(font=["system-ui", "Segoe UI", "Roboto", "sans-serif"],
@@ -383,43 +384,41 @@ def _wire(task: str, c: dict, runner: Runner, history, shelf) -> None:
 
 def _look_inside_tab(studio: Studio, history) -> None:
     """The x0 trajectory, the prior's attention over the prompt's words and the decoder's image-token
-    attention per UNet level at a chosen step: kandinsky.research.viz.attention_pictures, one text2img run
-    (a new prompt, or the session's last text2img: its prompt, seed and steps)."""
+    attention at a chosen step for every UNet level or a chosen one: Studio.look_inside (kandinsky.research.viz's
+    pictures), one text2img run (a new prompt, or the session's last text2img: its prompt, seed and steps);
+    choosing another level or step draws the shown run again."""
     with gr.Row():
         with gr.Column(scale=1):
-            prompt = gr.Textbox(label="prompt", lines=2)
-            seed = gr.Number(label="seed (-1 = random)", value=-1, precision=0)
+            prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt-look")
+            seed = gr.Number(label="seed (-1 = random)", value=-1, precision=0, elem_id="seed-look")
             steps = gr.Slider(2, 100, value=studio.default_steps(), step=1, label="steps")
             step = gr.Slider(0, 99, value=0, step=1, label="decoder step to show (0 = first)")
-            go = gr.Button("Generate and look inside", variant="primary")
+            # the levels are the decoder's: known once it is loaded (after the first run); any level is taken
+            level = gr.Dropdown([ALL_LEVELS], value=ALL_LEVELS, label="UNet level to show", allow_custom_value=True,
+                                elem_id="level-look")
+            go = gr.Button("Generate and look inside", variant="primary", elem_id="generate-look")
             last = gr.Button("take the last text2img of this session")
         with gr.Column(scale=2):
             image = gr.Image(label="picture", type="pil", format="png")
-            used = gr.Number(label="seed used", precision=0, interactive=False)
+            used = gr.Number(label="seed used", precision=0, interactive=False, elem_id="seed-used-look")
             trajectory = gr.Image(label="x0 at every step (left to right)", type="pil", format="png")
-            decoder = gr.Image(label="decoder: image-token attention per UNet level", type="pil", format="png")
+            decoder = gr.Image(label="decoder: image-token attention per UNet level", type="pil", format="png",
+                               elem_id="decoder-look")
             prior = gr.Image(label="prior: attention over the prompt's words per block", type="pil", format="png")
+    outputs = [image, used, trajectory, decoder, prior]
 
-    def look(prompt, seed, steps, step, progress=gr.Progress()):
-        import torch
-
-        from kandinsky.research.viz import attention_pictures
-        from kandinsky.serve.studio import resolve_seed
-
+    def look(prompt, seed, steps, step, level, progress=gr.Progress()):
         try:
-            if not prompt:
-                raise ValueError("no prompt: type what to paint")
-            seed, steps = resolve_seed(seed), int(steps)
-            step = min(int(step), steps - 1)
-            size = studio.default_size()
-            with studio._lock:
-                pipe = studio.pipe("text2img")
-                pictures = attention_pictures(pipe, prompt, steps=[step], trajectory=True, num_inference_steps=steps,
-                                              generator=torch.Generator().manual_seed(seed), height=size, width=size,
-                                              progress=False, callback_on_step_end=_on_step(progress))
+            pictures, seed = studio.look_inside(prompt, seed, steps, step, level, on_step=_on_step(progress))
         except ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
         return pictures["image"], seed, pictures["trajectory"], pictures["decoder"], pictures["prior"]
+
+    def again(prompt, used, steps, step, level, progress=gr.Progress()):
+        """Another level or step: the shown run again (its seed), drawn for them; nothing shown yet: nothing."""
+        if used is None or not prompt:
+            return [gr.skip()] * len(outputs)
+        return look(prompt, used, steps, step, level, progress)
 
     def take_last(history):
         made = [parse_parameters(text) for _, text in history or () if parse_parameters(text).get("task") == "text2img"]
@@ -429,8 +428,11 @@ def _look_inside_tab(studio: Studio, history) -> None:
         return params["prompt"], int(params["seed"]), int(params["num_inference_steps"])
 
     last.click(take_last, [history], [prompt, seed, steps], api_visibility="private", queue=False)
-    go.click(look, [prompt, seed, steps, step], [image, used, trajectory, decoder, prior], api_name="look_inside",
-             concurrency_id=CONCURRENCY, concurrency_limit=1)
+    go.click(look, [prompt, seed, steps, step, level], outputs, api_name="look_inside", concurrency_id=CONCURRENCY,
+             concurrency_limit=1).success(lambda: gr.update(choices=[ALL_LEVELS] + studio.levels()), None, level,
+                                          api_visibility="private", queue=False)
+    gr.on([level.input, step.release], again, [prompt, used, steps, step, level], outputs, api_visibility="private",
+          concurrency_id=CONCURRENCY, concurrency_limit=1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

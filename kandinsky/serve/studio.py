@@ -6,7 +6,8 @@
 
 * Models: loaded on first use, once per checkpoint kind (decoder, inpaint, controlnet), through the CLI's
   one loader (kandinsky.cli.common.pipeline: --demo, --prior, --decoder, --dtype, --offload, --lora ...);
-  the prior is loaded once and shared by every decoder; all requests share them.
+  one prior per prior checkpoint, shared by every decoder it serves (--demo's ControlNet, which the shapes
+  model lacks, runs on the random demo prior, as the command line's does); all requests share them.
 * One model run at a time (a lock around loading and sampling: one device, one run); every request makes
   its own ``torch.Generator`` from its seed, so the same seed gives the same bytes, busy server or not.
 * Inputs are checked before anything runs (``check_options``); a run whose sample turns NaN or infinite
@@ -38,6 +39,7 @@ MAX_SIDE = 2048  # the largest width / height a request may ask for
 MAX_IMAGES = 8  # images per prompt, at most
 MAX_STEPS = 1000
 INPAINT_AREAS = ("whole picture", "only masked area")
+ALL_LEVELS = "all levels"  # look inside: every UNet level of the decoder's attention, one column each
 
 # The PNG `parameters` chunk: the convention other tools read back ("prompt\nNegative prompt: ...\n
 # Steps: 20, Sampler: ddpm, ..."), keyed here by the Python API's names.
@@ -157,6 +159,7 @@ class Studio:
         self.max_pixels = max_pixels
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="kandinsky-studio-"))
         self._pipes: dict = {}  # checkpoint kind -> Kandinsky
+        self._priors: dict = {}  # prior folder -> its PriorPipeline, shared by every decoder it serves
         self._stack = contextlib.ExitStack()  # keeps --random-demo's folders until close()
         self._stack.callback(shutil.rmtree, self.out_dir, ignore_errors=True)
         self._lock = threading.Lock()  # one load or run at a time
@@ -194,11 +197,12 @@ class Studio:
             override = {"decoder": self.args.decoder, "inpaint": getattr(self.args, "inpaint", None),
                         "controlnet": getattr(self.args, "controlnet", None)}[kind]
             args = argparse.Namespace(**{**vars(self.args), "decoder": override})
-            pipe, _ = self._stack.enter_context(common.pipeline(args, task))
-            if self._pipes:  # one prior for every decoder
+            pipe, folders = self._stack.enter_context(common.pipeline(args, task))
+            prior = self._priors.setdefault(str(folders["prior"]), pipe.prior)  # one prior per prior checkpoint
+            if prior is not pipe.prior:
                 from kandinsky.pipelines.combined import Kandinsky
 
-                pipe = Kandinsky(next(iter(self._pipes.values())).prior, pipe.decoder)
+                pipe = Kandinsky(prior, pipe.decoder)
             self._pipes[kind] = pipe
         return self._pipes[kind]
 
@@ -215,10 +219,9 @@ class Studio:
         options = check_options(task, options)
         seed = resolve_seed(seed)
         spec = PROMPT_TASKS[task]
-        picture = bool({"image", "hint"} & set(spec.inputs))  # the decoder starts from a picture: its size
-        for key in ("width", "height"):
-            if not options.get(key):
-                options[key] = None if picture else self.default_size(task)
+        picture = bool({"image", "hint"} & set(spec.inputs))  # the decoder starts from a picture
+        options["width"], options["height"] = common.picture_size(  # the command line's rule (0: not given)
+            self.args, task, options.get("width") or None, options.get("height") or None, picture)
         if not options.get("preset"):  # a preset brings its own steps and guidance
             options.setdefault("num_inference_steps", self.default_steps(task))
             options.setdefault("guidance_scale", DECODER_OPTIONS["guidance_scale"])
@@ -303,6 +306,34 @@ class Studio:
                       padding=checked["padding"] if box else None,
                       size=f"{original.width}x{original.height}")
         return self.finish(pictures, result.seed, params)
+
+    def look_inside(self, prompt: str, seed=-1, steps: int | None = None, step: int = 0, level: str | None = None,
+                    on_step: Callable | None = None) -> tuple[dict, int]:
+        """One text2img run at the default size recording kandinsky.research.viz.attention_pictures' pictures:
+        ({"image", "trajectory", "decoder", "prior"}, the seed used). ``step``: the decoder step whose image-token
+        attention is drawn (clipped to the last); ``level``: one UNet level of ``levels()`` (None or ALL_LEVELS:
+        every level, one column each)."""
+        from kandinsky.research.viz import attention_pictures
+
+        if not prompt:
+            raise ValueError("no prompt: type what to paint")
+        seed = resolve_seed(seed)
+        steps = _number("steps", steps or self.default_steps(), low=1, high=MAX_STEPS, integer=True)
+        step = min(_number("step", step, low=0, integer=True), steps - 1)
+        size = self.default_size()
+        with self._lock:
+            pictures = attention_pictures(self.pipe("text2img"), prompt, steps=[step], trajectory=True,
+                                          levels=None if level in (None, "", ALL_LEVELS) else [level],
+                                          num_inference_steps=steps, height=size, width=size, progress=False,
+                                          generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step)
+        return pictures, seed
+
+    def levels(self) -> list[str]:
+        """The UNet levels look_inside can show (kandinsky.research.viz.unet_levels; loads the decoder)."""
+        from kandinsky.research.viz import unet_levels
+
+        with self._lock:
+            return unet_levels(self.pipe("text2img"))
 
     def open(self, path, what: str = "image"):
         """An uploaded file as a picture, within this studio's pixel limit."""
