@@ -110,6 +110,25 @@ def test_image_endpoints(client, studio_server, red_circle, api_name):
     np.testing.assert_array_equal(pixels(path), np.asarray(expected.images[0]))
 
 
+def test_image_tasks_take_the_command_lines_size(client, tmp_path):
+    """On --demo an input picture is resized to the shapes model's 64 px unless width / height say
+    (cli.common.picture_size, one rule): the studio's pictures are `kandinsky img2img --demo`'s, byte for byte."""
+    from kandinsky.cli import main
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.png"
+    PIL.Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(big)
+    for width, size in ((0, (64, 64)), (128, (128, 96))):  # a width given: the height is the picture's
+        path, seed = client.predict(prompt=GREEN, image=gradio_client.handle_file(str(big)), strength=0.5, seed=3,
+                                    width=width, api_name="/img2img", **STEPS)
+        out = tmp_path / f"cli-{width}.png"
+        assert main(["img2img", "--demo", GREEN, "--image", str(big), "-o", str(out), "--steps", "4", "--prior-steps",
+                     "4", "--strength", "0.5", "--seed", "3", "--no-progress", "--device", "cpu",
+                     *(["--width", str(width)] if width else [])]) == 0
+        assert PIL.Image.open(path).size == PIL.Image.open(out).size == size
+        np.testing.assert_array_equal(pixels(path), pixels(out))
+
+
 # ----------------------------------------------------------------------------- inpainting
 @pytest.mark.parametrize("area", ["whole picture", "only masked area"])
 def test_inpaint_keeps_the_unmasked_pixels_and_paints_the_prompt(client, red_circle, tmp_path, area):
@@ -164,6 +183,89 @@ def test_queue_is_bounded_and_runs_one_at_a_time(studio_server):
     assert len(runs) == len(studio.tasks()) + 1
     assert {fn.concurrency_id for fn in runs} == {"model"} and {fn.concurrency_limit for fn in runs} == {1}
     assert page._queue.max_size == 16  # --queue-size
+
+
+@pytest.fixture(scope="module")
+def second_studio(random_demo):
+    """A second live studio: `kandinsky serve --demo --controlnet C --queue-size 1`, C the tiny random
+    controlnet-depth checkpoint of kandinsky.demo (the shapes model has none). -> (url, Studio, Blocks)."""
+    import argparse
+
+    from kandinsky.cli import serve as command
+    from kandinsky.serve.app import free_port, start
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    page, studio, url = start(parser.parse_args(["--demo", "--controlnet", str(random_demo["controlnet-depth"]),
+                                                 "--queue-size", "1", "--port", str(free_port())]))
+    yield url, studio, page
+    page.close()
+    studio.close()
+
+
+def test_a_full_queue_refuses_with_its_message_and_keeps_serving(second_studio):
+    """--queue-size 1: with the one model run busy and one request waiting, the next is refused (HTTP 503,
+    "Queue is full"); the busy and the waiting ones then finish, and the server keeps serving."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    url, studio, page = second_studio
+    assert page._queue.max_size == 1
+    client = gradio_client.Client(url, verbose=False)
+    quick = dict(prompt=RED, num_inference_steps=2, prior_num_inference_steps=2, api_name="/text2img")
+
+    def until(condition, what):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        with studio._lock:  # the worker busy, as with a long run: the first request runs into the lock
+            running = client.submit(seed=1, **quick)
+            until(lambda: len(page._queue) == 0 and any(page._queue.active_jobs), "the first never started")
+            waiting = client.submit(seed=2, **quick)
+            until(lambda: len(page._queue) == 1, "the second never queued")
+            data = [RED, "", 3, 2, 4.0, "ddpm", 0, 0, 1, 4.0, 2]  # /text2img's parameters, in order
+            call = urllib.request.Request(url + "gradio_api/call/text2img", json.dumps({"data": data}).encode(),
+                                          {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(call, timeout=30)
+            assert refused.value.code == 503
+            assert json.load(refused.value)["detail"] == "Queue is full. Max size is 1 and size is 1."
+            with pytest.raises(gradio_client.utils.QueueError, match="Queue is full"):
+                client.submit(seed=3, **quick).result(timeout=30)
+        assert running.result(timeout=60)[1] == 1 and waiting.result(timeout=60)[1] == 2
+        path, seed = client.predict(seed=4, **quick)
+        assert seed == 4 and pixels(path).shape == (64, 64, 3)
+    finally:
+        client.close()
+
+
+def test_controlnet_tab_is_the_python_api_bit_for_bit(second_studio, random_demo, tmp_path):
+    """--controlnet: the ControlNet tabs and endpoints; one request with a depth hint returns the Python API's
+    picture on the same checkpoints (the random demo's prior and controlnet-depth) and the seed used."""
+    from kandinsky.pipelines.combined import Kandinsky
+
+    url, studio, page = second_studio
+    assert studio.tasks()[-2:] == ["controlnet", "controlnet_img2img"]
+    ramp = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None], (1, 64))  # near at the bottom
+    hint = PIL.Image.fromarray(ramp).convert("RGB")
+    hint.save(tmp_path / "depth.png")
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        path, seed = client.predict(prompt=RED, hint=gradio_client.handle_file(str(tmp_path / "depth.png")), seed=4,
+                                    api_name="/controlnet", **STEPS)
+    finally:
+        client.close()
+    assert seed == 4
+    pipe = Kandinsky.from_pretrained(random_demo["controlnet-depth"], prior=random_demo["prior"])
+    expected = pipe.controlnet(RED, hint, generator=torch.Generator().manual_seed(4), progress=False, **STEPS)
+    assert pixels(path).shape == (64, 64, 3)  # the hint's size: random weights are not the shapes model's 64 px
+    np.testing.assert_array_equal(pixels(path), np.asarray(expected.images[0]))
+    assert studio.pipe("controlnet").prior is not studio.pipe("text2img").prior  # one prior per prior checkpoint
 
 
 # ----------------------------------------------------------------------------- bad input

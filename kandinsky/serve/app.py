@@ -80,12 +80,12 @@ def parameters_of(task: str) -> list[str]:
 def control(name: str, studio: Studio, task: str):
     """The page's control for parameter ``name`` (one table of labels and ranges), with the element id
     ``{name}-{task}``."""
-    component = _control(name, studio)
+    component = _control(name, studio, task)
     component.elem_id = f"{name}-{task}"
     return component
 
 
-def _control(name: str, studio: Studio):
+def _control(name: str, studio: Studio, task: str):
     if name.startswith("prompt_weight_") or name.startswith("image_weight_"):
         return gr.Number(label=f"weight {name.rsplit('_', 1)[1]}", value=0.5 if name.endswith(("_1", "_2")) else 0)
     if name.startswith("prompt_"):
@@ -94,7 +94,8 @@ def _control(name: str, studio: Studio):
         labels = {"image": "picture", "mask_image": "mask (white = repaint)", "hint": "depth hint (bright = near)"}
         return gr.Image(label=labels.get(name, f"picture {name.rsplit('_', 1)[-1]}"), type="filepath",
                         image_mode=None, sources=["upload", "clipboard"], format="png")
-    steps, size = studio.default_steps(), studio.default_size()
+    steps, size = studio.default_steps(task), studio.picture_size(task)[0]
+    size = f"{size} px" if size else "the picture's"
     table = {
         "prompt": lambda: gr.Textbox(label="prompt", lines=2),
         "negative_prompt": lambda: gr.Textbox(label="negative prompt", lines=1),
@@ -104,10 +105,8 @@ def _control(name: str, studio: Studio):
         "prior_guidance_scale": lambda: gr.Slider(0, 20, value=4.0, step=0.5, label="prior guidance"),
         "prior_num_inference_steps": lambda: gr.Slider(2, 100, value=25, step=1, label="prior steps"),
         "scheduler": lambda: gr.Dropdown(sampler_names(), value="ddpm", label="sampler"),
-        "width": lambda: gr.Number(label=f"width (0 = {size} or the picture's)", value=0, precision=0,
-                                   minimum=0, maximum=MAX_SIDE),
-        "height": lambda: gr.Number(label=f"height (0 = {size} or the picture's)", value=0, precision=0,
-                                    minimum=0, maximum=MAX_SIDE),
+        "width": lambda: gr.Number(label=f"width (0 = {size})", value=0, precision=0, minimum=0, maximum=MAX_SIDE),
+        "height": lambda: gr.Number(label=f"height (0 = {size})", value=0, precision=0, minimum=0, maximum=MAX_SIDE),
         "num_images_per_prompt": lambda: gr.Slider(1, MAX_IMAGES, value=1, step=1, label="images"),
         "strength": lambda: gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="strength (share of steps run)"),
         "prior_strength": lambda: gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="prior strength"),

@@ -179,6 +179,12 @@ class Studio:
         """The side pictures without an input picture get (the command line's rule, cli.common)."""
         return common.default_size_and_steps(self.args, task)[0]
 
+    def picture_size(self, task: str, width=None, height=None) -> tuple:
+        """(width, height) a ``task`` request runs at (0 or None: not given), by the command line's rule
+        (cli.common.picture_size); None: the input picture's (on --demo pictures are resized to its 64 px)."""
+        picture = bool({"image", "hint"} & set(PROMPT_TASKS[task].inputs))  # the decoder starts from a picture
+        return common.picture_size(self.args, task, width or None, height or None, picture)
+
     def default_steps(self, task: str = "text2img") -> int:
         return common.default_size_and_steps(self.args, task)[1]
 
@@ -219,9 +225,7 @@ class Studio:
         options = check_options(task, options)
         seed = resolve_seed(seed)
         spec = PROMPT_TASKS[task]
-        picture = bool({"image", "hint"} & set(spec.inputs))  # the decoder starts from a picture
-        options["width"], options["height"] = common.picture_size(  # the command line's rule (0: not given)
-            self.args, task, options.get("width") or None, options.get("height") or None, picture)
+        options["width"], options["height"] = self.picture_size(task, options.get("width"), options.get("height"))
         if not options.get("preset"):  # a preset brings its own steps and guidance
             options.setdefault("num_inference_steps", self.default_steps(task))
             options.setdefault("guidance_scale", DECODER_OPTIONS["guidance_scale"])
