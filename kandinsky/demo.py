@@ -287,11 +287,10 @@ def demo_checkpoints(random: bool = False, seed: int = 0):
     -> (folders {"prior", "decoder", "inpaint", "controlnet"}, a TemporaryDirectory to clean up or
     None, a one-line message saying what they are). ``random=False``: the tiny model trained on
     procedural shapes that ships in the package (no ControlNet: that entry is None); ``random=True``:
-    tiny random-weight checkpoints built now (``seed`` seeds the weights). Both run on one thread
-    (tiny models: more threads only wait on each other)."""
+    tiny random-weight checkpoints built now (``seed`` seeds the weights). Neither touches the threads:
+    every pipeline call on a model this small runs on one thread, however it was loaded (kandinsky.threads)."""
     import tempfile
 
-    torch.set_num_threads(1)
     if not random:
         folders = demo_folders()
         message = ("DEMO: tiny model trained on procedural shapes (kandinsky/demo_weights): circles, squares and "

@@ -19,6 +19,7 @@ from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
 from kandinsky.pipelines.stepping import check_device, to_arguments
 from kandinsky.pipelines.tasks import DECODER_TASKS, PRIOR_OPTIONS, PROMPT_TASKS, preset_options
+from kandinsky.threads import per_call
 
 
 class Kandinsky:
@@ -143,6 +144,11 @@ class Kandinsky:
         return self.run("emb2emb", prompt=prompt, image=image, negative_prompt=negative_prompt,
                         prior_strength=prior_strength, **options)
 
+    def threads(self, task=None, height=None, width=None, **_):
+        """The threads of a call: the decoder's (kandinsky.threads), for the prior too."""
+        return self.decoder.threads(height, width)
+
+    @per_call
     def run(self, task: str, **kwargs):
         """Run prompt-level task ``task`` (a key of tasks.PROMPT_TASKS)."""
         spec = PROMPT_TASKS.get(task)

@@ -59,6 +59,7 @@ from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser, check_speedups
 from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.trajectory import Trajectory
+from kandinsky.threads import parameters, threads_for
 from weights_convert import load_component
 
 # Kept for code that imported them from here: the tables live in tasks.py.
@@ -300,38 +301,39 @@ class DecoderPipeline:
         size = self._sizes(opts["height"], opts["width"], inputs.get("image", inputs.get("hint")))
         height, width = size.generate
         check_memory(self, batch, height, width, opts["tile"], size.asked)  # a runaway size: refused before any work
-        plan = self._plan(sampler, opts["num_inference_steps"], spec, inputs.get("strength"))
-        check_speedups(opts["cache_interval"], opts["cache_level"], opts["guidance_interval"], self.unet.config.depth,
-                       plan)  # before any picture is encoded
-        generator = opts["generator"]
+        with self.threads(height, width):  # a small decoder runs on one thread (kandinsky.threads)
+            plan = self._plan(sampler, opts["num_inference_steps"], spec, inputs.get("strength"))
+            check_speedups(opts["cache_interval"], opts["cache_level"], opts["guidance_interval"],
+                           self.unet.config.depth, plan)  # before any picture is encoded
+            generator = opts["generator"]
 
-        hint = inpaint = blend = None
-        if "hint" in spec.inputs:
-            hint = self._hint(inputs["hint"], batch, n_img, height, width)
-        if spec.start == "image":
-            latents = self._noised_image_latents(inputs["image"], batch, n_img, height, width, plan, generator)
-        else:
-            latents = self._initial_latents(batch, height, width, generator, opts["latents"], plan)
-        if task == "inpaint":
-            image_latents, keep = self._inpaint_inputs(inputs["image"], inputs["mask_image"], batch, n_img,
-                                                       height, width)
-            inpaint = torch.cat([image_latents * keep, keep], dim=1)  # (B, 5, h, w)
-            blend = _InpaintBlend(image_latents, keep, noise=latents.clone(), plan=plan)
+            hint = inpaint = blend = None
+            if "hint" in spec.inputs:
+                hint = self._hint(inputs["hint"], batch, n_img, height, width)
+            if spec.start == "image":
+                latents = self._noised_image_latents(inputs["image"], batch, n_img, height, width, plan, generator)
+            else:
+                latents = self._initial_latents(batch, height, width, generator, opts["latents"], plan)
+            if task == "inpaint":
+                image_latents, keep = self._inpaint_inputs(inputs["image"], inputs["mask_image"], batch, n_img,
+                                                           height, width)
+                inpaint = torch.cat([image_latents * keep, keep], dim=1)  # (B, 5, h, w)
+                blend = _InpaintBlend(image_latents, keep, noise=latents.clone(), plan=plan)
 
-        denoiser = DecoderDenoiser(self.unet, embeds, opts["guidance_scale"], self.latent_channels,
-                                   inpaint=inpaint, hint=hint, cache_interval=opts["cache_interval"],
-                                   cache_level=opts["cache_level"], guidance_interval=opts["guidance_interval"],
-                                   plan=plan)
-        recorder = Trajectory() if opts["return_trajectory"] else None
-        callback = _callbacks(blend, recorder, opts["callback_on_step_end"])
-        with _progress(plan, opts["progress"], "decoder") as bar:
-            latents = samplers.sample(sampler, _ticking(denoiser, bar), latents, plan, generator=generator,
-                                      callback=callback)
-        if task == "inpaint":
-            latents = keep * image_latents + (1 - keep) * latents  # the kept area exactly as encoded
-        out = self._output(latents, opts["output_type"], size, tile=opts["tile"])
-        out.trajectory = recorder
-        return out
+            denoiser = DecoderDenoiser(self.unet, embeds, opts["guidance_scale"], self.latent_channels,
+                                       inpaint=inpaint, hint=hint, cache_interval=opts["cache_interval"],
+                                       cache_level=opts["cache_level"], guidance_interval=opts["guidance_interval"],
+                                       plan=plan)
+            recorder = Trajectory() if opts["return_trajectory"] else None
+            callback = _callbacks(blend, recorder, opts["callback_on_step_end"])
+            with _progress(plan, opts["progress"], "decoder") as bar:
+                latents = samplers.sample(sampler, _ticking(denoiser, bar), latents, plan, generator=generator,
+                                          callback=callback)
+            if task == "inpaint":
+                latents = keep * image_latents + (1 - keep) * latents  # the kept area exactly as encoded
+            out = self._output(latents, opts["output_type"], size, tile=opts["tile"])
+            out.trajectory = recorder
+            return out
 
     # ------------------------------------------------------------------ inputs
     def check_task(self, task: str) -> None:
@@ -393,6 +395,14 @@ class DecoderPipeline:
         calls before its prior runs."""
         size = self._sizes(height, width, picture)
         check_memory(self, batch, *size.generate, tile, size.asked)
+
+    def threads(self, height=None, width=None, picture=None):
+        """The threads of a call at this size (default: ``picture``'s, else 512): one intra-op thread while
+        UNet parameters x latent pixels of one picture is below kandinsky.threads.SMALL_WORK, on the CPU
+        (a context manager; the caller's setting is restored after it, and a caller's own setting wins)."""
+        h, w = self._sizes(height, width, picture).generate
+        f = self.movq_scale_factor
+        return threads_for(parameters(self.unet) * (h // f) * (w // f), self.device)
 
     def _sizes(self, height, width, picture=None) -> "Sizes":
         """The size asked (default: the input picture's, else 512) and the size generated: the next

@@ -41,6 +41,7 @@ from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import PriorDenoiser
 from kandinsky.sampling.schedule import NoiseSchedule, randn
 from kandinsky.sampling.trajectory import Trajectory
+from kandinsky.threads import parameters, per_call, threads_for
 from weights_convert import load_component
 
 SUBFOLDERS = ("prior", "text_encoder", "image_encoder", "tokenizer", "scheduler", "image_processor")
@@ -171,6 +172,11 @@ class PriorPipeline:
         """D: the size of the image embeddings this pipeline makes."""
         return self.prior.config.clip_dim
 
+    def threads(self, *args, **kwargs):
+        """The threads of a sampling call (kandinsky.threads): one while prior and text encoder parameters x
+        text tokens is small."""
+        return threads_for(parameters(self.prior, self.text_encoder) * self.prior.config.num_embeddings, self.device)
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "PriorPipeline":
         device, dtype = to_arguments(device, dtype)  # pipe.to(torch.float16) works too
         for model in (self.prior, self.text_encoder, self.image_encoder):
@@ -268,6 +274,7 @@ class PriorPipeline:
             return PriorOutput(image_embeds, negative_embeds)
         return PriorOutput(embeds, self.zero_image_embeds(embeds.shape[0]))
 
+    @per_call
     @torch.no_grad()
     def __call__(
         self,
@@ -329,6 +336,7 @@ class PriorPipeline:
         check_finite_tensor(latents, "latents")
         return latents.to(device=self.device, dtype=dtype) * plan.init_noise_sigma
 
+    @per_call
     @torch.no_grad()
     def interpolate(
         self,
@@ -404,6 +412,7 @@ class PriorPipeline:
         negative_embeds = out.negative_image_embeds if negative_prompt == "" else out.image_embeds
         return PriorOutput(image_embeds, negative_embeds)
 
+    @per_call
     @torch.no_grad()
     def emb2emb(
         self,
