@@ -147,6 +147,45 @@ def test_inpaint_keeps_the_unmasked_pixels_and_paints_the_prompt(client, red_cir
     assert f"Mask blur: 2, Inpaint area: {area}, " in PIL.Image.open(path).text["parameters"]
 
 
+def test_images_per_prompt_are_the_python_apis(studio_server, red_circle, tmp_path):
+    """num_images_per_prompt: every picture (the page's gallery shows them all; the API returns the first), each
+    a PNG with the parameters; inpainting pastes each back."""
+    _, studio, _ = studio_server
+    result = studio.generate("text2img", prompt=RED, seed=8, num_images_per_prompt=2, **STEPS)
+    expected = studio.pipe("text2img").text2img(RED, generator=torch.Generator().manual_seed(8), height=64, width=64,
+                                                num_images_per_prompt=2, progress=False, **STEPS).images
+    assert len(result.paths) == 2 and result.seed == 8
+    for path, picture in zip(result.paths, expected):
+        np.testing.assert_array_equal(pixels(path), np.asarray(picture))
+        assert "Seed: 8, " in PIL.Image.open(path).text["parameters"]
+    painted = studio.inpaint(GREEN, PIL.Image.open(red_circle), PIL.Image.open(center_mask(tmp_path)), seed=1,
+                             mask_blur=0, num_images_per_prompt=2, **STEPS)
+    first, second = (pixels(path) for path in painted.paths)
+    inside = np.asarray(PIL.Image.open(center_mask(tmp_path))) == 255
+    for out in (first, second):
+        np.testing.assert_array_equal(out[~inside], pixels(red_circle)[~inside])
+    assert np.abs(first[inside].astype(int) - second[inside]).mean() > 1  # two pictures, not one twice
+
+
+def test_the_history_reloads_a_pictures_parameters_from_its_png(client, red_circle, tmp_path):
+    """A click in the history reads the picture's PNG `parameters` chunk back into its tab's controls: the
+    request's values, and running them again gives the same picture."""
+    from kandinsky.serve.app import RELOADABLE, reload_values
+
+    request = dict(prompt="a large green square,\nin the center", negative_prompt="a circle", seed=11,
+                   num_inference_steps=3, guidance_scale=5.5, scheduler="ddim", prior_guidance_scale=3.0,
+                   prior_num_inference_steps=4, mask_blur=3, inpaint_area="only masked area", padding=6,
+                   width=64, height=64)
+    path, _ = client.predict(image=gradio_client.handle_file(str(red_circle)), api_name="/inpaint",
+                             mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), **request)
+    task, values = reload_values(path)
+    assert task == "inpaint" and set(values) == set(RELOADABLE) - {"strength"}
+    assert values == {name: request[name] for name in values}
+    again, _ = client.predict(image=gradio_client.handle_file(str(red_circle)), api_name="/inpaint",
+                              mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), **values)
+    np.testing.assert_array_equal(pixels(again), pixels(path))
+
+
 def test_outpaint_returns_the_extended_size(client, red_circle):
     path, _ = client.predict(prompt=RED, image=gradio_client.handle_file(str(red_circle)), outpaint_left=16,
                              outpaint_top=8, mask_blur=0, seed=2, api_name="/inpaint", **STEPS)
@@ -310,6 +349,22 @@ def test_bad_input_gets_its_message_and_the_server_keeps_serving(client, red_cir
     assert seed == 0 and pixels(path).shape == (64, 64, 3)
 
 
+def test_a_run_that_turns_nan_gets_the_pipelines_message(client, studio_server, monkeypatch):
+    """Settings that pass the checks but make the sample NaN or inf (here a decoder UNet that overflows, as
+    float16 can) stop with the pipelines' own message in the API, and the server keeps serving."""
+    _, studio, _ = studio_server
+    unet = studio.pipe("text2img").decoder.unet
+    forward = unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *args, **kwargs: forward(*args, **kwargs) * torch.inf)
+    with pytest.raises(gradio_client.exceptions.AppError) as e:
+        client.predict(prompt=RED, seed=0, api_name="/text2img", **STEPS)
+    assert "the decoder sample became NaN or inf at step 0" in str(e.value)
+    assert "use bfloat16 or float32 (--dtype bf16 / fp32), or a lower guidance scale" in str(e.value)
+    monkeypatch.undo()
+    path, seed = client.predict(prompt=RED, seed=0, api_name="/text2img", **STEPS)
+    assert seed == 0 and np.isfinite(pixels(path)).all() and pixels(path).std() > 0
+
+
 def test_a_server_side_path_is_refused(studio_server):
     """A request naming a file on the server (not one uploaded to it) is refused before the studio runs."""
     import json
@@ -375,16 +430,13 @@ def test_look_inside_one_unet_level(client, studio_server):
     names = kandinsky.module_names(pipe, "unet.*.attn*", size=(64, 64))
     levels = {unet_level(n) for n in names if re.search(r"attn(\.\d+)?$", n)}
     assert studio.levels() == unet_levels(pipe) and set(unet_levels(pipe)) == levels  # what the selector offers
-    everything = attention_pictures(pipe, RED, steps=[1], num_inference_steps=4, height=64, width=64,
-                                    generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
-    for level in ("unet.mid", "unet.up.1"):
-        _, seed, _, decoder, _ = client.predict(prompt=RED, seed=2, steps=4, step=1, level=level,
-                                                api_name="/look_inside")
-        expected = attention_pictures(pipe, RED, steps=[1], levels=[level], num_inference_steps=4, height=64,
-                                      width=64, generator=torch.Generator().manual_seed(2), progress=False)
-        np.testing.assert_array_equal(pixels(decoder), np.asarray(expected["decoder"]), err_msg=level)
-        assert PIL.Image.open(decoder).size == (64 + 2 * 128, 18 + 128 + 22)  # the image and one level
-    assert everything.size == (64 + (len(levels) + 1) * 128, 18 + 128 + 22)
+    _, seed, _, decoder, _ = client.predict(prompt=RED, seed=2, steps=4, step=1, level="unet.up.1",
+                                            api_name="/look_inside")
+    expected = attention_pictures(pipe, RED, steps=[1], levels=["unet.up.1"], num_inference_steps=4, height=64,
+                                  width=64, generator=torch.Generator().manual_seed(2), progress=False)
+    np.testing.assert_array_equal(pixels(decoder), np.asarray(expected["decoder"]))
+    assert seed == 2 and len(levels) > 1
+    assert PIL.Image.open(decoder).size == (64 + 2 * 128, 18 + 128 + 22)  # the image and one level (of several)
     with pytest.raises(gradio_client.exceptions.AppError) as e:
         client.predict(prompt=RED, seed=2, steps=4, step=1, level="unet.sideways", api_name="/look_inside")
     assert "levels must be UNet levels of this decoder (unet.down.1, " in str(e.value)

@@ -153,6 +153,8 @@ def test_parameters_text_round_trips():
     assert text == ("a red circle\nNegative prompt: blur\nTask: text2img, Steps: 20, Sampler: ddim, CFG scale: 4.0, "
                     "Seed: 7, Size: 64x64, Model: demo")
     assert parse_parameters(text) == {k: str(v) for k, v in params.items()}
+    several = {**params, "prompt": "a red circle,\non a blue background", "negative_prompt": "blur\nnoise"}
+    assert parse_parameters(parameters_text(several)) == {k: str(v) for k, v in several.items()}
 
 
 @pytest.mark.parametrize("options, message", [

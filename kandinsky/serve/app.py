@@ -248,9 +248,9 @@ def _endpoint(task: str, runner: Runner, page: bool, defaults: dict):
         if "error" in done:
             raise done["error"]
         result = done["result"]
-        history = (history or []) + [(str(p), result.parameters) for p in result.paths]
+        history = (history or []) + [str(p) for p in result.paths]
         yield ([str(p) for p in result.paths], result.seed, result.parameters, history,
-               [(p, _caption(text)) for p, text in reversed(history)])
+               [(p, _caption(p)) for p in reversed(history)])
 
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, **(
         {} if n in REQUIRED or page else {"default": defaults.get(n)})) for n in names]
@@ -264,8 +264,14 @@ def _endpoint(task: str, runner: Runner, page: bool, defaults: dict):
     return fn
 
 
-def _caption(parameters: str) -> str:
-    params = parse_parameters(parameters)
+def parameters_of_png(path) -> str:
+    """The ``parameters`` text chunk of a PNG the studio made ("" when it has none)."""
+    with PIL.Image.open(path) as png:
+        return png.text.get("parameters", "")
+
+
+def _caption(path) -> str:
+    params = parse_parameters(parameters_of_png(path))
     return f"{params.get('task', '')} · seed {params.get('seed', '')} · {params.get('prompt', '')}"[:80]
 
 
@@ -292,16 +298,15 @@ def build(studio: Studio) -> gr.Blocks:
                    if name in RELOADABLE]
 
         def load(history, event: gr.SelectData):
-            path, text = list(reversed(history))[event.index]
-            params = parse_parameters(text)
-            task = params.get("task")
+            path = list(reversed(history))[event.index]
+            task, values = reload_values(path)
             updates = []
             for t in tabs:
                 for name in tabs[t]["inputs"]:
                     if name in RELOADABLE:
-                        value = _reload_value(name, params) if t == task else None
+                        value = values.get(name) if t == task else None
                         updates.append(gr.update(value=value) if value is not None else gr.update())
-            return [text, gr.Tabs(selected=task if task in tabs else "history")] + updates
+            return [parameters_of_png(path), gr.Tabs(selected=task if task in tabs else "history")] + updates
 
         shelf.select(load, [history], [shown, tab_set] + targets, api_visibility="private")
     page.queue(max_size=getattr(studio.args, "queue_size", 16), default_concurrency_limit=1)
@@ -313,8 +318,16 @@ RELOADABLE = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guida
               "padding")
 
 
+def reload_values(path) -> tuple:
+    """A picture's ``parameters`` chunk read back from the PNG (what a click in the history loads): (its task,
+    {control: value} for the RELOADABLE controls it names)."""
+    params = parse_parameters(parameters_of_png(path))
+    values = {name: _reload_value(name, params) for name in RELOADABLE}
+    return params.get("task"), {name: value for name, value in values.items() if value is not None}
+
+
 def _reload_value(name: str, params: dict):
-    """A history entry's value for control ``name`` (its parameters text read back), or None."""
+    """Control ``name``'s value in a parameters text read back (``parse_parameters``), or None."""
     if name == "width" or name == "height":
         size = params.get("size", "")
         if "x" in size:
@@ -420,7 +433,8 @@ def _look_inside_tab(studio: Studio, history) -> None:
         return look(prompt, used, steps, step, level, progress)
 
     def take_last(history):
-        made = [parse_parameters(text) for _, text in history or () if parse_parameters(text).get("task") == "text2img"]
+        made = [params for params in map(parse_parameters, map(parameters_of_png, history or ()))
+                if params.get("task") == "text2img"]
         if not made:
             raise gr.Error("nothing made with text2img in this session yet", print_exception=False)
         params = made[-1]

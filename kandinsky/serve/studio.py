@@ -72,13 +72,11 @@ def parameters_text(params: dict) -> str:
 
 def parse_parameters(text: str) -> dict:
     """``parameters_text`` read back: {"prompt", "negative_prompt", API names: values as text}."""
-    lines = text.split("\n")
-    *head, last = lines
+    *head, last = text.split("\n")
     by_label = {label: key for key, label in PARAMETER_LABELS.items()}
-    params = {"prompt": head[0] if head else "", "negative_prompt": ""}
-    for line in head[1:]:
-        if line.startswith("Negative prompt: "):
-            params["negative_prompt"] = line.removeprefix("Negative prompt: ")
+    negative = next((i for i, line in enumerate(head) if line.startswith("Negative prompt: ")), len(head))
+    params = {"prompt": "\n".join(head[:negative]),  # prompts of several lines too
+              "negative_prompt": "\n".join(head[negative:]).removeprefix("Negative prompt: ")}
     for pair in last.split(", "):
         label, _, value = pair.partition(": ")
         if label in by_label:
@@ -307,8 +305,7 @@ class Studio:
         pictures = [canvas.paste_back(original, generated, soft, box) for generated in result.images]
         params = parse_parameters(result.parameters)
         params.update(mask_blur=checked["mask_blur"], inpaint_area=checked["inpaint_area"],
-                      padding=checked["padding"] if box else None,
-                      size=f"{original.width}x{original.height}")
+                      padding=checked["padding"] if box else None)  # Size: what the model drew at
         return self.finish(pictures, result.seed, params)
 
     def look_inside(self, prompt: str, seed=-1, steps: int | None = None, step: int = 0, level: str | None = None,
