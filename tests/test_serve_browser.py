@@ -2,7 +2,8 @@
 studio, uploads a picture into the inpaint tab, paints a stroke with the mouse, types a prompt, presses
 Generate, and checks the picture (the stroke's area changed, the rest kept bit for bit), the seed shown and
 every request the page made (all to the server itself); a click in the history loads the parameters
-back. It also takes the README's screenshot
+back. In look inside, the UNet level selector redraws the decoder's attention for one level. It also takes
+the README's screenshot
 (docs/images/studio-inpaint.png, written when KANDINSKY_UPDATE_SCREENSHOTS=1).
 
 No browser here: the test skips saying why; under CI=true it fails instead (.ci/run installs chromium).
@@ -122,4 +123,41 @@ def test_paint_a_stroke_and_inpaint_in_the_browser(browser, studio_server, tmp_p
     if os.environ.get("KANDINSKY_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "studio-inpaint.png", SCREENSHOT)
+    page.close()
+
+
+def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
+    """Look inside: after a run the UNet level selector offers the decoder's levels; picking one redraws the
+    decoder's attention for that level alone: kandinsky.research.viz's picture for it, bit for bit."""
+    import torch
+
+    from kandinsky.research.viz import attention_pictures
+
+    url, studio, _ = studio_server
+    page = browser.new_page()
+    page.goto(url)
+    tab = page.get_by_role("tab", name="look inside")
+    tab.wait_for(timeout=60_000)
+    tab.click()
+    page.locator("#prompt-look textarea").fill(PROMPT)
+    page.locator("#seed-look input").fill("2")
+    page.locator("#generate-look").click()
+    decoder = page.locator("#decoder-look img")
+    decoder.wait_for(timeout=120_000)
+    every = decoder.get_attribute("src")
+    level = page.locator("#level-look input")
+    level.click()
+    page.get_by_role("option", name="unet.up.1").click()
+    page.wait_for_function("(before) => document.querySelector('#decoder-look img')?.src !== before", arg=every,
+                           timeout=120_000, polling=250)
+    messages = page.locator(".toast-body").all_inner_texts()
+    assert not messages, f"the page says {messages}"
+    assert int(page.locator("#seed-used-look input").input_value()) == 2
+    shown = PIL.Image.open(io.BytesIO(urllib.request.urlopen(decoder.get_attribute("src")).read())).convert("RGB")
+    before = PIL.Image.open(io.BytesIO(urllib.request.urlopen(every).read()))
+    expected = attention_pictures(studio.pipe("text2img"), PROMPT, steps=[0], levels=["unet.up.1"],
+                                  num_inference_steps=studio.default_steps(), height=64, width=64,
+                                  generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(expected))
+    assert shown.width < before.width  # one level where all were
     page.close()
