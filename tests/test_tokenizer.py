@@ -142,6 +142,11 @@ def test_batch_names_which_prompt_and_the_first_dropped_word(tokenizer, hf_token
     with pytest.warns(UserWarning) as record:
         tokenizer(["a cat", prompt])
     messages = [str(w.message) for w in record if "dropped" in str(w.message)]
-    assert messages == [f"prompt 1 is longer than CLIP's 75 tokens; these words are dropped: 'dog'. "
-                        "Shorten it, or put what matters first."]
+    assert messages == ["the prompt is longer than CLIP's 75 tokens; these words are dropped: 'dog'. "
+                        "Shorten it, or put what matters first."]  # one long prompt in the batch: "the prompt"
     assert _removed_as_diffusers_computes_it(hf_tokenizer, prompt) == "dog"
+    with pytest.warns(UserWarning) as record:
+        tokenizer(["a cat", prompt, "dog " * 75 + "cat"])  # two long ones: named by their beginnings
+    messages = [str(w.message) for w in record if "dropped" in str(w.message)]
+    assert [m.split(" is longer")[0] for m in messages] == [
+        f"the prompt starting {prompt[:20] + '...'!r}", f"the prompt starting {'dog ' * 5 + '...'!r}"]

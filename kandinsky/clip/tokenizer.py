@@ -69,25 +69,32 @@ class Tokenizer:
         self.warn_truncated(prompts)
         return out.input_ids.long(), out.attention_mask.bool()
 
-    def dropped_text(self, prompt: str) -> str | None:
-        """The end of ``prompt`` that does not fit in the context (None if it all fits)."""
-        tokens = self.tokenizer.tokenize(prompt)  # BPE tokens, without <|startoftext|> / <|endoftext|>
-        keep = self.max_length - 2
+    def dropped_text(self, prompt: str) -> tuple[str, str] | None:
+        """What of ``prompt`` does not fit in the context, in whole words: ``(dropped, cut)`` with ``dropped``
+        the words from the first one not wholly kept to the end, and ``cut`` the kept beginning of that
+        first word when the limit falls inside it (else ""); None if the prompt fits."""
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids  # (no length warning)
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)  # BPE tokens; a word's last one ends with "</w>"
+        keep = self.max_length - 2  # <|startoftext|> and <|endoftext|> take two places
         if len(tokens) <= keep:
             return None
-        return self.tokenizer.decode(self.tokenizer.convert_tokens_to_ids(tokens[keep:])).strip()
+        start = keep
+        while start > 0 and not tokens[start - 1].endswith("</w>"):  # back to the start of the word cut
+            start -= 1
+        cut = self.tokenizer.decode(ids[start:keep]).strip() if start < keep else ""
+        return self.tokenizer.decode(ids[start:]).strip(), cut
 
     def warn_truncated(self, prompts: list[str]) -> None:
-        """One warning per prompt longer than the context, naming the words that are dropped."""
-        for i, prompt in enumerate(prompts):
-            dropped = self.dropped_text(prompt)
-            if dropped is None:
-                continue
-            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+        """One warning per prompt longer than the context, quoting the words dropped (whole). A prompt is named
+        by its beginning when several are too long (an index would not be the caller's: the prior encodes
+        the distinct strings of its prompts and negative prompts in one batch)."""
+        long = {prompt: truncated for prompt in dict.fromkeys(prompts)
+                if (truncated := self.dropped_text(prompt)) is not None}
+        for prompt, (dropped, cut) in long.items():
+            which = "the prompt" if len(long) == 1 else f"the prompt starting {prompt[:20] + '...'!r}"
+            first = f" (of {dropped.split()[0]!r}, only {cut!r} is kept)" if cut else ""
             warnings.warn(
                 f"{which} is longer than CLIP's {self.max_length - 2} tokens; these words are dropped: "
-                f"{dropped!r}. Shorten it, or put what matters first.",
+                f"{dropped!r}{first}. Shorten it, or put what matters first.",
                 stacklevel=user_stacklevel(),
             )
-
-

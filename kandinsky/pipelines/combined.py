@@ -10,6 +10,7 @@ reference hands the decoder's ``latents`` argument to the prior).
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -18,7 +19,13 @@ from kandinsky.hub import DEFAULT_DECODER, prior_from_model_card, resolve
 from kandinsky.pipelines.decoder import DecoderPipeline
 from kandinsky.pipelines.prior import PriorPipeline
 from kandinsky.pipelines.stepping import check_device, to_arguments
-from kandinsky.pipelines.tasks import DECODER_TASKS, PRIOR_OPTIONS, PROMPT_TASKS, preset_options
+from kandinsky.pipelines.tasks import DECODER_TASKS, PRIOR_OPTIONS, PROMPT_TASKS, decoder_options, preset_options
+
+# The prior options (tasks.PRIOR_OPTIONS) each source of image embeddings (PromptTask.embeddings) uses:
+# variations ("image") runs no prior; emb2emb starts the prior from the image's noised embedding, not
+# from prior_latents.
+PRIOR_OPTIONS_USED = {"prompt": tuple(PRIOR_OPTIONS), "mix": tuple(PRIOR_OPTIONS),
+                      "emb2emb": ("prior_guidance_scale", "prior_num_inference_steps"), "image": ()}
 from kandinsky.threads import per_call
 
 
@@ -128,7 +135,14 @@ class Kandinsky:
 
         ``image``: a PIL image or numpy array (CLIP-preprocessed here), a list of them, or a
         torch tensor of CLIP ``pixel_values`` (already resized and normalised; see
-        ``PriorPipeline.encode_image``; unlike img2img's [0, 1] image tensors)."""
+        ``PriorPipeline.encode_image``; unlike img2img's [0, 1] image tensors).
+
+        No ``prompt``, ``negative_prompt`` nor prior options: nothing here runs the prior, and they are
+        refused (TypeError naming this call). A negative prompt has a meaning only through the prior,
+        as in the reference's ``KandinskyV22PriorPipeline.interpolate``, where the negative embedding is the
+        prior's embedding of ``negative_prompt``: ``interpolate([image], [1.0], negative_prompt="...")``
+        decodes this same image embedding guided away from it (the prior's run draws from ``generator``
+        first, so the pictures differ from ``variations``' for the same seed)."""
         return self.run("variations", image=image, **options)
 
     def interpolate(self, images_and_prompts: list, weights: list, negative_prior_prompt=None,
@@ -150,10 +164,12 @@ class Kandinsky:
 
     @per_call
     def run(self, task: str, **kwargs):
-        """Run prompt-level task ``task`` (a key of tasks.PROMPT_TASKS)."""
+        """Run prompt-level task ``task`` (a key of tasks.PROMPT_TASKS) with the arguments of the method of
+        that name (:func:`arguments`; others are refused)."""
         spec = PROMPT_TASKS.get(task)
         if spec is None:
             raise ValueError(f"unknown task {task!r}: one of {', '.join(PROMPT_TASKS)}.")
+        check_arguments(task, kwargs)
         self.decoder.check_task(spec.decoder_task)  # a wrong checkpoint fails before the prior runs
         preset = preset_options(kwargs.get("preset"), PRIOR_OPTIONS)  # the decoder applies the rest of it
         prior_opts = {k: kwargs.pop(k, preset.get(k, v)) for k, v in PRIOR_OPTIONS.items()}
@@ -196,3 +212,27 @@ class Kandinsky:
         if spec.embeddings == "prompt":
             kwargs["num_images_per_prompt"] = 1  # the prior made n embeddings per prompt
         return self.decoder.run(spec.decoder_task, embeds, negative, **kwargs)
+
+
+def arguments(task: str) -> tuple[str, ...]:
+    """The arguments ``Kandinsky.<task>()`` (and ``run(task, ...)``) takes: its own (the method's signature),
+    the prior options its source of embeddings uses (PRIOR_OPTIONS_USED), and its decoder task's options
+    (tasks.decoder_options)."""
+    spec = PROMPT_TASKS[task]
+    own = [p.name for p in inspect.signature(getattr(Kandinsky, task)).parameters.values()
+           if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"]
+    return tuple(own) + PRIOR_OPTIONS_USED[spec.embeddings] + tuple(decoder_options(spec.decoder_task))
+
+
+def check_arguments(task: str, given) -> None:
+    """Refuse the arguments prompt-level task ``task`` does not take, naming the call the user made."""
+    takes = arguments(task)
+    unknown = sorted(set(given) - set(takes))
+    if not unknown:
+        return
+    why = ""
+    if PROMPT_TASKS[task].embeddings == "image" and set(unknown) & {"prompt", "negative_prompt", *PRIOR_OPTIONS}:
+        why = (f" {task}() decodes the picture's CLIP embedding without the prior (guided away from the zero "
+               "image's embedding), so it takes no prompt, negative prompt or prior option; for a negative "
+               "prompt, use interpolate([image], [1.0], negative_prompt=...), the reference's way.")
+    raise TypeError(f"{task}() got unexpected argument(s) {', '.join(unknown)}; it takes: {', '.join(takes)}.{why}")

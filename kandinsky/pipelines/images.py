@@ -26,7 +26,8 @@ Masks (inpainting): white / 1 = repaint, black / 0 = keep.
   numpy masks may also be channels last, ``(H, W, 1)`` or ``(B, H, W, 1)``, and colour
   masks are one mask per picture by their brightest channel: numpy ``(H, W, 3)`` /
   ``(B, H, W, 3)``, torch ``(3, H, W)`` / ``(B, 3, H, W)`` (see "masks in" below).
-* Masks are binarised at 0.5, as in the reference.
+* Masks are binarised at 0.5, as in the reference, unless nothing in the mask reaches 0.5 (a
+  mask painted only in dark colours): then at half its brightest value (see "masks in" below).
 * An input's size (H, W) is read by the same layout rules as its values
   (:func:`input_size`): the loaders resize by it and :func:`check_same_size` compares
   an image's and its mask's.
@@ -215,12 +216,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 # How a mask is read (docs/usage.md, "Masks"): 1 / white = repaint, 0 / black = keep.
 #  * A picture with transparency (RGBA, LA, PA, or a palette with a transparent colour) whose alpha
 #    is not all opaque is read by its ALPHA: painted (opaque) = repaint, transparent = keep.
-#  * Otherwise a pixel's value is its BRIGHTEST channel, so a stroke in any colour repaints (a red
-#    stroke is not a dark grey): max(R, G, B) >= half = repaint.
+#  * Otherwise a pixel's value is its BRIGHTEST channel, so a stroke in any colour counts as that
+#    colour's strongest channel (a red stroke is not a dark grey).
 #  * Arrays and tensors: (H, W), (B, H, W), (B, 1, H, W); colour masks (H, W, 3), (B, H, W, 3)
 #    (numpy, channels last) and (3, H, W), (B, 3, H, W) (torch, channels first) are ONE mask per
 #    picture, by the brightest channel. (A batch of 3 masks as a tensor: (3, 1, H, W).)
-#  * A mask that repaints nothing, or everything, warns.
+#  * Each mask is binarised (binarise_masks): value >= MASK_HALF repaints, as in the reference, when any
+#    value of the mask reaches MASK_HALF; a mask painted only in dark colours (dark red (90, 0, 0) is
+#    0.35) is binarised at half its brightest value instead, so any non-black stroke on a black mask
+#    repaints. Values below MASK_BLACK are black (JPEG noise, the faint fringe of a soft brush).
+#  * A mask that repaints nothing, or everything, warns; so does one with more than DARK_STROKE_SHARE of
+#    its pixels painted (at least MASK_BLACK) below its threshold away from the area it repaints (a
+#    dark stroke next to white ones: it is kept).
+MASK_HALF = 0.5  # the reference's threshold
+MASK_BLACK = 1 / 16  # below this a mask value is black: it never repaints
+DARK_STROKE_DISTANCE = 1 / 16  # of the mask's longer side (at least 16 px): painted pixels below the threshold
+# closer than this to the area that repaints are its soft edge, not a stroke
+DARK_STROKE_SHARE = 0.01  # the share of a mask's pixels in dark strokes from which it warns
 
 
 def _pil_mask(img: PIL.Image.Image) -> np.ndarray:
@@ -280,16 +292,46 @@ def load_masks(mask, height: int, width: int, what: str = "mask_image") -> torch
             if input_size(item, mask=True) != (height, width):
                 t = F.interpolate(t, size=(height, width), mode="nearest")
         out.append(t)
-    masks = (torch.cat(out) >= 0.5).float()
+    values = torch.cat(out)  # (B, 1, H, W) in [0, 1]
+    masks, threshold = binarise_masks(values)
     for i, m in enumerate(masks):
+        name = what if len(masks) == 1 else f"{what}[{i}]"
         share = m.mean().item()
         if share in (0.0, 1.0):
-            name = what if len(masks) == 1 else f"{what}[{i}]"
             does = "repaints nothing (all black / transparent: the picture comes back as it was)" if share == 0 \
                 else "repaints everything (all white / painted: nothing of the picture is kept)"
             warnings.warn(f"{name} {does}; white or painted = repaint, black or transparent = keep.",
                           stacklevel=user_stacklevel())
+        dark = _dark_stroke_share(values[i], m, threshold[i].item())
+        if dark > DARK_STROKE_SHARE:
+            warnings.warn(
+                f"{name}: {dark:.0%} of its pixels are painted too dark to repaint (brightest channel between "
+                f"{MASK_BLACK:.3g} and {threshold[i].item():.3g}, away from the area that repaints), so they are "
+                f"KEPT. A mask is binarised at {MASK_HALF} when any of its pixels reaches it (else at half its "
+                "brightest value): paint everything to repaint in white or a bright colour.",
+                stacklevel=user_stacklevel())
     return masks
+
+
+def binarise_masks(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask values (B, 1, H, W) in [0, 1] -> (binary masks (B, 1, H, W), 1 = repaint; thresholds (B,)): each
+    mask at MASK_HALF (the reference) when any of its values reaches it, else at half its brightest value,
+    never below MASK_BLACK."""
+    peak = values.amax(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    threshold = torch.where(peak >= MASK_HALF, torch.full_like(peak, MASK_HALF), (peak / 2).clamp(min=MASK_BLACK))
+    return (values >= threshold).float(), threshold.flatten()
+
+
+def _dark_stroke_share(values: torch.Tensor, mask: torch.Tensor, threshold: float) -> float:
+    """The share of one mask's pixels (values, mask: (1, H, W)) painted (>= MASK_BLACK) but below ``threshold``
+    and farther than DARK_STROKE_DISTANCE from any pixel that repaints (a soft edge is not a stroke)."""
+    dark = (values >= MASK_BLACK) & (values < threshold)
+    if dark.float().mean().item() <= DARK_STROKE_SHARE:
+        return 0.0  # (most masks: no need to look further)
+    d = max(16, round(max(values.shape[-2:]) * DARK_STROKE_DISTANCE))  # pixels
+    near = F.max_pool2d(mask[None], (1, 2 * d + 1), stride=1, padding=(0, d))  # dilated by d (a square)
+    near = F.max_pool2d(near, (2 * d + 1, 1), stride=1, padding=(d, 0))[0] > 0  # (1, H, W)
+    return (dark & ~near).float().mean().item()
 
 
 def check_same_size(image, mask) -> None:

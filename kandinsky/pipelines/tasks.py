@@ -82,6 +82,14 @@ DECODER_OPTIONS = {
     "guidance_interval": None,  # (lo, hi) fractions of the run (0 = from noise, 1 = clean) where guidance runs
     "preset": None,  # a key of PRESETS: its values replace the defaults; explicit arguments still win
 }
+
+
+def decoder_options(task: str) -> dict:
+    """The options (name: default) decoder task ``task`` takes: DECODER_OPTIONS, without ``latents`` for the
+    tasks that start from an image."""
+    return {k: v for k, v in DECODER_OPTIONS.items() if not (k == "latents" and DECODER_TASKS[task].start == "image")}
+
+
 PRIOR_OPTIONS = {
     "prior_guidance_scale": 4.0,
     "prior_num_inference_steps": 25,
