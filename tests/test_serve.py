@@ -409,13 +409,29 @@ def test_look_inside_shows_the_research_pictures(client, studio_server):
     from kandinsky.research.viz import attention_pictures
 
     _, studio, _ = studio_server
-    picture, seed, trajectory, decoder, prior = client.predict(prompt=RED, seed=2, steps=4, step=3,
+    picture, seed, trajectory, decoder, prior = client.predict(prompt=RED, seed=2, num_inference_steps=4, step=3,
                                                                api_name="/look_inside")
     assert seed == 2
     expected = attention_pictures(studio.pipe("text2img"), RED, steps=[3], trajectory=True, num_inference_steps=4,
                                   generator=torch.Generator().manual_seed(2), height=64, width=64, progress=False)
     for path, name in ((picture, "image"), (trajectory, "trajectory"), (decoder, "decoder"), (prior, "prior")):
         np.testing.assert_array_equal(pixels(path), np.asarray(expected[name].convert("RGB")), err_msg=name)
+
+
+def test_look_inside_the_last_text2img_is_that_picture(client):
+    """"take the last text2img": its settings read back from its PNG (reload_values) and run by look inside
+    give the same picture, bit for bit."""
+    from kandinsky.serve.app import LOOK_INSIDE, LOOK_SETTINGS, reload_values
+
+    path, seed = client.predict(prompt=RED, negative_prompt="a green square", seed=9, num_inference_steps=5,
+                                scheduler="dpmpp_2m", guidance_scale=6.0, prior_guidance_scale=2.5,
+                                prior_num_inference_steps=3, api_name="/text2img")
+    task, values = reload_values(path)
+    taken = {name: values[name] for name in (*LOOK_INSIDE, *LOOK_SETTINGS) if name in values}
+    assert task == "text2img" and len(taken) == 10  # all but step and level
+    picture, used, *_ = client.predict(**taken, step=2, api_name="/look_inside")
+    assert used == seed == 9
+    np.testing.assert_array_equal(pixels(picture), pixels(path))
 
 
 def test_look_inside_one_unet_level(client, studio_server):
@@ -430,7 +446,7 @@ def test_look_inside_one_unet_level(client, studio_server):
     names = kandinsky.module_names(pipe, "unet.*.attn*", size=(64, 64))
     levels = {unet_level(n) for n in names if re.search(r"attn(\.\d+)?$", n)}
     assert studio.levels() == unet_levels(pipe) and set(unet_levels(pipe)) == levels  # what the selector offers
-    _, seed, _, decoder, _ = client.predict(prompt=RED, seed=2, steps=4, step=1, level="unet.up.1",
+    _, seed, _, decoder, _ = client.predict(prompt=RED, seed=2, num_inference_steps=4, step=1, level="unet.up.1",
                                             api_name="/look_inside")
     expected = attention_pictures(pipe, RED, steps=[1], levels=["unet.up.1"], num_inference_steps=4, height=64,
                                   width=64, generator=torch.Generator().manual_seed(2), progress=False)
@@ -438,7 +454,7 @@ def test_look_inside_one_unet_level(client, studio_server):
     assert seed == 2 and len(levels) > 1
     assert PIL.Image.open(decoder).size == (64 + 2 * 128, 18 + 128 + 22)  # the image and one level (of several)
     with pytest.raises(gradio_client.exceptions.AppError) as e:
-        client.predict(prompt=RED, seed=2, steps=4, step=1, level="unet.sideways", api_name="/look_inside")
+        client.predict(prompt=RED, seed=2, num_inference_steps=4, step=1, level="unet.sideways", api_name="/look_inside")
     assert "levels must be UNet levels of this decoder (unet.down.1, " in str(e.value)
 
 

@@ -77,11 +77,11 @@ def parameters_of(task: str) -> list[str]:
     return sorted(names, key=lambda n: n not in REQUIRED)
 
 
-def control(name: str, studio: Studio, task: str):
-    """The page's control for parameter ``name`` (one table of labels and ranges), with the element id
-    ``{name}-{task}``."""
+def control(name: str, studio: Studio, task: str, tab: str | None = None):
+    """The page's control for parameter ``name`` of ``task`` (one table of labels and ranges), with the element
+    id ``{name}-{tab}`` (default tab: the task's)."""
     component = _control(name, studio, task)
-    component.elem_id = f"{name}-{task}"
+    component.elem_id = f"{name}-{tab or task}"
     return component
 
 
@@ -394,24 +394,32 @@ def _wire(task: str, c: dict, runner: Runner, history, shelf) -> None:
                    concurrency_id=CONCURRENCY, concurrency_limit=1, preprocess=False)
 
 
+LOOK_INSIDE = ("prompt", "negative_prompt", "seed", "num_inference_steps", "step", "level")  # /look_inside's
+LOOK_SETTINGS = ("scheduler", "guidance_scale", "prior_guidance_scale", "prior_num_inference_steps", "width", "height")
+
+
 def _look_inside_tab(studio: Studio, history) -> None:
     """The x0 trajectory, the prior's attention over the prompt's words and the decoder's image-token
     attention at a chosen step for every UNet level or a chosen one: Studio.look_inside (kandinsky.research.viz's
-    pictures), one text2img run (a new prompt, or the session's last text2img: its prompt, seed and steps);
-    choosing another level or step draws the shown run again."""
+    pictures), one text2img run (a new prompt, or the session's last text2img: all its settings, read back
+    from its PNG); choosing another level or step draws the shown run again."""
+    names = [*LOOK_INSIDE, *LOOK_SETTINGS]
+    controls = {}
     with gr.Row():
         with gr.Column(scale=1):
-            prompt = gr.Textbox(label="prompt", lines=2, elem_id="prompt-look")
-            seed = gr.Number(label="seed (-1 = random)", value=-1, precision=0, elem_id="seed-look")
-            steps = gr.Slider(2, 100, value=studio.default_steps(), step=1, label="steps")
-            step = gr.Slider(0, 99, value=0, step=1, label="decoder step to show (0 = first)")
+            for name in LOOK_INSIDE[:4]:
+                controls[name] = control(name, studio, "text2img", "look")
+            controls["step"] = gr.Slider(0, 199, value=0, step=1, label="decoder step to show (0 = first)")
             # the levels are the decoder's: known once it is loaded (after the first run); any level is taken
-            level = gr.Dropdown([ALL_LEVELS], value=ALL_LEVELS, label="UNet level to show", allow_custom_value=True,
-                                elem_id="level-look")
+            controls["level"] = gr.Dropdown([ALL_LEVELS], value=ALL_LEVELS, label="UNet level to show",
+                                            allow_custom_value=True, elem_id="level-look")
             go = gr.Button("Generate and look inside", variant="primary", elem_id="generate-look")
-            last = gr.Button("take the last text2img of this session")
+            last = gr.Button("take the last text2img of this session", elem_id="last-look")
+            with gr.Accordion("settings", open=False):
+                for name in LOOK_SETTINGS:
+                    controls[name] = control(name, studio, "text2img", "look")
         with gr.Column(scale=2):
-            image = gr.Image(label="picture", type="pil", format="png")
+            image = gr.Image(label="picture", type="pil", format="png", elem_id="image-look")
             used = gr.Number(label="seed used", precision=0, interactive=False, elem_id="seed-used-look")
             trajectory = gr.Image(label="x0 at every step (left to right)", type="pil", format="png")
             decoder = gr.Image(label="decoder: image-token attention per UNet level", type="pil", format="png",
@@ -419,32 +427,41 @@ def _look_inside_tab(studio: Studio, history) -> None:
             prior = gr.Image(label="prior: attention over the prompt's words per block", type="pil", format="png")
     outputs = [image, used, trajectory, decoder, prior]
 
-    def look(prompt, seed, steps, step, level, progress=gr.Progress()):
+    def look(*values, progress=gr.Progress()):
         try:
-            pictures, seed = studio.look_inside(prompt, seed, steps, step, level, on_step=_on_step(progress))
+            pictures, seed = studio.look_inside(on_step=_on_step(progress), **dict(zip(names, values)))
         except ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
         return pictures["image"], seed, pictures["trajectory"], pictures["decoder"], pictures["prior"]
 
-    def again(prompt, used, steps, step, level, progress=gr.Progress()):
-        """Another level or step: the shown run again (its seed), drawn for them; nothing shown yet: nothing."""
-        if used is None or not prompt:
+    look.__signature__ = inspect.Signature(  # the API's names and defaults (the page's; a prompt is required)
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           **({} if n == "prompt" else {"default": controls[n].value})) for n in names]
+        + [inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+
+    def again(*values, progress=gr.Progress()):
+        """Another level or step: the shown run again (its seed used), drawn for them; nothing shown: nothing."""
+        given = dict(zip(names, values))
+        if given["seed"] is None or not given["prompt"]:
             return [gr.skip()] * len(outputs)
-        return look(prompt, used, steps, step, level, progress)
+        return look(*values, progress=progress)
+
+    reloaded = [name for name in names if name in RELOADABLE]
 
     def take_last(history):
-        made = [params for params in map(parse_parameters, map(parameters_of_png, history or ()))
-                if params.get("task") == "text2img"]
-        if not made:
-            raise gr.Error("nothing made with text2img in this session yet", print_exception=False)
-        params = made[-1]
-        return params["prompt"], int(params["seed"]), int(params["num_inference_steps"])
+        for path in reversed(history or ()):
+            task, values = reload_values(path)
+            if task == "text2img":
+                return [values.get(name, gr.skip()) for name in reloaded]
+        raise gr.Error("nothing made with text2img in this session yet", print_exception=False)
 
-    last.click(take_last, [history], [prompt, seed, steps], api_visibility="private", queue=False)
-    go.click(look, [prompt, seed, steps, step, level], outputs, api_name="look_inside", concurrency_id=CONCURRENCY,
-             concurrency_limit=1).success(lambda: gr.update(choices=[ALL_LEVELS] + studio.levels()), None, level,
-                                          api_visibility="private", queue=False)
-    gr.on([level.input, step.release], again, [prompt, used, steps, step, level], outputs, api_visibility="private",
+    inputs = [controls[name] for name in names]
+    last.click(take_last, [history], [controls[name] for name in reloaded], api_visibility="private", queue=False)
+    go.click(look, inputs, outputs, api_name="look_inside", concurrency_id=CONCURRENCY,
+             concurrency_limit=1).success(lambda: gr.update(choices=[ALL_LEVELS] + studio.levels()), None,
+                                          controls["level"], api_visibility="private", queue=False)
+    gr.on([controls["level"].input, controls["step"].release], again,
+          [used if name == "seed" else controls[name] for name in names], outputs, api_visibility="private",
           concurrency_id=CONCURRENCY, concurrency_limit=1)
 
 

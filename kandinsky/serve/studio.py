@@ -220,8 +220,21 @@ class Studio:
         sampler step (progress, previews)."""
         if task not in self.tasks():
             raise ValueError(f"this studio does not offer {task!r}: it offers {', '.join(self.tasks())}")
+        options, seed = self.run_options(task, options), resolve_seed(seed)
+        with self._lock:
+            pipe = self.pipe(task)
+            out = pipe.run(task, generator=torch.Generator().manual_seed(seed), progress=False,
+                           callback_on_step_end=on_step, **options)
+        images = out.images
+        params = {key: value for key, value in options.items() if not isinstance(value, (PIL.Image.Image, list))}
+        params.update(task=task, seed=seed, model=self.model_name(), size=f"{images[0].width}x{images[0].height}",
+                      scheduler=options.get("scheduler") or pipe.decoder.sampler)
+        return self.finish(images, seed, params)
+
+    def run_options(self, task: str, options: dict) -> dict:
+        """A request's options checked (check_options), with what was not given filled in as the command line
+        fills it (size, steps, guidance, prior settings; a preset brings its own): what the pipeline gets."""
         options = check_options(task, options)
-        seed = resolve_seed(seed)
         spec = PROMPT_TASKS[task]
         options["width"], options["height"] = self.picture_size(task, options.get("width"), options.get("height"))
         if not options.get("preset"):  # a preset brings its own steps and guidance
@@ -236,16 +249,7 @@ class Studio:
         if spec.embeddings == "image":  # variations: no prompt, no prior
             for key in ("prompt", "negative_prompt", "prior_guidance_scale", "prior_num_inference_steps"):
                 options.pop(key, None)
-
-        with self._lock:
-            pipe = self.pipe(task)
-            out = pipe.run(task, generator=torch.Generator().manual_seed(seed), progress=False,
-                           callback_on_step_end=on_step, **options)
-        images = out.images
-        params = {key: value for key, value in options.items() if not isinstance(value, (PIL.Image.Image, list))}
-        params.update(task=task, seed=seed, model=self.model_name(), size=f"{images[0].width}x{images[0].height}",
-                      scheduler=options.get("scheduler") or pipe.decoder.sampler)
-        return self.finish(images, seed, params)
+        return options
 
     def finish(self, images, seed: int, params: dict) -> Result:
         """Save ``images`` as PNGs carrying the ``parameters`` chunk; the Result."""
@@ -308,25 +312,24 @@ class Studio:
                       padding=checked["padding"] if box else None)  # Size: what the model drew at
         return self.finish(pictures, result.seed, params)
 
-    def look_inside(self, prompt: str, seed=-1, steps: int | None = None, step: int = 0, level: str | None = None,
-                    on_step: Callable | None = None) -> tuple[dict, int]:
-        """One text2img run at the default size recording kandinsky.research.viz.attention_pictures' pictures:
-        ({"image", "trajectory", "decoder", "prior"}, the seed used). ``step``: the decoder step whose image-token
-        attention is drawn (clipped to the last); ``level``: one UNet level of ``levels()`` (None or ALL_LEVELS:
-        every level, one column each)."""
+    def look_inside(self, prompt: str, seed=-1, step: int = 0, level: str | None = None,
+                    on_step: Callable | None = None, **options) -> tuple[dict, int]:
+        """One text2img run (``options``: text2img's, filled in as ``generate`` fills them: the same settings
+        and seed give generate's picture) recording kandinsky.research.viz.attention_pictures' pictures:
+        ({"image", "trajectory", "decoder", "prior"}, the seed used). ``step``: the decoder step whose
+        image-token attention is drawn (clipped to the last); ``level``: one UNet level of ``levels()`` (None
+        or ALL_LEVELS: every level, one column each)."""
         from kandinsky.research.viz import attention_pictures
 
         if not prompt:
             raise ValueError("no prompt: type what to paint")
-        seed = resolve_seed(seed)
-        steps = _number("steps", steps or self.default_steps(), low=1, high=MAX_STEPS, integer=True)
-        step = min(_number("step", step, low=0, integer=True), steps - 1)
-        size = self.default_size()
+        options, seed = self.run_options("text2img", options), resolve_seed(seed)
+        step = min(_number("step", step, low=0, integer=True), options["num_inference_steps"] - 1)
         with self._lock:
             pictures = attention_pictures(self.pipe("text2img"), prompt, steps=[step], trajectory=True,
                                           levels=None if level in (None, "", ALL_LEVELS) else [level],
-                                          num_inference_steps=steps, height=size, width=size, progress=False,
-                                          generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step)
+                                          generator=torch.Generator().manual_seed(seed), progress=False,
+                                          callback_on_step_end=on_step, **options)
         return pictures, seed
 
     def levels(self) -> list[str]:
