@@ -60,6 +60,7 @@ def test_endpoints_take_the_python_api_names(client):
                      "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom"},
         "/variations": {"image"},
         "/mix": {"prompt_1", "prompt_weight_1", "image_1", "image_weight_1"},
+        "/emb2emb": {"prompt", "negative_prompt", "image", "prior_strength"},
     }
     for name, names in expected.items():
         got = {p["parameter_name"] for p in api[name]["parameters"]}
@@ -76,7 +77,7 @@ def test_text2img_is_the_python_api_bit_for_bit(client, studio_server):
     np.testing.assert_array_equal(pixels(path), np.asarray(expected))
     text = PIL.Image.open(path).text["parameters"]
     assert text.split("\n") == [RED, "Task: text2img, Steps: 4, Sampler: ddim, CFG scale: 4.0, Seed: 5, Size: 64x64, "
-                                     "Prior steps: 4, Prior CFG scale: 4.0, Model: kandinsky-demo-shapes"]
+                                     "Prior steps: 4, Prior CFG scale: 4.0, Model: kandinsky-demo-shapes, Images: 1"]
 
 
 def test_random_seed_is_reported_and_reproduces(client):
@@ -87,7 +88,7 @@ def test_random_seed_is_reported_and_reproduces(client):
     np.testing.assert_array_equal(pixels(path), pixels(again))
 
 
-@pytest.mark.parametrize("api_name", ["/img2img", "/variations", "/mix"])
+@pytest.mark.parametrize("api_name", ["/img2img", "/variations", "/mix", "/emb2emb"])
 def test_image_endpoints(client, studio_server, red_circle, api_name):
     _, studio, _ = studio_server
     image = gradio_client.handle_file(str(red_circle))
@@ -101,6 +102,11 @@ def test_image_endpoints(client, studio_server, red_circle, api_name):
         path, seed = client.predict(image=image, seed=3, num_inference_steps=4, api_name=api_name)
         expected = pipe.variations(picture, generator=generator, num_inference_steps=4, height=64, width=64,
                                    progress=False)
+    elif api_name == "/emb2emb":
+        path, seed = client.predict(prompt=GREEN, image=image, prior_strength=0.5, seed=3, api_name=api_name, **STEPS)
+        expected = pipe.emb2emb(GREEN, picture, prior_strength=0.5, generator=generator, height=64, width=64,
+                                progress=False, **STEPS)
+        assert "Prior strength: 0.5, " in PIL.Image.open(path).text["parameters"]
     else:
         path, seed = client.predict(prompt_1=GREEN, prompt_weight_1=0.5, image_1=image, image_weight_1=0.5, seed=3,
                                     api_name=api_name, **STEPS)
@@ -175,11 +181,11 @@ def test_the_history_reloads_a_pictures_parameters_from_its_png(client, red_circ
     request = dict(prompt="a large green square,\nin the center", negative_prompt="a circle", seed=11,
                    num_inference_steps=3, guidance_scale=5.5, scheduler="ddim", prior_guidance_scale=3.0,
                    prior_num_inference_steps=4, mask_blur=3, inpaint_area="only masked area", padding=6,
-                   width=64, height=64)
+                   width=64, height=64, num_images_per_prompt=1)
     path, _ = client.predict(image=gradio_client.handle_file(str(red_circle)), api_name="/inpaint",
                              mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), **request)
     task, values = reload_values(path)
-    assert task == "inpaint" and set(values) == set(RELOADABLE) - {"strength"}
+    assert task == "inpaint" and set(values) == set(RELOADABLE) - {"strength", "prior_strength"}
     assert values == {name: request[name] for name in values}
     again, _ = client.predict(image=gradio_client.handle_file(str(red_circle)), api_name="/inpaint",
                               mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), **values)

@@ -314,8 +314,8 @@ def build(studio: Studio) -> gr.Blocks:
 
 
 RELOADABLE = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "width",
-              "height", "strength", "prior_guidance_scale", "prior_num_inference_steps", "mask_blur", "inpaint_area",
-              "padding")
+              "height", "strength", "prior_strength", "prior_guidance_scale", "prior_num_inference_steps",
+              "num_images_per_prompt", "mask_blur", "inpaint_area", "padding")
 
 
 def reload_values(path) -> tuple:

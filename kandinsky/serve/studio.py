@@ -53,10 +53,12 @@ PARAMETER_LABELS = {
     "strength": "Strength",
     "prior_num_inference_steps": "Prior steps",
     "prior_guidance_scale": "Prior CFG scale",
+    "prior_strength": "Prior strength",
     "mask_blur": "Mask blur",
     "inpaint_area": "Inpaint area",
     "padding": "Padding",
     "model": "Model",
+    "num_images_per_prompt": "Images",
 }
 
 
