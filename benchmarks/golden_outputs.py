@@ -82,7 +82,7 @@ def folders_for(root: Path, build: bool) -> dict:
         from kandinsky.demo import build_demo_checkpoints
 
         built = build_demo_checkpoints(random_root, seed=0)
-        assert built["controlnet-depth"] == random_root / "controlnet-depth", built
+        assert built["controlnet"] == random_root / "controlnet-depth", built
     return {"shapes": shapes, "random": {"prior": random_root / "prior", "controlnet": random_root / "controlnet-depth"}}
 
 

@@ -141,6 +141,24 @@ DECODER_REPOS = {
     "inpaint": ("decoder-inpaint", "KandinskyV22InpaintPipeline"),
     "controlnet": ("controlnet-depth", "KandinskyV22ControlnetPipeline"),
 }
+
+
+class Folders(dict):
+    """{checkpoint kind: folder}, keyed as kandinsky.pipelines.tasks.CHECKPOINTS ("prior", "decoder",
+    "inpaint", "controlnet"); the hub folder names "decoder-inpaint" and "controlnet-depth", the keys
+    of earlier releases, still work for one release, with a warning."""
+
+    OLD_KEYS = {folder: kind for kind, (folder, _) in DECODER_REPOS.items() if folder != kind}
+
+    def __missing__(self, key):
+        kind = self.OLD_KEYS.get(key)
+        if kind not in self:
+            raise KeyError(key)
+        import warnings
+
+        warnings.warn(f"the key {key!r} is deprecated (it goes in the next release): use {kind!r} (the hub folder "
+                      f"keeps its name {key}/)", FutureWarning, stacklevel=2)
+        return self[kind]
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -190,7 +208,7 @@ def write_checkpoint_set(root: str | Path, models: dict, image_size: int, merges
         decoder/, decoder-inpaint/, controlnet-depth/   one per UNet in ``models`` ("decoder", "inpaint",
                    "controlnet": DECODER_REPOS), each with models["movq"], DECODER_SCHEDULER, model_index.json
 
-    Weights in ``dtype`` (None: as they are). -> {folder name: path}."""
+    Weights in ``dtype`` (None: as they are). -> Folders {"prior", and the decoder kinds written: path}."""
     from weights_convert import save_component
 
     root = Path(root)
@@ -213,7 +231,7 @@ def write_checkpoint_set(root: str | Path, models: dict, image_size: int, merges
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
     })
-    folders = {"prior": prior}
+    folders = Folders(prior=prior)
     for task, (name, pipeline_class) in DECODER_REPOS.items():
         if task not in models:
             continue
@@ -227,7 +245,7 @@ def write_checkpoint_set(root: str | Path, models: dict, image_size: int, merges
             "scheduler": ["diffusers", "DDPMScheduler"],
             "unet": ["diffusers", "UNet2DConditionModel"],
         })
-        folders[name] = repo
+        folders[task] = repo
     return folders
 
 
@@ -248,7 +266,8 @@ def random_model(config: dict, seed: int):
 
 
 def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write tiny random prior / decoder / decoder-inpaint / controlnet-depth folders under ``root``."""
+    """Write tiny random prior / decoder / decoder-inpaint / controlnet-depth folders under ``root``.
+    -> Folders {"prior", "decoder", "inpaint", "controlnet": path}."""
     models = {"prior": random_model(TINY["prior"], seed),
               "text_encoder": random_model(TINY["text_encoder"], seed + 1),
               "image_encoder": random_model(TINY["image_encoder"], seed + 2)}
@@ -256,9 +275,9 @@ def build_demo_checkpoints(root: str | Path, seed: int = 0) -> dict[str, Path]:
         models[task] = random_model({**TINY["unet"], **changes}, seed + 10 + i)
     models["movq"] = random_model(TINY["movq"], seed + 20)
     folders = write_checkpoint_set(root, models, IMAGE_SIZE)
-    for task, (name, _) in DECODER_REPOS.items():
+    for task in DECODER_REPOS:
         # the prior as a path relative to this card's folder: the set works wherever it is used from
-        (folders[name] / "README.md").write_text(
+        (folders[task] / "README.md").write_text(
             "---\nprior:\n- ../prior\ntags:\n- random-weights-demo\n---\n"
             "# RANDOM WEIGHTS: a kandinsky demo checkpoint, not a trained model\n"
         )
@@ -270,8 +289,8 @@ def demo_folders() -> dict[str, Path]:
 
     Raises FileNotFoundError naming the fix when the package has no shipped weights.
     """
-    folders = {"prior": DEMO_WEIGHTS / "prior", "decoder": DEMO_WEIGHTS / "decoder",
-               "inpaint": DEMO_WEIGHTS / "decoder-inpaint"}
+    folders = Folders(prior=DEMO_WEIGHTS / "prior", decoder=DEMO_WEIGHTS / "decoder",
+                      inpaint=DEMO_WEIGHTS / "decoder-inpaint")
     missing = [str(f) for f in folders.values() if not (f / "model_index.json").is_file()]
     if missing:
         raise FileNotFoundError(
@@ -297,7 +316,5 @@ def demo_checkpoints(random: bool = False, seed: int = 0):
                    "triangles in 8 colours, 2 sizes and 5 positions, at 64 x 64.")
         return {**folders, "controlnet": None}, None, message
     tmp = tempfile.TemporaryDirectory(prefix="kandinsky-demo-")
-    built = build_demo_checkpoints(tmp.name, seed=seed)
-    folders = {"prior": built["prior"], "decoder": built["decoder"], "inpaint": built["decoder-inpaint"],
-               "controlnet": built["controlnet-depth"]}
-    return folders, tmp, "DEMO: tiny checkpoints with RANDOM weights built on the fly (the pictures are noise)."
+    return (build_demo_checkpoints(tmp.name, seed=seed), tmp,
+            "DEMO: tiny checkpoints with RANDOM weights built on the fly (the pictures are noise).")

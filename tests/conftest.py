@@ -30,7 +30,7 @@ def reference_configs() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def random_demo(tmp_path_factory) -> dict[str, pathlib.Path]:
     """The tiny random demo folders, ``kandinsky.demo.build_demo_checkpoints(root, seed=0)``, built once:
-    name ("prior", "decoder", "decoder-inpaint", "controlnet-depth") -> folder. Read them; write nowhere
+    kind ("prior", "decoder", "inpaint", "controlnet") -> folder. Read them; write nowhere
     inside them (copy a folder first)."""
     from kandinsky.demo import build_demo_checkpoints
 
@@ -42,8 +42,8 @@ def demo_as_hub(random_demo, tmp_path, monkeypatch) -> dict[str, pathlib.Path]:
     """Work in ``tmp_path``, where the random demo folders stand under their hub names
     (``./kandinsky-2-2-prior``, ``./kandinsky-2-2-decoder``, ...): a docs example whose
     ``kandinsky-community/NAME`` becomes ``./NAME`` runs there as written. -> ``random_demo``."""
-    for name, folder in random_demo.items():
-        (tmp_path / f"kandinsky-2-2-{name}").symlink_to(folder, target_is_directory=True)
+    for folder in random_demo.values():
+        (tmp_path / f"kandinsky-2-2-{folder.name}").symlink_to(folder, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     return random_demo
 

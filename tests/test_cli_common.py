@@ -59,9 +59,9 @@ def test_failed_save_rescues_the_images(cli_demo, tmp_path, capsys, monkeypatch)
 def test_cli_flags_and_checkpoints(cli_demo, tmp_path, capsys):
     image = tmp_path / "i.png"
     PIL.Image.new("RGB", (64, 64), (200, 10, 10)).save(image)
-    assert main(["variations", "--random-demo", "--image", str(image), "--negative", "x", "-o", str(tmp_path / "v.png"),
+    assert main(["variations", "--random-demo", "--image", str(image), "--negative-prompt", "x", "-o", str(tmp_path / "v.png"),
                  *FAST[:2], *FAST[4:]]) == 2
-    assert "does not use --negative" in capsys.readouterr().err
+    assert "does not use --negative-prompt" in capsys.readouterr().err
     assert main(["inpaint", "a hat", "--image", str(image), "--mask", str(image), "--decoder", str(cli_demo["decoder"]),
                  "--prior", str(cli_demo["prior"]), "-o", str(tmp_path / "h.png"), *FAST]) == 2
     err = capsys.readouterr().err

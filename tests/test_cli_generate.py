@@ -37,8 +37,8 @@ TASKS = {
     "img2img": ["a red cat", "--image", "{image}", "--strength", "0.5", "--width", "128"],  # non-square
     "inpaint": ["a hat", "--image", "{image}", "--mask", "{mask}"],
     "variations": ["--image", "{image}"],
-    "interpolate": ["--mix", "a red cat", "0.4", "--mix", "{image}", "0.6", "--negative", "blurry"],
-    "controlnet": ["a robot", "--hint", "{hint}", "--negative", "a cat"],
+    "interpolate": ["--mix", "a red cat", "0.4", "--mix", "{image}", "0.6", "--negative-prompt", "blurry"],
+    "controlnet": ["a robot", "--hint", "{hint}", "--negative-prompt", "a cat"],
     "controlnet_img2img": ["a robot", "--image", "{image}", "--hint", "{hint}", "--strength", "0.6"],
     "emb2emb": ["a red cat", "--image", "{image}", "--prior-strength", "0.5"],
 }
@@ -98,7 +98,7 @@ def test_seed_determinism(cli_demo_seeds, tmp_path):
 def test_cli_equals_python_api(cli_demo_seeds, random_demo, tmp_path):
     """The CLI's flags map onto Kandinsky's arguments: same seed, same pixels."""
     out = tmp_path / "out.png"
-    flags = ["--negative", "blurry", "--guidance", "3", "--prior-guidance", "2", "--num-images", "2"]
+    flags = ["--negative-prompt", "blurry", "--guidance-scale", "3", "--prior-guidance-scale", "2", "--num-images", "2"]
     assert main(["text2img", "--random-demo", "a red cat", "-o", str(out), "--seed", "0", *FAST, *flags]) == 0
 
     pipe = Kandinsky.from_pretrained(random_demo["decoder"])  # the prior: from the demo's model card
@@ -146,7 +146,7 @@ def test_pictures_read_like_the_python_api(cli_demo_seeds, random_demo, tmp_path
     PIL.Image.fromarray(depth).save(tmp_path / "depth.png")
     assert main(["controlnet", "--random-demo", "a robot", "--hint", str(tmp_path / "depth.png"), "-o",
                  str(tmp_path / "c.png"), *FAST]) == 0
-    depth_pipe = Kandinsky.from_pretrained(random_demo["controlnet-depth"], prior=random_demo["prior"])
+    depth_pipe = Kandinsky.from_pretrained(random_demo["controlnet"], prior=random_demo["prior"])
     hint = torch.from_numpy(depth.astype(np.float32) / 65535)[None]  # (1, H, W) in [0, 1]
     expected = depth_pipe.controlnet("a robot", hint, generator=torch.Generator().manual_seed(0), **API).images
     assert np.array_equal(pixels(tmp_path / "c.png"), api_pixels(expected))

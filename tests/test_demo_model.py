@@ -156,7 +156,7 @@ def test_checkpoint_sets_are_laid_out_as_the_hub(random_demo, reference_configs)
         return {k: v for k, v in json.loads(path.read_text()).items() if k != "_diffusers_version"}
 
     for name, folder in random_demo.items():
-        hub = reference_configs / f"kandinsky-2-2-{name}"
+        hub = reference_configs / f"kandinsky-2-2-{folder.name}"  # keyed by kind, named as the hub
         assert read(folder / "model_index.json") == read(hub / "model_index.json"), name
         assert read(folder / "scheduler" / "scheduler_config.json") == read(hub / "scheduler" / "scheduler_config.json")
     processor = read(random_demo["prior"] / "image_processor" / "preprocessor_config.json")

@@ -205,7 +205,7 @@ def test_bad_settings_and_folders_fail_clearly(demo, data, tmp_path, capsys):
     assert main(decoder_args(demo, data, tmp_path / "d", "--steps", 1, "--resolution", 60)) == 2
     assert "--resolution must be a multiple of 64" in capsys.readouterr().err
     args = decoder_args(demo, data, tmp_path / "d2", "--steps", 1)
-    args[args.index("--checkpoint") + 1] = str(demo["decoder-inpaint"])
+    args[args.index("--checkpoint") + 1] = str(demo["inpaint"])
     assert main(args) == 2
     assert "needs a UNet with 4 input channels" in capsys.readouterr().err
     assert main(prior_args(demo, tmp_path / "nowhere", tmp_path / "p", "--steps", 1)) == 2
@@ -218,7 +218,7 @@ def test_inpaint_trains(demo, data, tmp_path):
     out = tmp_path / "inpaint"
     args = decoder_args(demo, data, out, "--steps", 2, "--vlb-weight", 1.0, "--cond-drop", 0.5, "--snr-gamma", 5)
     args[0] = "inpaint"
-    args[args.index("--checkpoint") + 1] = str(demo["decoder-inpaint"])
+    args[args.index("--checkpoint") + 1] = str(demo["inpaint"])
     assert main(args) == 0
     assert load_component(out / "unet").config.in_channels == 9
     assert all(np.isfinite(losses(out)))

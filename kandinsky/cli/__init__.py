@@ -4,7 +4,8 @@
     kandinsky COMMAND --help
 
 ``COMMANDS`` (name -> Command) is the one table: the argparse subcommands, ``kandinsky --help`` and
-the command list of docs/usage.md (``command_table()``) derive from it. Each command's module adds its
+the command list of docs/usage.md (``command_table()``) derive from it; the options table of docs/usage.md
+(``options_table()``) derives from the parser. Each command's module adds its
 arguments and runs it; what they share (loading pipelines, output checks) is kandinsky/cli/common.py, how
 they end (errors and exit codes, Ctrl-C, warnings) kandinsky/exits.py. ``python -m kandinsky.cli`` is the
 same command.
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from kandinsky import exits
 from kandinsky.cli import batch, common, eval as evaluate, generate, research, serve, train
 
 
@@ -73,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command.name, help=command.help, description=command.description or command.help,
                                   epilog=command.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(sub)
+        common.add_deprecated_aliases(sub)  # the old spellings, for one release
     return top
 
 
@@ -82,7 +85,41 @@ def command_table() -> str:
     return "\n".join(["| command | what it does |", "| --- | --- |", *rows])
 
 
+def options_table() -> str:
+    """The markdown table of every command's options, read from the parser (docs/usage.md carries it; a test
+    keeps the two equal): one row per option and help text, with the commands that have it; then the old
+    spellings (common.DEPRECATED_ALIASES) still accepted."""
+    from kandinsky.pipelines.tasks import PROMPT_TASKS
+
+    rows: dict[tuple[str, str], list[str]] = {}
+    subparsers = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.help in (None, argparse.SUPPRESS) or action.dest == "help":
+                continue
+            named = action.nargs != 0 and (action.metavar is not None or action.choices is not None)
+            metavar = " " + formatter._format_args(action, action.dest.upper()) if named else ""
+            option = ", ".join(f"`{o}{metavar}`" for o in action.option_strings)
+            rows.setdefault((option, formatter._expand_help(action)), []).append(name)
+
+    def commands(names):
+        tasks = [name for name in names if name in PROMPT_TASKS]
+        every = ["every generation task"] if len(tasks) == len(PROMPT_TASKS) else tasks
+        return ", ".join(every + [name for name in names if name not in PROMPT_TASKS])
+
+    def cell(text):
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines = ["| option | commands | what it does |", "| --- | --- | --- |"]
+    lines += [f"| {cell(option)} | {commands(names)} | {cell(help)} |" for (option, help), names in rows.items()]
+    lines += [f"| `{old}` | wherever `{new}` is | deprecated (goes in the next release): use `{new}` |"
+              for old, new in common.DEPRECATED_ALIASES.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """``kandinsky ARGS``: the exit status (0 done, 1 the pictures were saved elsewhere, 2 an error, 130 Ctrl-C)."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    with exits.plain_warnings():  # an old spelling's warning, while the arguments are read
+        args = parser().parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
     return common.run(f"kandinsky {args.command}", COMMANDS[args.command].run, args)

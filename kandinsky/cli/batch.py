@@ -20,13 +20,12 @@ def add_arguments(parser) -> None:
         parser, dtype=True, offload=True,
         demo_help="the tiny model trained on procedural shapes that ships in the package (64 x 64)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: item i's seed is a hash of (seed, i)")
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--width", type=int, default=None,
-                        help="picture width, unless an item says (default 512; --demo 64, --random-demo 256)")
-    parser.add_argument("--height", type=int, default=None, help="picture height (as --width)")
-    parser.add_argument("--steps", type=int, default=50, help="decoder steps")
-    parser.add_argument("--prior-steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what the pictures should not show, unless an item says (default: none)")
+    common.add_size_arguments(parser, "512, unless an item says; --demo 64, --random-demo 256")
+    parser.add_argument("--steps", type=int, default=50, help="decoder steps (default 50)")
+    parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=4.0, help="decoder guidance scale (default 4)")
     parser.add_argument("--scheduler", default=None, help="decoder sampler name (default: the checkpoint's)")
     parser.add_argument("--limit", type=int, default=None, help="generate at most this many items per rank, then stop")
     parser.add_argument("--overwrite", action="store_true",
@@ -34,7 +33,6 @@ def add_arguments(parser) -> None:
                              "PNGs are replaced); without it such a folder is refused, and an item whose PNG "
                              "exists is kept (resumed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common.add_deprecated_alias(parser, "--quiet", "--no-progress", "no_progress")
 
 
 def run(args) -> int:
@@ -45,11 +43,10 @@ def run(args) -> int:
     rank, world, local = batch.distributed()
     out = Path(args.out)
     size = 64 if args.demo else 256 if args.random_demo else 512  # the model's own size (the demo's: 64)
-    args.width, args.height = args.width or size, args.height or size
+    width, height = common.width_height(args)
+    args.width, args.height = width or size, height or size
+    common.check_folder(out, f"--out {out}")  # before the prompts are read, long before any picture
     items = batch.make_items(batch.read_rows(Path(args.prompts)), args)
-    if out.exists() and not out.is_dir():
-        raise common.InputError(f"--out {out} is a file; name a folder")
-    common.check_outputs([out / "batch.json"], overwrite=True)  # the folder can be made and written
     if args.overwrite and rank == 0:
         batch.start_over(out)
     counts = {"done": 0}

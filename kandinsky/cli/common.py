@@ -3,12 +3,15 @@
 * how a command ends (``error: ...`` and status 2, Ctrl-C and status 130 with what was kept, ``warning:``
   lines): kandinsky/exits.py, shared with ``python -m weights_convert``; a command says what a Ctrl-C
   keeps with ``on_interrupt``.
-* ``check_outputs(paths, overwrite)``: every output can be written, and none is replaced without
-  ``--overwrite``, checked before any work.
+* ``check_outputs(paths, overwrite)`` / ``check_folder``: every output can be written, and none is replaced
+  without ``--overwrite``, checked before any work; ``save``: pictures saved, or rescued to a temporary
+  folder, never lost.
+* the one vocabulary: ``DEPRECATED_ALIASES`` (old spelling -> new, one release), ``add_size_arguments`` /
+  ``width_height`` (--width / --height or --size WxH).
 * ``add_pipeline_arguments`` / ``checkpoints`` / ``pipeline``: --demo / --random-demo / --prior /
   --decoder / --device / --dtype / --offload / --lora, and the pipeline they name (temporary demo
   folders removed on exit, whatever happens).
-* argparse types: ``at_least(n)``, ``seed``, ``fraction``; ``add_overwrite``; ``add_lora_argument``.
+* argparse types: ``at_least(n)``, ``seed``, ``fraction``, ``unit``, ``size``; ``add_overwrite``; ``add_lora_argument``.
 """
 from __future__ import annotations
 
@@ -75,21 +78,75 @@ def unit(text: str) -> float:
     return _number(text, lambda v: 0 <= v <= 1, "[0, 1] (a fraction of the run)")
 
 
-def add_deprecated_alias(parser, old: str, new: str, dest: str, const=True) -> None:
-    """``old``, a spelling kept for one release, hidden from --help: it sets ``dest`` as ``new`` would
-    (a flag: to ``const``) and warns ``old is deprecated: use new`` (the one vocabulary: diffusers'
-    names where one exists)."""
+def size(text: str) -> tuple[int, int]:
+    """--size: ``WIDTHxHEIGHT`` in pixels (one number: a square) -> (width, height)."""
+    try:
+        values = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give WIDTHxHEIGHT in pixels, e.g. 512x768 "
+                                         "(or one number for a square)")
+    return values[0], values[-1]
+
+
+def add_size_arguments(parser, default: str) -> None:
+    """--width, --height, and --size WxH (both in one flag); ``default``: what the help says they default to.
+    ``width_height(args)`` reads them."""
+    parser.add_argument("--width", type=at_least(1), default=None,
+                        help=f"picture width in pixels (default {default})")
+    parser.add_argument("--height", type=at_least(1), default=None, help="picture height in pixels (as --width)")
+    parser.add_argument("--size", type=size, default=None, metavar="WxH",
+                        help="--width and --height in one flag, e.g. 512x768 (one number: a square)")
+
+
+def width_height(args) -> tuple[int | None, int | None]:
+    """(width, height) from --size or --width / --height (not both); None where none was given."""
+    if args.size is not None:
+        if args.width is not None or args.height is not None:
+            raise InputError("give --size WxH or --width / --height, not both")
+        return args.size
+    return args.width, args.height
+
+
+# ----------------------------------------------------------------------------- the one vocabulary
+# An old spelling -> the name every command uses now (diffusers' argument names where one exists; --scheduler,
+# as our Python API says, for the sampler). An old spelling still works for one release: hidden from --help,
+# it warns and sets the new option. kandinsky.cli.parser() adds each to every command that has the new name.
+DEPRECATED_ALIASES = {
+    "--negative": "--negative-prompt",
+    "--guidance": "--guidance-scale",
+    "--prior-guidance": "--prior-guidance-scale",
+    "--sampler": "--scheduler",
+    "--quiet": "--no-progress",
+}
+
+
+def add_deprecated_aliases(parser) -> None:
+    """Every old spelling of DEPRECATED_ALIASES whose new option ``parser`` has (and whose old one it lacks)."""
+    for old, new in DEPRECATED_ALIASES.items():
+        if new in parser._option_string_actions and old not in parser._option_string_actions:
+            add_deprecated_alias(parser, old, new)
+
+
+def add_deprecated_alias(parser, old: str, new: str) -> None:
+    """``old``, a spelling kept for one release, hidden from --help: it does what ``new`` (an option of
+    ``parser``) does, and warns ``old is deprecated ...: use new``."""
+    target = parser._option_string_actions[new]
 
     class Deprecated(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             import warnings
 
-            warnings.warn(f"{old} is deprecated (it goes in the next release): use {new}", FutureWarning,
-                          stacklevel=2)
-            setattr(namespace, dest, const if self.nargs == 0 else values)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")  # every time it is typed, not once per process
+                warnings.warn(f"{old} is deprecated (it goes in the next release): use {new}", FutureWarning,
+                              stacklevel=2)
+            target(parser, namespace, values, new)
 
-    parser.add_argument(old, dest=dest, action=Deprecated, nargs=0 if const is True else None,
-                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument(old, dest=target.dest, action=Deprecated, nargs=target.nargs, type=target.type,
+                        choices=target.choices, metavar=target.metavar, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -115,22 +172,52 @@ def check_outputs(paths, overwrite: bool, image: bool = False, flag: str = "-o")
             raise InputError(f"the output {str(path)!r} is a folder; name a file, e.g. {path / 'out.png'}")
         if path.exists() and not overwrite:
             raise InputError(f"{str(path)!r} exists; pass --overwrite to replace it, or choose another {flag}")
-        ancestor = path.parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise InputError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise InputError(f"cannot write {str(path)!r}: no permission to write in {str(ancestor)!r}")
+        check_folder(path.parent, f"cannot write {str(path)!r}")
 
 
-def open_image(path: str):
+def check_folder(folder, what: str) -> None:
+    """``folder`` is a folder this process can write in, or one it can make (``what`` starts the message,
+    e.g. "--out runs/a")."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what}: {str(folder)!r} is a file; name a folder")
+    ancestor = folder
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{what}: {str(ancestor)!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: no permission to write in {str(ancestor)!r}")
+
+
+def save(images, paths) -> tuple[list[Path], str | None]:
+    """Save each picture to its path (making the folders); if that fails, into a fresh temporary folder
+    instead: -> (where they are, None or the line saying why they are elsewhere). No run is lost."""
+    import tempfile
+
+    paths = [Path(path) for path in paths]
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        for image, path in zip(images, paths):
+            image.save(path)
+        return paths, None
+    except (OSError, ValueError) as e:
+        rescue = Path(tempfile.mkdtemp(prefix="kandinsky-rescued-"))
+        saved = [rescue / path.name for path in paths]
+        for image, path in zip(images, saved):
+            image.save(path)
+        return saved, f"could not write {paths[0]} ({e}); the images were saved to {rescue} instead"
+
+
+def open_image(path: str, flag: str = "--image"):
     """The picture as stored (any mode: the pipelines convert it as the Python API does), turned upright by
-    its EXIF orientation as image viewers show it."""
+    its EXIF orientation as image viewers show it. ``flag``: the option that named it, for the messages."""
     from PIL import Image, ImageOps
 
     if Path(path).is_dir():
-        raise InputError(f"{path!r} is a folder, not an image file")
+        raise InputError(f"{flag}: {path!r} is a folder, not an image file; {flag} takes one picture file (PNG, "
+                         f"JPEG, WebP, ...), e.g. {Path(path) / 'picture.png'}")
     if not Path(path).is_file():
         raise InputError(f"no such image file: {path!r}")
     try:

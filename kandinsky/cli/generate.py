@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -71,7 +70,8 @@ def add_arguments(parser, name: str) -> None:
     parser.add_argument("--steps", type=at_least(1), default=None,
                         help="decoder steps (default 100; demos 20); see --scheduler for what a step is")
     parser.add_argument("--prior-steps", type=at_least(2), default=None, help="prior steps, at least 2 (default 25)")
-    parser.add_argument("--guidance", type=float, default=None, help="decoder guidance scale (default 4; <= 1: off)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="decoder guidance scale (default 4; <= 1: off)")
     parser.add_argument("--cache-interval", type=at_least(1), default=None, metavar="N",
                         help="a full UNet evaluation every N; in between only the levels above --cache-level run "
                              "on the deeper levels' cached output (default 1: off)")
@@ -80,14 +80,12 @@ def add_arguments(parser, name: str) -> None:
     parser.add_argument("--guidance-interval", type=common.unit, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only at the steps whose position in the run (0 = from noise, 1 = clean) is in "
                              "[LO, HI); elsewhere the conditional branch runs alone (default: every step)")
-    parser.add_argument("--prior-guidance", type=float, default=None,
+    parser.add_argument("--prior-guidance-scale", type=float, default=None,
                         help="prior guidance scale (default 4; <= 1: off)")
-    parser.add_argument("--negative", default=None, help="negative prompt")
-    parser.add_argument("--width", type=at_least(1), default=None,
-                        help="image width (default: the input picture's, else 512; --demo 64, the picture resized to it; --random-demo 256); "
-                             "sizes not a multiple of 64 are generated at the next multiple and resized to the "
-                             "size asked")
-    parser.add_argument("--height", type=at_least(1), default=None, help="image height (as --width)")
+    parser.add_argument("--negative-prompt", default=None, help="what the picture should not show")
+    common.add_size_arguments(parser, "the input picture's, else 512; --demo 64, the picture resized to it; "
+                                      "--random-demo 256; sizes not a multiple of 64 are generated at the next "
+                                      "multiple and resized to the size asked")
     parser.add_argument("--num-images", type=at_least(1), default=1, help="images per prompt (default 1)")
     parser.add_argument("--allow-many", action="store_true",
                         help="confirm a --num-images above 16 (without it such a count is refused)")
@@ -145,38 +143,22 @@ def read_inputs(args) -> dict:
     task = PROMPT_TASKS[args.command]
     inputs = {}
     if task.embeddings in ("image", "emb2emb") and "image" not in task.inputs:
-        inputs["image"] = common.open_image(args.image)
+        inputs["image"] = common.open_image(args.image, "--image")
     for key in task.inputs:
         spec = INPUTS[key]
         value = getattr(args, spec.flag.lstrip("-").replace("-", "_"))
-        inputs[key] = value if spec.kind == "number" else common.open_image(value)
+        inputs[key] = value if spec.kind == "number" else common.open_image(value, spec.flag)
     if task.embeddings == "mix":
         items, weights = [], []
         for item, weight in args.mix:
             # an image file (a missing one is an error, not a prompt)
-            items.append(common.open_image(item) if common.is_image_path(item) else item)
+            items.append(common.open_image(item, "--mix") if common.is_image_path(item) else item)
             try:
                 weights.append(float(weight))
             except ValueError:
                 raise InputError(f"--mix {item!r} {weight!r}: the weight must be a number") from None
         inputs.update(images_and_prompts=items, weights=weights)
     return inputs
-
-
-def save(images, paths) -> tuple[list[Path], str | None]:
-    """Save; if that fails, save into a fresh temporary folder instead and say why."""
-    try:
-        for path in paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        for image, path in zip(images, paths):
-            image.save(path)
-        return paths, None
-    except (OSError, ValueError) as e:
-        rescue = Path(tempfile.mkdtemp(prefix="kandinsky-rescued-"))
-        saved = [rescue / path.name for path in paths]
-        for image, path in zip(images, saved):
-            image.save(path)
-        return saved, f"could not write {paths[0]} ({e}); the images were saved to {rescue} instead"
 
 
 def run(args) -> int:
@@ -190,8 +172,9 @@ def run(args) -> int:
     paths = output_paths(args.output, args.num_images)
     inputs = read_inputs(args)
     common.check_outputs(paths + ([Path(args.save_steps)] if args.save_steps else []), args.overwrite, image=True)
-    ignored = [flag for flag, value in (("--negative", args.negative), ("--prior-steps", args.prior_steps),
-                                        ("--prior-guidance", args.prior_guidance)) if value is not None]
+    ignored = [flag for flag, value in (("--negative-prompt", args.negative_prompt),
+                                        ("--prior-steps", args.prior_steps),
+                                        ("--prior-guidance-scale", args.prior_guidance_scale)) if value is not None]
     if task.embeddings == "image" and ignored:  # variations: no prompt, no prior run
         raise InputError(f"{name} does not use {', '.join(ignored)} (the picture's CLIP embedding is decoded "
                          "directly, without the prior); leave it out.")
@@ -201,9 +184,9 @@ def run(args) -> int:
     default_steps = common.default_size_and_steps(args, name)[1]
     preset = args.preset
     steps = args.steps if args.steps is not None or preset else default_steps
-    width, height = common.picture_size(args, name, args.width, args.height, "image" in inputs or "hint" in inputs)
+    width, height = common.picture_size(args, name, *common.width_height(args), "image" in inputs or "hint" in inputs)
     prior_steps = 25 if args.prior_steps is None and not preset else args.prior_steps
-    prior_guidance = 4.0 if args.prior_guidance is None else args.prior_guidance
+    prior_guidance = 4.0 if args.prior_guidance_scale is None else args.prior_guidance_scale
 
     first = inputs.get("image", inputs.get("hint"))  # image tasks default to the picture's size
     size = (args.num_images, height or first.size[1], width or first.size[0])
@@ -215,16 +198,16 @@ def run(args) -> int:
                       progress=not args.no_progress, num_images_per_prompt=args.num_images,
                       return_trajectory=args.save_steps is not None, tile=args.tile, preset=preset)
         # only what was given (or, without a preset, the CLI's defaults): a preset fills the rest
-        given = dict(num_inference_steps=steps, guidance_scale=args.guidance, cache_interval=args.cache_interval,
+        given = dict(num_inference_steps=steps, guidance_scale=args.guidance_scale, cache_interval=args.cache_interval,
                      cache_level=args.cache_level, guidance_interval=args.guidance_interval,
                      scheduler=args.scheduler if args.scheduler or preset else "ddpm")
         if task.embeddings in ("prompt", "mix", "emb2emb"):
             given.update(prior_num_inference_steps=prior_steps, prior_guidance_scale=prior_guidance)
         kwargs.update({key: value for key, value in given.items() if value is not None})
         if task.embeddings in ("prompt", "emb2emb"):
-            kwargs.update(prompt=args.prompt, negative_prompt=args.negative)
+            kwargs.update(prompt=args.prompt, negative_prompt=args.negative_prompt)
         if task.embeddings == "mix":
-            kwargs.update(negative_prompt=args.negative or "")
+            kwargs.update(negative_prompt=args.negative_prompt or "")
         if task.embeddings == "emb2emb":
             kwargs.update(prior_strength=args.prior_strength)
         out = pipe.run(name, **kwargs)
@@ -233,7 +216,7 @@ def run(args) -> int:
 
             save_x0_grid(out.trajectory, pipe.decoder.movq, args.save_steps)
 
-    paths, problem = save(out.images, paths)
+    paths, problem = common.save(out.images, paths)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """The research commands (kandinsky.research does the work):
 
     kandinsky inspect unet --size 768x768 --depth 2          module tree, parameters, output shapes
+    kandinsky inspect unet --demo                            the same for the shipped tiny shapes model
     kandinsky attention --demo "a red circle" -o attn.png     attention maps as pictures
     kandinsky score cat.png "a cat" "a dog"                   CLIP similarity
     kandinsky mix cat.png dog.png --slerp 0,0.5,1 -o mix.png  embedding arithmetic and slerp, decoded
@@ -28,11 +29,15 @@ def add_inspect_arguments(parser) -> None:
 
     parser.add_argument("component", choices=list(COMPONENTS), metavar="COMPONENT",
                         help="one of: " + ", ".join(COMPONENTS))
-    parser.add_argument("--size", default="512x512", help="image size WIDTHxHEIGHT (default 512x512)")
-    parser.add_argument("--checkpoint", help="a checkpoint folder (or component folder) whose config.json to read")
+    common.add_size_arguments(parser, "512")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a checkpoint folder (or component folder) whose config.json to read")
+    source.add_argument("--demo", action="store_true",
+                        help="the shipped tiny shapes model's configs (kandinsky/demo_weights; it has no ControlNet)")
     parser.add_argument("--depth", type=int, default=2, help="levels of the tree to show (default 2; 0 = all)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the shapes (default 1)")
-    parser.add_argument("--format", choices=["text", "markdown"], default="text")
+    parser.add_argument("--format", choices=["text", "markdown"], default="text",
+                        help="a plain-text tree (default) or a markdown table")
 
 
 def _config_for(component: str, checkpoint: str | None) -> tuple[dict, str]:
@@ -54,17 +59,33 @@ def _config_for(component: str, checkpoint: str | None) -> tuple[dict, str]:
                             f"checkpoint folder holding {sub}/ or the component folder itself")
 
 
+def _demo_folder(component: str) -> str:
+    """The shipped shapes model's folder holding ``component`` (inspect --demo)."""
+    from kandinsky.demo import demo_folders
+    from kandinsky.pipelines.tasks import CHECKPOINTS, PRIOR_CHECKPOINT
+    from kandinsky.research.inspect import COMPONENTS
+
+    kinds = {repo.split("/")[-1]: kind for kind, repo in {"prior": PRIOR_CHECKPOINT, **CHECKPOINTS}.items()}
+    kind = kinds[COMPONENTS[component][0]]
+    folders = demo_folders()
+    if kind not in folders:
+        raise common.InputError(f"--demo: the shapes model has no {kind} checkpoint; inspect {component} without "
+                                "--demo (the shipped real config) or with --checkpoint")
+    return str(folders[kind])
+
+
 def run_inspect(args) -> int:
     from kandinsky.research.inspect import format_markdown, format_text, meta_model, parse_size, tree
 
-    parse_size(args.size)
+    width, height = common.width_height(args)
+    size = parse_size((width or height or 512, height or width or 512))
     if args.batch < 1:
         raise common.InputError(f"--batch must be >= 1, got {args.batch}")
-    config, source = _config_for(args.component, args.checkpoint)
+    config, source = _config_for(args.component, _demo_folder(args.component) if args.demo else args.checkpoint)
     model = meta_model(config)
-    rows = tree(model, args.size, args.depth or None, args.batch)
+    rows = tree(model, size, args.depth or None, args.batch)
     fmt = format_markdown if args.format == "markdown" else format_text
-    print(f"# {args.component} ({type(model).__name__}) from {source}, images {args.size}\n")
+    print(f"# {args.component} ({type(model).__name__}) from {source}, images {size[0]}x{size[1]}\n")
     print(fmt(rows))
     return 0
 
@@ -84,7 +105,7 @@ def _steps(text: str) -> list[int]:
 
 
 def add_attention_arguments(parser) -> None:
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", help="what to paint")
     parser.add_argument("-o", "--output", default="attention.png",
                         help="decoder grid PNG (default attention.png); the prior's words go to "
                              "<stem>-words.png, the image to <stem>-image.png, the x0 grid to <stem>-x0.png")
@@ -95,31 +116,49 @@ def add_attention_arguments(parser) -> None:
     parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
     parser.add_argument("--at", type=_steps, default=None, help="decoder steps to show, e.g. 0,10,19 "
                         "(default first, middle, last)")
-    parser.add_argument("--size", default=None,
-                        help="WIDTHxHEIGHT (default 512x512; --demo 64x64, --random-demo 128x128)")
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_size_arguments(parser, "512; --demo 64, --random-demo 128; a multiple of 64")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _png(output: str) -> Path:
-    """-o: a .png path in a folder that exists."""
+    """-o: a .png path (its folder is checked by common.check_outputs, and made when missing)."""
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise common.InputError(f"-o must be a .png path, got {output}")
-    if not output.parent.is_dir():
-        raise common.InputError(f"-o {output}: folder {output.parent} does not exist")
     return output
+
+
+def _size(args, default: int) -> tuple[int, int]:
+    """(width, height): --width / --height / --size (a missing side: the other, else ``default``), multiples
+    of 64."""
+    from kandinsky.research.inspect import parse_size
+
+    width, height = common.width_height(args)
+    return parse_size((width or height or default, height or width or default))
+
+
+def _saved(pictures, paths) -> int:
+    """Save (common.save: rescued, never lost) and say where: -> the exit status (1: saved elsewhere)."""
+    import sys
+
+    saved, problem = common.save(pictures, paths)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    for path in saved:
+        print(f"wrote {path}")
+    return 0
 
 
 def run_attention(args) -> int:
     import torch
 
-    from kandinsky.research.inspect import parse_size
     from kandinsky.research.viz import attention_pictures
 
     steps = args.steps if args.steps is not None else (20 if args.demo else 6 if args.random_demo else 50)
     if steps < 1 or args.prior_steps < 1:
         raise common.InputError(f"--steps and --prior-steps must be >= 1, got {steps}, {args.prior_steps}")
-    width, height = parse_size(args.size or ("64x64" if args.demo else "128x128" if args.random_demo else "512x512"))
+    width, height = _size(args, 64 if args.demo else 128 if args.random_demo else 512)
     output = _png(args.output)
     if args.at is not None and any(not 0 <= s < steps for s in args.at):
         raise common.InputError(f"--at steps must be in [0, {steps - 1}] for --steps {steps}, got {args.at}")
@@ -132,10 +171,7 @@ def run_attention(args) -> int:
             pipe, args.prompt, steps=args.at, trajectory=True, num_inference_steps=steps,
             prior_num_inference_steps=args.prior_steps, height=height, width=width,
             generator=torch.Generator().manual_seed(args.seed), progress=False)
-    for key, path in paths.items():
-        pictures[key].save(path)
-        print(f"wrote {path}")
-    return 0
+    return _saved([pictures[key] for key in paths], paths.values())
 
 
 # ----------------------------------------------------------------------------- score
@@ -150,7 +186,8 @@ SCORE_EXAMPLES = ('examples:\n  kandinsky score cat.png "a cat" "a dog"\n'
 
 
 def add_score_arguments(parser) -> None:
-    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT")
+    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_PROMPT",
+                        help="image files (by their suffix: .png, .jpg, ...) and prompts, in any order")
     common.add_pipeline_arguments(parser, decoder=False, device="cpu")
     parser.add_argument("--json", help="also write the matrices to this JSON file")
     common.add_overwrite(parser)
@@ -214,15 +251,14 @@ def add_mix_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="decoder steps (default 50; --demo 20, --random-demo 4)")
     parser.add_argument("--prior-steps", type=int, default=None, help="prior steps (default 25; --random-demo 2)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demos 64x64)")
-    parser.add_argument("--seed", type=int, default=0)
+    common.add_size_arguments(parser, "512; demos 64; a multiple of 64")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def run_mix(args) -> int:
     import torch
 
     from kandinsky.research.embeddings import is_image_path, mix, strip
-    from kandinsky.research.inspect import parse_size
 
     n = len(args.items)
     if (args.slerp is not None and n != 2) or (args.slerp is None and n != 3):
@@ -234,15 +270,13 @@ def run_mix(args) -> int:
     prior_steps = args.prior_steps if args.prior_steps is not None else (2 if args.random_demo else 25)
     if steps < 1 or prior_steps < 1:
         raise common.InputError("--steps and --prior-steps must be >= 1")
-    width, height = parse_size(args.size or ("64x64" if args.demo or args.random_demo else "512x512"))
+    width, height = _size(args, 64 if args.demo or args.random_demo else 512)
     output = _png(args.output)
     common.check_outputs([output], args.overwrite)
     with common.pipeline(args, device_default="cpu") as (pipe, _):
         images = mix(pipe, args.items, ts=args.slerp, generator=torch.Generator().manual_seed(args.seed),
                      prior_steps=prior_steps, num_inference_steps=steps, height=height, width=width, progress=False)
-    strip(images).save(output)
-    print(f"wrote {output}")
-    return 0
+    return _saved([strip(images)], [output])
 
 
 # ----------------------------------------------------------------------------- routes
@@ -296,18 +330,17 @@ def add_routes_arguments(parser) -> None:
                         help="decoder steps (default 50; --demo 20, --random-demo 4)")
     parser.add_argument("--prior-steps", type=common.at_least(1), default=None,
                         help="prior steps (default 25; --random-demo 2)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 512x512; demos 64x64)")
+    common.add_size_arguments(parser, "512; demos 64; a multiple of 64")
 
 
 def run_routes(args) -> int:
-    from kandinsky.research.inspect import parse_size
     from kandinsky.research.routes import Grid, route_map
 
     steps = args.steps if args.steps is not None else (20 if args.demo else 4 if args.random_demo else 50)
     prior_steps = args.prior_steps if args.prior_steps is not None else (2 if args.random_demo else 25)
     if args.windows > steps:
         raise common.InputError(f"--windows {args.windows} is more than the {steps} steps; give at most {steps}")
-    width, height = parse_size(args.size or ("64x64" if args.demo or args.random_demo else "512x512"))
+    width, height = _size(args, 64 if args.demo or args.random_demo else 512)
     measure = args.measure if args.measure != "auto" else ("shapes" if args.demo else "clip")
     output = _png(args.output)
     common.check_outputs([output], args.overwrite)
@@ -315,11 +348,9 @@ def run_routes(args) -> int:
     with common.pipeline(args, device_default="cpu") as (pipe, _):
         result = route_map(pipe, args.prompt_a, args.prompt_b, measure=measure, grid=grid, seeds=args.seeds,
                            num_inference_steps=steps, prior_steps=prior_steps, height=height, width=width)
-    result.picture().save(output)
     for name, values in result.values.items():
         i, j = divmod(int(values.argmax()), values.shape[1])
         (route, level), (start, stop) = result.rows[i], result.windows[j]
         print(f"{name}: strongest cell {route} {level}, steps {start}-{stop - 1}: {values[i, j]:.2f} "
               f"(A {result.a[name]:.2f}, B {result.b[name]:.2f})")
-    print(f"wrote {output}")
-    return 0
+    return _saved([result.picture()], [output])
