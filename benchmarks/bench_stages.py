@@ -26,11 +26,26 @@ final pixels compared.
 
 ``--quick``: 256 px UNet and MoVQ, 5 prior steps, 1 warmup and 3 timed passes, loading of
 the MoVQ and the prior only. ``--out FILE`` writes the Markdown table (with the machine).
+
+``--every-stage`` (issue 21 item 4): one run of ``EVERY_STAGE``, every stage at the size and batch the
+pipelines use it, with this machine's measured throughput (``hardware``: a lone large 3x3 convolution
+and a lone large matrix product, GFLOP/s) and, per stage, its FLOPs (counted by
+torch.utils.flop_counter on our model on the meta device; the prior stage's during one extra pass),
+the GFLOP/s each implementation achieves on that work, and its **share of the hardware**: the time
+the stage's convolution FLOPs would take at the lone conv's rate plus its matmul / attention FLOPs at
+the lone matmul's rate, divided by the measured time (1.0 = as fast as the plain kernels; what is left
+is norms, activations, copies and Python). 768 px UNet steps are costed, not timed, unless
+``--unet-sizes`` asks for them: the 512 px time times the FLOP ratio (the ``costed`` rows say so).
+
+    nice -n 10 python benchmarks/bench_stages.py --every-stage --out stages.md   (~15 min, 2 cores)
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -40,6 +55,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,10 +66,23 @@ from benchmarks.bench_components import (  # noqa: E402
 )
 from weights_convert import build_model, convert_state_dict, skip_init  # noqa: E402
 
-STAGES = ("text_encode", "image_encode", "prior_stage", "unet_step", "movq_decode", "movq_encode", "text2img",
-          "load")
-COMPONENT = {"text_encode": "clip_text", "image_encode": "clip_image", "unet_step": "unet",
+STAGES = ("hardware", "text_encode", "image_encode", "prior_step", "prior_stage", "unet_step", "movq_decode",
+          "movq_encode", "text2img", "load")
+COMPONENT = {"text_encode": "clip_text", "image_encode": "clip_image", "prior_step": "prior", "unet_step": "unet",
              "movq_decode": "movq_decode", "movq_encode": "movq_encode"}
+# --every-stage: (stage, batch, latent side, warmup, timed passes), each at the batch the pipelines run it
+# with; few passes, so that the whole run stays near 15 minutes on a loaded 2-core machine (medians).
+EVERY_STAGE = (
+    ("hardware", None, None, 1, 5),
+    ("text_encode", 2, None, 1, 3),  # the prompt and the empty negative prompt
+    ("image_encode", 1, None, 0, 3),  # (no warmup: the median drops the first, cold pass)
+    ("prior_step", 2, None, 0, 3),  # one guided step: conditional and unconditional
+    ("prior_stage", 1, None, 0, 1),  # 25 steps, text encoding included; one pass each
+    ("unet_step", 1, 64, 0, 3),  # 512 px: unguided (cached, or outside a guidance interval)
+    ("unet_step", 2, 64, 0, 2),  # 512 px: one guided pair (warm from the batch-1 passes)
+    ("movq_decode", 1, 64, 0, 3),  # one 512 px image
+)
+COSTED_SIZES = (768,)  # --every-stage: UNet step sizes costed from the largest timed one by FLOP ratio
 CLASS_KEYS = {"clip_text": {"architectures": ["CLIPTextModelWithProjection"]},
               "clip_image": {"architectures": ["CLIPVisionModelWithProjection"]},
               "prior": {"_class_name": "PriorTransformer"}, "unet": {"_class_name": "UNet2DConditionModel"},
@@ -81,15 +110,82 @@ def reference_and_ours(component: str, config: dict, dtype, device, seed: int = 
 # ----------------------------------------------------------------------------- stages
 
 
-def bench_model_stage(stage: str, configs: dict, args, device, dtype) -> dict:
+def bench_model_stage(stage: str, configs: dict, args, device, dtype, models=None) -> dict:
+    """One forward pass of a component, ours against the reference (``models``: a (ref, ours) pair to
+    reuse, e.g. the UNet across sizes)."""
     component = COMPONENT[stage]
     config = configs["movq"] if component.startswith("movq") else configs[component]
-    ref, ours = reference_and_ours(component, config, dtype, device)
+    ref, ours = models or reference_and_ours(component, config, dtype, device)
     case = make_case(component, config, args.batch, args.latent, device, dtype)
     fns = {"ref": lambda: case.ref_call(ref, case.inputs), "ours": lambda: case.ours_call(ours, case.inputs)}
     with torch.no_grad():
         times, outputs = time_pair(fns, device, args.warmup, args.iters)
-    return row(stage, case.shape, times, rel_diff(outputs["ours"], outputs["ref"]))
+    r = row(stage, case.shape, times, rel_diff(outputs["ours"], outputs["ref"]))
+    r["flops"] = r["ref_flops"] = model_flops(component, config, args.batch, args.latent, dtype)
+    return r
+
+
+# ----------------------------------------------------------------------------- FLOPs and the hardware
+
+# CPU attention (no formula in torch.utils.flop_counter): the same count as the fused GPU kernels
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
+def count_flops(fn) -> dict:
+    """FLOPs of ``fn()`` by kind: {"conv": convolutions, "matmul": matrix products and attention}."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
+    with counter, torch.no_grad():
+        fn()
+    counts = counter.get_flop_counts().get("Global", {})
+    conv = sum(n for op, n in counts.items() if "conv" in str(op))
+    return {"conv": conv, "matmul": sum(counts.values()) - conv}
+
+
+def model_flops(component: str, config: dict, batch: int, latent: int, dtype) -> dict:
+    """FLOPs of one of our forward passes, counted on the meta device (no weights, no time)."""
+    config = {**CLASS_KEYS[component.split("_")[0] if component.startswith("movq") else component], **config}
+    with torch.device("meta"):
+        ours = build_model(config).to(dtype).eval()
+    case = make_case(component, config, batch, latent, "meta", dtype)
+    return count_flops(lambda: case.ours_call(ours, case.inputs))
+
+
+def prior_cached_flops(config: dict, steps: int, dtype) -> dict:
+    """FLOPs of our prior's prefix cache on a guided pair: ``prefix`` once, ``forward_cached`` per step."""
+    with torch.device("meta"):
+        prior = build_model({**CLASS_KEYS["prior"], **config}).to(dtype).eval()
+    x = make_case("prior", config, 2, None, "meta", dtype).inputs
+
+    def stage():
+        prefix = prior.prefix(x["proj"], x["text"], x["mask"])
+        for _ in range(steps):
+            prior.forward_cached(x["hidden"], x["t"], prefix)
+
+    return count_flops(stage)
+
+
+def add_flops(*parts: tuple[float, dict]) -> dict:
+    """sum of weight * flops over (weight, {kind: flops}) pairs."""
+    return {kind: sum(w * f[kind] for w, f in parts) for kind in ("conv", "matmul")}
+
+
+@torch.no_grad()
+def bench_hardware(args, device, dtype) -> dict:
+    """This machine's throughput on a lone large 3x3 convolution (512 -> 512 channels on 64 x 64, the
+    UNet's and MoVQ's kind of work) and a lone large matrix product (2048 x 1280 @ 1280 x 5120, a CLIP
+    MLP's), GFLOP/s, medians of ``args.iters`` after ``args.warmup``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 512, 64, 64, generator=g).to(device, dtype)
+    w = torch.randn(512, 512, 3, 3, generator=g).to(device, dtype) / 48
+    a = torch.randn(2048, 1280, generator=g).to(device, dtype)
+    b = torch.randn(1280, 5120, generator=g).to(device, dtype)
+    fns = {"conv": lambda: (torch.nn.functional.conv2d(x, w, padding=1),), "matmul": lambda: (a @ b,)}
+    times, _ = time_pair(fns, device, args.warmup, args.iters)
+    rates = {kind: count_flops(fns[kind])[kind] / statistics.median(times[kind]) / 1e9 for kind in fns}
+    return {"stage": "hardware", "input": "conv 3x3 512->512 on (1, 512, 64, 64); matmul (2048, 1280) @ (1280, 5120)",
+            "gflops": rates, "extra": f"conv {rates['conv']:.1f} GFLOP/s, matmul {rates['matmul']:.1f} GFLOP/s "
+                                      f"(medians of {args.iters})"}
 
 
 def prior_pipelines(configs: dict, device, dtype, tmp: str):
@@ -142,12 +238,23 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> list[dict]:
 
     fns = {"ref": lambda: run(ref, output_type="pt"), "ours": lambda: run(ours, progress=False),
            "ours_nocache": lambda: run(ours, progress=False, cache=False)}
+    if not args.prior_nocache:
+        del fns["ours_nocache"]
     with torch.no_grad():
         times, outputs = time_pair(fns, device, args.warmup, args.iters)
     shape = f"1 prompt, {steps} steps, guidance 4"
-    rows = [row("prior_stage", shape, times, rel_diff(outputs["ours"], outputs["ref"])),
-            row("prior_stage (cache=False)", shape, {"ref": times["ref"], "ours": times["ours_nocache"]},
-                rel_diff(outputs["ours_nocache"], outputs["ref"]))]
+    # the work (on the meta device): the text encoding of the prompt and the negative prompt, then every
+    # step on the guided pair, whole (the reference; ours with cache=False) or the prefix once and the
+    # 3 step tokens per step (ours)
+    text = model_flops("clip_text", configs["clip_text"], 2, None, dtype)
+    uncached = add_flops((1, text), (steps, model_flops("prior", configs["prior"], 2, None, dtype)))
+    rows = [row("prior_stage", shape, times, rel_diff(outputs["ours"], outputs["ref"]))]
+    rows[0].update(flops=add_flops((1, text), (1, prior_cached_flops(configs["prior"], steps, dtype))),
+                   ref_flops=uncached)
+    if args.prior_nocache:
+        rows.append(row("prior_stage (cache=False)", shape, {"ref": times["ref"], "ours": times["ours_nocache"]},
+                        rel_diff(outputs["ours_nocache"], outputs["ref"])))
+        rows[1].update(flops=uncached, ref_flops=uncached)
     return rows
 
 
@@ -282,26 +389,82 @@ def environment(args) -> str:
     import transformers
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
-    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {gpu or cpu}, {torch.get_num_threads()} "
-            f"thread(s); torch {torch.__version__}, diffusers {diffusers.__version__}, transformers "
-            f"{transformers.__version__}; {args.device}, {args.dtype}; "
-            f"{'--quick; ' if args.quick else ''}batch {args.batch}, {args.latent * 8} px, "
-            f"{args.warmup} warmup + {args.iters} timed passes each")
+    try:
+        load = f"load average {os.getloadavg()[0]:.1f}; "
+    except OSError:
+        load = ""
+    sizes = ("--every-stage (each stage's batch, size and passes in its row); " if args.every_stage else
+             f"{'--quick; ' if args.quick else ''}batch {args.batch}, {args.latent * 8} px, "
+             f"{args.warmup} warmup + {args.iters} timed passes each")
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {gpu or cpu}, {os.cpu_count()} CPU(s), "
+            f"{torch.get_num_threads()} thread(s); {load}torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}, transformers {transformers.__version__}; {args.device}, {args.dtype}; {sizes}")
+
+
+def costed_rows(rows: list[dict], sizes, configs: dict, dtype) -> list[dict]:
+    """UNet steps at ``sizes`` px costed from the largest timed UNet step of the same batch: its times
+    times the FLOP ratio (the costing rule; attention grows faster than the convolutions, so this
+    slightly flatters the larger size)."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows if r["stage"] == "unet_step"}):
+        timed = max((r for r in rows if r["stage"] == "unet_step" and r["batch"] == batch), key=lambda r: r["latent"])
+        for side in sizes:
+            flops = model_flops("unet", configs["unet"], batch, side // 8, dtype)
+            f = sum(flops.values()) / sum(timed["flops"].values())
+            out.append({**timed, "input": f"sample ({batch}, 4, {side // 8}, {side // 8})", "ref_s": timed["ref_s"] * f,
+                        "ours_s": timed["ours_s"] * f, "rel_diff": None, "flops": flops, "ref_flops": flops,
+                        "extra": f"costed: the {timed['latent'] * 8} px step x {f:.2f} (FLOP ratio)"})
+    return out
+
+
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:,.0f}" if flops >= 1e10 else f"{flops / 1e9:.2g}"
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| stage | input | reference (s) | ours (s) | ours / ref | max diff / max | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    hardware = next((r["gflops"] for r in rows if r["stage"] == "hardware"), None)
+    if hardware is None:
+        lines = ["| stage | input | reference (s) | ours (s) | ours / ref | max diff / max | notes |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            diff = "-" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}"
+            lines.append(f"| {r['stage']} | {r['input']} | {r['ref_s']:.3f} | {r['ours_s']:.3f} | "
+                         f"{r['ours_s'] / r['ref_s']:.2f} | {diff} | {r['extra']} |")
+        return "\n".join(lines)
+
+    def at_peak(flops):  # seconds at the lone kernels' rates
+        return sum(flops[k] / (hardware[k] * 1e9) for k in ("conv", "matmul"))
+
+    lines = ["| stage | input | GFLOP (conv + matmul) | reference (s) | ours (s) | ours / ref | GFLOP/s ref / ours "
+             "| share of hardware ref / ours | max diff / max | notes |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for r in rows:
+        if r["stage"] == "hardware":
+            lines.append(f"| hardware | {r['input']} | - | - | - | - | conv {hardware['conv']:.1f}, matmul "
+                         f"{hardware['matmul']:.1f} | 1 | - | {r['extra']} |")
+            continue
         diff = "-" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}"
-        lines.append(f"| {r['stage']} | {r['input']} | {r['ref_s']:.3f} | {r['ours_s']:.3f} | "
-                     f"{r['ours_s'] / r['ref_s']:.2f} | {diff} | {r['extra']} |")
+        if "flops" not in r:  # text2img, load
+            lines.append(f"| {r['stage']} | {r['input']} | - | {r['ref_s']:.3f} | {r['ours_s']:.3f} | "
+                         f"{r['ours_s'] / r['ref_s']:.2f} | - | - | {diff} | {r['extra']} |")
+            continue
+        f, fr = r["flops"], r["ref_flops"]
+        work = f"{_g(f['conv'])} + {_g(f['matmul'])}"
+        if fr != f:
+            work += f" (reference: {_g(fr['conv'])} + {_g(fr['matmul'])})"
+        rate = f"{sum(fr.values()) / r['ref_s'] / 1e9:.1f} / {sum(f.values()) / r['ours_s'] / 1e9:.1f}"
+        share = f"{at_peak(fr) / r['ref_s']:.2f} / {at_peak(f) / r['ours_s']:.2f}"
+        lines.append(f"| {r['stage']} | {r['input']} | {work} | {r['ref_s']:.3f} | {r['ours_s']:.3f} | "
+                     f"{r['ours_s'] / r['ref_s']:.2f} | {rate} | {share} | {diff} | {r['extra']} |")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {STAGES} (default: all but hardware)")
+    p.add_argument("--every-stage", action="store_true",
+                   help="issue 21 item 4: EVERY_STAGE in one run (hardware throughput, FLOPs, shares); "
+                        "--stages then picks from it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--size", choices=("full", "tiny"), default="full",
@@ -309,6 +472,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="256 px, 5 prior steps, 1 + 3 passes, load movq and prior")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=None, help="latent side for the UNet and MoVQ (default 64 = 512 px)")
+    p.add_argument("--unet-sizes", type=int, nargs="+", default=None,
+                   help="UNet step sizes in px to time (default: --latent's; --every-stage: 512, 768 costed)")
+    p.add_argument("--unet-batches", type=int, nargs="+", default=None, help="UNet step batches (default --batch)")
     p.add_argument("--prior-steps", type=int, default=None, help="prior stage steps (default 25)")
     p.add_argument("--decoder-steps", type=int, default=None, help="text2img decoder steps (default 50)")
     p.add_argument("--warmup", type=int, default=None)
@@ -326,10 +492,37 @@ def parse_args(argv=None):
     args.iters = args.iters or (3 if q else 5)
     args.load = (args.load or ("movq,prior" if q else ",".join(LOAD))).split(",")
     args.load_iters = args.load_iters or (1 if q else 2)
-    unknown = set(args.stages.split(",")) - set(STAGES)
+    args.prior_nocache = not args.every_stage  # --every-stage: a prior step's ratio stands for it
+    default = [s for s, *_ in EVERY_STAGE] if args.every_stage else [s for s in STAGES if s != "hardware"]
+    args.stages = args.stages.split(",") if args.stages else list(dict.fromkeys(default))
+    unknown = set(args.stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     return args
+
+
+def plan(args) -> list:
+    """[(stage, args for it)]: EVERY_STAGE's rows with --every-stage, else one per stage (the UNet step
+    once per --unet-sizes x --unet-batches), with the command line's batch, size and passes."""
+    if args.every_stage:
+        entries = [e for e in EVERY_STAGE if e[0] in args.stages]
+        if args.unet_sizes:  # time these sizes instead of EVERY_STAGE's UNet rows
+            unet = [e for e in entries if e[0] == "unet_step"]
+            entries = [e for e in entries if e[0] != "unet_step"] + [
+                ("unet_step", b, side // 8, w, n) for side in args.unet_sizes for _, b, _, w, n in unet]
+    else:
+        entries = [(stage, args.batch, args.latent, args.warmup, args.iters) for stage in args.stages
+                   if stage != "unet_step"]
+        entries += [("unet_step", b, side // 8, args.warmup, args.iters) for side in args.unet_sizes or [args.latent * 8]
+                    for b in args.unet_batches or [args.batch]] if "unet_step" in args.stages else []
+    out = []
+    for stage, batch, latent, warmup, iters in entries:
+        a = copy.copy(args)
+        a.batch, a.latent = batch or args.batch, latent or args.latent
+        if args.every_stage:  # the command line's --warmup / --iters apply to the other modes
+            a.warmup, a.iters = warmup, iters
+        out.append((stage, a))
+    return out
 
 
 def main(argv=None) -> int:
@@ -341,19 +534,36 @@ def main(argv=None) -> int:
     configs = full_configs("decoder") if args.size == "full" else tiny_configs("decoder")
     env = environment(args)
     print(env, flush=True)
-    rows = []
-    for stage in args.stages.split(","):
-        start = time.perf_counter()
-        if stage == "prior_stage":
-            rows += bench_prior_stage(configs, args, device, dtype)
+    rows, models = [], {}
+    for stage, a in plan(args):
+        start, before = time.perf_counter(), len(rows)
+        if stage not in models:  # one (reference, ours) pair at a time (the UNet is shared by its rows)
+            models.clear()
+            gc.collect()
+        if stage == "hardware":
+            rows.append(bench_hardware(a, device, dtype))
+        elif stage == "prior_stage":
+            rows += bench_prior_stage(configs, a, device, dtype)
         elif stage == "text2img":
-            rows.append(bench_text2img(configs, args, device, dtype))
+            rows.append(bench_text2img(configs, a, device, dtype))
         elif stage == "load":
-            rows += bench_load(configs, args)
+            rows += bench_load(configs, a)
         else:
-            rows.append(bench_model_stage(stage, configs, args, device, dtype))
-        print(f"  {stage}: {time.perf_counter() - start:.0f} s; " + markdown(rows[-1:]).splitlines()[-1],
+            component = COMPONENT[stage]
+            if stage not in models:
+                config = configs["movq"] if component.startswith("movq") else configs[component]
+                models[stage] = reference_and_ours(component, config, dtype, device)
+            rows.append(bench_model_stage(stage, configs, a, device, dtype, models[stage]))
+            rows[-1].update(batch=a.batch, latent=a.latent)
+        for r in rows[before:]:
+            r["extra"] = r["extra"] or f"{a.warmup} warmup + {a.iters} timed"
+        print(f"  {stage}: {time.perf_counter() - start:.0f} s; " + markdown(rows).splitlines()[-1],
               file=sys.stderr, flush=True)
+        if args.out:  # as it goes: a stopped run keeps what it measured
+            Path(args.out).write_text(f"{env}\n\n{markdown(rows)}\n")
+    models.clear()
+    if args.every_stage and "unet_step" in args.stages and not args.unet_sizes:
+        rows += costed_rows(rows, COSTED_SIZES, configs, dtype)
     table = markdown(rows)
     print("\n" + table)
     if args.out:
