@@ -380,7 +380,7 @@ def test_a_server_side_path_is_refused(studio_server):
     data = [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, 1, 2, 4.0, "ddpm", 0, 0, 1]
     call = urllib.request.Request(url + "gradio_api/call/variations", json.dumps({"data": data}).encode(),
                                   {"Content-Type": "application/json"})
-    event = json.load(urllib.request.urlopen(call))["event_id"]
+    event = json.load(urllib.request.urlopen(call, timeout=60))["event_id"]
     answer = urllib.request.urlopen(f"{url}gradio_api/call/variations/{event}", timeout=60).read().decode()
     assert "event: error" in answer and "/etc/hostname to the gradio cache dir because it was not uploaded" in answer
 
@@ -491,6 +491,7 @@ def test_kandinsky_serve_prints_its_address_and_serves():
     import signal
     import subprocess
     import sys
+    import threading
     import urllib.request
 
     from kandinsky.serve.app import free_port
@@ -498,17 +499,21 @@ def test_kandinsky_serve_prints_its_address_and_serves():
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "kandinsky.cli", "serve", "--demo", "--port", str(port)],
                               stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, server.kill)  # no address within 2 minutes: stop, and fail below
+    watchdog.start()
     try:
         lines = []
         for line in server.stderr:  # the address line comes once the server listens
             lines.append(line)
             if "Kandinsky Studio on" in line:
                 break
+        watchdog.cancel()
         assert f"Kandinsky Studio on http://localhost:{port}/ (Ctrl-C to stop)\n" in lines, "".join(lines)
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60).read().decode()
         assert "<!doctype html>" in page.lower()
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0  # Ctrl-C: the server closes and the command ends
     finally:
+        watchdog.cancel()
         server.kill()
         server.wait()

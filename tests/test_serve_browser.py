@@ -95,7 +95,7 @@ def test_paint_a_stroke_and_inpaint_in_the_browser(browser, studio_server, tmp_p
     seed = int(page.locator("#seed-used-inpaint input").input_value())
     assert seed == 7
 
-    out = PIL.Image.open(io.BytesIO(urllib.request.urlopen(result.get_attribute("src")).read()))
+    out = PIL.Image.open(io.BytesIO(urllib.request.urlopen(result.get_attribute("src"), timeout=60).read()))
     assert f"Seed: {seed}, " in out.text["parameters"] and "Inpaint area: only masked area" in out.text["parameters"]
     before, after = np.asarray(picture).astype(int), np.asarray(out.convert("RGB")).astype(int)
     assert after.shape == before.shape
@@ -153,8 +153,8 @@ def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
     messages = page.locator(".toast-body").all_inner_texts()
     assert not messages, f"the page says {messages}"
     assert int(page.locator("#seed-used-look input").input_value()) == 2
-    shown = PIL.Image.open(io.BytesIO(urllib.request.urlopen(decoder.get_attribute("src")).read())).convert("RGB")
-    before = PIL.Image.open(io.BytesIO(urllib.request.urlopen(every).read()))
+    shown = PIL.Image.open(io.BytesIO(urllib.request.urlopen(decoder.get_attribute("src"), timeout=60).read())).convert("RGB")
+    before = PIL.Image.open(io.BytesIO(urllib.request.urlopen(every, timeout=60).read()))
     expected = attention_pictures(studio.pipe("text2img"), PROMPT, steps=[0], levels=["unet.up.1"],
                                   num_inference_steps=studio.default_steps(), height=64, width=64,
                                   generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
