@@ -68,3 +68,21 @@ def test_prior_word_matrix_equals_the_recorded_probabilities(random_demo_kandins
     expected = [probs[0, :, -1, ps].sum(-1).mean().item() for _, ps in words]
     np.testing.assert_allclose(matrix[:, 0], expected, rtol=1e-5)
     assert matrix.sum() <= 1 + 1e-5  # a share of the prd token's attention
+
+
+def test_attention_pictures_of_chosen_levels(pictures, random_demo_kandinsky):
+    """levels=: the decoder grid of those UNet levels only (unet_levels lists them, in the grid's order); all of
+    them is the default grid, bit for bit; an unknown level is refused naming the known ones."""
+    levels = viz.unet_levels(random_demo_kandinsky)
+    parts = [level.split(".")[1] for level in levels]
+    assert parts == sorted(parts, key=["down", "mid", "up"].index) and "mid" in parts and len(levels) > 2
+    options = dict(steps=[0, 1], trajectory=True, num_inference_steps=2, prior_num_inference_steps=2, height=64,
+                   width=64, progress=False)
+    every = viz.attention_pictures(random_demo_kandinsky, "a red cat", levels=levels,
+                                   generator=torch.Generator().manual_seed(0), **options)
+    np.testing.assert_array_equal(np.asarray(every["decoder"]), np.asarray(pictures["decoder"]))
+    one = viz.attention_pictures(random_demo_kandinsky, "a red cat", levels=levels[-1:],
+                                 generator=torch.Generator().manual_seed(0), **options)["decoder"]
+    assert one.size == (64 + 2 * 128, 18 + 2 * 128 + 22)  # the image and that level, for 2 steps
+    with pytest.raises(ValueError, match=f"levels must be UNet levels of this decoder \\({levels[0]}, "):
+        viz.attention_pictures(random_demo_kandinsky, "a red cat", levels=["unet.sideways"], **options)
