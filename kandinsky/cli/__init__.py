@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kandinsky import exits
-from kandinsky.cli import batch, common, eval as evaluate, generate, research, serve, train
+from kandinsky.cli import batch, common, eval as evaluate, generate, lens, research, serve, train
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def _table() -> dict[str, Command]:
         Command("routes", "where a concept enters the decoder: route x level x step heat maps",
                 research.add_routes_arguments, research.run_routes, research.ROUTES_DESCRIPTION,
                 research.ROUTES_EXAMPLES),
+        Command("lens", "pictures from each CLIP text layer: where the prompt's words become usable",
+                lens.add_arguments, lens.run, lens.DESCRIPTION, lens.EXAMPLES),
         Command("serve", "Kandinsky Studio: every task in a browser, and an API", serve.add_arguments, serve.run,
                 serve.DESCRIPTION, serve.EXAMPLES),
     ]

@@ -33,7 +33,7 @@ def _layers(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one grid row each")
-    parser.add_argument("-o", "--output", default="lens.png", help="the grid picture (default lens.png)")
+    parser.add_argument("-o", "--output", default="lens.png", help="the grid picture, a PNG (default lens.png)")
     parser.add_argument("--json", default=None, help="also write the layers and scores to this JSON file")
     common.add_overwrite(parser)
     parser.add_argument("--layers", type=_layers, default=None,
@@ -49,29 +49,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="decoder guidance scale (default 4; <= 1: off)")
     parser.add_argument("--negative-prompt", default=None, help="what the picture should not show")
-    common.add_size_arguments(parser, "512; --demo 64, --random-demo 256")
+    common.add_size_arguments(parser, "512; --demo 64, --random-demo 256; a multiple of 64")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_pipeline_arguments(parser)
 
 
 def run(args) -> int:
+    from kandinsky.cli.research import _png, _saved, _size
     from kandinsky.research.lens import text_lens
 
     size, steps = common.default_size_and_steps(args)
-    width, height = common.width_height(args)
+    width, height = _size(args, size)
     measure = {"auto": ("shapes", "clip") if args.demo else "clip", "both": ("shapes", "clip")}.get(args.measure,
                                                                                                     args.measure)
-    outputs = [args.output] + ([args.json] if args.json else [])
-    common.check_outputs([args.output], args.overwrite, image=True)
+    output = _png(args.output)
+    common.check_outputs([output], args.overwrite)
     if args.json:
         common.check_outputs([args.json], args.overwrite, flag="--json")
     options = {k: v for k, v in dict(prior_num_inference_steps=args.prior_steps, guidance_scale=args.guidance_scale,
                                      negative_prompt=args.negative_prompt).items() if v is not None}
     with common.pipeline(args, device_default=None) as (pipe, _):
-        lens = text_lens(pipe, args.prompts, layers=args.layers, seed=args.seed, measure=measure,
-                         height=height or size, width=width or size,
-                         num_inference_steps=args.steps or steps, progress=not args.no_progress, **options)
-    lens.picture().save(args.output)
+        lens = text_lens(pipe, args.prompts, layers=args.layers, seed=args.seed, measure=measure, height=height,
+                         width=width, num_inference_steps=args.steps or steps, progress=not args.no_progress,
+                         **options)
     for name, values in lens.scores.items():
         means = ", ".join(f"{layer}: {_mean(values[:, k])}" for k, layer in enumerate(lens.layers))
         print(f"{name} by layer: {means}")
@@ -80,9 +80,8 @@ def run(args) -> int:
             json.dump({"prompts": lens.prompts, "layers": lens.layers, "depth": lens.depth, "seed": lens.seed,
                        "scores": {k: [[None if v != v else v for v in row] for row in values.tolist()]
                                   for k, values in lens.scores.items()}}, f, indent=1)
-    for path in outputs:
-        print(f"wrote {path}")
-    return 0
+        print(f"wrote {args.json}")
+    return _saved([lens.picture()], [output])
 
 
 def _mean(column) -> str:
