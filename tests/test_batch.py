@@ -178,7 +178,7 @@ def test_ctrl_c_keeps_the_finished_pictures(prompts, tmp_path, monkeypatch, caps
 def test_out_that_cannot_be_a_folder(prompts, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert run_here([prompts, "--out", tmp_path / "file", *FAST]) == 2
-    assert "is a file; name a folder" in capsys.readouterr().err
+    assert "is a file, not a folder; name a folder" in capsys.readouterr().err
     assert run_here([prompts, "--out", tmp_path / "file" / "sub", *FAST]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
 

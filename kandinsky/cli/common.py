@@ -178,14 +178,11 @@ def check_outputs(paths, overwrite: bool, image: bool = False, flag: str = "-o")
 def check_folder(folder, what: str) -> None:
     """``folder`` is a folder this process can write in, or one it can make (``what`` starts the message,
     e.g. "--out runs/a")."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{what}: {str(folder)!r} is a file; name a folder")
-    ancestor = folder
+    ancestor = Path(folder)
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise InputError(f"{what}: {str(ancestor)!r} is a file, not a folder")
+        raise InputError(f"{what}: {str(ancestor)!r} is a file, not a folder; name a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"{what}: no permission to write in {str(ancestor)!r}")
 
