@@ -29,7 +29,7 @@ def add_inspect_arguments(parser) -> None:
 
     parser.add_argument("component", choices=list(COMPONENTS), metavar="COMPONENT",
                         help="one of: " + ", ".join(COMPONENTS))
-    common.add_size_arguments(parser, "512")
+    common.add_size_arguments(parser, "512; --demo 64; a multiple of 64")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a checkpoint folder (or component folder) whose config.json to read")
     source.add_argument("--demo", action="store_true",
@@ -78,7 +78,8 @@ def run_inspect(args) -> int:
     from kandinsky.research.inspect import format_markdown, format_text, meta_model, parse_size, tree
 
     width, height = common.width_height(args)
-    size = parse_size((width or height or 512, height or width or 512))
+    default = 64 if args.demo else 512  # the shapes model draws at 64 px
+    size = parse_size((width or height or default, height or width or default))
     if args.batch < 1:
         raise common.InputError(f"--batch must be >= 1, got {args.batch}")
     config, source = _config_for(args.component, _demo_folder(args.component) if args.demo else args.checkpoint)

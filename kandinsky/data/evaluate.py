@@ -1,7 +1,7 @@
 """``kandinsky eval shapes``: how well does a checkpoint draw what the shapes grammar says?
 
     kandinsky eval shapes --prior P --decoder D [--inpaint I] [--n 64] [--seed 0] [--steps 20]
-                          [--sampler ddpm] [--sweep] [--demo]
+                          [--scheduler ddpm] [--sweep] [--demo]
 
 Six measurements, each on items drawn at random from the seed (not a hand-picked list):
 

@@ -142,7 +142,7 @@ PROMPT_TASKS: dict[str, PromptTask] = {
                    "Paint a picture of PROMPT: the prior turns the prompt into a CLIP image embedding, the decoder "
                    "paints it.",
                    ('kandinsky text2img "a red cat, 4k photo" -o cat.png',
-                    'kandinsky text2img "a red cat" --negative "low quality" --num-images 2 --seed 1 -o cats.png',
+                    'kandinsky text2img "a red cat" --negative-prompt "low quality" --num-images 2 --seed 1 -o cats.png',
                     'kandinsky text2img --demo "a red circle on a blue background" -o demo.png     (offline)')),
         PromptTask("img2img", "prompt", "img2img", ("image", "strength"), "re-paint an image following a prompt",
                    "Re-paint --image following PROMPT: the picture is noised and the last STRENGTH share of the "
