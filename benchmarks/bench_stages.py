@@ -258,9 +258,9 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> list[dict]:
     return rows
 
 
-def bench_text2img(configs: dict, args, device, dtype) -> dict:
-    """The whole chain: prompt -> prior (guided) -> decoder UNet (guided) -> MoVQ decode -> pixels,
-    diffusers' two pipelines against our Kandinsky, the same weights, the same generator seeds."""
+def text2img_calls(configs: dict, args, device, dtype) -> dict:
+    """{"ref": diffusers' two pipelines, "ours": our Kandinsky}, each a call -> (pixels in [0, 1],):
+    prompt -> prior (guided) -> decoder UNet (guided) -> MoVQ decode, the same weights and seeds."""
     from diffusers import DDPMScheduler, KandinskyV22Pipeline
 
     from kandinsky.pipelines.combined import Kandinsky
@@ -293,10 +293,27 @@ def bench_text2img(configs: dict, args, device, dtype) -> dict:
                               output_type="pt", progress=False).images
         return (image,)
 
+    return {"ref": ref_call, "ours": ours_call}
+
+
+def bench_text2img(configs: dict, args, device, dtype, floor: torch.Tensor | None = None) -> dict:
+    """The whole chain, diffusers' pipelines against our Kandinsky (text2img_calls), timed alternately.
+
+    The notes give the mean |ours - ref| of the pixels besides the max. ``floor``: the reference's pixels
+    in float32 on the same weights and seeds; then the notes also give each side's distance from them,
+    the yardstick of a low-precision run (random weights amplify rounding: a difference from the
+    reference is a bug only where it is far larger than the reference's own distance from float32)."""
     with torch.no_grad():
-        times, outputs = time_pair({"ref": ref_call, "ours": ours_call}, device, args.warmup, args.iters)
-    shape = f"1 prompt, prior {args.prior_steps} + decoder {args.decoder_steps} steps, {side} px, guidance 4"
-    return row("text2img", shape, times, rel_diff(outputs["ours"], outputs["ref"]))
+        times, outputs = time_pair(text2img_calls(configs, args, device, dtype), device, args.warmup, args.iters)
+    shape = f"1 prompt, prior {args.prior_steps} + decoder {args.decoder_steps} steps, {args.latent * 8} px, guidance 4"
+    r = row("text2img", shape, times, rel_diff(outputs["ours"], outputs["ref"]))
+    ours, ref = outputs["ours"][0], outputs["ref"][0]
+    r["extra"] = f"mean abs pixel diff {(ours - ref).abs().mean():.1e}"
+    if floor is not None:
+        r["extra"] += "; from the fp32 reference, max / mean: " + ", ".join(
+            f"{name} {(x - floor).abs().max():.2f} / {(x - floor).abs().mean():.1e}" for name, x in
+            (("ref", ref), ("ours", ours)))
+    return r
 
 
 LOAD_CHILD = r"""
