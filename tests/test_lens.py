@@ -57,6 +57,9 @@ def test_exit_after_equals_transformers_hidden_states(clip_text_checkpoint):
                 part = ours(ids)
             assert_close(part.text_embeds[1], embeds[1])
             assert_close(part.text_embeds[[0, 2]], want.text_embeds[[0, 2]])
+        with exit_after(ours, 0, ids[:1, :5]) as seen:  # ids of another length: no row is the prompts'
+            assert_close(ours(ids).text_embeds, want.text_embeds)
+        assert seen == [0]
     assert_close(ours(ids).text_embeds, want.text_embeds)  # the hooks are gone after the block
 
 

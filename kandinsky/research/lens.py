@@ -201,7 +201,7 @@ def text_lens(pipe, prompt, *, layers=None, seed: int = 0, measure="clip", **opt
         with exit_after(encoder, layer, ids) as seen:
             embeds.append(pipe.prior.encode_text(prompts)[0].float().cpu())  # (P, D)
             out = pipe.text2img(prompts, generator=torch.Generator().manual_seed(seed), **options)
-        if layer < depth and not all(seen):
+        if layer < depth and not (seen and all(seen)):
             raise RuntimeError("the text lens saw a text-encoder call without the prompts' rows (is the text "
                                "encoder compiled, or replaced?)")
         columns.append(out.images)
