@@ -92,6 +92,7 @@ def test_automatic_above_threshold(movq, untiled, monkeypatch):
     assert torch.equal(movq.decode(z, force_not_quantize=True), untiled)  # 128 x 96 px: untiled
     monkeypatch.setattr(tiling, "AUTO_TILE_PIXELS", 64 * 64)
     monkeypatch.setattr(tiling, "DEFAULT_TILE", 64)
+    monkeypatch.setattr(tiling, "_warned", True)  # its warning: test_slow_exact_tiling_says_so_once
     auto = movq.decode(z, force_not_quantize=True)
     assert not torch.equal(auto, untiled)
     assert torch.equal(auto, movq.decode(z, force_not_quantize=True, tile=True))
@@ -167,6 +168,40 @@ def test_tiled_decode_holds_on_trained_weights(shipped):
     assert torch.equal(exact, movq.decode(z, force_not_quantize=True, tile=128))  # the default: exact
     assert ((exact - untiled).abs() * 127.5 > 30).sum() == 0  # no pixel moves by 30 / 255
     assert exact.abs().max() < 1.05 * untiled.abs().max()
+    # the automatic mode's table: each mode within its measured worst case (over 2 pictures, 256 and 512 px),
+    # the chosen one within the bound, every faster one outside it
+    for mode, error in errors.items():
+        assert error <= tiling.MEASURED_ERROR[mode]
+    assert errors[tiling.DEFAULT_PASSES] <= tiling.BOUND
+    faster = list(tiling.MEASURED_ERROR)[:list(tiling.MEASURED_ERROR).index(tiling.DEFAULT_PASSES)]
+    assert faster and all(errors[mode] > tiling.BOUND for mode in faster)
+
+
+def test_automatic_mode_is_the_fastest_within_the_bound():
+    assert tiling.DEFAULT_PASSES == "exact"
+    assert tiling.MEASURED_ERROR["exact"] <= tiling.BOUND < min(tiling.MEASURED_ERROR[1], tiling.MEASURED_ERROR[2])
+
+
+@torch.no_grad()
+def test_slow_exact_tiling_says_so_once(movq, untiled, monkeypatch):
+    import warnings
+
+    z = latents()
+    monkeypatch.setattr(tiling, "_warned", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # below the automatic threshold: no word, untiled, bit-identical
+        assert torch.equal(movq.decode(z, force_not_quantize=True), untiled)
+        movq.decode(z, force_not_quantize=True, tile=64)  # an explicit tile on a small picture: no word either
+    monkeypatch.setattr(tiling, "AUTO_TILE_PIXELS", 64 * 64)
+    monkeypatch.setattr(tiling, "DEFAULT_TILE", 64)
+    with pytest.warns(UserWarning, match=r"96 x 128 picture: exact GroupNorm statistics.*tile=False") as seen:
+        movq.decode(z, force_not_quantize=True)
+        movq.decode(z, force_not_quantize=True)
+        movq.encode(images(), tile=64)
+    assert len(seen) == 1  # once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiled_decode(movq, z, 64, force_not_quantize=True, passes=1)  # a fast mode asked for: no word
 
 
 def test_bad_passes(movq):

@@ -41,9 +41,12 @@ a real picture, 128 px tiles: max |tiled - untiled| / max |untiled| is 0.21 with
 with 2, 1.2e-2 exact; relative L2 3.3e-2, 7.0e-2, 3.0e-4; tests/test_tiling.py). On random
 weights (benchmarks/bench_tiling.py) the iterated passes converge, which hid this.
 
-Tiling is automatic above ``AUTO_TILE_PIXELS`` (more pixels than 1024 x 1024 per image), with
-the exact statistics, and overridable per call: ``movq.decode(z, tile=False)`` never tiles, ``tile=True`` tiles
-with ``DEFAULT_TILE``, ``tile=640`` tiles with 640-pixel tiles.
+Tiling is automatic above ``AUTO_TILE_PIXELS`` (more pixels than 1024 x 1024 per image), and overridable
+per call: ``movq.decode(z, tile=False)`` never tiles, ``tile=True`` tiles with ``DEFAULT_TILE``, ``tile=640``
+tiles with 640-pixel tiles. Its mode is decided by measurement: ``DEFAULT_PASSES`` is the fastest mode of
+``MEASURED_ERROR`` (each mode's worst error on the trained shapes MoVQ) within ``BOUND``, which is the exact
+statistics; they cost about ``EXACT_COST`` untiled decodes, and the first tiled decode of a picture that
+large says so once (a warning) rather than drift with a faster mode.
 """
 from __future__ import annotations
 
@@ -56,7 +59,16 @@ import torch.nn.functional as F
 
 DEFAULT_TILE = 512  # image pixels per tile side
 AUTO_TILE_PIXELS = 1024 * 1024  # tile=None tiles images with more pixels than this
-DEFAULT_PASSES = "exact"  # exact whole-image GroupNorm statistics (K + 1 passes); 1: tile-local; 2+: iterated
+# What tiling must hold: max |tiled - untiled| / max |untiled| (an fp64 untiled decode: the truth).
+BOUND = 2e-2
+# Each mode's worst max |tiled - untiled fp64| / max |untiled fp64| on the shipped shapes MoVQ (latents of real
+# shapes pictures of seeds 0 and 1: 256 px in 128 px tiles, 512 px in 256 px tiles;
+# benchmarks/bench_tiling_accuracy.py, docs/performance.md), fastest first. 1: tile-local statistics;
+# 2: iterated once; "exact": K + 1 passes (1.19e-2 is the 128 px tiles' padding; 256 px tiles: 1.9e-4).
+MEASURED_ERROR = {1: 0.55, 2: 0.95, "exact": 1.2e-2}
+DEFAULT_PASSES = next(mode for mode, error in MEASURED_ERROR.items() if error <= BOUND)  # "exact"
+EXACT_COST = 15  # exact tiled / untiled decode time on the CPU (the same benchmark: 16x at 256 px, 11x at 512)
+_warned = False  # the slow-but-accurate warning is given once per process
 
 
 # ----------------------------------------------------------------------------- settings
@@ -101,6 +113,23 @@ def check_overlap(overlap: int, tile: int, factor: int) -> None:
 def check_passes(passes) -> None:
     if passes != "exact" and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
         raise ValueError(f"passes must be \"exact\" or a positive number of passes; got {passes!r}")
+
+
+def warn_slow(passes, height: int, width: int) -> None:
+    """Say once that a picture large enough to tile automatically is tiled with the accurate but slow
+    exact statistics (what the faster modes would cost in accuracy, and how to decode untiled)."""
+    global _warned
+    if _warned or passes != "exact" or height * width <= AUTO_TILE_PIXELS:
+        return
+    _warned = True
+    import warnings
+
+    fast = min(mode for mode in MEASURED_ERROR if mode != "exact")
+    warnings.warn(
+        f"tiled MoVQ for a {width} x {height} picture: exact GroupNorm statistics, the only mode within "
+        f"{BOUND:g} of untiled on trained weights, take about {EXACT_COST}x an untiled decode's time; "
+        f"tile=False decodes untiled when memory allows (passes={fast} is faster but off by up to "
+        f"{MEASURED_ERROR[fast]:g} of the picture's largest value).", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -285,6 +314,7 @@ def tiled_decode(movq, latents: torch.Tensor, tile: int = DEFAULT_TILE, overlap:
     B, _, lh, lw = latents.shape
     out_shape = (B, movq.config.out_channels, lh * f, lw * f)
     check_passes(passes)
+    warn_slow(passes, lh * f, lw * f)
     stats = GlobalNormStats(decoder, exact=passes == "exact") if passes == "exact" or passes > 1 else None
     with stats.apply() if stats else contextlib.nullcontext():
         return run_tiled(head, out_shape, (lh, lw), tile // f, overlap // f, f, latents.device, h.dtype,
@@ -307,6 +337,7 @@ def tiled_encode(movq, images: torch.Tensor, tile: int = DEFAULT_TILE, overlap: 
     B, _, H, W = images.shape
     channels = movq.config.block_out_channels[-2]
     check_passes(passes)
+    warn_slow(passes, H, W)
     stats = GlobalNormStats(encoder, exact=passes == "exact") if passes == "exact" or passes > 1 else None
     with stats.apply() if stats else contextlib.nullcontext():
         features = run_tiled(stem, (B, channels, H // f, W // f), (H, W), tile, overlap, 1 / f,
