@@ -19,15 +19,15 @@ def add_arguments(parser) -> None:
     common.add_pipeline_arguments(
         parser, dtype=True, offload=True,
         demo_help="the tiny model trained on procedural shapes that ships in the package (64 x 64)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed: item i's seed is a hash of (seed, i)")
+    parser.add_argument("--seed", type=common.seed, default=0, help="base seed: item i's seed is a hash of (seed, i)")
     parser.add_argument("--negative-prompt", default=None,
                         help="what the pictures should not show, unless an item says (default: none)")
     common.add_size_arguments(parser, "512, unless an item says; --demo 64, --random-demo 256")
-    parser.add_argument("--steps", type=int, default=50, help="decoder steps (default 50)")
-    parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    parser.add_argument("--steps", type=common.at_least(1), default=50, help="decoder steps (default 50)")
+    parser.add_argument("--prior-steps", type=common.at_least(2), default=25, help="prior steps, at least 2 (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="decoder guidance scale (default 4)")
     parser.add_argument("--scheduler", default=None, help="decoder sampler name (default: the checkpoint's)")
-    parser.add_argument("--limit", type=int, default=None, help="generate at most this many items per rank, then stop")
+    parser.add_argument("--limit", type=common.at_least(0), default=None, help="generate at most this many items per rank, then stop")
     parser.add_argument("--overwrite", action="store_true",
                         help="start the folder over when it holds another batch (its batch.json, manifest and "
                              "PNGs are replaced); without it such a folder is refused, and an item whose PNG "

@@ -30,14 +30,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inpaint", help="inpainting decoder checkpoint folder (the hub's decoder-inpaint layout; "
                                           "adds the inpainting evaluation)")
     parser.add_argument("--demo", action="store_true", help="evaluate the shipped demo weights")
-    parser.add_argument("--n", type=int, default=64, help="prompts / pictures per evaluation (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts, pictures and noise (default 0)")
-    parser.add_argument("--steps", type=int, default=20, help="decoder steps (default 20)")
-    parser.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    parser.add_argument("--n", type=common.at_least(1), default=64, help="prompts / pictures per evaluation (default 64)")
+    parser.add_argument("--seed", type=common.seed, default=0, help="seed of the prompts, pictures and noise (default 0)")
+    parser.add_argument("--steps", type=common.at_least(1), default=20, help="decoder steps (default 20)")
+    parser.add_argument("--prior-steps", type=common.at_least(1), default=25, help="prior steps (default 25)")
     parser.add_argument("--scheduler", default=None, help="decoder sampler (default: the checkpoint's)")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="decoder guidance scale (default 4)")
     parser.add_argument("--prior-guidance-scale", type=float, default=4.0, help="prior guidance scale (default 4)")
-    parser.add_argument("--batch", type=int, default=16, help="pictures per model call (default 16)")
+    parser.add_argument("--batch", type=common.at_least(1), default=16, help="pictures per model call (default 16)")
     parser.add_argument("--sweep", action="store_true",
                         help=f"also accuracy vs steps {SWEEP_STEPS} for samplers {', '.join(SWEEP_SAMPLERS)}")
     parser.add_argument("--save", default=None, metavar="PREFIX",
@@ -52,9 +52,6 @@ def run(args) -> int:
 
     from kandinsky.data import evaluate as ev, shapes
 
-    for name in ("n", "steps", "prior_steps", "batch"):
-        if getattr(args, name) < 1:
-            raise common.InputError(f"--{name.replace('_', '-')} must be at least 1")
     if not args.demo and (not args.prior or not args.decoder):
         raise common.InputError("give --prior and --decoder checkpoint folders (or --demo for the shipped weights)")
     grids = grid_paths(args.save) if args.save else {}

@@ -118,7 +118,7 @@ def add_attention_arguments(parser) -> None:
     parser.add_argument("--at", type=_steps, default=None, help="decoder steps to show, e.g. 0,10,19 "
                         "(default first, middle, last)")
     common.add_size_arguments(parser, "512; --demo 64, --random-demo 128; a multiple of 64")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=common.seed, default=0, help="random seed (default 0)")
 
 
 def _png(output: str) -> Path:
@@ -253,7 +253,7 @@ def add_mix_arguments(parser) -> None:
                         help="decoder steps (default 50; --demo 20, --random-demo 4)")
     parser.add_argument("--prior-steps", type=int, default=None, help="prior steps (default 25; --random-demo 2)")
     common.add_size_arguments(parser, "512; demos 64; a multiple of 64")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=common.seed, default=0, help="random seed (default 0)")
 
 
 def run_mix(args) -> int:

@@ -117,7 +117,7 @@ def add_train_demo_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="train each stage this many steps instead (tests)")
     parser.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
                         help="stages to (re)train; the others are loaded from OUT/stages/ (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the noise (default 0)")
+    parser.add_argument("--seed", type=common.seed, default=0, help="seed of the data, the weights and the noise (default 0)")
     parser.add_argument("--data-size", type=int, default=DATA_SIZE,
                         help=f"pictures the prior and decoders train on (default {DATA_SIZE})")
     parser.add_argument("--write-only", action="store_true",
