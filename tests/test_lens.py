@@ -127,3 +127,5 @@ def test_lens_command(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--layers", "0,9"]) == 2
     assert "integer in 0..2" in capsys.readouterr().err
+    assert main(["lens", "--demo", "a cat", "-o", tmp_path / "cat.png"]) == 2  # --demo measures the shapes grammar
+    assert "not a caption of the shapes grammar" in capsys.readouterr().err and not (tmp_path / "cat.png").exists()

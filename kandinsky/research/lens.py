@@ -217,7 +217,11 @@ def text_lens(pipe, prompt, *, layers=None, seed: int = 0, measure="clip", **opt
 def _stated(prompts: list[str]) -> list[dict[str, str]]:
     from kandinsky.data.shapes import parse_caption
 
-    return [parse_caption(p) for p in prompts]  # a clear error for a prompt outside the grammar
+    try:
+        return [parse_caption(p) for p in prompts]
+    except ValueError as e:
+        raise ValueError(f"measure 'shapes' reads prompts of the shapes model's grammar: {e} (measure 'clip' takes "
+                         "any prompt)") from None
 
 
 def _clip_scores(pipe, prompts, images) -> np.ndarray:
