@@ -78,6 +78,22 @@ def test_an_output_under_a_file_is_refused_before_any_work(door, random_demo, in
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.parametrize("argv", [["train", "prior", "--data", "{data}", "--checkpoint", "{prior}", "--out"],
+                                  ["train-demo", "--steps", "1", "--out"]], ids=["train", "train-demo"])
+def test_training_out_is_checked_before_any_work(argv, random_demo, tmp_path, locked, monkeypatch, capsys):
+    import kandinsky.data.train_demo as train_demo
+    import kandinsky.training.loop as loop
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(train_demo, "run", lambda *a, **k: pytest.fail("training started"))
+    argv = [str(a).format(data=tmp_path, prior=random_demo["prior"]) for a in argv]
+    assert main(argv + [locked / "run"]) == 2
+    assert f"--out {locked / 'run'}: no permission to write in {str(locked)!r}" in capsys.readouterr().err
+    (tmp_path / "file").write_text("mine")
+    assert main(argv + [tmp_path / "file" / "run"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_batch_out_that_is_a_file(random_demo, inputs, tmp_path, nothing_loads, capsys):
     (tmp_path / "out").write_text("mine")
     assert main(doors(random_demo, inputs, tmp_path / "out")["batch"]) == 2

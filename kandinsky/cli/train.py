@@ -85,6 +85,7 @@ def run_train(args) -> int:
 
     config = config_from_args(args)
     config.validate()
+    common.check_folder(config.out, f"--out {config.out}")  # before any data or weights are read
 
     def kept() -> str:  # the loop writes a checkpoint at the step a Ctrl-C reached
         last = latest_checkpoint(Path(config.out))
@@ -182,6 +183,7 @@ def run_train_demo(args) -> int:
 
     if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps < 1):
         raise common.InputError("--minutes must be > 0 and --steps >= 1")
+    common.check_folder(args.out, f"--out {args.out}")  # before any training
     written = [path for path in (Path(args.out) / name for name in REPOS) if path.exists()]
     if written and not (args.overwrite or args.resume):
         raise common.InputError(f"{written[0]} exists (an earlier train-demo's hub folders); pass --overwrite to "
