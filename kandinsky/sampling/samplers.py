@@ -15,8 +15,11 @@ with '-' and '_' alike, plus the aliases in :data:`ALIASES`.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
+
+from kandinsky.callsite import user_stacklevel
 
 from kandinsky.sampling.discrete import ddim_plan, ddpm_plan, sample_ddim, sample_ddpm, sample_unclip, unclip_plan
 from kandinsky.sampling.plan import Callback, Denoiser, Guided, Plan
@@ -38,13 +41,15 @@ __all__ = ["SAMPLERS", "ALIASES", "SamplerSpec", "Plan", "Guided", "get_sampler"
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One sampler: its function, how a plan is made, and what the step count means."""
+    """One sampler: its function, how a plan is made, what the step count means, and the fewest steps
+    that give a usable picture (fewer warn: :func:`make_plan`)."""
 
     name: str
     fn: Callable  # fn(denoiser, x, plan, generator=None, callback=None) -> x_0
     make_plan: Callable  # make_plan(name, schedule, num_inference_steps) -> Plan
     evals_per_step: str  # what "num_inference_steps" counts (docs)
     summary: str
+    min_steps: int  # fewer warn; measured on the shapes model: benchmarks/min_steps.py (docs/usage.md, Samplers)
     stages: tuple[str, ...] = ("decoder",)
 
 
@@ -52,25 +57,27 @@ ONE_EVAL = "1 model evaluation per step: num_inference_steps = model evaluations
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("unclip", sample_unclip, unclip_plan, "1 model evaluation per step",
-                "the prior's ancestral sampler (Karlo unCLIP)", stages=("prior",)),
+                "the prior's ancestral sampler (Karlo unCLIP)", min_steps=2, stages=("prior",)),
     SamplerSpec("ddpm", sample_ddpm, ddpm_plan, "1 model evaluation per step",
-                "ancestral DDPM, the decoder checkpoint's own sampler"),
+                "ancestral DDPM, the decoder checkpoint's own sampler", min_steps=8),
     SamplerSpec("ddim", sample_ddim, ddim_plan, "1 model evaluation per step",
-                "deterministic DDIM (eta = 0)"),
+                "deterministic DDIM (eta = 0)", min_steps=8),
     SamplerSpec("dpmpp_2m", sample_dpmpp_2m, make_multistep_plan, ONE_EVAL,
-                "DPM-Solver++(2M), deterministic, second order from the previous step's prediction"),
+                "DPM-Solver++(2M), deterministic, second order from the previous step's prediction",
+                min_steps=8),
     SamplerSpec("dpmpp_2m_karras", sample_dpmpp_2m, make_karras_plan, ONE_EVAL,
-                "DPM-Solver++(2M) on Karras et al.'s noise levels (denser near the clean end)"),
+                "DPM-Solver++(2M) on Karras et al.'s noise levels (denser near the clean end)",
+                min_steps=10),
     SamplerSpec("unipc", sample_unipc, make_multistep_plan, ONE_EVAL + " (the corrector reuses them)",
-                "UniPC bh2: DPM-Solver++(2M) predictor plus a free corrector, deterministic"),
+                "UniPC bh2: DPM-Solver++(2M) predictor plus a free corrector, deterministic", min_steps=15),
     SamplerSpec("euler", sample_euler, make_sigma_plan, ONE_EVAL,
-                "Euler on the probability-flow ODE in sigma space, deterministic"),
+                "Euler on the probability-flow ODE in sigma space, deterministic", min_steps=8),
     SamplerSpec("euler_a", sample_euler_ancestral, make_sigma_plan, ONE_EVAL + "; fresh noise every step",
-                "Euler ancestral: an Euler step down, then fresh noise (stochastic)"),
+                "Euler ancestral: an Euler step down, then fresh noise (stochastic)", min_steps=10),
     SamplerSpec("heun", sample_heun, make_sigma_plan,
                 "2 model evaluations per step except the last (1): num_inference_steps = n noise levels "
                 "costs 2n - 1 evaluations, as the reference's HeunDiscreteScheduler",
-                "Heun's second-order method in sigma space, deterministic"),
+                "Heun's second-order method in sigma space, deterministic", min_steps=10),
 )}
 
 # Other spellings of a name (after lower-casing and '-' -> '_').
@@ -93,9 +100,22 @@ def get_sampler(name) -> SamplerSpec:
 
 
 def make_plan(name: str, schedule: NoiseSchedule, num_inference_steps: int) -> Plan:
-    """The plan of sampler ``name`` for ``num_inference_steps`` steps over ``schedule``."""
+    """The plan of sampler ``name`` for ``num_inference_steps`` steps over ``schedule``; fewer steps than the
+    sampler's ``min_steps`` warn."""
     spec = get_sampler(name)
+    check_steps(spec, num_inference_steps)
     return spec.make_plan(spec.name, schedule, int(num_inference_steps))
+
+
+def check_steps(spec: SamplerSpec, num_inference_steps: int) -> None:
+    """Warn when ``num_inference_steps`` is below the sampler's measured minimum for a usable picture."""
+    if num_inference_steps < spec.min_steps:
+        stage = "the prior" if spec.stages == ("prior",) else "the decoder"
+        warnings.warn(
+            f"{num_inference_steps} steps of {spec.name} are too few for a usable picture from {stage}: "
+            f"{spec.name} needs at least {spec.min_steps} (docs/usage.md, Samplers: measured on the shapes "
+            f"model). Expect a blurred or noisy result; use {spec.min_steps} or more steps.",
+            stacklevel=user_stacklevel())
 
 
 def sample(name: str, denoiser: Denoiser, x, plan: Plan, generator=None, callback: Callback | None = None):
