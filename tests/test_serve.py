@@ -442,16 +442,12 @@ def test_look_inside_the_last_text2img_is_that_picture(client):
 
 def test_look_inside_one_unet_level(client, studio_server):
     """A level gives research.viz's picture for that level alone (bit for bit), one column beside the image."""
-    import re
-
-    import kandinsky
-    from kandinsky.research.viz import attention_pictures, unet_level, unet_levels
+    from kandinsky.research.viz import attention_pictures, unet_levels
 
     _, studio, _ = studio_server
     pipe = studio.pipe("text2img")
-    names = kandinsky.module_names(pipe, "unet.*.attn*", size=(64, 64))
-    levels = {unet_level(n) for n in names if re.search(r"attn(\.\d+)?$", n)}
-    assert studio.levels() == unet_levels(pipe) and set(unet_levels(pipe)) == levels  # what the selector offers
+    levels = studio.levels()  # what the selector offers
+    assert levels == unet_levels(pipe) and "unet.up.1" in levels
     _, seed, _, decoder, _ = client.predict(prompt=RED, seed=2, num_inference_steps=4, step=1, level="unet.up.1",
                                             api_name="/look_inside")
     expected = attention_pictures(pipe, RED, steps=[1], levels=["unet.up.1"], num_inference_steps=4, height=64,
