@@ -14,7 +14,7 @@ from tests.helpers import assert_close
 from weights_convert import load_component
 
 PROMPTS = ["a red circle on a blue background", "a large yellow triangle on the left on a black background"]
-FAST = dict(height=64, width=64, num_inference_steps=4, prior_num_inference_steps=4, progress=False)
+FAST = dict(height=64, width=64, num_inference_steps=8, prior_num_inference_steps=4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_lens_command(tmp_path, capsys):
     from kandinsky.cli import main
 
     out, scores = tmp_path / "lens.png", tmp_path / "lens.json"
-    args = ["lens", "--demo", PROMPTS[0], "--steps", "4", "--prior-steps", "4", "--no-progress", "-o", out,
+    args = ["lens", "--demo", PROMPTS[0], "--steps", "8", "--prior-steps", "4", "--no-progress", "-o", out,
             "--json", scores]
     assert main(args) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out
