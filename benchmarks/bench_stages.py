@@ -37,7 +37,7 @@ the lone matmul's rate, divided by the measured time (1.0 = as fast as the plain
 is norms, activations, copies and Python). 768 px UNet steps are costed, not timed, unless
 ``--unet-sizes`` asks for them: the 512 px time times the FLOP ratio (the ``costed`` rows say so).
 
-    nice -n 10 python benchmarks/bench_stages.py --every-stage --out stages.md   (~15 min, 2 cores)
+    python benchmarks/bench_stages.py --every-stage --threads 1 --out stages.md
 """
 from __future__ import annotations
 
@@ -71,16 +71,17 @@ STAGES = ("hardware", "text_encode", "image_encode", "prior_step", "prior_stage"
 COMPONENT = {"text_encode": "clip_text", "image_encode": "clip_image", "prior_step": "prior", "unet_step": "unet",
              "movq_decode": "movq_decode", "movq_encode": "movq_encode"}
 # --every-stage: (stage, batch, latent side, warmup, timed passes), each at the batch the pipelines run it
-# with; few passes, so that the whole run stays near 15 minutes on a loaded 2-core machine (medians).
+# with; few passes (medians; of 2 = their mean), as the whole run does ~30 TFLOP: ~15 minutes on 2 quiet
+# cores, 30-40 on a loaded machine with --threads 1.
 EVERY_STAGE = (
     ("hardware", None, None, 1, 5),
     ("text_encode", 2, None, 1, 3),  # the prompt and the empty negative prompt
-    ("image_encode", 1, None, 0, 3),  # (no warmup: the median drops the first, cold pass)
-    ("prior_step", 2, None, 0, 3),  # one guided step: conditional and unconditional
+    ("image_encode", 1, None, 1, 2),
+    ("prior_step", 2, None, 1, 2),  # one guided step: conditional and unconditional
     ("prior_stage", 1, None, 0, 1),  # 25 steps, text encoding included; one pass each
-    ("unet_step", 1, 64, 0, 3),  # 512 px: unguided (cached, or outside a guidance interval)
-    ("unet_step", 2, 64, 0, 2),  # 512 px: one guided pair (warm from the batch-1 passes)
-    ("movq_decode", 1, 64, 0, 3),  # one 512 px image
+    ("unet_step", 1, 64, 1, 2),  # 512 px: unguided (cached, or outside a guidance interval)
+    ("unet_step", 2, 64, 0, 1),  # 512 px: one guided pair (warm from the batch-1 passes)
+    ("movq_decode", 1, 64, 0, 2),  # one 512 px image
 )
 COSTED_SIZES = (768,)  # --every-stage: UNet step sizes costed from the largest timed one by FLOP ratio
 CLASS_KEYS = {"clip_text": {"architectures": ["CLIPTextModelWithProjection"]},
