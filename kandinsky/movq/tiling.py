@@ -24,14 +24,10 @@ are not known yet, gathers them and stops the tiles there; every norm before it 
 normalised with exact statistics, so these are exact too. K norms take K + 1 passes, the k-th
 running only up to norm k (about K / 2 + 1 whole passes of the tiled levels).
 
-What is left: the tile borders' zero padding inside the overlaps (the 1.2e-2 below, at 128 px
-tiles), and on larger pictures the untiled fp32 decode's own rounding, which the tiled one does not
-share: torch's float32 GroupNorm statistics on flat regions of trained activations. A 512 x 256 px
-shapes picture decoded as one "tile" with exact statistics (so no borders at all) differs from the
-untiled fp32 decode by 1.4e-3 relative L2 (0.027 mean on the top row); against an fp64 untiled
-decode the tiled one is off by 3.6e-7 and the untiled fp32 one by 1.35e-3. (1024 px, 512 px tiles:
-2 % of pixels differ from untiled fp32 by more than 30/255 in every mode; how much of that is the
-untiled decode's rounding was not measured.)
+What is left: the tile borders' zero padding inside the overlaps, which shrinks with the tile: on the
+shipped shapes MoVQ 1.2e-2 of the picture's largest value with 128 px tiles, 1.9e-4 with 256 px tiles,
+1.3e-6 with the automatic 512 px tiles at 1024 px, where tiled and untiled (fp32 and fp64 alike) agree to
+rounding (benchmarks/bench_tiling_accuracy.py; docs/performance.md).
 
 ``passes=1`` keeps tile-local statistics; ``passes=n`` iterates: each pass normalises every norm
 with the statistics the pass before gathered. That is cheaper but inconsistent: a later norm's
@@ -39,7 +35,8 @@ statistics were gathered from inputs computed with other statistics upstream, an
 weights the mismatch grows through the levels (on the shipped shapes MoVQ, 256 px latents of
 a real picture, 128 px tiles: max |tiled - untiled| / max |untiled| is 0.21 with 1 pass, 0.41
 with 2, 1.2e-2 exact; relative L2 3.3e-2, 7.0e-2, 3.0e-4; tests/test_tiling.py). On random
-weights (benchmarks/bench_tiling.py) the iterated passes converge, which hid this.
+weights of the full-size config (benchmarks/bench_tiling.py) the iterated passes converge, which hid
+this (on the demo config's random weights they drift too).
 
 Tiling is automatic above ``AUTO_TILE_PIXELS`` (more pixels than 1024 x 1024 per image), and overridable
 per call: ``movq.decode(z, tile=False)`` never tiles, ``tile=True`` tiles with ``DEFAULT_TILE``, ``tile=640``
@@ -67,7 +64,7 @@ BOUND = 2e-2
 # 2: iterated once; "exact": K + 1 passes (1.19e-2 is the 128 px tiles' padding; 256 px tiles: 1.9e-4).
 MEASURED_ERROR = {1: 0.55, 2: 0.95, "exact": 1.2e-2}
 DEFAULT_PASSES = next(mode for mode, error in MEASURED_ERROR.items() if error <= BOUND)  # "exact"
-EXACT_COST = 15  # exact tiled / untiled decode time on the CPU (the same benchmark: 16x at 256 px, 11x at 512)
+EXACT_COST = 10  # exact tiled / untiled decode time on the CPU (the same benchmark: 16x, 11x, 8x at 256, 512, 1024 px)
 _warned = False  # the slow-but-accurate warning is given once per process
 
 
