@@ -87,6 +87,10 @@ def test_cli_variations_refuses_negative(cli_demo, cli_pictures, tmp_path, capsy
                  "-o", str(tmp_path / "v.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert re.search(r"^error: variations does not use --negative(-prompt)? ", err, flags=re.M) and "without the prior" in err
+    assert "kandinsky interpolate --mix IMAGE 1 --negative-prompt TEXT" in err  # the route that has a meaning
+    mix = ["interpolate", "--random-demo", "--mix", str(cli_pictures / "image.png"), "1", "--negative-prompt", "x",
+           "-o", str(tmp_path / "m.png"), *FAST]
+    assert main(mix) == 0, capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- too few steps

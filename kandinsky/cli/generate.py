@@ -176,8 +176,10 @@ def run(args) -> int:
                                         ("--prior-steps", args.prior_steps),
                                         ("--prior-guidance-scale", args.prior_guidance_scale)) if value is not None]
     if task.embeddings == "image" and ignored:  # variations: no prompt, no prior run
+        route = ("; for a negative prompt, `kandinsky interpolate --mix IMAGE 1 --negative-prompt TEXT` decodes the "
+                 "same embedding guided away from TEXT's" if "--negative-prompt" in ignored else "")
         raise InputError(f"{name} does not use {', '.join(ignored)} (the picture's CLIP embedding is decoded "
-                         "directly, without the prior); leave it out.")
+                         f"directly, without the prior); leave it out{route}.")
     common.device(args.device)  # refused before the demo checkpoints are built
 
     trained = common.shapes_model(args, name)
