@@ -128,7 +128,8 @@ def test_paint_a_stroke_and_inpaint_in_the_browser(browser, studio_server, tmp_p
 
 def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
     """Look inside: after a run the UNet level selector offers the decoder's levels; picking one redraws the
-    decoder's attention for that level alone: kandinsky.research.viz's picture for it, bit for bit."""
+    decoder's attention for that level alone: kandinsky.research.viz's picture for it, bit for bit. A request
+    without a prompt first gets its message in the page."""
     import torch
 
     from kandinsky.research.viz import attention_pictures
@@ -139,6 +140,9 @@ def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
     tab = page.get_by_role("tab", name="look inside")
     tab.wait_for(timeout=60_000)
     tab.click()
+    page.locator("#generate-look").click()  # no prompt yet: the page says so, and keeps working
+    page.locator(".toast-body").first.wait_for(timeout=60_000)
+    assert "no prompt: type what to paint" in page.locator(".toast-body").first.inner_text()
     page.locator("#prompt-look textarea").fill(PROMPT)
     page.locator("#seed-look input").fill("2")
     page.locator("#generate-look").click()
@@ -150,7 +154,7 @@ def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
     page.get_by_role("option", name="unet.up.1").click()
     page.wait_for_function("(before) => document.querySelector('#decoder-look img')?.src !== before", arg=every,
                            timeout=120_000, polling=250)
-    messages = page.locator(".toast-body").all_inner_texts()
+    messages = [m for m in page.locator(".toast-body").all_inner_texts() if "no prompt" not in m]
     assert not messages, f"the page says {messages}"
     assert int(page.locator("#seed-used-look input").input_value()) == 2
     shown = PIL.Image.open(io.BytesIO(urllib.request.urlopen(decoder.get_attribute("src"), timeout=60).read())).convert("RGB")
