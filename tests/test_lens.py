@@ -108,6 +108,8 @@ def test_lens_errors(shapes_pipe):
         text_lens(shapes_pipe, "a cat", measure="shapes", **FAST)
     with pytest.raises(TypeError, match="do not pass generator"):
         text_lens(shapes_pipe, "a red circle", generator=torch.Generator(), **FAST)
+    with pytest.raises(ValueError, match="one picture per prompt and layer"):
+        text_lens(shapes_pipe, "a red circle", num_images_per_prompt=2, **FAST)
     with pytest.raises(TypeError, match="needs a Kandinsky, a PriorPipeline or the CLIP text encoder"):
         text_lens(shapes_pipe.decoder, "a red circle")
 

@@ -187,6 +187,8 @@ def text_lens(pipe, prompt, *, layers=None, seed: int = 0, measure="clip", **opt
         raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     if "generator" in options:
         raise TypeError("text_lens draws every layer from `seed` (one generator per layer); do not pass generator")
+    if options.get("num_images_per_prompt", 1) != 1:
+        raise ValueError("text_lens makes one picture per prompt and layer; for more, call it again with other seeds")
     encoder = find_text_encoder(pipe)
     depth = len(encoder.blocks)
     layers = list(range(depth + 1)) if layers is None else [_check_layer(L, depth) for L in
