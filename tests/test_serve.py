@@ -456,7 +456,8 @@ def test_look_inside_one_unet_level(client, studio_server):
     assert seed == 2 and len(levels) > 1
     assert PIL.Image.open(decoder).size == (64 + 2 * 128, 18 + 128 + 22)  # the image and one level (of several)
     with pytest.raises(gradio_client.exceptions.AppError) as e:
-        client.predict(prompt=RED, seed=2, num_inference_steps=4, step=1, level="unet.sideways", api_name="/look_inside")
+        client.predict(prompt=RED, seed=2, num_inference_steps=4, step=1, level="unet.sideways",
+                       api_name="/look_inside")
     assert "levels must be UNet levels of this decoder (unet.down.1, " in str(e.value)
 
 

@@ -157,8 +157,10 @@ def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
     messages = [m for m in page.locator(".toast-body").all_inner_texts() if "no prompt" not in m]
     assert not messages, f"the page says {messages}"
     assert int(page.locator("#seed-used-look input").input_value()) == 2
-    shown = PIL.Image.open(io.BytesIO(urllib.request.urlopen(decoder.get_attribute("src"), timeout=60).read())).convert("RGB")
-    before = PIL.Image.open(io.BytesIO(urllib.request.urlopen(every, timeout=60).read()))
+    def fetch(src):
+        return PIL.Image.open(io.BytesIO(urllib.request.urlopen(src, timeout=60).read())).convert("RGB")
+
+    shown, before = fetch(decoder.get_attribute("src")), fetch(every)
     expected = attention_pictures(studio.pipe("text2img"), PROMPT, steps=[0], levels=["unet.up.1"],
                                   num_inference_steps=studio.default_steps(), height=64, width=64,
                                   generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
