@@ -63,9 +63,9 @@ def run_all(folders: dict) -> dict:
     for task, kwargs in _tasks(image, hint, mask):
         pipe = pipes[which.get(task, "decoder")]
         for sampler in SAMPLERS:
-            result = pipe.run(task, **kwargs, scheduler=sampler, num_inference_steps=4, prior_num_inference_steps=3,
-                              height=64, width=64, generator=torch.Generator().manual_seed(0), output_type="pt",
-                              progress=False)
+            prior = {} if task == "variations" else dict(prior_num_inference_steps=3)  # variations runs no prior
+            result = pipe.run(task, **kwargs, **prior, scheduler=sampler, num_inference_steps=4, height=64, width=64,
+                              generator=torch.Generator().manual_seed(0), output_type="pt", progress=False)
             out[f"{task}/{sampler}"] = result.images.detach().clone()
     prior = pipes["decoder"].prior
     emb = prior(PROMPT, num_inference_steps=5, generator=torch.Generator().manual_seed(0), progress=False)
