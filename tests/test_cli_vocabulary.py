@@ -123,10 +123,9 @@ WRITES = ("-o", "--output", "--out", "--save", "--json", "--save-steps")
 
 
 def test_every_command_that_writes_has_overwrite():
-    """Every command with an output option takes --overwrite (train: its --out must be new or empty, or
-    --resume continues the run there; it never replaces a file)."""
+    """Every command with an output option takes --overwrite."""
     for name, parser in subparsers().items():
-        if set(WRITES) & set(options(parser)) and name != "train":
+        if set(WRITES) & set(options(parser)):
             assert "--overwrite" in options(parser), name
 
 
