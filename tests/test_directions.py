@@ -43,3 +43,40 @@ def test_direction_is_the_difference_of_prior_means_and_slide(random_demo_kandin
     assert torch.equal(D.slide(e, red, 0.0), e)
     with pytest.raises(ValueError, match="two non-empty lists"):
         D.direction(pipe, [], without)
+
+
+def test_matched_captions_differ_in_the_attribute_alone():
+    from kandinsky.data.shapes import parse_caption
+
+    with_a, with_b = D.matched_captions("colour", "red", "green", n=6)
+    assert len(with_a) == len(with_b) == 6
+    for a, b in zip(with_a, with_b):
+        sa, sb = parse_caption(a), parse_caption(b)
+        assert sa["colour"] == "red" and sb["colour"] == "green"
+        assert sa["background"] not in ("red", "green") and {**sa, "colour": "green"} == sb
+
+
+def test_attribute_report_on_the_shipped_model():
+    """Strength 0 paints A's own embedding (its hits are A's, every other attribute kept), and each
+    pair's fit is ``explain`` of e_B - e_A by the direction made from the matched captions."""
+    from kandinsky import Kandinsky
+    from kandinsky.data.shapes import parse_caption
+    from kandinsky.demo import demo_folders
+    from kandinsky.research.routes import attribute_pairs
+
+    folders = demo_folders()
+    pipe = Kandinsky.from_pretrained(folders["decoder"], prior=folders["prior"])
+    kw = dict(num_inference_steps=4, prior_steps=3, references=2)
+    report = D.attribute_report(pipe, "size", 2, seeds=[0, 1], strengths=(0.0, 1.0), **kw)
+    assert report.pair_of == [0, 0, 1, 1] and len(report.fits) == 2 and set(report.hits) == {0.0, 1.0}
+    assert report.hits[0.0] == report.a and report.kept[0.0] == [1.0] * 4
+    prompts_a, prompts_b = attribute_pairs("size", 2, seed=0)
+    prior = pipe.prior(prompts_a + prompts_b, num_inference_steps=3, progress=False,
+                       generator=torch.Generator().manual_seed(0))
+    a, b = parse_caption(prompts_a[1])["size"], parse_caption(prompts_b[1])["size"]
+    with_a, with_b = D.matched_captions("size", a, b, 2)
+    right = D.direction(pipe, with_b, with_a, prior_steps=3, seed=0)
+    fit = D.explain(prior.image_embeds[3] - prior.image_embeds[1], {"right": right})
+    assert report.fits[1]["explained_right"] == pytest.approx(fit.explained, abs=1e-6)
+    assert report.fits[1]["weight_right_alone"] == pytest.approx(fit.weights["right"], abs=1e-6)
+    assert 0 <= report.fits[1]["explained_right"] <= report.fits[1]["explained_all"] + 1e-9 <= 1 + 1e-9
