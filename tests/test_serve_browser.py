@@ -161,9 +161,10 @@ def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
         return PIL.Image.open(io.BytesIO(urllib.request.urlopen(src, timeout=60).read())).convert("RGB")
 
     shown, before = fetch(decoder.get_attribute("src")), fetch(every)
-    expected = attention_pictures(studio.pipe("text2img"), PROMPT, steps=[0], levels=["unet.up.1"],
-                                  num_inference_steps=studio.default_steps(), height=64, width=64,
-                                  generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
+    with studio._lock:  # the models are the server's: no run of the page's at the same time
+        expected = attention_pictures(studio.pipe("text2img"), PROMPT, steps=[0], levels=["unet.up.1"],
+                                      num_inference_steps=studio.default_steps(), height=64, width=64,
+                                      generator=torch.Generator().manual_seed(2), progress=False)["decoder"]
     np.testing.assert_array_equal(np.asarray(shown), np.asarray(expected))
     assert shown.width < before.width  # one level where all were
     page.close()

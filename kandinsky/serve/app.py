@@ -462,7 +462,7 @@ def _look_inside_tab(studio: Studio, history) -> None:
                                           controls["level"], api_visibility="private", queue=False)
     gr.on([controls["level"].input, controls["step"].release], again,
           [used if name == "seed" else controls[name] for name in names], outputs, api_visibility="private",
-          concurrency_id=CONCURRENCY, concurrency_limit=1)
+          concurrency_id=CONCURRENCY, concurrency_limit=1, trigger_mode="always_last")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
