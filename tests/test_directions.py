@@ -66,7 +66,7 @@ def test_attribute_report_on_the_shipped_model():
 
     folders = demo_folders()
     pipe = Kandinsky.from_pretrained(folders["decoder"], prior=folders["prior"])
-    kw = dict(num_inference_steps=4, prior_steps=3, references=2)
+    kw = dict(num_inference_steps=8, prior_steps=3, references=2)
     report = D.attribute_report(pipe, "size", 2, seeds=[0, 1], strengths=(0.0, 1.0), **kw)
     assert report.pair_of == [0, 0, 1, 1] and len(report.fits) == 2 and set(report.hits) == {0.0, 1.0}
     assert report.hits[0.0] == report.a and report.kept[0.0] == [1.0] * 4
