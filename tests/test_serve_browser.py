@@ -152,11 +152,14 @@ def test_look_inside_level_selector_changes_the_picture(browser, studio_server):
     level = page.locator("#level-look input")
     level.click()
     page.get_by_role("option", name="unet.up.1").click()
-    page.wait_for_function("(before) => document.querySelector('#decoder-look img')?.src !== before", arg=every,
-                           timeout=120_000, polling=250)
+    # redrawn: the image and one level's column (64 px of labels + 2 cells of 128) where all the levels were
+    page.wait_for_function("(before) => { const img = document.querySelector('#decoder-look img'); "
+                           "return img && img.src !== before && img.complete && img.naturalWidth === 64 + 2 * 128 }",
+                           arg=every, timeout=120_000, polling=250)
     messages = [m for m in page.locator(".toast-body").all_inner_texts() if "no prompt" not in m]
     assert not messages, f"the page says {messages}"
     assert int(page.locator("#seed-used-look input").input_value()) == 2
+
     def fetch(src):
         return PIL.Image.open(io.BytesIO(urllib.request.urlopen(src, timeout=60).read())).convert("RGB")
 
