@@ -152,25 +152,3 @@ def test_eval_save_makes_the_folder_and_never_loses_the_run(tmp_path, monkeypatc
     assert "warning: could not write" in err and "No space left on device" in err
     rescued = Path(err.split("the images were saved to ", 1)[1].split(" instead")[0])
     assert PIL.Image.open(rescued / "g-variations.png").size == PIL.Image.open(tmp_path / "new" / "g-text2img.png").size
-
-
-def test_train_overwrite_starts_an_earlier_run_over(random_demo, tmp_path, monkeypatch, capsys):
-    """train --overwrite: a folder holding an earlier run (train_config.json) is emptied before the loop
-    starts; a folder holding anything else is refused untouched; with --resume it is refused."""
-    import kandinsky.training.loop as loop
-
-    seen = []
-    monkeypatch.setattr(loop, "train", lambda config: seen.append(sorted(Path(config.out).iterdir())))
-    out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "train_config.json").write_text("{}")
-    (out / "checkpoints" / "step-000002.pt").write_bytes(b"old")
-    argv = ["train", "prior", "--data", tmp_path, "--checkpoint", random_demo["prior"], "--out", out]
-    assert main(argv + ["--overwrite"]) == 0 and seen == [[]]
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep me")
-    assert main(argv[:-1] + [mine, "--overwrite"]) == 2
-    assert "holds no training run" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
-    assert main(argv + ["--overwrite", "--resume"]) == 2
-    assert "give one of them" in capsys.readouterr().err

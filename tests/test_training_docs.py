@@ -9,6 +9,7 @@ settings table lists every TrainConfig field with its default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_training_doc_runs(tmp_path, demo_as_hub):
 
     namespace: dict = {"__name__": "training_md"}
     found = blocks(DOC.read_text())
-    ran = 0
+    ran, log_rows = 0, {}  # "--resume" / "--overwrite" -> log.csv rows after that command
     for i, (kind, block) in enumerate(found):
         code = shrink(block)
         if kind == "python":
@@ -72,6 +73,10 @@ def test_training_doc_runs(tmp_path, demo_as_hub):
             for argv in commands(code):
                 assert kandinsky_main(["train", *argv]) == 0, f"docs/training.md: kandinsky train {shlex.join(argv)}"
                 ran += 1
+                for flag in ("--resume", "--overwrite"):
+                    if flag in argv:
+                        out = Path(argv[argv.index("--out") + 1])
+                        log_rows[flag] = (out / "log.csv").read_text().count("\n")
     assert ran >= 6
     # a few documented results
     assert (tmp_path / "pics" / "metadata.jsonl").read_text().count("\n") == 4
@@ -79,7 +84,9 @@ def test_training_doc_runs(tmp_path, demo_as_hub):
     assert len(namespace["losses"]) == 4 and namespace["image"].size == (64, 64)
     assert (tmp_path / "runs" / "decoder" / "validation" / "step-000003" / "01.png").is_file()
     assert (tmp_path / "runs" / "decoder-lora" / "lora" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "runs" / "prior-resume" / "log.csv").read_text().count("\n") == 1 + 4
+    assert log_rows["--resume"] == 1 + 4  # continued to --steps 20 (shrunk to 4)
+    assert log_rows["--overwrite"] == 1 + 2  # started over: --steps 10 (shrunk to 2), not appended
+    assert json.loads((tmp_path / "runs" / "prior-resume" / "train_config.json").read_text())["lr"] == 3e-4
 
 
 def test_settings_table_lists_every_field():

@@ -6,7 +6,9 @@
   and end at its weights;
 * 2 gloo processes under torchrun follow 1 process with the same global batch;
 * gradient accumulation and gradient checkpointing change no number; EMA and bf16 run;
-* bad settings and folders fail with ``error: ...`` (exit status 2) before anything is written.
+* bad settings and folders fail with ``error: ...`` (exit status 2) before anything is written;
+* no lost work: Ctrl-C keeps a checkpoint, a failed start leaves a folder the rerun accepts, a damaged
+  checkpoint falls back to the one before, --overwrite removes an earlier run only once every check passed.
 """
 from __future__ import annotations
 
@@ -327,6 +329,77 @@ def test_a_failed_start_leaves_a_folder_the_corrected_rerun_accepts(demo, data, 
     monkeypatch.undo()
     assert main(prior_args(demo, data, out, "--steps", 1)) == 0  # the corrected rerun, same folder
     assert len(losses(out)) == 1
+
+
+def files(folder: Path) -> dict:
+    """Every file under ``folder``: relative path -> bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_removes_the_earlier_run_only_after_every_check(demo, data, whole_run, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--overwrite with a bad --data, too-small pictures, a wrong --checkpoint or a Ctrl-C while loading
+    leaves the earlier run byte for byte; a folder holding no run and --resume with it are refused; the
+    good settings start over: the new run's numbers are a fresh run's, and nothing of the old one is left."""
+    import kandinsky.training.loop as loop
+
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out)  # an earlier run: 6 steps, its checkpoint, log, trained prior
+    before = files(out)
+    starts = {
+        "does not exist": prior_args(demo, tmp_path / "typo", out, "--steps", 4, "--overwrite"),
+        "too small (64x64": prior_args(demo, data, out, "--steps", 4, "--min-size", 65, "--overwrite"),
+        "not a prior checkpoint folder": prior_args(demo, data, out, "--steps", 4, "--overwrite"),
+        "give one of them": prior_args(demo, data, out, "--steps", 4, "--overwrite", "--resume"),
+    }
+    wrong = starts["not a prior checkpoint folder"]
+    wrong[wrong.index("--checkpoint") + 1] = str(demo["decoder"])
+    for message, argv in starts.items():
+        assert main(argv) == 2, message
+        assert message in capsys.readouterr().err
+        assert files(out) == before, message
+    monkeypatch.setattr(loop, "load_dataset", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(prior_args(demo, data, out, "--steps", 4, "--overwrite")) == 130  # Ctrl-C while encoding
+    assert "--resume in place of --overwrite" in capsys.readouterr().err
+    assert files(out) == before
+    monkeypatch.undo()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(prior_args(demo, data, mine, "--steps", 4, "--overwrite")) == 2
+    assert "holds no training run" in capsys.readouterr().err and files(mine) == {Path("notes.txt"): b"keep me"}
+
+    assert main(prior_args(demo, data, out, "--steps", 4, "--save-every", 2, "--overwrite")) == 0
+    assert losses(out) == losses(whole_run)[:4]  # a fresh run's first 4 steps, not appended to the old log
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002.pt", "step-000004.pt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole_run.iterdir())
+
+
+def test_ctrl_c_while_overwriting_leaves_a_run_that_resume_starts(demo, data, whole_run, tmp_path, monkeypatch,
+                                                                    capsys):
+    """A Ctrl-C while --overwrite removes the earlier run lands once this run's settings are written:
+    the folder is then this run's, which --resume starts and continues as a fresh run."""
+    import signal
+
+    import kandinsky.training.loop as loop
+
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out)
+    real = loop.start_over
+
+    def start_over(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the removal
+        real(*args)
+
+    monkeypatch.setattr(loop, "start_over", start_over)
+    assert main(prior_args(demo, data, out, "--steps", 4, "--overwrite")) == 130
+    assert "no checkpoint yet" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["train_config.json"]
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 4
+    monkeypatch.undo()
+    assert main(prior_args(demo, data, out, "--steps", 4, "--resume")) == 0
+    assert losses(out) == losses(whole_run)[:4]
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(demo, data, whole_run, tmp_path, capsys):

@@ -69,22 +69,9 @@ def add_train_arguments(parser) -> None:
         group.add_argument(flag, **kwargs)
     groups["inputs"].add_argument(
         "--overwrite", action="store_true",
-        help="start over in an --out that holds an earlier run (its train_config.json): everything in that folder "
-             "is removed first (without it such a folder is refused; --resume continues the run instead)")
-
-
-def start_over(out: Path) -> None:
-    """--overwrite: empty ``out`` when it holds an earlier run (every rank may do it: nothing is written before
-    the loop's barrier); a folder holding anything but a run is refused, untouched."""
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not (out / "train_config.json").is_file():
-        raise common.InputError(f"--overwrite: {out} holds no training run (no train_config.json), so nothing "
-                                "there is replaced; choose a new or empty --out")
-    import shutil
-
-    for child in out.iterdir():
-        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        help="start over in an --out that holds an earlier run (its train_config.json): its files are removed "
+             "once every check has passed (data, pictures, checkpoint, settings; a failed start keeps them), all "
+             "but cache/ (without it such a folder is refused; --resume continues the run instead)")
 
 
 def config_from_args(args):
@@ -104,21 +91,18 @@ def run_train(args) -> int:
     config = config_from_args(args)
     config.validate()
     common.check_folder(config.out, f"--out {config.out}")  # before any data or weights are read
-    if args.overwrite and config.resume:
-        raise common.InputError("--overwrite starts the run in --out over, --resume continues it: give one of them")
-    if args.overwrite:
-        start_over(Path(config.out))
+    resume = "--resume in place of --overwrite" if args.overwrite else "--resume"
 
     def kept() -> str:  # the loop writes a checkpoint at the step a Ctrl-C reached
         last = latest_checkpoint(Path(config.out))
         if last is None and (Path(config.out) / "train_config.json").is_file():
-            return f"no checkpoint yet in {config.out}; rerun the same command with --resume to start it again"
+            return f"no checkpoint yet in {config.out}; rerun the same command with {resume} to start it again"
         if last is None:
             return "nothing written (rerun the same command)"
-        return f"the checkpoint {last}; rerun the same command with --resume to continue from it"
+        return f"the checkpoint {last}; rerun the same command with {resume} to continue from it"
 
     common.on_interrupt(kept)
-    train(config)
+    train(config, overwrite=args.overwrite)
     return 0
 
 

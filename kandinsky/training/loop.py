@@ -2,11 +2,12 @@
 
     train(config)
       setup_distributed          torchrun's environment -> rank, world size (gloo on CPU, NCCL on GPUs)
-      open_out_folder            refuse a used folder unless resuming
+      open_out_folder            refuse a used folder unless resuming (or, overwrite, starting an earlier run over)
       load_task                  the model to train + the frozen encoders, from checkpoint folders
       load_dataset               scan the data folder, encode each image once (each rank its shard)
       make_trainable             full fine-tuning or LoRA; gradient checkpointing
       AdamW, EMA, resume         optimizer / EMA / step / RNG state from the last good checkpoint
+      start_over                 overwrite: only now is the earlier run removed (a failed start keeps it)
       write_train_config         only now: a start that fails (or is Ctrl-C'd) leaves a fresh folder empty
       for each step:
         for each micro-batch:    loss (kandinsky.training.losses) -> backward (DDP all-reduces)
@@ -62,20 +63,26 @@ LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "seconds")
 # --------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> dict:
-    """Train as ``config`` says; returns {"step", "loss", "out", "saved"} (rank 0's view)."""
+def train(config: TrainConfig, overwrite: bool = False) -> dict:
+    """Train as ``config`` says; returns {"step", "loss", "out", "saved"} (rank 0's view).
+
+    ``overwrite`` (``kandinsky train --overwrite``): start over in an ``out`` that holds an earlier run
+    (its train_config.json). The earlier run is removed only once every check and load of this one has
+    passed (settings, checkpoint, data folder, pictures): a start that fails or is Ctrl-C'd keeps it as it was."""
     config.validate()
+    if overwrite and config.resume:
+        raise TrainError("--overwrite starts the run in --out over, --resume continues it: give one of them.")
     ctx = setup_distributed(config)
     try:
         config.check_world(ctx.world)
-        return _train(config, ctx)
+        return _train(config, ctx, overwrite)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, ctx) -> dict:
-    out, fresh = open_out_folder(config, ctx)
+def _train(config: TrainConfig, ctx, overwrite: bool = False) -> dict:
+    out, fresh = open_out_folder(config, ctx, overwrite)
     try:  # every check and load before train_config.json: a failed start leaves nothing behind
         task = load_task(config, ctx.device)
         data = load_dataset(config, task, out, ctx)
@@ -86,7 +93,10 @@ def _train(config: TrainConfig, ctx) -> dict:
         ema = EMA(params, config.ema_decay) if config.ema_decay else None
         start, seconds = resume(config, out, model, optimizer, ema, ctx) if config.resume else (0, 0.0)
         ddp_model = wrap_ddp(model, ctx)
-        write_train_config(out, config, ctx)
+        with interrupt_deferred():  # the earlier run goes (overwrite) and this one's settings come together
+            if overwrite:
+                start_over(out, ctx)
+            write_train_config(out, config, ctx)
     except BaseException:  # Ctrl-C included
         if fresh:
             remove_failed_start(out, ctx)
@@ -190,9 +200,10 @@ def all_mean(value: float, ctx: DistContext) -> float:
 SAME_ON_RESUME = ("task", "checkpoint", "data", "batch", "seed", "resolution", "lora", "lora_alpha", "ema_decay")
 
 
-def open_out_folder(config: TrainConfig, ctx: DistContext) -> tuple[Path, bool]:
-    """Check --out (a new or empty folder, or the run --resume continues) and create it; returns
-    (out, fresh): fresh when the folder held nothing, so a failed start may remove what it wrote."""
+def open_out_folder(config: TrainConfig, ctx: DistContext, overwrite: bool = False) -> tuple[Path, bool]:
+    """Check --out (a new or empty folder, the run --resume continues, or with ``overwrite`` an earlier
+    run to start over; nothing is removed here) and create it; returns (out, fresh): fresh when the
+    folder held nothing, so a failed start may remove what it wrote."""
     out = Path(config.out)
     saved = out / "train_config.json"
     if out.resolve().is_relative_to(Path(config.data).resolve()):
@@ -211,9 +222,16 @@ def open_out_folder(config: TrainConfig, ctx: DistContext) -> tuple[Path, bool]:
             raise TrainError(f"--resume: these settings differ from the run in {out}: {shown}. "
                              "Use the same values to continue it, or a new --out folder.")
     elif out.exists() and any(out.iterdir()):
-        raise TrainError(f"--out {out} is not empty; pass --resume to continue the run there, "
-                         "or choose a new folder (nothing is overwritten).")
-    fresh = not config.resume
+        if not saved.is_file():
+            raise TrainError(f"--out {out} is not empty and holds no training run (no train_config.json), so "
+                             "neither --resume nor --overwrite takes it; choose a new or empty folder (nothing "
+                             "is overwritten).")
+        if not overwrite:
+            raise TrainError(f"--out {out} is not empty (it holds an earlier run); pass --resume to continue "
+                             "that run, --overwrite to start it over (its files are removed once this run's "
+                             "checks have passed), or choose a new folder (nothing is overwritten unasked).")
+    # fresh: nothing there before this run (with overwrite the earlier run stays until start_over)
+    fresh = not config.resume and not (out.exists() and any(out.iterdir()))
     if ctx.world > 1:
         dist.barrier()  # every rank has looked at the folder before rank 0 writes to it
     if ctx.rank == 0:
@@ -229,6 +247,16 @@ def write_train_config(out: Path, config: TrainConfig, ctx: DistContext) -> None
     if ctx.rank == 0:
         atomic_write(out / "train_config.json", lambda tmp: tmp.write_text(
             json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
+
+
+def start_over(out: Path, ctx: DistContext) -> None:
+    """--overwrite, once every check and load has passed: remove the earlier run in ``out`` (rank 0), all
+    but cache/ (the encodings, keyed by the pictures, checkpoints and resolution: this run's own ones)."""
+    if ctx.rank != 0:
+        return
+    for child in out.iterdir():
+        if child.name != "cache":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def remove_failed_start(out: Path, ctx: DistContext) -> None:
