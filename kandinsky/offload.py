@@ -28,13 +28,21 @@ reused (nothing is copied back). The pipelines create their tensors on
 
 The outputs equal those without offload: the same weights run the same code on the
 device you name. ``disable_offload(pipeline)`` puts everything back on the CPU.
+
+Offload saves memory only on a CUDA device: anywhere else the weights already are where they
+run. ``offload_helps`` is that rule for every door (``enable_offload``,
+``Kandinsky.from_pretrained(offload=...)``, the CLI's ``--offload``): elsewhere they warn and run
+without it.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
+
+from kandinsky.callsite import user_stacklevel
 
 MODES = ("model", "sequential")
 # the component attributes of each pipeline (Kandinsky holds .prior and .decoder pipelines)
@@ -250,17 +258,47 @@ def _set_execution_device(pipe, device: torch.device | None, offloader: Offloade
         offloader.swapped.append((pipe, swap_class(pipe, device=property(lambda self: self.execution_device))))
 
 
+def check_offload(mode: str, device) -> torch.device:
+    """``device`` as a torch.device, once ``mode`` is one of MODES and a CUDA ``device`` is one torch
+    sees (else ValueError)."""
+    if mode not in MODES:
+        raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"offload to {device}: torch sees no CUDA device; leave offload out (it saves nothing "
+                         "on a CPU) or run on a GPU machine")
+    return device
+
+
+def offload_helps(mode: str | None, device, option: str | None = None) -> bool:
+    """The rule at every door (``enable_offload``, ``Kandinsky.from_pretrained(offload=...)``, the CLI's
+    ``--offload``): whether offloading in ``mode`` to ``device`` can save memory. On a CUDA device, yes.
+    On any other device the weights already are where they run: a warning (naming ``option``, the
+    setting as the caller spelled it; default ``offload='<mode>'``) and False, and the caller runs
+    without offload. ``mode=None``: False, silently. Bad values: ValueError (``check_offload``)."""
+    if mode is None:
+        return False
+    device = check_offload(mode, device)
+    if device.type != "cuda":
+        warnings.warn(f"{option or f'offload={mode!r}'} does nothing on {device} (it keeps weights off the GPU "
+                      "until they run); running without it", stacklevel=user_stacklevel())
+        return False
+    return True
+
+
 def enable_offload(pipeline, mode: str = "model", device="cuda", *, _home: str = "cpu"):
     """Run ``pipeline`` (PriorPipeline, DecoderPipeline or Kandinsky, loaded on the CPU) with each
     component (``mode="model"``) or each layer (``mode="sequential"``) on ``device`` only while
-    it runs. Returns the pipeline. ``disable_offload`` undoes it."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; pass device='cpu' or run on a GPU machine")
+    it runs. Returns the pipeline. ``disable_offload`` undoes it. Where offload saves nothing (not
+    on CUDA: ``offload_helps``) it warns and leaves the pipeline as it is (``pipeline.offloader`` None)."""
+    device = check_offload(mode, device)
     if getattr(pipeline, "offloader", None) is not None:
         raise ValueError("offload is already enabled on this pipeline; call disable_offload(pipeline) first")
+    # (_home="meta", for tests: the weights really are away, so offload has work to do on any device)
+    if _home == "cpu" and not offload_helps(mode, device):
+        _components(pipeline)  # (a wrong kind of object is still refused)
+        pipeline.offloader = None
+        return pipeline
     pipes, components = _components(pipeline)
     for name, model in components.items():
         where = {p.device.type for p in model.parameters()}

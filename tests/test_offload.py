@@ -7,11 +7,13 @@ without offload exactly (same weights, same code, same device).
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from kandinsky import Kandinsky
-from kandinsky.offload import disable_offload, enable_offload
+from kandinsky.offload import disable_offload, enable_offload, offload_helps
 
 RUN = dict(height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2, output_type="pt",
            progress=False)
@@ -69,23 +71,74 @@ def test_offload_errors(random_demo):
         enable_offload(pipe, mode="layers", device="cpu")
     with pytest.raises(TypeError, match="PriorPipeline, DecoderPipeline or Kandinsky"):
         enable_offload(object(), device="cpu")
-    enable_offload(pipe, device="cpu")
+    enable_offload(pipe, device="cpu", _home="meta")
     with pytest.raises(ValueError, match="already enabled"):
-        enable_offload(pipe, device="cpu")
+        enable_offload(pipe, device="cpu", _home="meta")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             enable_offload(load(random_demo), device="cuda")
+        with pytest.raises(ValueError, match="no CUDA device"):  # device=None offloads to CUDA: refused before loading
+            Kandinsky.from_pretrained(random_demo["decoder"], prior=random_demo["prior"], offload="model")
 
 
-def test_from_pretrained_offload(random_demo):
-    """Kandinsky.from_pretrained(offload="model") keeps the weights on the CPU between calls and gives
-    the same latents as a plain pipeline (here the target device is the CPU itself)."""
+# --------------------------------------------------------------------------- offload on a CPU: one rule at every door
+CPU_WARNING = "does nothing on cpu (it keeps weights off the GPU until they run); running without it"
+
+
+def test_offload_helps_only_on_cuda():
+    """The rule itself: CUDA yes; any other device a warning naming the setting as spelled, and no."""
+    assert offload_helps(None, "cpu") is False
+    with pytest.warns(UserWarning, match=r"^offload='model' " + re.escape(CPU_WARNING)):
+        assert offload_helps("model", "cpu") is False
+    with pytest.warns(UserWarning, match=r"^--offload sequential " + re.escape(CPU_WARNING)):
+        assert offload_helps("sequential", torch.device("cpu"), option="--offload sequential") is False
+    with pytest.raises(ValueError, match="offload mode must be one of"):
+        offload_helps("layers", "cpu")
+    if torch.cuda.is_available():
+        assert offload_helps("model", "cuda") is True
+
+
+def test_enable_offload_on_a_cpu_warns_and_leaves_the_pipeline(random_demo, expected):
+    pipe = load(random_demo)
+    weights = [p.data_ptr() for p in pipe.decoder.unet.parameters()]
+    with pytest.warns(UserWarning, match=r"^offload='sequential' " + re.escape(CPU_WARNING)) as record:
+        assert enable_offload(pipe, mode="sequential", device="cpu") is pipe
+    assert [w.filename for w in record] == [__file__]  # the caller's line
+    assert pipe.offloader is None and pipe.decoder.execution_device is None
+    assert [p.data_ptr() for p in pipe.decoder.unet.parameters()] == weights
+    assert not pipe.decoder.unet._forward_pre_hooks  # no hooks
+    assert torch.equal(text2img(pipe), expected)
+
+
+def test_from_pretrained_offload_on_a_cpu_warns_and_runs_without(random_demo):
+    """Kandinsky.from_pretrained(offload="model", device="cpu"): the same warning, a plain pipeline on the
+    CPU, the same latents as one loaded without offload."""
+    kw = dict(output_type="latent", prior_num_inference_steps=2, height=64, width=64, num_inference_steps=2,
+              progress=False)
+    plain = load(random_demo)
+    with pytest.warns(UserWarning, match=r"^offload='model' " + re.escape(CPU_WARNING)) as record:
+        off = Kandinsky.from_pretrained(random_demo["decoder"], prior=random_demo["prior"], device="cpu",
+                                        offload="model")
+    assert [w.filename for w in record] == [__file__]
+    assert getattr(off, "offloader", None) is None and off.decoder.execution_device is None
+    a = plain.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
+    b = off.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
+    assert torch.equal(a, b)
+
+
+def test_from_pretrained_offload_wiring(random_demo, monkeypatch):
+    """Where offload helps (CUDA; here the rule is told it helps on the CPU), from_pretrained(offload=) loads
+    the weights on the CPU and hooks them: the same latents as a plain pipeline."""
+    import kandinsky.offload
+
+    monkeypatch.setattr(kandinsky.offload, "offload_helps", lambda mode, device, option=None: mode is not None)
     kw = dict(output_type="latent", prior_num_inference_steps=2, height=64, width=64, num_inference_steps=2,
               progress=False)
     plain = load(random_demo)
     off = Kandinsky.from_pretrained(random_demo["decoder"], prior=random_demo["prior"], device="cpu",
                                     offload="model")
-    assert off.offloader is not None
+    assert off.offloader is not None and off.offloader.mode == "model"
     a = plain.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
     b = off.text2img("a", generator=torch.Generator().manual_seed(4), **kw).images
     assert torch.equal(a, b)
+    assert off.offloader.log[-1] == "decoder.unet"  # (latents: no MoVQ)

@@ -63,6 +63,10 @@ class Kandinsky:
         moves to ``device`` only while it runs (kandinsky.offload.enable_offload; to add LoRA adapters,
         load without offload, add them, then call enable_offload)."""
         device = check_device(device)
+        if offload is not None:  # (before any download; on a CPU: a warning, and no offload)
+            from kandinsky.offload import offload_helps
+
+            offload = offload if offload_helps(offload, device or "cuda") else None
         hub = dict(token=token, local_files_only=local_files_only)
         decoder_folder = resolve(decoder, "decoder checkpoint", revision=revision, **hub)
         if prior is None:
