@@ -12,7 +12,8 @@ would fail deep inside a layer with a message that names no argument:
     fail(model, ["x must be (B, 4)", ...])                  # one ValueError for the shape problems
 
 A model names the variable its users hold it in with ``VARIABLE`` (``"unet"``), so each message
-says the fix: ``pass sample.to(unet.dtype)``.
+says the fix: ``pass sample.to(unet.dtype)``. ``with_article(word)`` ("an integer", "a prior") is the
+a/an rule of every message, the pipelines' and the CLI's too.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ KINDS = {
     "int": ("integer", lambda x: not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool),
     "any": ("", lambda x: True),
 }
+
+
+def with_article(word: str) -> str:
+    """``word`` after "a" or "an" (by its first letter: "an integer", "a prior"); every message's one rule."""
+    return ("an " if word[:1].lower() in tuple("aeiou") else "a ") + word
 
 
 def autocasting(device: torch.device) -> bool:
@@ -43,8 +49,7 @@ def check_tensor(model, name: str, x, kind: str = "weights", hint: str = "", opt
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(x).__name__}.")
     if not ok(x):
-        article = "an" if family[0] in "aeiou" else "a"
-        raise TypeError(f"{name} must be {article} {family} tensor{hint}, got {x.dtype}.")
+        raise TypeError(f"{name} must be {with_article(family)} tensor{hint}, got {x.dtype}.")
     owner, var = type(model).__name__, model.VARIABLE
     if x.device != model.device:
         raise ValueError(f"{name} is on {x.device} but the {owner} is on {model.device}; pass {name}.to({var}.device).")

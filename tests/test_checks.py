@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from kandinsky.checks import check_tensor, check_timestep, fail
+from kandinsky.checks import check_tensor, check_timestep, fail, with_article
 from tests.refs.prior import prior_inputs
 
 
@@ -151,3 +151,11 @@ def test_check_timestep_and_fail():
     fail(_Model(), [None, False, ""])  # no problem: no error
     with pytest.raises(ValueError, match=r"^_Model: a is wrong; b too\.$"):
         fail(_Model(), ["a is wrong", None, "b too"])
+
+
+def test_with_article_is_the_written_a_an_rule():
+    """"an" before a word starting with a vowel letter, else "a" (the one rule of the checks', the
+    decoder pipeline's and the CLI's messages)."""
+    words = ("integer", "inpaint", "Orange", "floating-point", "decoder", "controlnet")
+    assert [with_article(w) for w in words] == [
+        "an integer", "an inpaint", "an Orange", "a floating-point", "a decoder", "a controlnet"]

@@ -4,6 +4,7 @@ the reference library's own model, a real forward, and the shape listings of doc
 (a test fails when the doc drifts)."""
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import re
@@ -120,3 +121,27 @@ def test_architecture_doc_generated_tables_are_current(capsys):
         assert main(["inspect", *args.split(), "--format", "markdown"]) == 0
         generated = capsys.readouterr().out.split("\n\n", 1)[1]
         assert table.strip() == generated.strip(), f"regenerate with: kandinsky inspect {args} --format markdown"
+
+
+@pytest.mark.parametrize("size, expected", [("512x768", (512, 768)), ("64", (64, 64)), ("128X64", (128, 64)),
+                                            (96, (96, 96)), ((128, 64), (128, 64))])
+def test_read_size(size, expected):
+    assert ki.read_size(size) == expected
+
+
+def test_one_size_reader_for_the_api_and_the_cli():
+    """--size's argparse type is read_size (same result, same message); parse_size adds the UNet's
+    multiple of 64."""
+    from kandinsky.cli import common
+
+    assert common.size("128X64") == ki.read_size("128X64") == ki.parse_size("128x64") == (128, 64)
+    for bad in ("64x", "x64", "0x64", "64x64x64", "big", "-64"):
+        with pytest.raises(ValueError, match="is not a size: give WIDTHxHEIGHT") as api:
+            ki.read_size(bad)
+        with pytest.raises(argparse.ArgumentTypeError) as cli:
+            common.size(bad)
+        assert str(cli.value) == str(api.value)
+    with pytest.raises(ValueError, match=r"^size 96x64: width and height must be positive multiples of 64"):
+        ki.parse_size("96x64")
+    with pytest.raises(ValueError, match=r"^size 0x64: width and height must be positive"):
+        ki.parse_size((0, 64))

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from kandinsky.checks import with_article
 from kandinsky.exits import on_interrupt, run  # noqa: F401 (the commands' one way to end)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -79,15 +80,14 @@ def unit(text: str) -> float:
 
 
 def size(text: str) -> tuple[int, int]:
-    """--size: ``WIDTHxHEIGHT`` in pixels (one number: a square) -> (width, height)."""
+    """--size: ``WIDTHxHEIGHT`` in pixels (one number: a square) -> (width, height) (the library's reader,
+    kandinsky.research.inspect.read_size)."""
+    from kandinsky.research.inspect import read_size
+
     try:
-        values = [int(part) for part in text.lower().split("x")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give WIDTHxHEIGHT in pixels, e.g. 512x768 "
-                                         "(or one number for a square)")
-    return values[0], values[-1]
+        return read_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_size_arguments(parser, default: str) -> None:
@@ -401,8 +401,7 @@ def pipeline(args, task: str = "text2img", weights_seed: int | None = None, devi
             local_files_only=getattr(args, "offline", False))
         needed = checkpoint_for(task)
         if pipe.decoder.kind != needed:
-            article = "an" if pipe.decoder.kind[0] in "aeiou" else "a"
-            raise ValueError(f"--decoder {folders['decoder']} is {article} {pipe.decoder.kind} checkpoint, which "
+            raise ValueError(f"--decoder {folders['decoder']} is {with_article(pipe.decoder.kind)} checkpoint, which "
                              f"cannot run {task} (it runs {', '.join(pipe.decoder.tasks)}); pass --decoder "
                              f"{CHECKPOINTS[needed]} or a local copy of it, or leave --decoder out.")
         apply_lora_args(pipe, getattr(args, "lora", ()))  # adapters first: offload hooks the layers as they then are

@@ -124,7 +124,8 @@ def add_train_demo_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="train each stage this many steps instead (tests)")
     parser.add_argument("--stages", nargs="+", default=None, choices=list(STAGES),
                         help="stages to (re)train; the others are loaded from OUT/stages/ (default: all)")
-    parser.add_argument("--seed", type=common.seed, default=0, help="seed of the data, the weights and the noise (default 0)")
+    parser.add_argument("--seed", type=common.seed, default=0,
+                        help="seed of the data, the weights and the noise (default 0)")
     parser.add_argument("--data-size", type=int, default=DATA_SIZE,
                         help=f"pictures the prior and decoders train on (default {DATA_SIZE})")
     parser.add_argument("--write-only", action="store_true",
@@ -143,8 +144,8 @@ def add_train_demo_arguments(parser) -> None:
                              "shipped weights: it puts the shape into the embedding; 1 weighs it like colour and "
                              "position: see kandinsky/demo_weights/README.md)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the hub folders (prior/, decoder/, decoder-inpaint/) OUT holds from an earlier run "
-                             "(without it, or --resume, such an OUT is refused before any training)")
+                        help="replace the hub folders (prior/, decoder/, decoder-inpaint/) OUT holds from an earlier "
+                             "run (without it, or --resume, such an OUT is refused before any training)")
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
                         help="2: train in two processes of one thread each, clip beside movq, then prior and "
                              "movq_decoder beside decoder and inpaint (each stage gets the same time as with 1; "

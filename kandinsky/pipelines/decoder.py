@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kandinsky.checks import with_article
 from kandinsky.hub import resolve
 from kandinsky.pipelines.images import (
     ImageOutput,
@@ -133,11 +134,6 @@ def sampler_name(scheduler, schedule: NoiseSchedule) -> str:
     if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
         name = "dpmpp_2m_karras"
     return name
-
-
-
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 class DecoderPipeline:
@@ -341,8 +337,9 @@ class DecoderPipeline:
             return
         right = KIND_OF_TASK[task]
         raise ValueError(
-            f"{task}() needs {_a(right)} checkpoint (like {HUB_REPOS[right]}), but {self.source} is "
-            f"{_a(self.kind)} checkpoint (like {HUB_REPOS[self.kind]}), which can only do: {', '.join(self.tasks)}. "
+            f"{task}() needs {with_article(right)} checkpoint (like {HUB_REPOS[right]}), but {self.source} is "
+            f"{with_article(self.kind)} checkpoint (like {HUB_REPOS[self.kind]}), which can only do: "
+            f"{', '.join(self.tasks)}. "
             f"Load the {right} checkpoint with DecoderPipeline.from_pretrained to run {task}()."
         )
 

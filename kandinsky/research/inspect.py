@@ -55,22 +55,36 @@ def _on_meta(model: nn.Module) -> nn.Module:
         return type(model)(model.config)
 
 
-def parse_size(size) -> tuple[int, int]:
-    """(width, height) from "WxH", an int (square) or a (W, H) pair."""
+SIZE_FORMAT = "give WIDTHxHEIGHT in pixels, e.g. 512x768 (or one number for a square)"
+
+
+def read_size(size) -> tuple[int, int]:
+    """(width, height) from "WxH" (one number: a square), an int (a square) or a (W, H) pair, each side a
+    positive number of pixels; the one reader of a size (``--size``'s argparse type calls it)."""
     if isinstance(size, str):
-        parts = size.lower().split("x")
         try:
-            w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+            values = [int(part) for part in size.lower().split("x")]
         except ValueError:
-            raise ValueError(f"size must be WIDTHxHEIGHT like 512x512, got {size!r}") from None
-    elif isinstance(size, int):
+            values = []
+        if len(values) not in (1, 2) or min(values) < 1:
+            raise ValueError(f"{size!r} is not a size: {SIZE_FORMAT}")
+        return values[0], values[-1]
+    if isinstance(size, int):
         w = h = size
     else:
         try:
             w, h = (int(s) for s in size)
         except (TypeError, ValueError):
             raise ValueError(f"size must be (width, height), 'WxH' or an int, got {size!r}") from None
-    if w <= 0 or h <= 0 or w % 64 or h % 64:
+    if w < 1 or h < 1:
+        raise ValueError(f"size {w}x{h}: width and height must be positive numbers of pixels")
+    return w, h
+
+
+def parse_size(size) -> tuple[int, int]:
+    """(width, height) from "WxH", an int (square) or a (W, H) pair (read_size), each side a multiple of 64."""
+    w, h = read_size(size)
+    if w % 64 or h % 64:
         raise ValueError(f"size {w}x{h}: width and height must be positive multiples of 64 "
                          "(the MoVQ factor 8 times the UNet's 3 halvings)")
     return w, h
