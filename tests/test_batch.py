@@ -194,3 +194,17 @@ def test_demo_draws_at_64_px_by_default(tmp_path, capsys):
     assert "warning: --quiet is deprecated (it goes in the next release): use --no-progress" in capsys.readouterr().err
     assert PIL.Image.open(tmp_path / "out" / "000000.png").size == (64, 64)
     assert manifest(tmp_path / "out")[0]["width"] == 64
+
+
+def test_default_size_is_the_command_lines_rule(tmp_path, cli_demo):
+    """The side not given is the model's own, as for every command (cli.common.picture_size): --demo with
+    --width 48 draws 48 x 64; --random-demo 256 x 256."""
+    import PIL.Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    quick = ["--steps", "1", "--prior-steps", "2", "--no-progress"]
+    assert run_here([prompts, "--out", tmp_path / "demo", "--demo", "--width", "48", *quick]) == 0
+    assert PIL.Image.open(tmp_path / "demo" / "000000.png").size == (48, 64)
+    assert run_here([prompts, "--out", tmp_path / "random", "--random-demo", *quick]) == 0
+    assert PIL.Image.open(tmp_path / "random" / "000000.png").size == (256, 256)

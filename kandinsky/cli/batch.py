@@ -42,9 +42,8 @@ def run(args) -> int:
 
     rank, world, local = batch.distributed()
     out = Path(args.out)
-    size = 64 if args.demo else 256 if args.random_demo else 512  # the model's own size (the demo's: 64)
-    width, height = common.width_height(args)
-    args.width, args.height = width or size, height or size
+    # not given: the model's own size, the command line's one rule (--demo 64, --random-demo 256, else 512)
+    args.width, args.height = common.picture_size(args, "text2img", *common.width_height(args), picture=False)
     common.check_folder(out, f"--out {out}")  # before the prompts are read, long before any picture
     items = batch.make_items(batch.read_rows(Path(args.prompts)), args)
     if args.overwrite and rank == 0:
