@@ -18,19 +18,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kandinsky.pipelines.tasks import CHECKPOINTS, PRIOR_CHECKPOINT
 from kandinsky.research.targets import components, match, prefixed, tensors
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
+
+def _shipped(kind: str) -> str:
+    """The hub repo of a checkpoint kind (kandinsky.pipelines.tasks) by its name: its folder in CONFIGS."""
+    return {"prior": PRIOR_CHECKPOINT, **CHECKPOINTS}[kind].split("/")[-1]
+
+
 # COMPONENT -> (shipped checkpoint, component folder)
 COMPONENTS = {
-    "text_encoder": ("kandinsky-2-2-prior", "text_encoder"),
-    "image_encoder": ("kandinsky-2-2-prior", "image_encoder"),
-    "prior": ("kandinsky-2-2-prior", "prior"),
-    "unet": ("kandinsky-2-2-decoder", "unet"),
-    "unet-inpaint": ("kandinsky-2-2-decoder-inpaint", "unet"),
-    "unet-controlnet": ("kandinsky-2-2-controlnet-depth", "unet"),
-    "movq": ("kandinsky-2-2-decoder", "movq"),
+    "text_encoder": (_shipped("prior"), "text_encoder"),
+    "image_encoder": (_shipped("prior"), "image_encoder"),
+    "prior": (_shipped("prior"), "prior"),
+    "unet": (_shipped("decoder"), "unet"),
+    "unet-inpaint": (_shipped("inpaint"), "unet"),
+    "unet-controlnet": (_shipped("controlnet"), "unet"),
+    "movq": (_shipped("decoder"), "movq"),
 }
 
 
