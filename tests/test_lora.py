@@ -306,6 +306,53 @@ def test_several_adapters_add_up(prior_checkpoint, tmp_path):
         set_scale(prior, "a", 1.0)
 
 
+# --------------------------------------------------------------------------- a strength's range, at every door
+OUT_OF_RANGE = [1e9, -10.5, float("nan"), float("inf"), float("-inf")]
+
+
+def _range_message(who: str, value: float) -> str:
+    return (f"{who}: strength {value:g} is out of range: a LoRA's strength is a finite number from -10 to 10, "
+            "about 0-2 in use")
+
+
+def test_strength_range_at_every_python_door(prior_checkpoint, tmp_path):
+    """load_lora, set_scale and parse_lora_arg take a strength within +-10 (the edges included, each equal
+    to the reference with that scale merged by hand); beyond, NaN / inf or not a number: LoRAError naming
+    the call, the value and the range, and nothing changes."""
+    import re
+
+    import numpy as np
+
+    from kandinsky.lora import MAX_SCALE
+
+    assert MAX_SCALE == 10
+    folder, ref = prior_checkpoint
+    a = random_lora(ref, PRIOR_LAYERS, seed=11)
+    file, _ = write_lora("processor", a, tmp_path, "prior")
+    prior = load_component(folder)
+    for value in OUT_OF_RANGE:
+        with pytest.raises(LoRAError, match=re.escape(_range_message("load_lora", value))):
+            load_lora(prior, file, scale=value)
+    for value in (True, "0.8", None, torch.tensor(0.5)):
+        with pytest.raises(LoRAError, match="load_lora: a LoRA's strength must be a number"):
+            load_lora(prior, file, scale=value)
+    assert adapters(prior) == {}
+    load_lora(prior, file, scale=-10, name="edge")
+    assert_close(prior_out(prior, False), prior_out(merged_reference(ref, (a, RANK, -10.0)), True))
+    for value in OUT_OF_RANGE:
+        with pytest.raises(LoRAError, match=re.escape(_range_message("set_scale", value))):
+            set_scale(prior, "edge", value)
+    assert adapters(prior)["edge"]["scale"] == -10.0
+    merge(prior, "edge")  # fusing: the merged weights follow set_scale, within the range
+    set_scale(prior, "edge", np.float32(10.0))  # numpy numbers are numbers
+    assert adapters(prior)["edge"]["scale"] == 10.0 and type(adapters(prior)["edge"]["scale"]) is float
+    assert_close(prior_out(prior, False), prior_out(merged_reference(ref, (a, RANK, 10.0)), True))
+    for value, text in [(1e9, "1e9"), (float("nan"), "nan"), (float("inf"), "inf"), (-11.0, "-11")]:
+        with pytest.raises(LoRAError, match=re.escape(_range_message(f"--lora style.safetensors:{text}", value))):
+            parse_lora_arg(f"style.safetensors:{text}")
+    assert parse_lora_arg("style.safetensors:-10") == ("style.safetensors", -10.0)
+
+
 # --------------------------------------------------------------------------- refusals
 def test_bad_files_raise_and_change_nothing(unet_checkpoint, prior_checkpoint, tmp_path):
     folder, ref = unet_checkpoint

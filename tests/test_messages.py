@@ -5,7 +5,11 @@
 * too few steps for a sampler warn, naming its measured minimum (kandinsky/sampling/samplers.py);
 * a mask stroke in any non-black colour repaints; a dark stroke beside bright ones is kept, with a
   warning (kandinsky/pipelines/images.py);
-* the long-prompt warning quotes the dropped words whole (kandinsky/clip/tokenizer.py).
+* the long-prompt warning quotes the dropped words whole (kandinsky/clip/tokenizer.py);
+* a LoRA strength beyond +-10, NaN or inf is refused, naming the value and the range (kandinsky/lora:
+  check_scale; the Python doors in tests/test_lora.py);
+* offload on a CPU warns that it does nothing and runs without it (kandinsky/offload.py: offload_helps; the
+  Python doors in tests/test_offload.py).
 """
 from __future__ import annotations
 
@@ -232,3 +236,28 @@ def test_cli_quotes_dropped_words_whole(cli_demo, tmp_path, capsys):
     assert main(["text2img", "--random-demo", "a " * 74 + "hello world", "-o", str(tmp_path / "o.png"), *FAST]) == 0
     assert ("warning: the prompt is longer than CLIP's 75 tokens; these words are dropped: 'hello world' "
             "(of 'hello', only 'h' is kept)") in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- LoRA strength, offload on a CPU
+@pytest.mark.parametrize("text, value", [("1e9", 1e9), ("nan", float("nan")), ("inf", float("inf")),
+                                         ("-10.5", -10.5)])
+def test_cli_lora_strength_out_of_range(cli_demo, tmp_path, capsys, text, value):
+    """The CLI door of kandinsky.lora.check_scale: a usage error before anything loads, naming the argument,
+    the value and the range."""
+    (tmp_path / "style.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    arg = f"{tmp_path / 'style.safetensors'}:{text}"
+    with pytest.raises(SystemExit) as e:
+        main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "o.png"), "--lora", arg, *FAST])
+    assert e.value.code == 2 and not (tmp_path / "o.png").exists()
+    assert (f"error: argument --lora: {arg}: strength {value:g} is out of range: a LoRA's strength is a finite "
+            "number from -10 to 10") in capsys.readouterr().err
+
+
+def test_cli_offload_on_a_cpu_says_so_and_runs_without(cli_demo, tmp_path, capsys):
+    """The CLI door of kandinsky.offload.offload_helps: the Python door's wording with the option as typed."""
+    assert main(["text2img", "--random-demo", "a", "-o", str(tmp_path / "o.png"), "--offload", "sequential",
+                 "--device", "cpu", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: --offload sequential does nothing on cpu (it keeps weights off the GPU until they run); "
+            "running without it") in err
+    assert ".py:" not in err and (tmp_path / "o.png").is_file()

@@ -15,8 +15,28 @@ See docs/lora.md.
 """
 
 
+import math
+import numbers
+
+
 class LoRAError(ValueError):
     """A LoRA file, adapter name or argument kandinsky cannot use (the message says why and what to do)."""
+
+
+MAX_SCALE = 10.0  # a LoRA's strength: about 0-2 in use; beyond +-10 the adapter swamps the weights it adapts
+
+
+def check_scale(scale, who: str) -> float:
+    """``scale``, a LoRA's strength (1.0 = as trained, 0 = off, negative = away from it), as a float; else
+    LoRAError naming ``who`` (the call or argument), the value and the range: a finite number within
+    +-MAX_SCALE. The one check for every door that takes a strength: ``load_lora``, ``set_scale``, the
+    CLI's ``--lora FILE:SCALE`` (``parse_lora_arg``)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise LoRAError(f"{who}: a LoRA's strength must be a number (1.0 = as trained, 0 = off), not {scale!r}.")
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+        raise LoRAError(f"{who}: strength {float(scale):g} is out of range: a LoRA's strength is a finite number "
+                        f"from {-MAX_SCALE:g} to {MAX_SCALE:g}, about 0-2 in use (1.0 = as trained, 0 = off).")
+    return float(scale)
 
 
 _LAZY = {
@@ -39,4 +59,4 @@ def __dir__():
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["LoRAError", *_LAZY]
+__all__ = ["LoRAError", "MAX_SCALE", "check_scale", *_LAZY]

@@ -2,16 +2,16 @@
 load the files into a pipeline."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from kandinsky.lora import LoRAError  # (no torch here: parsers build fast; load_lora is imported on use)
+from kandinsky.lora import LoRAError, check_scale  # (no torch here: parsers build fast; load_lora is imported on use)
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
     """"style.safetensors:0.8" -> ("style.safetensors", 0.8); "style.safetensors" -> (..., 1.0).
 
-    The scale is what follows the last ':' when it is a number, so paths holding ':' still work.
+    The scale is what follows the last ':' when it is a number, so paths holding ':' still work; it must
+    be a usable strength (``check_scale``: finite, within +-MAX_SCALE).
     """
     if not isinstance(arg, str) or not arg.strip():
         raise LoRAError(f"--lora: expected FILE[:SCALE], e.g. style.safetensors:0.8, got {arg!r}.")
@@ -23,11 +23,9 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     except ValueError:
         raise LoRAError(f"--lora {arg}: {tail!r} after the last ':' is not a number; expected FILE[:SCALE], "
                         "e.g. style.safetensors:0.8.") from None
-    if not math.isfinite(scale):
-        raise LoRAError(f"--lora {arg}: the scale must be a finite number, not {tail!r}.")
     if not path:
         raise LoRAError(f"--lora {arg}: no file before ':'; expected FILE[:SCALE].")
-    return path, scale
+    return path, check_scale(scale, f"--lora {arg}")
 
 
 def apply_lora_args(pipeline, args) -> list[str]:

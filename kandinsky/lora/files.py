@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kandinsky.lora import LoRAError
+from kandinsky.lora import LoRAError, check_scale
 from kandinsky.lora.layers import (
     COMPONENTS,
     check_new_name,
@@ -305,11 +305,11 @@ def load_lora(obj, path, scale: float = 1.0, name: str | None = None) -> str:
     """Load a LoRA file (or a folder holding one) into a model or pipeline; returns the adapter's name.
 
     Every tensor must find its layer (a file for another model is refused, naming the keys);
-    several adapters add up, each with its own ``scale`` (``set_scale`` changes it later).
+    several adapters add up, each with its own ``scale`` (``set_scale`` changes it later; a finite
+    number within +-MAX_SCALE, ``check_scale``).
     ``name`` defaults to the file's stem (the folder's name for adapter_model.safetensors).
     """
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise LoRAError(f"load_lora: scale must be a finite number (1.0 = as trained), not {scale!r}.")
+    scale = check_scale(scale, "load_lora")
     weights = find_lora_file(path)
     name = name if name is not None else default_name(weights)
     check_new_name(obj, name)

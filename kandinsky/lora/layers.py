@@ -29,7 +29,7 @@ from torch import nn
 from kandinsky.clip.model import TextEncoder
 from kandinsky.prior import DiffusionPrior
 from kandinsky.unet import UNet
-from kandinsky.lora import LoRAError
+from kandinsky.lora import LoRAError, check_scale
 from weights_convert.naming import rename
 from weights_convert.registry import component_for_model
 
@@ -315,9 +315,9 @@ def lora_state_dict(model: nn.Module, name: str) -> dict[str, tuple[torch.Tensor
 
 # --------------------------------------------------------------------------- using
 def set_scale(obj, name: str, scale: float) -> None:
-    """Change adapter ``name``'s strength (re-merges it if it is merged)."""
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise LoRAError(f"scale must be a finite number (1.0 = as trained, 0 = off), not {scale!r}.")
+    """Change adapter ``name``'s strength (re-merges it if it is merged; a finite number within
+    +-MAX_SCALE, ``check_scale``)."""
+    scale = check_scale(scale, "set_scale")
     for layer, n in _layers_with(obj, name):
         merged = layer.lora[n].merged
         layer.unmerge(n)
