@@ -241,7 +241,7 @@ def second_studio(random_demo):
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    page, studio, url = start(parser.parse_args(["--demo", "--controlnet", str(random_demo["controlnet-depth"]),
+    page, studio, url = start(parser.parse_args(["--demo", "--controlnet", str(random_demo["controlnet"]),
                                                  "--queue-size", "1", "--port", str(free_port())]))
     yield url, studio, page
     page.close()
@@ -306,11 +306,43 @@ def test_controlnet_tab_is_the_python_api_bit_for_bit(second_studio, random_demo
     finally:
         client.close()
     assert seed == 4
-    pipe = Kandinsky.from_pretrained(random_demo["controlnet-depth"], prior=random_demo["prior"])
+    pipe = Kandinsky.from_pretrained(random_demo["controlnet"], prior=random_demo["prior"])
     expected = pipe.controlnet(RED, hint, generator=torch.Generator().manual_seed(4), progress=False, **STEPS)
     assert pixels(path).shape == (64, 64, 3)  # the hint's size: random weights are not the shapes model's 64 px
     np.testing.assert_array_equal(pixels(path), np.asarray(expected.images[0]))
     assert studio.pipe("controlnet").prior is not studio.pipe("text2img").prior  # one prior per prior checkpoint
+
+
+def test_each_prior_checkpoint_loads_once(random_demo, monkeypatch):
+    """Every decoder kind the studio loads (decoder, inpaint, controlnet) takes the prior already loaded
+    for its prior checkpoint (cli.common.pipeline's priors): --demo --controlnet C loads two priors, the
+    shapes model's (text2img, inpaint) and the random demo's (ControlNet), each once."""
+    import argparse
+
+    from kandinsky.cli import serve as command
+    from kandinsky.demo import demo_folders
+    from kandinsky.pipelines.prior import PriorPipeline
+    from kandinsky.serve.studio import Studio
+
+    load = PriorPipeline.from_pretrained.__func__
+    loads = []
+
+    def counted(cls, folder, *args, **kwargs):
+        loads.append(str(folder))
+        return load(cls, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PriorPipeline, "from_pretrained", classmethod(counted))
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    studio = Studio(parser.parse_args(["--demo", "--controlnet", str(random_demo["controlnet"])]))
+    try:
+        pipes = {task: studio.pipe(task) for task in ("text2img", "inpaint", "img2img", "controlnet")}
+        assert loads[0] == str(demo_folders()["prior"]) and len(loads) == 2 and loads[1] != loads[0]
+        assert pipes["inpaint"].prior is pipes["text2img"].prior is pipes["img2img"].prior
+        assert pipes["inpaint"].decoder is not pipes["text2img"].decoder  # the inpainting checkpoint
+        assert pipes["controlnet"].prior is not pipes["text2img"].prior
+    finally:
+        studio.close()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -46,7 +46,7 @@ class Kandinsky:
     def from_pretrained(
         cls,
         decoder: str | Path = DEFAULT_DECODER,
-        prior: str | Path | None = None,
+        prior: str | Path | PriorPipeline | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         scheduler=None,
@@ -57,8 +57,9 @@ class Kandinsky:
         offload: str | None = None,
     ) -> "Kandinsky":
         """Folders or hub ids. Without ``prior``, the decoder's model card (README.md
-        front matter ``prior:``) names it, as on the hub. ``revision`` pins the decoder repo,
-        ``prior_revision`` the prior repo; ``token`` and ``local_files_only`` apply to both.
+        front matter ``prior:``) names it, as on the hub; a loaded ``PriorPipeline`` is shared as it is
+        (not loaded again, moved, cast or offloaded: several decoders, one prior). ``revision`` pins the
+        decoder repo, ``prior_revision`` the prior repo; ``token`` and ``local_files_only`` apply to both.
         ``offload="model"`` / ``"sequential"``: weights stay on the CPU and each component (or layer)
         moves to ``device`` only while it runs (kandinsky.offload.enable_offload; to add LoRA adapters,
         load without offload, add them, then call enable_offload)."""
@@ -76,16 +77,17 @@ class Kandinsky:
                     f"{decoder_folder}: its README.md names no prior (front matter `prior:`); "
                     "pass prior=<folder or hub id>, e.g. kandinsky-community/kandinsky-2-2-prior."
                 )
-        prior_folder = resolve(prior, "prior checkpoint", revision=prior_revision, **hub)
         load_on = None if offload else device  # offloaded weights wait on the CPU
-        pipe = cls(
-            PriorPipeline.from_pretrained(prior_folder, dtype=dtype, device=load_on),
-            DecoderPipeline.from_pretrained(decoder_folder, dtype=dtype, device=load_on, scheduler=scheduler),
-        )
+        shared = isinstance(prior, PriorPipeline)
+        if not shared:
+            prior = PriorPipeline.from_pretrained(resolve(prior, "prior checkpoint", revision=prior_revision, **hub),
+                                                  dtype=dtype, device=load_on)
+        pipe = cls(prior, DecoderPipeline.from_pretrained(decoder_folder, dtype=dtype, device=load_on,
+                                                          scheduler=scheduler))
         if offload:
             from kandinsky.offload import enable_offload
 
-            enable_offload(pipe, mode=offload, device=device or "cuda")
+            enable_offload(pipe.decoder if shared else pipe, mode=offload, device=device or "cuda")
         return pipe
 
     def compile(self, **options) -> "Kandinsky":

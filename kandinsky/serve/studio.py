@@ -6,8 +6,10 @@
 
 * Models: loaded on first use, once per checkpoint kind (decoder, inpaint, controlnet), through the CLI's
   one loader (kandinsky.cli.common.pipeline: --demo, --prior, --decoder, --dtype, --offload, --lora ...);
-  one prior per prior checkpoint, shared by every decoder it serves (--demo's ControlNet, which the shapes
-  model lacks, runs on the random demo prior, as the command line's does); all requests share them.
+  one prior per prior checkpoint, loaded once and shared by every decoder it serves (the loader's
+  ``priors``; with --lora, whose adapters may be on the prior, each decoder kind loads its own; --demo's
+  ControlNet, which the shapes model lacks, runs on the random demo prior, as the command line's does);
+  all requests share them.
 * One model run at a time (a lock around loading and sampling: one device, one run); every request makes
   its own ``torch.Generator`` from its seed, so the same seed gives the same bytes, busy server or not.
 * Inputs are checked before anything runs (``check_options``); a run whose sample turns NaN or infinite
@@ -203,13 +205,8 @@ class Studio:
             override = {"decoder": self.args.decoder, "inpaint": getattr(self.args, "inpaint", None),
                         "controlnet": getattr(self.args, "controlnet", None)}[kind]
             args = argparse.Namespace(**{**vars(self.args), "decoder": override})
-            pipe, folders = self._stack.enter_context(common.pipeline(args, task))
-            prior = self._priors.setdefault(str(folders["prior"]), pipe.prior)  # one prior per prior checkpoint
-            if prior is not pipe.prior:
-                from kandinsky.pipelines.combined import Kandinsky
-
-                pipe = Kandinsky(prior, pipe.decoder)
-            self._pipes[kind] = pipe
+            # one prior per prior checkpoint, loaded once (common.pipeline's priors)
+            self._pipes[kind], _ = self._stack.enter_context(common.pipeline(args, task, priors=self._priors))
         return self._pipes[kind]
 
     def close(self) -> None:
