@@ -32,51 +32,41 @@ class InputError(ValueError):
 
 
 # ----------------------------------------------------------------------------- argparse types
+def _parsed(text: str, kind, inside, problem: str):
+    """``text`` as ``kind`` (int or float) for which ``inside(value)`` holds, else an argparse error:
+    "'x' is not an integer" (or "a number"), or "VALUE ``problem``"."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not inside(value):
+        raise argparse.ArgumentTypeError(f"{value} {problem}")
+    return value
+
+
 def at_least(minimum: int):
     """An argparse type: an integer >= minimum (checked before anything is loaded)."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is too small (at least {minimum})")
-        return value
+        return _parsed(text, int, lambda v: v >= minimum, f"is too small (at least {minimum})")
 
     return parse
 
 
 def seed(text: str) -> int:
     """An integer torch.Generator.manual_seed takes: -2**63 .. 2**64 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not -(2**63) <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"{value} is out of range (a seed is a 64-bit integer: 0 .. 2**64 - 1)")
-    return value
-
-
-def _number(text: str, inside, interval: str) -> float:
-    """``text`` as a float for which ``inside(value)`` holds, else an argparse error naming ``interval``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not inside(value):
-        raise argparse.ArgumentTypeError(f"{value} is not in {interval}")
-    return value
+    return _parsed(text, int, lambda v: -(2**63) <= v < 2**64,
+                   "is out of range (a seed is a 64-bit integer: 0 .. 2**64 - 1)")
 
 
 def fraction(text: str) -> float:
     """A number in (0, 1] (--strength, --prior-strength)."""
-    return _number(text, lambda v: 0 < v <= 1, "(0, 1]")
+    return _parsed(text, float, lambda v: 0 < v <= 1, "is not in (0, 1]")
 
 
 def unit(text: str) -> float:
     """A number in [0, 1] (--guidance-interval: a fraction of the run)."""
-    return _number(text, lambda v: 0 <= v <= 1, "[0, 1] (a fraction of the run)")
+    return _parsed(text, float, lambda v: 0 <= v <= 1, "is not in [0, 1] (a fraction of the run)")
 
 
 def size(text: str) -> tuple[int, int]:
@@ -248,14 +238,11 @@ def _lora(arg: str) -> str:
     from kandinsky.lora.args import parse_lora_arg
 
     try:
-        path, scale = parse_lora_arg(arg)
+        path, _ = parse_lora_arg(arg)  # (the form, and the strength's range: kandinsky.lora.check_scale)
     except LoRAError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--lora {arg}: ")) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--lora ")) from None
     if not Path(path).exists():
         raise argparse.ArgumentTypeError(f"{path}: no such file or folder")
-    if abs(scale) > MAX_LORA_SCALE:
-        raise argparse.ArgumentTypeError(f"{path}: strength {scale:g} is out of range; a LoRA's strength is "
-                                         f"about 0-2 (at most {MAX_LORA_SCALE:g} either way), e.g. {path}:0.8")
     if Path(path).is_file():
         with open(path, "rb") as f:
             head = f.read(9)
@@ -265,9 +252,6 @@ def _lora(arg: str) -> str:
                 f"{path}: not a LoRA weights file (a .safetensors file, a torch .bin / .pt file, or a PEFT "
                 "adapter folder); nothing was loaded from it")
     return arg
-
-
-MAX_LORA_SCALE = 10.0
 
 
 DEMO_HELP = ("the tiny model trained on procedural shapes that ships with the package (offline; prompts like "
