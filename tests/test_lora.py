@@ -353,6 +353,34 @@ def test_strength_range_at_every_python_door(prior_checkpoint, tmp_path):
     assert parse_lora_arg("style.safetensors:-10") == ("style.safetensors", -10.0)
 
 
+def test_not_weights_refused_by_first_bytes_at_every_python_door(prior_checkpoint, tmp_path):
+    """A picture named as a LoRA (as a file, or as a folder's adapter_model.safetensors / .bin) is refused
+    by its first bytes: no torch advice to unpickle it with weights_only=False."""
+    import PIL.Image
+
+    from kandinsky.lora import check_lora_file
+
+    prior = load_component(prior_checkpoint[0])
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    (tmp_path / "folder").mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "adapter_model.bin", format="PNG")
+    for path, named in [(tmp_path / "cat.png", tmp_path / "cat.png"),
+                        (tmp_path / "folder", tmp_path / "folder" / "adapter_model.bin")]:
+        for door in (lambda: load_lora(prior, path), lambda: lora_format(path)):
+            with pytest.raises(LoRAError) as e:
+                door()
+            assert str(e.value).startswith(f"{named}: not a LoRA weights file (a .safetensors file, a torch "
+                                           ".bin / .pt file, or a PEFT adapter folder); nothing was loaded")
+            assert "weights_only" not in str(e.value)
+    assert adapters(prior) == {}
+    # the three kinds of weights file pass: safetensors, a torch zip archive, a legacy pickle
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "b.bin")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "c.bin", _use_new_zipfile_serialization=False)
+    for name in ("a.safetensors", "b.bin", "c.bin"):
+        check_lora_file(tmp_path / name)
+
+
 # --------------------------------------------------------------------------- refusals
 def test_bad_files_raise_and_change_nothing(unet_checkpoint, prior_checkpoint, tmp_path):
     folder, ref = unet_checkpoint

@@ -234,7 +234,7 @@ def add_lora_argument(parser) -> None:
 
 
 def _lora(arg: str) -> str:
-    from kandinsky.lora import LoRAError
+    from kandinsky.lora import LoRAError, check_lora_file
     from kandinsky.lora.args import parse_lora_arg
 
     try:
@@ -244,13 +244,10 @@ def _lora(arg: str) -> str:
     if not Path(path).exists():
         raise argparse.ArgumentTypeError(f"{path}: no such file or folder")
     if Path(path).is_file():
-        with open(path, "rb") as f:
-            head = f.read(9)
-        # safetensors (an 8-byte header length, then '{'), a torch zip archive, a pickle
-        if not (head[8:9] == b"{" or head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
-            raise argparse.ArgumentTypeError(
-                f"{path}: not a LoRA weights file (a .safetensors file, a torch .bin / .pt file, or a PEFT "
-                "adapter folder); nothing was loaded from it")
+        try:
+            check_lora_file(path)  # by its first bytes: nothing is unpickled to find out
+        except LoRAError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return arg
 
 

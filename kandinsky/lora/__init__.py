@@ -39,6 +39,17 @@ def check_scale(scale, who: str) -> float:
     return float(scale)
 
 
+def check_lora_file(path) -> None:
+    """Refuse a file that is not LoRA weights by its first bytes, before torch reads it (nothing is ever
+    unpickled to find out): a safetensors file (an 8-byte header length, then '{'), a torch zip archive
+    or a pickle pass. The one check for every door: ``load_lora``, ``lora_format``, the CLI's ``--lora``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not (head[8:9] == b"{" or head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise LoRAError(f"{path}: not a LoRA weights file (a .safetensors file, a torch .bin / .pt file, or a PEFT "
+                        "adapter folder); nothing was loaded from it.")
+
+
 _LAZY = {
     **dict.fromkeys(["COMPONENTS", "LoRAAdapter", "LoRALinear", "adapters", "add_lora", "has_lora", "lora_layers",
                      "lora_parameters", "merge", "remove_lora", "set_scale", "unmerge"], "kandinsky.lora.layers"),
@@ -59,4 +70,4 @@ def __dir__():
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["LoRAError", "MAX_SCALE", "check_scale", *_LAZY]
+__all__ = ["LoRAError", "MAX_SCALE", "check_lora_file", "check_scale", *_LAZY]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kandinsky.lora import LoRAError, check_scale
+from kandinsky.lora import LoRAError, check_lora_file, check_scale
 from kandinsky.lora.layers import (
     COMPONENTS,
     check_new_name,
@@ -130,16 +130,19 @@ def peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
 
 # --------------------------------------------------------------------------- reading
 def find_lora_file(path) -> Path:
+    """The weights file ``path`` names (itself, or the one in a folder), checked by its first bytes
+    (``check_lora_file``)."""
     path = Path(path)
     if path.is_file():
+        check_lora_file(path)
         return path
     if path.is_dir():
         for name in WEIGHT_NAMES:
             if (path / name).is_file():
-                return path / name
+                return find_lora_file(path / name)
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
-            return found[0]
+            return find_lora_file(found[0])
         also = f"; found {len(found)} .safetensors files: pass one" if found else " and a single .safetensors file"
         raise LoRAError(f"{path}: no LoRA weights in this folder (looked for {', '.join(WEIGHT_NAMES)}{also}).")
     raise LoRAError(f"{path}: no such LoRA file or folder.")
