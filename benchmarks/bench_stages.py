@@ -28,13 +28,14 @@ final pixels compared.
 the MoVQ and the prior only. ``--out FILE`` writes the Markdown table (with the machine).
 
 ``--every-stage`` (issue 21 item 4): one run of ``EVERY_STAGE``, every stage at the size and batch the
-pipelines use it, with this machine's measured throughput (``hardware``: a lone large 3x3 convolution
-and a lone large matrix product, GFLOP/s) and, per stage, its FLOPs (counted by
-torch.utils.flop_counter on our model on the meta device; the prior stage's during one extra pass),
-the GFLOP/s each implementation achieves on that work, and its **share of the hardware**: the time
-the stage's convolution FLOPs would take at the lone conv's rate plus its matmul / attention FLOPs at
-the lone matmul's rate, divided by the measured time (1.0 = as fast as the plain kernels; what is left
-is norms, activations, copies and Python). 768 px UNet steps are costed, not timed, unless
+pipelines use it, with this machine's measured throughput (the hardware probes: a lone large 3x3
+convolution and a lone large matrix product, GFLOP/s, timed alone at the start and again interleaved
+with every stage's passes, so that a stage and its yardstick share the machine's load) and, per stage,
+its FLOPs (torch.utils.flop_counter on our model on the meta device), the GFLOP/s each implementation
+achieves on that work, and its **share of the hardware**: the time the stage's convolution FLOPs
+would take at the conv probe's rate plus its matmul / attention FLOPs at the matmul probe's rate,
+divided by the measured time (1.0 = as fast as the plain kernels; what is left is norms,
+activations, copies, memory-bound small products and Python). 768 px UNet steps are costed, not timed, unless
 ``--unet-sizes`` asks for them: the 512 px time times the FLOP ratio (the ``costed`` rows say so).
 
     python benchmarks/bench_stages.py --every-stage --threads 1 --out stages.md
@@ -120,9 +121,10 @@ def bench_model_stage(stage: str, configs: dict, args, device, dtype, models=Non
     case = make_case(component, config, args.batch, args.latent, device, dtype)
     fns = {"ref": lambda: case.ref_call(ref, case.inputs), "ours": lambda: case.ours_call(ours, case.inputs)}
     with torch.no_grad():
-        times, outputs = time_pair(fns, device, args.warmup, args.iters)
+        times, outputs, rates = timed(fns, device, dtype, args)
     r = row(stage, case.shape, times, rel_diff(outputs["ours"], outputs["ref"]))
-    r["flops"] = r["ref_flops"] = model_flops(component, config, args.batch, args.latent, dtype)
+    r.update(gflops=rates, flops=model_flops(component, config, args.batch, args.latent, dtype))
+    r["ref_flops"] = r["flops"]
     return r
 
 
@@ -171,22 +173,41 @@ def add_flops(*parts: tuple[float, dict]) -> dict:
     return {kind: sum(w * f[kind] for w, f in parts) for kind in ("conv", "matmul")}
 
 
-@torch.no_grad()
-def bench_hardware(args, device, dtype) -> dict:
-    """This machine's throughput on a lone large 3x3 convolution (512 -> 512 channels on 64 x 64, the
-    UNet's and MoVQ's kind of work) and a lone large matrix product (2048 x 1280 @ 1280 x 5120, a CLIP
-    MLP's), GFLOP/s, medians of ``args.iters`` after ``args.warmup``."""
+PROBE_INPUT = "conv 3x3 512->512 on (1, 512, 64, 64); matmul (2048, 1280) @ (1280, 5120)"
+
+
+def hardware_probes(device, dtype) -> dict:
+    """{"conv probe": a lone large 3x3 convolution (512 -> 512 channels on 64 x 64, the UNet's and MoVQ's
+    kind of work), "matmul probe": a lone large matrix product (2048 x 1280 @ 1280 x 5120, a CLIP MLP's)}."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 512, 64, 64, generator=g).to(device, dtype)
     w = torch.randn(512, 512, 3, 3, generator=g).to(device, dtype) / 48
     a = torch.randn(2048, 1280, generator=g).to(device, dtype)
     b = torch.randn(1280, 5120, generator=g).to(device, dtype)
-    fns = {"conv": lambda: (torch.nn.functional.conv2d(x, w, padding=1),), "matmul": lambda: (a @ b,)}
-    times, _ = time_pair(fns, device, args.warmup, args.iters)
-    rates = {kind: count_flops(fns[kind])[kind] / statistics.median(times[kind]) / 1e9 for kind in fns}
-    return {"stage": "hardware", "input": "conv 3x3 512->512 on (1, 512, 64, 64); matmul (2048, 1280) @ (1280, 5120)",
-            "gflops": rates, "extra": f"conv {rates['conv']:.1f} GFLOP/s, matmul {rates['matmul']:.1f} GFLOP/s "
-                                      f"(medians of {args.iters})"}
+    return {"conv probe": lambda: (torch.nn.functional.conv2d(x, w, padding=1),), "matmul probe": lambda: (a @ b,)}
+
+
+def timed(fns: dict, device, dtype, args) -> tuple[dict, dict, dict | None]:
+    """time_pair over ``fns``, with the hardware probes interleaved among them when ``args.probes``
+    (--every-stage), so that each stage's share of the hardware is measured under the load it ran
+    under. -> (times, outputs, probe GFLOP/s {"conv", "matmul"} or None)."""
+    probes = hardware_probes(device, dtype) if args.probes else {}
+    times, outputs = time_pair({**fns, **probes}, device, args.warmup, args.iters)
+    if not probes:
+        return times, outputs, None
+    rates = {name.split()[0]: sum(count_flops(fn).values()) / statistics.median(times[name]) / 1e9
+             for name, fn in probes.items()}
+    return times, outputs, rates
+
+
+@torch.no_grad()
+def bench_hardware(args, device, dtype) -> dict:
+    """This machine's throughput on the hardware probes alone, GFLOP/s, medians of ``args.iters``."""
+    a = copy.copy(args)
+    a.probes = True
+    _, _, rates = timed({}, device, dtype, a)
+    return {"stage": "hardware", "input": PROBE_INPUT, "gflops": rates,
+            "extra": f"alone, at the start (medians of {args.iters})"}
 
 
 def prior_pipelines(configs: dict, device, dtype, tmp: str):
@@ -242,7 +263,7 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> list[dict]:
     if not args.prior_nocache:
         del fns["ours_nocache"]
     with torch.no_grad():
-        times, outputs = time_pair(fns, device, args.warmup, args.iters)
+        times, outputs, rates = timed(fns, device, dtype, args)
     shape = f"1 prompt, {steps} steps, guidance 4"
     # the work (on the meta device): the text encoding of the prompt and the negative prompt, then every
     # step on the guided pair, whole (the reference; ours with cache=False) or the prefix once and the
@@ -251,11 +272,11 @@ def bench_prior_stage(configs: dict, args, device, dtype) -> list[dict]:
     uncached = add_flops((1, text), (steps, model_flops("prior", configs["prior"], 2, None, dtype)))
     rows = [row("prior_stage", shape, times, rel_diff(outputs["ours"], outputs["ref"]))]
     rows[0].update(flops=add_flops((1, text), (1, prior_cached_flops(configs["prior"], steps, dtype))),
-                   ref_flops=uncached)
+                   ref_flops=uncached, gflops=rates)
     if args.prior_nocache:
         rows.append(row("prior_stage (cache=False)", shape, {"ref": times["ref"], "ours": times["ours_nocache"]},
                         rel_diff(outputs["ours_nocache"], outputs["ref"])))
-        rows[1].update(flops=uncached, ref_flops=uncached)
+        rows[1].update(flops=uncached, ref_flops=uncached, gflops=rates)
     return rows
 
 
@@ -450,30 +471,32 @@ def markdown(rows: list[dict]) -> str:
                          f"{r['ours_s'] / r['ref_s']:.2f} | {diff} | {r['extra']} |")
         return "\n".join(lines)
 
-    def at_peak(flops):  # seconds at the lone kernels' rates
-        return sum(flops[k] / (hardware[k] * 1e9) for k in ("conv", "matmul"))
+    def at_peak(flops, rates):  # seconds at the lone kernels' rates
+        return sum(flops[k] / (rates[k] * 1e9) for k in ("conv", "matmul"))
 
     lines = ["| stage | input | GFLOP (conv + matmul) | reference (s) | ours (s) | ours / ref | GFLOP/s ref / ours "
-             "| share of hardware ref / ours | max diff / max | notes |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
+             "| probes' GFLOP/s (conv / matmul) | share of hardware ref / ours | max diff / max | notes |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["stage"] == "hardware":
-            lines.append(f"| hardware | {r['input']} | - | - | - | - | conv {hardware['conv']:.1f}, matmul "
+            lines.append(f"| hardware | {r['input']} | - | - | - | - | - | {hardware['conv']:.1f} / "
                          f"{hardware['matmul']:.1f} | 1 | - | {r['extra']} |")
             continue
         diff = "-" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}"
         if "flops" not in r:  # text2img, load
             lines.append(f"| {r['stage']} | {r['input']} | - | {r['ref_s']:.3f} | {r['ours_s']:.3f} | "
-                         f"{r['ours_s'] / r['ref_s']:.2f} | - | - | {diff} | {r['extra']} |")
+                         f"{r['ours_s'] / r['ref_s']:.2f} | - | - | - | {diff} | {r['extra']} |")
             continue
         f, fr = r["flops"], r["ref_flops"]
         work = f"{_g(f['conv'])} + {_g(f['matmul'])}"
         if fr != f:
             work += f" (reference: {_g(fr['conv'])} + {_g(fr['matmul'])})"
         rate = f"{sum(fr.values()) / r['ref_s'] / 1e9:.1f} / {sum(f.values()) / r['ours_s'] / 1e9:.1f}"
-        share = f"{at_peak(fr) / r['ref_s']:.2f} / {at_peak(f) / r['ours_s']:.2f}"
+        probes = r.get("gflops") or hardware  # interleaved with the stage, else the start's
+        share = f"{at_peak(fr, probes) / r['ref_s']:.2f} / {at_peak(f, probes) / r['ours_s']:.2f}"
         lines.append(f"| {r['stage']} | {r['input']} | {work} | {r['ref_s']:.3f} | {r['ours_s']:.3f} | "
-                     f"{r['ours_s'] / r['ref_s']:.2f} | {rate} | {share} | {diff} | {r['extra']} |")
+                     f"{r['ours_s'] / r['ref_s']:.2f} | {rate} | {probes['conv']:.1f} / {probes['matmul']:.1f} | "
+                     f"{share} | {diff} | {r['extra']} |")
     return "\n".join(lines)
 
 
@@ -511,6 +534,7 @@ def parse_args(argv=None):
     args.load = (args.load or ("movq,prior" if q else ",".join(LOAD))).split(",")
     args.load_iters = args.load_iters or (1 if q else 2)
     args.prior_nocache = not args.every_stage  # --every-stage: a prior step's ratio stands for it
+    args.probes = args.every_stage  # the hardware probes interleaved with every stage's passes
     default = [s for s, *_ in EVERY_STAGE] if args.every_stage else [s for s in STAGES if s != "hardware"]
     args.stages = args.stages.split(",") if args.stages else list(dict.fromkeys(default))
     unknown = set(args.stages) - set(STAGES)
