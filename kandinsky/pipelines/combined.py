@@ -62,7 +62,8 @@ class Kandinsky:
         decoder repo, ``prior_revision`` the prior repo; ``token`` and ``local_files_only`` apply to both.
         ``offload="model"`` / ``"sequential"``: weights stay on the CPU and each component (or layer)
         moves to ``device`` only while it runs (kandinsky.offload.enable_offload; to add LoRA adapters,
-        load without offload, add them, then call enable_offload)."""
+        load without offload, add them, then call enable_offload); on a device other than CUDA it saves
+        nothing: a warning, and the pipeline loads on ``device`` without it (kandinsky.offload.offload_helps)."""
         device = check_device(device)
         if offload is not None:  # (before any download; on a CPU: a warning, and no offload)
             from kandinsky.offload import offload_helps
