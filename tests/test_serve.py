@@ -176,19 +176,57 @@ def test_images_per_prompt_are_the_python_apis(studio_server, red_circle, tmp_pa
 def test_the_history_reloads_a_pictures_parameters_from_its_png(client, red_circle, tmp_path):
     """A click in the history reads the picture's PNG `parameters` chunk back into its tab's controls: the
     request's values, and running them again gives the same picture."""
-    from kandinsky.serve.app import RELOADABLE, reload_values
+    from kandinsky.serve.app import RELOADABLE, parameters_of, reload_values
 
     request = dict(prompt="a large green square,\nin the center", negative_prompt="a circle", seed=11,
                    num_inference_steps=3, guidance_scale=5.5, scheduler="ddim", prior_guidance_scale=3.0,
                    prior_num_inference_steps=4, mask_blur=3, inpaint_area="only masked area", padding=6,
-                   width=64, height=64, num_images_per_prompt=1)
+                   width=64, height=64, num_images_per_prompt=1, outpaint_left=0, outpaint_right=0, outpaint_top=0,
+                   outpaint_bottom=0)
     path, _ = client.predict(image=gradio_client.handle_file(str(red_circle)), api_name="/inpaint",
                              mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), **request)
     task, values = reload_values(path)
-    assert task == "inpaint" and set(values) == set(RELOADABLE) - {"strength", "prior_strength"}
+    assert task == "inpaint" and set(values) == set(RELOADABLE) & set(parameters_of("inpaint"))
     assert values == {name: request[name] for name in values}
     again, _ = client.predict(image=gradio_client.handle_file(str(red_circle)), api_name="/inpaint",
                               mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), **values)
+    np.testing.assert_array_equal(pixels(again), pixels(path))
+
+
+def test_every_tabs_settings_round_trip_through_the_png(client, studio_server, red_circle, tmp_path):
+    """Every setting of every tab but the uploaded pictures (the mix's prompts and weights and the outpainting
+    amounts too) is written in the PNG's parameters and read back equal (reload_values: what a click in the
+    history loads); the mix reloaded (with its picture) makes the same picture."""
+    from kandinsky.serve.app import RELOADABLE, UPLOADS, parameters_of, reload_values
+
+    _, studio, _ = studio_server
+    picture, tricky = gradio_client.handle_file(str(red_circle)), 'a large green square, "big": in the center'
+    common = dict(seed=12, num_inference_steps=2, guidance_scale=3.5, scheduler="ddim", width=64, height=64,
+                  num_images_per_prompt=1)
+    prior = dict(prior_guidance_scale=2.5, prior_num_inference_steps=3)
+    requests = {
+        "text2img": dict(prompt=tricky, negative_prompt="a red circle, small", **prior),
+        "img2img": dict(prompt=tricky, negative_prompt="", image=picture, strength=0.6, **prior),
+        "inpaint": dict(prompt=tricky, negative_prompt="blur", image=picture, mask_blur=3,
+                        mask_image=gradio_client.handle_file(str(center_mask(tmp_path))), inpaint_area="whole picture",
+                        padding=5, outpaint_left=16, outpaint_right=0, outpaint_top=8, outpaint_bottom=0, **prior),
+        "variations": dict(image=picture),
+        "interpolate": dict(prompt_1=tricky, prompt_weight_1=0.7, prompt_2="", prompt_weight_2=0.25, image_1=picture,
+                            image_weight_1=0.3, image_weight_2=0.5, negative_prompt="blur, noise", **prior),
+        "emb2emb": dict(prompt=tricky, negative_prompt="", image=picture, prior_strength=0.5, **prior),
+    }
+    assert list(requests) == studio.tasks()
+    made = {}
+    for task, request in requests.items():
+        request = {**common, **request}
+        path, _ = client.predict(api_name=f"/{api_name(task)}", **request)
+        settings = {name: request[name] for name in parameters_of(task) if name in RELOADABLE}
+        assert set(settings) == set(parameters_of(task)) - set(UPLOADS), task  # all but the pictures
+        shown, values = reload_values(path)
+        made[task] = path, {name: values.get(name) for name in settings}
+        assert shown == task and made[task][1] == settings, task
+    path, settings = made["interpolate"]
+    again, _ = client.predict(api_name="/mix", image_1=picture, **settings)
     np.testing.assert_array_equal(pixels(again), pixels(path))
 
 

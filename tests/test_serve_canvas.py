@@ -157,6 +157,19 @@ def test_parameters_text_round_trips():
     assert parse_parameters(parameters_text(several)) == {k: str(v) for k, v in several.items()}
 
 
+def test_parameters_values_are_quoted_where_they_must_be():
+    """A value with ", " (or a colon, a double quote, a line break, spaces at an end, nothing) is written as a
+    JSON string, the `Label: "a, b"` convention other tools read; every value reads back as it was."""
+    mix = {"prompt": "", "task": "interpolate", "prompt_1": 'a red circle, "big": 2\nlines', "prompt_weight_1": 0.7,
+           "prompt_2": "", "prompt_weight_2": 0.3, "image_weight_1": 1, "seed": 3, "model": " my model, v2",
+           "outpaint_left": 16}
+    text = parameters_text(mix)
+    assert text == ('\nTask: interpolate, Prompt 1: "a red circle, \\"big\\": 2\\nlines", Prompt weight 1: 0.7, '
+                    'Prompt 2: "", Prompt weight 2: 0.3, Image weight 1: 1, Seed: 3, Outpaint left: 16, '
+                    'Model: " my model, v2"')
+    assert parse_parameters(text) == {"negative_prompt": "", **{k: str(v) for k, v in mix.items()}}
+
+
 @pytest.mark.parametrize("options, message", [
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
     ({"guidance_scale": 1e9}, "guidance_scale must be in [0, 100]"),

@@ -32,13 +32,13 @@ from kandinsky.pipelines.tasks import PROMPT_TASKS  # noqa: E402
 from kandinsky.sampling.samplers import sampler_names  # noqa: E402
 from kandinsky.serve import canvas  # noqa: E402
 from kandinsky.serve.studio import (  # noqa: E402
-    ALL_LEVELS, INPAINT_AREAS, MAX_IMAGES, MAX_SIDE, Studio, parse_parameters)
+    ALL_LEVELS, INPAINT_AREAS, MAX_IMAGES, MAX_SIDE, MIX_ITEMS, OUTPAINT_SIDES, PARAMETER_LABELS, Studio,
+    parse_parameters)
 
 # Local fonts only (the default theme would fetch web fonts from another host).
 THEME = gr.themes.Soft(font=["system-ui", "Segoe UI", "Roboto", "sans-serif"],
                        font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
 API_NAMES = {"interpolate": "mix"}  # endpoint names that differ from the task's
-MIX_ITEMS = 2  # prompts and images in the mix tab, each
 ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)  # shown as messages, never crashes
 CONCURRENCY = "model"  # the one concurrency slot every run shares
 
@@ -66,8 +66,7 @@ def parameters_of(task: str) -> list[str]:
         names.append("negative_prompt")
     names += list(spec.inputs)
     if task == "inpaint":
-        names += ["mask_blur", "inpaint_area", "padding", "outpaint_left", "outpaint_right", "outpaint_top",
-                  "outpaint_bottom"]
+        names += ["mask_blur", "inpaint_area", "padding", *(f"outpaint_{side}" for side in OUTPAINT_SIDES)]
     if spec.embeddings == "emb2emb":
         names.append("prior_strength")
     names += ["seed", "num_inference_steps", "guidance_scale", "scheduler", "width", "height",
@@ -119,7 +118,10 @@ def _control(name: str, studio: Studio, task: str):
     return table[name]()
 
 
-UPLOADS = {"image": "picture", "hint": "depth hint", "mask_image": "mask"}  # picture parameters, as messages say
+# picture parameters, as messages say; the optional ones may be left empty
+UPLOADS = {"image": "picture", "hint": "depth hint", "mask_image": "mask",
+           **{f"image_{i}": f"picture {i}" for i in range(1, MIX_ITEMS + 1)}}
+OPTIONAL_UPLOADS = ("mask_image", *(f"image_{i}" for i in range(1, MIX_ITEMS + 1)))
 
 
 class Runner:
@@ -141,24 +143,11 @@ class Runner:
                 if values["mask_image"] is None and painted is not None and painted.getbbox() is not None:
                     values["mask_image"] = painted  # an uploaded mask wins over strokes
             for key, what in UPLOADS.items():
-                if key in values and not (values[key] is None and key == "mask_image") \
-                        and not isinstance(values[key], PIL.Image.Image):  # the editor's are read already
-                    values[key] = studio.open(values[key], what)
+                if key in values and not isinstance(values[key], PIL.Image.Image):  # the editor's are read already
+                    given = values[key] or key not in OPTIONAL_UPLOADS
+                    values[key] = studio.open(values[key], what) if given else None
             if task == "interpolate":
-                items, weights = [], []
-                for i in range(1, MIX_ITEMS + 1):
-                    text, weight = values.pop(f"prompt_{i}"), values.pop(f"prompt_weight_{i}")
-                    if text:
-                        items.append(text)
-                        weights.append(_weight(f"prompt_weight_{i}", weight))
-                for i in range(1, MIX_ITEMS + 1):
-                    path, weight = values.pop(f"image_{i}"), values.pop(f"image_weight_{i}")
-                    if path:
-                        items.append(studio.open(path, f"picture {i}"))
-                        weights.append(_weight(f"image_weight_{i}", weight))
-                if not items:
-                    raise ValueError("nothing to mix: give at least one prompt or picture, each with a weight")
-                values.update(images_and_prompts=items, weights=weights)
+                return studio.mix(seed=seed, on_step=on_step, **values)
             if task == "inpaint":
                 return studio.inpaint(seed=seed, on_step=on_step, **values)
             return studio.generate(task, seed=seed, on_step=on_step, **values)
@@ -172,13 +161,6 @@ def _path(value):
     if isinstance(value, dict) and "path" in value:
         return value["path"]
     return value
-
-
-def _weight(name, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 def _from_editor(editor, studio: Studio):
@@ -272,7 +254,8 @@ def parameters_of_png(path) -> str:
 
 def _caption(path) -> str:
     params = parse_parameters(parameters_of_png(path))
-    return f"{params.get('task', '')} · seed {params.get('seed', '')} · {params.get('prompt', '')}"[:80]
+    prompt = params.get("prompt") or params.get("prompt_1", "")  # (the mix: its first prompt)
+    return f"{params.get('task', '')} · seed {params.get('seed', '')} · {prompt}"[:80]
 
 
 def build(studio: Studio) -> gr.Blocks:
@@ -289,8 +272,9 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Tab("look inside", id="look"):
                 _look_inside_tab(studio, history)
             with gr.Tab("history", id="history"):
-                shelf = gr.Gallery(label="made in this session (click one to load its parameters)", columns=6,
-                                   elem_id="history", format="png")
+                shelf = gr.Gallery(label="made in this session (click one to load its settings into its tab; "
+                                         "uploaded pictures are not reloaded)", columns=6, elem_id="history",
+                                   format="png")
                 shown = gr.Textbox(label="parameters", lines=3, interactive=False)
         for task, controls in tabs.items():
             _wire(task, controls, runner, history, shelf)
@@ -313,9 +297,11 @@ def build(studio: Studio) -> gr.Blocks:
     return page
 
 
-RELOADABLE = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "scheduler", "width",
-              "height", "strength", "prior_strength", "prior_guidance_scale", "prior_num_inference_steps",
-              "num_images_per_prompt", "mask_blur", "inpaint_area", "padding")
+# the controls a picture's parameters set again: every one they record (PARAMETER_LABELS; Size: width and height)
+RELOADABLE = ("prompt", "negative_prompt", "width", "height",
+              *(key for key in PARAMETER_LABELS if key not in ("task", "size", "model")))
+TEXTS = ("prompt", "negative_prompt", "scheduler", "inpaint_area",
+         *(f"prompt_{i}" for i in range(1, MIX_ITEMS + 1)))  # the RELOADABLE controls that hold text
 
 
 def reload_values(path) -> tuple:
@@ -334,9 +320,12 @@ def _reload_value(name: str, params: dict):
             return int(size.split("x")[0 if name == "width" else 1])
         return None
     value = params.get(name)
-    if value is None or name in ("prompt", "negative_prompt", "scheduler", "inpaint_area"):
+    if value is None or name in TEXTS:
         return value
-    return float(value) if "." in value else int(value)
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
 
 
 def _task_tab(task: str, studio: Studio, runner: Runner, history) -> dict:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
+import re
 import secrets
 import shutil
 import tempfile
@@ -42,11 +44,16 @@ MAX_IMAGES = 8  # images per prompt, at most
 MAX_STEPS = 1000
 INPAINT_AREAS = ("whole picture", "only masked area")
 ALL_LEVELS = "all levels"  # look inside: every UNet level of the decoder's attention, one column each
+MIX_ITEMS = 2  # prompts and pictures in the mix (its tab and /mix), each with a weight
+OUTPAINT_SIDES = ("left", "right", "top", "bottom")  # inpaint's outpaint_<side>: pixels added on that side
 
 # The PNG `parameters` chunk: the convention other tools read back ("prompt\nNegative prompt: ...\n
-# Steps: 20, Sampler: ddpm, ..."), keyed here by the Python API's names.
+# Steps: 20, Sampler: ddpm, ..."), keyed here by the Python API's names (the mix's by its tab's).
 PARAMETER_LABELS = {
     "task": "Task",
+    **{key: key.replace("_", " ").capitalize() for key in (  # the mix: "Prompt 1", "Prompt weight 1", ...
+        *(f"{kind}_{i}" for i in range(1, MIX_ITEMS + 1) for kind in ("prompt", "prompt_weight")),
+        *(f"image_weight_{i}" for i in range(1, MIX_ITEMS + 1)))},
     "num_inference_steps": "Steps",
     "scheduler": "Sampler",
     "guidance_scale": "CFG scale",
@@ -59,18 +66,33 @@ PARAMETER_LABELS = {
     "mask_blur": "Mask blur",
     "inpaint_area": "Inpaint area",
     "padding": "Padding",
+    **{f"outpaint_{side}": f"Outpaint {side}" for side in OUTPAINT_SIDES},
     "model": "Model",
     "num_images_per_prompt": "Images",
 }
 
 
+def quote(value) -> str:
+    """A value of the ``Label: value, ...`` line as written: as it is, or a JSON string (``"a, b"``) when it
+    would not read back as it is (empty, with a comma, colon, double quote or line break, or spaces at
+    either end), as other tools write and read it."""
+    text = str(value)
+    if text and text == text.strip() and not any(c in text for c in ',:"\n'):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')  # Label: value (quoted or not)
+
+
 def parameters_text(params: dict) -> str:
     """The ``parameters`` text of a picture: the prompt, ``Negative prompt: ...``, then ``Label: value``
-    pairs (PARAMETER_LABELS) on one line."""
+    pairs (PARAMETER_LABELS) on one line, each value ``quote``d where it must be."""
     lines = [params.get("prompt") or ""]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    pairs = [f"{label}: {params[key]}" for key, label in PARAMETER_LABELS.items() if params.get(key) is not None]
+    pairs = [f"{label}: {quote(params[key])}" for key, label in PARAMETER_LABELS.items()
+             if params.get(key) is not None]
     return "\n".join(lines + [", ".join(pairs)])
 
 
@@ -81,10 +103,9 @@ def parse_parameters(text: str) -> dict:
     negative = next((i for i, line in enumerate(head) if line.startswith("Negative prompt: ")), len(head))
     params = {"prompt": "\n".join(head[:negative]),  # prompts of several lines too
               "negative_prompt": "\n".join(head[negative:]).removeprefix("Negative prompt: ")}
-    for pair in last.split(", "):
-        label, _, value = pair.partition(": ")
+    for label, value in PAIR.findall(last):
         if label in by_label:
-            params[by_label[label]] = value
+            params[by_label[label]] = json.loads(value) if value.startswith('"') else value
     return params
 
 
@@ -217,6 +238,10 @@ class Studio:
         """Run prompt-level ``task`` with the Python API's keyword ``options`` (pictures as PIL images;
         width / height 0 or None: the default), one run at a time. ``on_step(state)``: after every
         sampler step (progress, previews)."""
+        return self.finish(*self._run(task, seed, on_step, options))
+
+    def _run(self, task: str, seed, on_step, options: dict) -> tuple[list, int, dict]:
+        """``generate`` before saving: (the pictures, the seed used, their parameters)."""
         if task not in self.tasks():
             raise ValueError(f"this studio does not offer {task!r}: it offers {', '.join(self.tasks())}")
         options, seed = self.run_options(task, options), resolve_seed(seed)
@@ -228,7 +253,7 @@ class Studio:
         params = {key: value for key, value in options.items() if not isinstance(value, (PIL.Image.Image, list))}
         params.update(task=task, seed=seed, model=self.model_name(), size=f"{images[0].width}x{images[0].height}",
                       scheduler=options.get("scheduler") or pipe.decoder.sampler)
-        return self.finish(images, seed, params)
+        return images, seed, params
 
     def run_options(self, task: str, options: dict) -> dict:
         """A request's options checked (check_options), with what was not given filled in as the command line
@@ -274,8 +299,7 @@ class Studio:
         exactly."""
         checked = check_options("inpaint", dict(mask_blur=mask_blur, inpaint_area=inpaint_area, padding=padding))
         sides = [_number(f"outpaint_{side}", value, low=0, high=MAX_SIDE, integer=True)
-                 for side, value in zip(("left", "right", "top", "bottom"),
-                                        (outpaint_left, outpaint_right, outpaint_top, outpaint_bottom))]
+                 for side, value in zip(OUTPAINT_SIDES, (outpaint_left, outpaint_right, outpaint_top, outpaint_bottom))]
         image = image.convert("RGB")
         if mask_image is None and not any(sides):
             raise ValueError("no mask: paint over the area to repaint, upload a mask (white = repaint) or "
@@ -302,14 +326,36 @@ class Studio:
             options.update(width=width, height=height)
         else:
             mask_in = mask
-        result = self.generate("inpaint", seed=seed, prompt=prompt, image=image, mask_image=mask_in,
-                               on_step=on_step, **options)
+        images, seed, params = self._run("inpaint", seed, on_step,
+                                         dict(prompt=prompt, image=image, mask_image=mask_in, **options))
         soft = canvas.feather(mask, checked["mask_blur"])
-        pictures = [canvas.paste_back(original, generated, soft, box) for generated in result.images]
-        params = parse_parameters(result.parameters)
-        params.update(mask_blur=checked["mask_blur"], inpaint_area=checked["inpaint_area"],
-                      padding=checked["padding"] if box else None)  # Size: what the model drew at
-        return self.finish(pictures, result.seed, params)
+        pictures = [canvas.paste_back(original, generated, soft, box) for generated in images]
+        params.update(checked, **{f"outpaint_{side}": n for side, n in zip(OUTPAINT_SIDES, sides)})
+        return self.finish(pictures, seed, params)  # (Size: what the model drew at)
+
+    def mix(self, seed=-1, on_step: Callable | None = None, **values) -> Result:
+        """The mix: ``prompt_i`` with ``prompt_weight_i`` and ``image_i`` (a picture, or None) with
+        ``image_weight_i``, i = 1 .. MIX_ITEMS, the rest as ``generate``'s options; the items given (a prompt
+        not empty, a picture) mixed with their weights (``Kandinsky.interpolate``). Every prompt and weight is
+        kept in the picture's parameters (the pictures are not)."""
+        items, weights, record = [], [], {}
+        for kind in ("prompt", "image"):
+            for i in range(1, MIX_ITEMS + 1):
+                item, weight = values.pop(f"{kind}_{i}", None), values.pop(f"{kind}_weight_{i}", None)
+                if weight is not None:
+                    weight = record[f"{kind}_weight_{i}"] = _number(f"{kind}_weight_{i}", weight)
+                if kind == "prompt":
+                    record[f"prompt_{i}"] = item or ""
+                if (bool(item) if isinstance(item, str) else item is not None):  # an empty prompt: no item
+                    if weight is None:
+                        raise ValueError(f"{kind}_weight_{i} must be a number, got None")
+                    items.append(item)
+                    weights.append(weight)
+        if not items:
+            raise ValueError("nothing to mix: give at least one prompt or picture, each with a weight")
+        images, seed, params = self._run("interpolate", seed, on_step,
+                                         dict(values, images_and_prompts=items, weights=weights))
+        return self.finish(images, seed, {**params, **record})
 
     def look_inside(self, prompt: str, seed=-1, step: int = 0, level: str | None = None,
                     on_step: Callable | None = None, **options) -> tuple[dict, int]:
