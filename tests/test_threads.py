@@ -82,6 +82,7 @@ def test_the_caller_wins(two_threads, monkeypatch):
         wanted_threads(1.0)
 
 
+@pytest.mark.filterwarnings("ignore:.*too few for a usable picture")
 def test_pipeline_calls_apply_the_rule(two_threads, random_demo_kandinsky):
     pipe = random_demo_kandinsky
     seen = []
@@ -100,4 +101,20 @@ def test_pipeline_calls_apply_the_rule(two_threads, random_demo_kandinsky):
     assert torch.get_num_threads() == 2
     with pytest.raises(ValueError):
         pipe.text2img("a red circle", **{**run, "num_inference_steps": 0})
+    assert torch.get_num_threads() == 2
+
+
+def test_training_steps_apply_the_rule(two_threads, tmp_path, monkeypatch):
+    import kandinsky.training.loop as loop
+    from kandinsky.data import shapes
+    from kandinsky.demo import demo_folders
+    from kandinsky.training import TrainConfig, train
+
+    seen = []
+    step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (seen.append(torch.get_num_threads()), step(*a, **k))[1])
+    shapes.write_folder(tmp_path / "data", n=8, seed=1)
+    train(TrainConfig(task="prior", data=str(tmp_path / "data"), out=str(tmp_path / "out"),
+                      checkpoint=str(demo_folders()["prior"]), lora=4, steps=2, batch=4, seed=0))
+    assert seen == [1, 1]  # the shipped prior: 2.3e5 parameters x 16 tokens
     assert torch.get_num_threads() == 2

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 import kandinsky.training.losses as losses
+from kandinsky.threads import parameters, threads_for
 from kandinsky.training.config import TASKS, TrainConfig, TrainError
 from kandinsky.training.data import (
     encode_decoder_data,
@@ -85,7 +86,11 @@ def _train(config: TrainConfig, ctx, overwrite: bool = False) -> dict:
     out, fresh = open_out_folder(config, ctx, overwrite)
     try:  # every check and load before train_config.json: a failed start leaves nothing behind
         task = load_task(config, ctx.device)
-        data = load_dataset(config, task, out, ctx)
+        # kandinsky.threads: a small model's encoding and steps run on one thread (parameters x positions of one item)
+        positions = task.model.config.num_embeddings if config.task == "prior" else (config.resolution // 8) ** 2
+        work = parameters(task.model) * positions
+        with threads_for(work, ctx.device):
+            data = load_dataset(config, task, out, ctx)
         model = task.model
         params = make_trainable(model, config)
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
@@ -107,7 +112,8 @@ def _train(config: TrainConfig, ctx, overwrite: bool = False) -> dict:
     try:
         for step in range(start, config.steps):
             lr = set_lr(optimizer, lr_at(step + 1, config.lr, config.warmup_steps))  # constant after the warm-up
-            loss, grad_norm = train_step(ddp_model, task, data, optimizer, params, config, step, ctx, ema)
+            with threads_for(work, ctx.device):
+                loss, grad_norm = train_step(ddp_model, task, data, optimizer, params, config, step, ctx, ema)
             done = step + 1
             if ctx.rank == 0:
                 append_log(out, done, loss, lr, grad_norm, time.time() - t0)
