@@ -3,6 +3,8 @@
     studio = Studio(args)                       # the `kandinsky serve` arguments (the CLI's model flags)
     result = studio.generate("text2img", prompt="a red circle", seed=-1, num_inference_steps=20)
     result.images, result.seed, result.parameters, result.paths    # PNGs carrying a `parameters` chunk
+    studio.inpaint(prompt, image, mask_image, outpaint_left=16, ...); studio.mix(prompt_1=..., image_1=..., ...)
+    parse_parameters(result.parameters)         # every setting back (the pictures are not kept)
 
 * Models: loaded on first use, once per checkpoint kind (decoder, inpaint, controlnet), through the CLI's
   one loader (kandinsky.cli.common.pipeline: --demo, --prior, --decoder, --dtype, --offload, --lora ...);
