@@ -2,9 +2,9 @@
 
 A tiny model's operations are too small to split across threads: the threads only wait on each other,
 and on a busy machine they wait for a core too (the shipped demo UNet, one guided evaluation at 64 px:
-12 ms on one thread, 200 ms on two on a loaded 2-core machine; benchmarks/bench_threads.py). The one rule,
-applied by every pipeline call (DecoderPipeline.run, PriorPipeline's sampling, Kandinsky.run), however
-the pipeline was loaded:
+12-15 ms on one thread, 100-200 ms on two on a loaded 2-core machine; benchmarks/bench_threads.py). The one
+rule, applied by every pipeline call (DecoderPipeline.run, PriorPipeline's sampling, Kandinsky.run), however
+the pipeline was loaded, and by training (the data set's encoding and each step: kandinsky.training.loop):
 
     work = parameters x positions of one picture per model evaluation (the decoder: UNet parameters x
            latent pixels; the prior alone: prior and text encoder parameters x tokens)
