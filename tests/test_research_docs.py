@@ -12,6 +12,8 @@ from tests.helpers import run_python_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "research.md"
+# pictures of section 10's full measurement (its command is on the page; about 1.5 CPU-hours), not remade here
+MEASURED = {"research-routes-64.png"}
 
 
 def run_research_doc(folder: pathlib.Path) -> dict:
@@ -29,7 +31,7 @@ def test_research_doc_examples_run(tmp_path):
     ns = run_research_doc(tmp_path)
     pictures = sorted(p.name for p in tmp_path.glob("research-*.png"))
     linked = sorted(set(re.findall(r"\(images/(research-[\w-]+\.png)\)", DOC.read_text())))
-    assert linked and set(linked) <= set(pictures)  # every picture the page shows, it makes
+    assert linked and set(linked) - MEASURED <= set(pictures)  # every picture the page shows, it makes
     for name in linked:
         assert (ROOT / "docs" / "images" / name).is_file(), f"docs/images/{name} is not committed"
     # the numbers the page prints
