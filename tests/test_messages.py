@@ -78,6 +78,22 @@ def test_ignored_arguments_are_refused(random_demo_kandinsky):
         pipe.img2img("a", rgb(0), latents=torch.zeros(1, 4, 8, 8))
 
 
+def test_decoder_tasks_take_latents_unless_they_start_from_an_image(random_demo_kandinsky):
+    """The decoder's own door (DecoderPipeline.run) lists what a task takes from tasks.decoder_options, the
+    one owner of the rule: every decoder option, less ``latents`` where the task starts from an image."""
+    from kandinsky.pipelines.tasks import DECODER_TASKS
+
+    decoder = random_demo_kandinsky.decoder
+    assert {DECODER_TASKS[t].start == "image" for t in decoder.tasks} == {True, False}  # both kinds are checked
+    for task in decoder.tasks:
+        spec = DECODER_TASKS[task]
+        with pytest.raises(TypeError) as e:
+            decoder.run(task, torch.zeros(1, 32), bogus=1)
+        takes = str(e.value).split("it takes: ")[1].rstrip(".").split(", ")
+        options = [n for n in DECODER_OPTIONS if not (n == "latents" and spec.start == "image")]
+        assert takes == [*spec.inputs, *options]
+
+
 def test_interpolate_is_the_negative_prompt_route(random_demo_kandinsky):
     """What the message points to runs: one image at weight 1 with a negative prompt."""
     out = random_demo_kandinsky.interpolate([rgb(0)], [1.0], negative_prompt="x", num_inference_steps=2,

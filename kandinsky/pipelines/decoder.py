@@ -55,7 +55,7 @@ from kandinsky.pipelines.images import (
 from kandinsky.pipelines.limits import check_memory
 from kandinsky.pipelines.stepping import callbacks as _callbacks, check_device, check_finite_tensor, check_generator
 from kandinsky.pipelines.stepping import progress as _progress, real_number, ticking as _ticking, to_arguments
-from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_OPTIONS, DECODER_TASKS, TASKS_OF_CHECKPOINT, preset_options
+from kandinsky.pipelines.tasks import CHECKPOINTS, DECODER_TASKS, TASKS_OF_CHECKPOINT, decoder_options, preset_options
 from kandinsky.sampling import samplers
 from kandinsky.sampling.denoisers import DecoderDenoiser, check_speedups
 from kandinsky.sampling.schedule import NoiseSchedule, randn
@@ -522,11 +522,9 @@ class Sizes:
 
 
 def _options(task: str, spec, given: dict) -> dict:
-    """The task's options: DECODER_OPTIONS' defaults, updated with the preset's values (``given["preset"]``,
-    tasks.PRESETS), then with ``given`` (unknown names refused)."""
-    allowed = dict(DECODER_OPTIONS)
-    if spec.start == "image":
-        del allowed["latents"]  # image tasks start from the image
+    """The task's options: tasks.decoder_options' defaults, updated with the preset's values
+    (``given["preset"]``, tasks.PRESETS), then with ``given`` (unknown names refused)."""
+    allowed = decoder_options(task)  # (no latents for the tasks that start from an image)
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise TypeError(f"{task}() got unexpected argument(s) {', '.join(unknown)}; it takes: "
