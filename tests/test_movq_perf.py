@@ -42,6 +42,26 @@ def test_channels_last_propagates(movq):
     torch.testing.assert_close(image, movq.decode(z.contiguous(), force_not_quantize=True), rtol=1e-4, atol=1e-5)
 
 
+@torch.no_grad()
+def test_decode_works_channels_last_and_returns_the_callers_layout(movq):
+    """On the CPU the decoder works in channels-last (movq.model.conv_layout, measured faster); an NCHW
+    caller still gets an NCHW picture, equal to the NCHW computation up to float rounding."""
+    z = torch.randn(1, 4, 4, 6)
+    seen = []
+    handle = movq.decoder.conv_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    image = movq.decode(z, force_not_quantize=True)
+    handle.remove()
+    assert seen[0].is_contiguous(memory_format=CL) and image.is_contiguous()
+    d = movq.decoder
+    h = d.conv_in(movq.post_quant_conv(z))  # the same maths in NCHW, module by module
+    h = d.up[0].blocks(d.mid(h, z), z)
+    h = d.up[0].upsampled(h)
+    for level in d.up[1:]:
+        h = level(h, z)
+    assert h.is_contiguous()
+    torch.testing.assert_close(image, d.conv_out(F.silu(d.norm_out(h, z))), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("what", ["decode", "encode"])
 def test_compiles_without_graph_breaks(movq, what):
     import torch._dynamo
