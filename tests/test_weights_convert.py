@@ -270,6 +270,70 @@ def test_error_truncated_bin(movq_forms, tmp_path):
         load_component(folder)
 
 
+def _objects_message(path) -> str:
+    return (f"{path}: the file holds Python objects other than tensors (the first: argparse.Namespace); kandinsky "
+            "never unpickles those, as unpickling them could run any code the file carries. Pass a real weights "
+            "file (.safetensors, or a .bin / .pt holding only tensors), or convert this one to safetensors where it "
+            "came from, with the code that wrote it.")
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_error_bin_of_python_objects(movq_forms, tmp_path, capsys, zipped):
+    """A .bin pickle holding an object that is not a tensor is refused with our message (never torch's advice
+    to rerun with weights_only=False), torch's error chained for debugging; the same through the converter's CLI."""
+    import argparse
+    import pickle
+
+    folder = _copy(movq_forms[1]["bin"], tmp_path)
+    path = next(folder.glob("*.bin"))
+    torch.save({"weight": argparse.Namespace(x=1)}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(WeightsError) as e:
+        load_component(folder)
+    assert str(e.value) == _objects_message(path) and "weights_only" not in str(e.value)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
+    assert cli_main([str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert _objects_message(path) in err and "weights_only" not in err
+
+
+def test_bin_of_python_objects_at_every_door(random_demo, cli_demo, tmp_path, capsys):
+    """The same message at the doors that read a .bin through read_bin: load_lora and --lora (a LoRA file),
+    from_pretrained of a checkpoint folder, and train's --checkpoint; nothing trained, nothing written."""
+    import argparse
+
+    import PIL.Image
+
+    from kandinsky.cli import main
+    from kandinsky.lora import LoRAError, load_lora
+    from kandinsky.pipelines.prior import PriorPipeline
+
+    lora = tmp_path / "style.bin"
+    torch.save({"unet.down.lora_A.weight": argparse.Namespace(x=1)}, lora)
+    prior = shutil.copytree(random_demo["prior"], tmp_path / "prior")
+    weights = prior / "prior" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    torch.save({"weight": argparse.Namespace(x=1)}, weights.with_suffix(".bin"))
+    with pytest.raises(LoRAError, match=re.escape(_objects_message(lora))):
+        load_lora(load_component(random_demo["prior"] / "prior"), lora)
+    with pytest.raises(WeightsError, match=re.escape(_objects_message(weights.with_suffix(".bin")))):
+        PriorPipeline.from_pretrained(prior)
+    data = tmp_path / "pics"
+    data.mkdir()
+    for i in range(2):
+        PIL.Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"picture {i}")
+    for argv, path in [(["text2img", "--random-demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(lora)], lora),
+                       (["train", "prior", "--data", str(data), "--out", str(tmp_path / "run"), "--checkpoint",
+                         str(prior), "--device", "cpu", "--steps", "1"], weights.with_suffix(".bin"))]:
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and _objects_message(path) in err and "weights_only" not in err, err
+    assert not (tmp_path / "x.png").exists() and not list((tmp_path / "run").glob("checkpoints/*"))
+
+
 def test_error_shard_index_outside_folder(text_forms, tmp_path):
     folder = _copy(text_forms[1]["sharded"], tmp_path)
     index = next(folder.glob("*.index.json"))

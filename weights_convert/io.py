@@ -2,7 +2,8 @@
 
 * ``*.safetensors`` are memory-mapped: tensors are views into the file (copy-on-write
   mapping), so loading a checkpoint does not hold a second copy of the weights.
-* ``*.bin`` are read with ``torch.load(weights_only=True, mmap=True)``.
+* ``*.bin`` are read with ``torch.load(weights_only=True, mmap=True)``: a pickle holding Python objects
+  other than tensors is refused, never unpickled (that could run code).
 * fp16 variants (``model.fp16.safetensors``, ``diffusion_pytorch_model.fp16.bin``, ...)
   and sharded checkpoints (``*.index.json`` + shards) are found automatically.
 
@@ -186,7 +187,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# torch.load(weights_only=True) refuses a pickle that builds anything but tensors and plain containers with an
+# UnpicklingError starting with this; its text goes on to advise weights_only=False (running the file's code),
+# so it is never shown: the message below says what the file holds and the safe ways on
+_REFUSED = "Weights only load failed"
+_GLOBAL = re.compile(r"GLOBAL (\S+)")  # the first class or function the pickle asked for, in torch's text
+
+
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a torch ``.bin`` / ``.pt`` file, read with ``weights_only=True``: a file holding other
+    Python objects is refused (:class:`WeightsError`), never unpickled."""
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -194,7 +204,17 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as e:
+    except pickle.UnpicklingError as e:
+        if _REFUSED not in str(e):
+            raise WeightsError(f"{path}: truncated or corrupt PyTorch weights file (UnpicklingError: {e}).") from None
+        found = _GLOBAL.search(str(e))
+        raise WeightsError(
+            f"{path}: the file holds Python objects other than tensors{f' (the first: {found[1]})' if found else ''}; "
+            "kandinsky never unpickles those, as unpickling them could run any code the file carries. Pass a real "
+            "weights file (.safetensors, or a .bin / .pt holding only tensors), or convert this one to safetensors "
+            "where it came from, with the code that wrote it."
+        ) from e
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
         raise WeightsError(f"{path}: truncated or corrupt PyTorch weights file ({e.__class__.__name__}: {e}).") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(sd).__name__}.")
