@@ -4,7 +4,9 @@ A tiny model's operations are too small to split across threads: the threads onl
 and on a busy machine they wait for a core too (the shipped demo UNet, one guided evaluation at 64 px:
 12-15 ms on one thread, 100-200 ms on two on a loaded 2-core machine; benchmarks/bench_threads.py). The one
 rule, applied by every pipeline call (DecoderPipeline.run, PriorPipeline's sampling, Kandinsky.run), however
-the pipeline was loaded, and by training (the data set's encoding and each step: kandinsky.training.loop):
+the pipeline was loaded, by training (the data set's encoding and each step: kandinsky.training.loop), and by
+every ``kandinsky`` command for the model calls it makes itself (eval's MoVQ round trip, score's and mix's CLIP
+towers: kandinsky.cli.common.keep_threads holds a loaded pipeline's measure until the command ends):
 
     work = parameters x positions of one picture per model evaluation (the decoder: UNet parameters x
            latent pixels; the prior alone: prior and text encoder parameters x tokens)

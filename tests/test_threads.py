@@ -118,3 +118,30 @@ def test_training_steps_apply_the_rule(two_threads, tmp_path, monkeypatch):
                       checkpoint=str(demo_folders()["prior"]), lora=4, steps=2, batch=4, seed=0))
     assert seen == [1, 1]  # the shipped prior: 2.3e5 parameters x 16 tokens
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("command", ["score", "mix", "eval"])
+def test_demo_commands_run_their_own_model_calls_on_one_thread(command, two_threads, tmp_path, monkeypatch):
+    """A --demo command's direct model calls (score's and mix's CLIP image tower, eval's MoVQ round trip) run on
+    one thread, as its pipeline calls do (cli.common.keep_threads: the pipeline's own measure); the caller's
+    2 threads are back when the command ends (cli.common.run)."""
+    import PIL.Image
+
+    from kandinsky.cli import main
+    from kandinsky.movq.model import MoVQ
+    from kandinsky.pipelines.prior import PriorPipeline
+
+    seen = []
+    for cls, name in [(PriorPipeline, "encode_image"), (MoVQ, "decode")]:
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, _f=original, **k: (seen.append(torch.get_num_threads()),
+                                                                     _f(*a, **k))[1])
+    picture = tmp_path / "a.png"
+    PIL.Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
+    argv = {"score": ["score", "--demo", str(picture), "a red circle"],
+            "mix": ["mix", "--demo", str(picture), "a blue square", "--slerp", "0,1", "--steps", "2",
+                    "--prior-steps", "2", "-o", str(tmp_path / "mix.png")],
+            "eval": ["eval", "shapes", "--demo", "--n", "2", "--steps", "2", "--prior-steps", "2", "--batch", "2"]}
+    assert main(argv[command]) == 0  # (2 steps: a `warning:` line says they are too few)
+    assert seen and set(seen) == {1}, seen
+    assert torch.get_num_threads() == 2

@@ -12,23 +12,54 @@
   --decoder / --device / --dtype / --offload / --lora, and the pipeline they name (temporary demo
   folders removed on exit, whatever happens).
 * argparse types: ``at_least(n)``, ``seed``, ``fraction``, ``unit``, ``size``; ``add_overwrite``; ``add_lora_argument``.
+* ``run``: a command as exits.run runs it, with its threads (``keep_threads``): a command on a small model
+  runs on one intra-op thread (kandinsky.threads' rule, measured on the models it loaded), its direct
+  model calls too; the caller's setting comes back when it ends.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import os
 import sys
 from pathlib import Path
 
+from kandinsky import exits
 from kandinsky.checks import with_article
-from kandinsky.exits import on_interrupt, run  # noqa: F401 (the commands' one way to end)
+from kandinsky.exits import on_interrupt  # noqa: F401 (what a Ctrl-C keeps)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class InputError(ValueError):
     """A bad command-line input (missing image file, output that exists, unknown output format)."""
+
+
+# ----------------------------------------------------------------------------- running a command
+_COMMAND: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("command", default=None)
+
+
+def run(prog: str, function, *args, kept=exits.NOTHING) -> int:
+    """``exits.run``: ``function(*args)`` as the command ``prog`` (its exit status; errors, Ctrl-C and warnings
+    by kandinsky/exits.py); the threads set with ``keep_threads`` while it runs are the caller's again after."""
+    with contextlib.ExitStack() as stack:
+        token = _COMMAND.set(stack)
+        try:
+            return exits.run(prog, function, *args, kept=kept)
+        finally:
+            _COMMAND.reset(token)
+
+
+def keep_threads(threads) -> None:
+    """Run the rest of the command (``run``) on ``threads``, a loaded pipeline's ``.threads(...)``
+    (kandinsky.threads' one rule, measured on its models: one intra-op thread for a small model on the CPU):
+    the model calls a command makes itself (eval's MoVQ round trip, score's CLIP towers, attention's and mix's
+    encodings) run as the pipeline's calls do. Outside a command (the library, the studio's own server),
+    nothing: each pipeline call keeps its own rule."""
+    stack = _COMMAND.get()
+    if stack is not None:
+        stack.enter_context(threads)
 
 
 # ----------------------------------------------------------------------------- argparse types
@@ -396,4 +427,5 @@ def pipeline(args, task: str = "text2img", weights_seed: int | None = None, devi
 
             enable_offload(pipe.decoder if shared else pipe, mode=offload, device=where)  # (a shared prior is)
         priors.setdefault(str(folders["prior"]), pipe.prior)
+        keep_threads(pipe.threads(task, *(size[1:] if size else ())))  # the command's own model calls too
         yield pipe, folders

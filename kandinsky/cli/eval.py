@@ -64,6 +64,7 @@ def run(args) -> int:
         prior = PriorPipeline.from_pretrained(str(folders["prior"]))
         decoder = DecoderPipeline.from_pretrained(str(folders["decoder"]))
         inpainter = DecoderPipeline.from_pretrained(str(inpaint)) if inpaint else None
+    common.keep_threads(decoder.threads())  # the reports' own model calls (MoVQ round trip, CLIP) too
     shared = dict(seed=args.seed, steps=args.steps, sampler=args.scheduler, guidance=args.guidance_scale,
                   batch=args.batch)
     prior_options = dict(prior_steps=args.prior_steps, prior_guidance=args.prior_guidance_scale)

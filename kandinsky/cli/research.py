@@ -211,6 +211,7 @@ def run_score(args) -> int:
     where = common.device(args.device, "cpu")
     with common.checkpoints(args, weights_seed=0) as folders:
         prior = PriorPipeline.from_pretrained(resolve(folders["prior"], "prior checkpoint"), device=where)
+    common.keep_threads(prior.threads())  # its CLIP towers' calls (kandinsky.threads)
     sims = similarity(prior, images, prompts)
     if "text" in sims:
         print("text-image cosine (rows: images, columns: prompts)")
