@@ -297,8 +297,9 @@ def test_error_bin_of_python_objects(movq_forms, tmp_path, capsys, zipped):
 
 
 def test_bin_of_python_objects_at_every_door(random_demo, cli_demo, tmp_path, capsys):
-    """The same message at the doors that read a .bin through read_bin: load_lora and --lora (a LoRA file),
-    from_pretrained of a checkpoint folder, and train's --checkpoint; nothing trained, nothing written."""
+    """The same message at every door that reads a torch file (weights_convert.io.load_torch): load_lora and
+    --lora (a LoRA file), from_pretrained of a checkpoint folder, train's --checkpoint, train-demo's stage
+    checkpoints; nothing trained, nothing written."""
     import argparse
 
     import PIL.Image
@@ -317,6 +318,9 @@ def test_bin_of_python_objects_at_every_door(random_demo, cli_demo, tmp_path, ca
         load_lora(load_component(random_demo["prior"] / "prior"), lora)
     with pytest.raises(WeightsError, match=re.escape(_objects_message(weights.with_suffix(".bin")))):
         PriorPipeline.from_pretrained(prior)
+    stage = tmp_path / "demo" / "stages" / "clip.pt"  # train-demo's stage checkpoint (kandinsky train-demo --write-only)
+    stage.parent.mkdir(parents=True)
+    torch.save({"state": {"text_encoder": argparse.Namespace(x=1)}, "done": True}, stage)
     data = tmp_path / "pics"
     data.mkdir()
     for i in range(2):
@@ -324,7 +328,8 @@ def test_bin_of_python_objects_at_every_door(random_demo, cli_demo, tmp_path, ca
         (data / f"{i}.txt").write_text(f"picture {i}")
     for argv, path in [(["text2img", "--random-demo", "a", "-o", str(tmp_path / "x.png"), "--lora", str(lora)], lora),
                        (["train", "prior", "--data", str(data), "--out", str(tmp_path / "run"), "--checkpoint",
-                         str(prior), "--device", "cpu", "--steps", "1"], weights.with_suffix(".bin"))]:
+                         str(prior), "--device", "cpu", "--steps", "1"], weights.with_suffix(".bin")),
+                       (["train-demo", "--out", str(stage.parents[1]), "--write-only"], stage)]:
         try:
             code = main(argv)
         except SystemExit as exit_:

@@ -194,16 +194,18 @@ _REFUSED = "Weights only load failed"
 _GLOBAL = re.compile(r"GLOBAL (\S+)")  # the first class or function the pickle asked for, in torch's text
 
 
-def read_bin(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a torch ``.bin`` / ``.pt`` file, read with ``weights_only=True``: a file holding other
-    Python objects is refused (:class:`WeightsError`), never unpickled."""
+def load_torch(path: Path):
+    """What a torch ``.bin`` / ``.pt`` file holds, read with ``weights_only=True`` (tensors and plain containers:
+    dicts, lists, numbers, strings), memory-mapped where the file allows it. A file holding other Python objects
+    is refused, never unpickled; a damaged one too (:class:`WeightsError` either way). The one reader of torch
+    files: weights (``read_bin``), LoRA files, the training caches and train-demo's stage checkpoints."""
     try:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         if _REFUSED not in str(e):
             raise WeightsError(f"{path}: truncated or corrupt PyTorch weights file (UnpicklingError: {e}).") from None
@@ -216,6 +218,11 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as e:
         raise WeightsError(f"{path}: truncated or corrupt PyTorch weights file ({e.__class__.__name__}: {e}).") from None
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a torch ``.bin`` / ``.pt`` weights file (``load_torch``): a flat dict of tensors."""
+    sd = load_torch(path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(sd).__name__}.")
     return sd

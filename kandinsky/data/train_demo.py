@@ -64,6 +64,7 @@ from kandinsky.training.losses import (decoder_loss, drop_image_embeds, drop_tex
 from kandinsky.training.loop import interrupt_deferred
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 from weights_convert import build_model
+from weights_convert.io import load_torch
 
 IMAGE_SIZE = 64  # pictures, and the CLIP image tower's input
 MOVQ_FACTOR = 8  # pictures / latents (8 x 8 latents), as the shipped weights; --movq-factor 4 (16 x 16
@@ -357,7 +358,7 @@ def encoded_data(models, work: Path, seed: int, size: int, parts: tuple[str, ...
     for part in parts:
         path, source = work / f"data-{part}.pt", work / f"{part}.pt"
         if path.exists() and path.stat().st_mtime > source.stat().st_mtime:
-            cached = torch.load(path, weights_only=True)
+            cached = load_torch(path)
             if cached["size"] == size:
                 data.update(cached["data"])
                 continue
@@ -500,7 +501,7 @@ def run(out: Path, minutes: float | None, steps: int | None, stages: list[str], 
         path = checkpoint_path(stage)
         if not path.exists():
             return False
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = load_torch(path)  # (objects other than tensors: refused, never unpickled)
         for name, state in ckpt["state"].items():
             models[name].load_state_dict(state)
         log(f"{stage}: loaded {path} ({'done' if ckpt['done'] else 'unfinished'})")

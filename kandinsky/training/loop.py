@@ -55,6 +55,7 @@ from kandinsky.training.data import (
 )
 from kandinsky.training.optim import EMA, lr_at, optimizer_step, set_lr
 from kandinsky.training.plot import plot_loss_curve
+from weights_convert.io import load_torch
 
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "seconds")
 
@@ -460,7 +461,7 @@ def load_dataset(config: TrainConfig, task: Task, out: Path, ctx: DistContext) -
     key = fingerprint(items, config.task, str(task.folders["prior"]), str(task.folders["decoder"]), config.resolution)
     cache = out / "cache" / f"encodings-{key}.pt"
     if config.cache and cache.is_file():
-        tensors = torch.load(cache, weights_only=True)
+        tensors = load_torch(cache)
     else:
         shard = items[ctx.rank :: ctx.world]  # each rank encodes its share, then all share all
         tensors = encode_items(config, task, shard)
