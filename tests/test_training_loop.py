@@ -416,6 +416,42 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(demo, data, whol
     assert not list((out / "checkpoints").glob("*.tmp"))  # written atomically: no leftovers
 
 
+class _RunsCode:
+    """Unpickling this runs code (touches a file): what a foreign checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_reads_checkpoints_without_running_their_code(demo, data, whole_run, tmp_path, capsys):
+    """Checkpoints read back with weights_only (numpy's RNG state is stored as a tensor); one written before
+    that (numpy's state as a tuple holding an array) still resumes exactly; a file in checkpoints/ holding
+    other Python objects is passed over, never unpickled."""
+    out = tmp_path / "run"
+    assert main(prior_args(demo, data, out, "--steps", 4, "--save-every", 2)) == 0
+    folder = out / "checkpoints"
+    assert isinstance(torch.load(folder / "step-000004.pt", weights_only=True)["rng"]["numpy"]["keys"], torch.Tensor)
+    old = torch.load(folder / "step-000002.pt", weights_only=True)  # rewritten the way earlier versions wrote it
+    n = old["rng"]["numpy"]
+    old["rng"]["numpy"] = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                           n["cached_gaussian"])
+    torch.save(old, folder / "step-000002.pt")
+    marker = tmp_path / "code-ran"
+    state = torch.load(folder / "step-000004.pt", weights_only=True)
+    state["payload"] = _RunsCode(marker)
+    torch.save(state, folder / "step-000004.pt")
+    capsys.readouterr()
+    assert main(prior_args(demo, data, out, "--steps", 6, "--save-every", 2, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert not marker.exists()  # the foreign object was never unpickled
+    assert "step-000004.pt cannot be read" in err and "Python objects other than tensors" in err
+    assert "resumed from" in err and "step-000002.pt" in err
+    assert losses(out) == losses(whole_run)  # the old-format state restored every generator exactly
+
+
 def test_shipped_shapes_model_fine_tunes(data, tmp_path):
     """The shipped demo (8 latent channels: a 8-channel decoder UNet, a 17-channel inpainting UNet)
     trains 2 steps of `train decoder` and `train inpaint`."""

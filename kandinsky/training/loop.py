@@ -619,7 +619,12 @@ def task_loss(model, task: Task, data: Dataset, batch: dict, draws: dict, rows: 
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain containers, so a checkpoint reads back with
+    ``weights_only=True`` (numpy's state is a tuple holding an array: its keys go in as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -628,9 +633,23 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple: a checkpoint written before the states were tensors
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """What a numpy array needs to be read back with ``weights_only=True`` (checkpoints written before
+    ``rng_state`` stored numpy's state as a tensor): numpy's array constructor, never arbitrary code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def save_checkpoint(out: Path, step: int, model, params, optimizer, ema, config: TrainConfig, ctx,
@@ -673,13 +692,15 @@ def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
 
     for path in reversed(checkpoints(out)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                state = load_torch(path)  # weights_only: a file holding other objects is refused, never run
             if not isinstance(state, dict) or not {"step", "params", "optimizer", "rng"} <= state.keys():
                 raise ValueError("not a training checkpoint")
             return path, state
         except Exception as e:  # torch's zip reader, pickle and EOF errors: a damaged file
-            warnings.warn(f"--resume: {path} cannot be read ({str(e).splitlines()[0][:120]}); "
-                          "trying the checkpoint before it", stacklevel=2)
+            reason = str(e).splitlines()[0].removeprefix(f"{path}: ")  # WeightsError names the path first
+            warnings.warn(f"--resume: {path} cannot be read ({reason[:160]}); trying the checkpoint before it",
+                          stacklevel=2)
     return None
 
 
