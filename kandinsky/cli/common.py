@@ -100,6 +100,20 @@ def unit(text: str) -> float:
     return _parsed(text, float, lambda v: 0 <= v <= 1, "is not in [0, 1] (a fraction of the run)")
 
 
+def integers(option: str, what: str):
+    """An argparse type: comma-separated integers (``what`` names them in the message), e.g. --seeds 0,1,2."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"{option} takes comma-separated {what} like 0,1,2, got {text!r}")
+        return values
+
+    return parse
+
+
 def size(text: str) -> tuple[int, int]:
     """--size: ``WIDTHxHEIGHT`` in pixels (one number: a square) -> (width, height) (the library's reader,
     kandinsky.research.inspect.read_size)."""

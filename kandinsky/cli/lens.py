@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 from kandinsky.cli import common
@@ -21,14 +20,7 @@ EXAMPLES = ('examples:\n  kandinsky lens --demo "a red circle on a blue backgrou
             '  kandinsky lens "a red car" "a cat on a sofa" --layers 0,8,16,24,32 -o lens.png --json lens.json')
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        layers = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        layers = []
-    if not layers:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated text-encoder layers like 0,1,2, got {text!r}")
-    return layers
+_layers = common.integers("--layers", "text-encoder layers")
 
 
 def add_arguments(parser) -> None:

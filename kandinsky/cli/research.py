@@ -302,14 +302,7 @@ def _names(what: str):
     return parse
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}")
-    return seeds
+_seeds = common.integers("--seeds", "integers")
 
 
 def add_routes_arguments(parser) -> None:
